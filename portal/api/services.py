@@ -1,0 +1,68 @@
+"""REST routes for services and portal health."""
+from __future__ import annotations
+
+from flask import current_app, jsonify, request
+
+from .. import services
+from ..errors import ValidationError
+from ..reconciler import conditions
+from . import bp
+
+
+def _json_body():
+    body = request.get_json(silent=True)
+    if body is None:
+        raise ValidationError("body", "expected a JSON object (Content-Type: application/json)")
+    return body
+
+
+@bp.get("/health")
+def health():
+    """Unauthenticated liveness: says whether the portal and its scheduler answer, nothing more."""
+    scheduler = conditions().get("scheduler")
+    return jsonify(status="ok", scheduler="unreachable" if scheduler and not scheduler["ok"] else "ok")
+
+
+@bp.get("/api/status")
+def status():
+    scheduler = current_app.extensions["pilotfish.scheduler"]
+    return jsonify(scheduler=scheduler.describe(), conditions=conditions())
+
+
+@bp.get("/api/services")
+def list_services():
+    found = services.list_services(request.args.get("state"))
+    return jsonify(services=[service.to_dict() for service in found], conditions=conditions())
+
+
+@bp.post("/api/services")
+def create_service():
+    service = services.launch(_json_body())
+    return jsonify(service.to_dict(with_events=True)), 201
+
+
+@bp.get("/api/services/<service_id>")
+def get_service(service_id):
+    return jsonify(services.get_service(service_id).to_dict(with_events=True))
+
+
+@bp.get("/api/services/<service_id>/logs")
+def service_logs(service_id):
+    tail_text = request.args.get("tail", "200")
+    if not tail_text.isdigit():
+        raise ValidationError("tail", f"expected a number of lines, got {tail_text!r}")
+    service = services.get_service(service_id)
+    return jsonify(id=service.id, log=services.read_log(service, int(tail_text)))
+
+
+@bp.post("/api/services/<service_id>/stop")
+def stop_service(service_id):
+    service = services.stop(services.get_service(service_id))
+    return jsonify(service.to_dict(with_events=True)), 202 if service.is_live else 200
+
+
+@bp.delete("/api/services/<service_id>")
+def delete_service(service_id):
+    service = services.get_service(service_id)
+    services.delete(service)
+    return jsonify(deleted=service.id)

@@ -1,0 +1,1 @@
+"""What can run: service kinds and their runtimes (tiers, models and images join here)."""

@@ -1,0 +1,169 @@
+"""Portal settings: environment variables, the site config file and defaults, validated once at start."""
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+SCHEDULER_KINDS = ("slurm", "local")
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names the setting and the problem."""
+
+
+@dataclass
+class Config:
+    home: Path
+    database_url: str
+    scheduler: str = "slurm"
+    poll_interval: float = 5.0
+    fast_poll_interval: float = 1.0
+    site_config_path: Optional[Path] = None
+    token: Optional[str] = None
+    # From the site config file (admins).
+    cache_dir: Optional[Path] = None
+    runtimes: dict = field(default_factory=dict)
+    default_resources: dict = field(default_factory=dict)
+    scheduler_timeout: float = 30.0
+    health_timeout: float = 3.0
+    health_concurrency: int = 16
+    unhealthy_after: int = 3
+    job_time_limit_cap: Optional[int] = None  # minutes; set when the portal itself runs in a job
+    testing: bool = False
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    @property
+    def token_file(self) -> Path:
+        return self.home / "token"
+
+    @property
+    def reconciler_lock(self) -> Path:
+        return self.home / "reconciler.lock"
+
+
+def _read_site_config(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"site config {path}: file not found (set by PILOTFISH_SITE_CONFIG)")
+    except OSError as exc:
+        raise ConfigError(f"site config {path}: cannot read: {exc.strerror}")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"site config {path}: not valid YAML: {exc}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"site config {path}: expected a mapping at the top level")
+    return data
+
+
+def _number(name: str, value: Any, minimum: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if number < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}, got {value!r}")
+    return number
+
+
+def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional[Mapping[str, str]] = None) -> Config:
+    """Build the configuration from, in increasing priority: defaults, site config file, environment, overrides."""
+    env = os.environ if environ is None else environ
+    overrides = dict(overrides or {})
+
+    home = Path(overrides.pop("home", None) or env.get("PILOTFISH_HOME") or Path.home() / ".pilotfish").expanduser()
+    site_path = overrides.pop("site_config_path", None) or env.get("PILOTFISH_SITE_CONFIG")
+    site: dict = {}
+    if site_path:
+        site_path = Path(site_path).expanduser()
+        site = _read_site_config(site_path)
+
+    def pick(key: str, env_name: Optional[str], default: Any) -> Any:
+        if key in overrides:
+            return overrides.pop(key)
+        if env_name and env.get(env_name):
+            return env[env_name]
+        return site.get(key, default)
+
+    database_url = pick("database_url", "PILOTFISH_DATABASE_URL", None) or f"sqlite:///{home / 'pilotfish.db'}"
+    scheduler = str(pick("scheduler", "PILOTFISH_SCHEDULER", "slurm"))
+    if scheduler not in SCHEDULER_KINDS:
+        raise ConfigError(f"scheduler: expected one of {', '.join(SCHEDULER_KINDS)}, got {scheduler!r}")
+    poll = _number("poll_interval", pick("poll_interval", "PILOTFISH_POLL_INTERVAL", 5.0), 0.1)
+    fast_poll = _number("fast_poll_interval", pick("fast_poll_interval", None, min(1.0, poll)), 0.1)
+    cache_dir = pick("cache_dir", "PILOTFISH_CACHE_DIR", None)
+    runtimes = pick("runtimes", None, {}) or {}
+    if not isinstance(runtimes, dict):
+        raise ConfigError("runtimes: expected a mapping of service kind to runtime")
+    default_resources = pick("default_resources", None, {}) or {}
+    if not isinstance(default_resources, dict):
+        raise ConfigError("default_resources: expected a mapping")
+    cap = pick("job_time_limit_cap", "PILOTFISH_JOB_TIME_LIMIT_CAP", None)
+
+    config = Config(
+        home=home,
+        database_url=database_url,
+        scheduler=scheduler,
+        poll_interval=poll,
+        fast_poll_interval=fast_poll,
+        site_config_path=Path(site_path) if site_path else None,
+        token=pick("token", "PILOTFISH_TOKEN", None),
+        cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
+        runtimes=runtimes,
+        default_resources=default_resources,
+        scheduler_timeout=_number("scheduler_timeout", pick("scheduler_timeout", None, 30.0), 1),
+        health_timeout=_number("health_timeout", pick("health_timeout", None, 3.0), 0.1),
+        health_concurrency=int(_number("health_concurrency", pick("health_concurrency", None, 16), 1)),
+        unhealthy_after=int(_number("unhealthy_after", pick("unhealthy_after", None, 3), 1)),
+        job_time_limit_cap=int(_number("job_time_limit_cap", cap, 1)) if cap not in (None, "") else None,
+        testing=bool(overrides.pop("testing", False)),
+    )
+    if overrides:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(overrides))}")
+    return config
+
+
+def prepare_home(config: Config) -> None:
+    """Create PILOTFISH_HOME (private to the user) and its jobs folder."""
+    try:
+        config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        config.jobs_dir.mkdir(exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"PILOTFISH_HOME {config.home}: cannot create: {exc.strerror}")
+
+
+def ensure_token(config: Config) -> str:
+    """The portal token: from the config, else read from (or generated into) a 0600 file in PILOTFISH_HOME."""
+    if config.token:
+        return config.token
+    path = config.token_file
+    for _ in range(50):
+        try:
+            token = path.read_text().strip()
+            if token:
+                return token
+        except FileNotFoundError:
+            token = secrets.token_urlsafe(32)
+            tmp = path.with_name(f".token.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(token + "\n")
+            try:
+                os.link(tmp, path)  # atomic and exclusive: concurrent workers agree on one token
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            continue
+        time.sleep(0.05)
+    raise ConfigError(f"token file {path} is empty: delete it to generate a new token")

@@ -1,0 +1,13 @@
+"""gunicorn settings for the portal: threaded workers (streams must not block each other), no request timeout."""
+import os
+
+wsgi_app = "portal.wsgi:app"
+worker_class = os.environ.get("PILOTFISH_WORKER_CLASS", "gthread")
+workers = int(os.environ.get("PILOTFISH_WORKERS", "2"))
+threads = int(os.environ.get("PILOTFISH_THREADS", "32"))
+timeout = 0  # long streams are normal; a stuck worker is found by its heartbeat, not by killing streams
+graceful_timeout = 10
+keepalive = 75
+accesslog = "-"
+# Request lines only, never headers or query strings that might carry a credential.
+access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'

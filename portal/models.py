@@ -1,0 +1,144 @@
+"""Database tables: services, their state events, and portal-wide conditions."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from .db import db
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def iso(moment) -> str | None:
+    return moment.replace(tzinfo=timezone.utc).isoformat().replace("+00:00", "Z") if moment else None
+
+
+class State:
+    SUBMITTED = "SUBMITTED"
+    PENDING = "PENDING"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    UNHEALTHY = "UNHEALTHY"
+    STOPPED = "STOPPED"
+    FAILED = "FAILED"
+    TIMEOUT = "TIMEOUT"
+
+    LIVE = (SUBMITTED, PENDING, STARTING, RUNNING, UNHEALTHY)
+    TERMINAL = (STOPPED, FAILED, TIMEOUT)
+    ALL = LIVE + TERMINAL
+
+
+class Service(db.Model):
+    __tablename__ = "services"
+
+    id = db.Column(db.String(16), primary_key=True)
+    name = db.Column(db.String(100), nullable=False)
+    kind = db.Column(db.String(40), nullable=False)
+    model = db.Column(db.String(300), nullable=False)
+    revision = db.Column(db.String(100))
+    tier = db.Column(db.String(100))
+    state = db.Column(db.String(16), nullable=False, index=True)
+    reason = db.Column(db.Text)
+    scheduler = db.Column(db.String(16), nullable=False)
+    job_id = db.Column(db.String(40))
+    job_dir = db.Column(db.String(500), nullable=False)
+    resources_json = db.Column(db.Text, nullable=False, default="{}")
+    engine_args_json = db.Column(db.Text, nullable=False, default="[]")
+    time_limit = db.Column(db.Integer, nullable=False)  # minutes
+    api_key = db.Column(db.String(100), nullable=False)
+    host = db.Column(db.String(255))
+    port = db.Column(db.Integer)
+    node = db.Column(db.String(255))
+    stop_requested = db.Column(db.Boolean, nullable=False, default=False)
+    health_failures = db.Column(db.Integer, nullable=False, default=0)
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    submitted_at = db.Column(db.DateTime)
+    job_started_at = db.Column(db.DateTime)
+    endpoint_at = db.Column(db.DateTime)
+    ready_at = db.Column(db.DateTime)
+    ended_at = db.Column(db.DateTime)
+    last_activity = db.Column(db.DateTime)
+
+    events = db.relationship("Event", backref="service", cascade="all, delete-orphan",
+                             order_by="Event.id", lazy="select")
+
+    @property
+    def resources(self) -> dict:
+        return json.loads(self.resources_json or "{}")
+
+    @property
+    def engine_args(self) -> list:
+        return json.loads(self.engine_args_json or "[]")
+
+    @property
+    def is_live(self) -> bool:
+        return self.state in State.LIVE
+
+    def phase_seconds(self) -> dict:
+        """How long each start-up phase took, in seconds (None while a phase has not ended)."""
+        def span(start, end):
+            return round((end - start).total_seconds(), 3) if start and end else None
+        return {
+            "queued": span(self.submitted_at, self.job_started_at),
+            "job_to_endpoint": span(self.job_started_at, self.endpoint_at),
+            "endpoint_to_healthy": span(self.endpoint_at, self.ready_at),
+            "total": span(self.submitted_at, self.ready_at),
+        }
+
+    def to_dict(self, with_events: bool = False) -> dict:
+        data = {
+            "id": self.id,
+            "name": self.name,
+            "kind": self.kind,
+            "model": self.model,
+            "revision": self.revision,
+            "tier": self.tier,
+            "state": self.state,
+            "reason": self.reason,
+            "scheduler": self.scheduler,
+            "job_id": self.job_id,
+            "node": self.node,
+            "endpoint": {"host": self.host, "port": self.port} if self.port else None,
+            "resources": self.resources,
+            "engine_args": self.engine_args,
+            "time_limit": self.time_limit,
+            "created_at": iso(self.created_at),
+            "submitted_at": iso(self.submitted_at),
+            "ready_at": iso(self.ready_at),
+            "ended_at": iso(self.ended_at),
+            "last_activity": iso(self.last_activity),
+            "phases": self.phase_seconds(),
+        }
+        if with_events:
+            data["events"] = [event.to_dict() for event in self.events]
+        return data
+
+
+class Event(db.Model):
+    __tablename__ = "events"
+
+    id = db.Column(db.Integer, primary_key=True)
+    service_id = db.Column(db.String(16), db.ForeignKey("services.id", ondelete="CASCADE"), index=True, nullable=False)
+    at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    from_state = db.Column(db.String(16))
+    to_state = db.Column(db.String(16), nullable=False)
+    reason = db.Column(db.Text)
+
+    def to_dict(self) -> dict:
+        return {"at": iso(self.at), "from": self.from_state, "to": self.to_state, "reason": self.reason}
+
+
+class Condition(db.Model):
+    """A portal-wide condition (for example the scheduler being unreachable), shared by all workers."""
+    __tablename__ = "conditions"
+
+    name = db.Column(db.String(40), primary_key=True)
+    ok = db.Column(db.Boolean, nullable=False, default=True)
+    message = db.Column(db.Text)
+    since = db.Column(db.DateTime, nullable=False, default=utcnow)
+    checked_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "message": self.message, "since": iso(self.since), "checked_at": iso(self.checked_at)}

@@ -1,0 +1,249 @@
+"""The background loop that moves services through their states: one scheduler query per cycle, concurrent health probes."""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import requests
+
+from .catalog.kinds import get_kind, runtime_for
+from .db import db
+from .models import Condition, Service, State, utcnow
+from .scheduler import JobInfo, JobState, SchedulerUnreachable
+from .services import SUBMISSION_GRACE, job_query, log_excerpt, transition
+
+log = logging.getLogger(__name__)
+SCHEDULER_CONDITION = "scheduler"
+
+
+@dataclass
+class CycleReport:
+    services: int = 0
+    scheduler_calls: int = 0
+    probes: int = 0
+    transitions: int = 0
+    seconds: float = 0.0
+    scheduler_ok: bool = True
+
+
+def read_endpoint(job_dir: str) -> Optional[tuple]:
+    """(host, port) from the endpoint.json the job wrote, or None while it is absent or incomplete."""
+    try:
+        data = json.loads((Path(job_dir) / "endpoint.json").read_text())
+        host, port = str(data["host"]), int(data["port"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+    if not host or not 0 < port < 65536:
+        return None
+    return host, port
+
+
+def set_condition(name: str, ok: bool, message: Optional[str]) -> None:
+    now = utcnow()
+    condition = db.session.get(Condition, name)
+    if condition is None:
+        condition = Condition(name=name, ok=ok, message=message, since=now, checked_at=now)
+        db.session.add(condition)
+    else:
+        if condition.ok != ok:
+            condition.since = now
+        condition.ok, condition.message, condition.checked_at = ok, message, now
+
+
+def conditions() -> Dict[str, dict]:
+    return {condition.name: condition.to_dict() for condition in Condition.query.all()}
+
+
+class Reconciler:
+    """Runs `cycle()` every few seconds in one worker of the portal (the one holding the lock file)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.config = app.config["PILOTFISH"]
+        self.scheduler = app.extensions["pilotfish.scheduler"]
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._lock_fd: Optional[int] = None
+        self._probe_session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=self.config.health_concurrency,
+                                                pool_maxsize=self.config.health_concurrency)
+        self._probe_session.mount("http://", adapter)
+        self._probe_session.trust_env = False  # health probes go straight to the node, never through a proxy
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pilotfish-reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def is_leader(self) -> bool:
+        return self._lock_fd is not None
+
+    def _try_lock(self) -> bool:
+        fd = os.open(self.config.reconciler_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.is_leader and not self._try_lock():
+                self._stop.wait(2.0)  # another worker reconciles; take over if it goes away
+                continue
+            busy = False
+            try:
+                with self.app.app_context():
+                    report = self.cycle()
+                    busy = report.services and db.session.query(Service.id).filter(
+                        Service.state.in_((State.SUBMITTED, State.PENDING, State.STARTING, State.UNHEALTHY))).first()
+            except Exception:  # the loop must survive anything one cycle meets
+                log.exception("reconcile cycle failed")
+            interval = self.config.fast_poll_interval if busy else self.config.poll_interval
+            self._wake.wait(interval)
+            self._wake.clear()
+
+    # --- one cycle ------------------------------------------------------------------------------------
+
+    def cycle(self) -> CycleReport:
+        """Bring every live service up to date. Must run inside an app context."""
+        started = time.monotonic()
+        report = CycleReport()
+        calls_before = getattr(self.scheduler, "calls", 0)
+        services = Service.query.filter(Service.state.in_(State.LIVE)).all()
+        report.services = len(services)
+        tracked = [service for service in services if service.job_id]
+        infos: Dict[str, JobInfo] = {}
+        if tracked:
+            try:
+                infos = self.scheduler.query(job_query(service) for service in tracked)
+                set_condition(SCHEDULER_CONDITION, True, None)
+            except SchedulerUnreachable as exc:
+                report.scheduler_ok = False
+                set_condition(SCHEDULER_CONDITION, False, str(exc))
+                log.warning("scheduler unreachable: %s", exc)
+        elif db.session.get(Condition, SCHEDULER_CONDITION) is None:
+            set_condition(SCHEDULER_CONDITION, True, None)
+
+        now = utcnow()
+        for service in services:
+            if not service.job_id:
+                if service.created_at < now - SUBMISSION_GRACE:
+                    report.transitions += transition(service, State.FAILED,
+                                                     "submission did not complete (the portal stopped while submitting)")
+                continue
+            info = infos.get(service.job_id)
+            if info is not None:
+                report.transitions += self._apply(service, info)
+
+        to_probe = [service for service in services
+                    if service.state in (State.STARTING, State.RUNNING, State.UNHEALTHY) and service.port]
+        if to_probe:
+            report.probes = len(to_probe)
+            results = self._probe_all(to_probe)
+            for service, (ok, detail) in zip(to_probe, results):
+                report.transitions += self._apply_probe(service, ok, detail)
+        db.session.commit()
+        report.scheduler_calls = getattr(self.scheduler, "calls", 0) - calls_before
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _apply(self, service: Service, info: JobInfo) -> int:
+        if info.state is JobState.PENDING:
+            if service.state == State.SUBMITTED:
+                return transition(service, State.PENDING, f"waiting in the queue: {info.detail}")
+            return 0
+        if info.state is JobState.RUNNING:
+            changed = 0
+            if info.node and service.node != info.node:
+                service.node = info.node
+            if service.state in (State.SUBMITTED, State.PENDING):
+                service.job_started_at = utcnow()
+                changed += transition(service, State.STARTING, f"job {service.job_id} running on {info.node or 'a node'}")
+            if not service.port:
+                endpoint = read_endpoint(service.job_dir)
+                if endpoint:
+                    service.host, service.port = endpoint
+                    service.endpoint_at = utcnow()
+            return changed
+        return transition(service, *self._final_state(service, info))
+
+    def _final_state(self, service: Service, info: JobInfo) -> tuple:
+        if service.stop_requested:
+            return State.STOPPED, "stopped by user"
+        if info.state is JobState.CANCELLED:
+            return State.STOPPED, f"job {service.job_id} was cancelled outside the portal"
+        if info.state is JobState.TIMEOUT:
+            return State.TIMEOUT, f"job {service.job_id} reached its time limit of {service.time_limit} min"
+        excerpt = log_excerpt(service)
+        what = {
+            JobState.COMPLETED: "the server exited by itself",
+            JobState.FAILED: "the job failed",
+            JobState.UNKNOWN: "the job ended",
+        }[info.state]
+        reason = f"{what} ({info.detail})"
+        if excerpt:
+            reason += f"; last log lines: {excerpt}"
+        return State.FAILED, reason
+
+    def _probe_all(self, services: List[Service]) -> List[tuple]:
+        targets = []
+        for service in services:
+            kind = get_kind(service.kind)
+            path = runtime_for(self.config, kind).health_path if kind else "/health"
+            targets.append((f"http://{service.host}:{service.port}{path}", service.api_key))
+        workers = min(self.config.health_concurrency, len(targets))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda target: self._probe(*target), targets))
+
+    def _probe(self, url: str, key: str) -> tuple:
+        try:
+            response = self._probe_session.get(url, headers={"Authorization": f"Bearer {key}"},
+                                               timeout=self.config.health_timeout)
+        except requests.RequestException as exc:
+            return False, type(exc).__name__
+        response.close()
+        return response.status_code == 200, f"HTTP {response.status_code}"
+
+    def _apply_probe(self, service: Service, ok: bool, detail: str) -> int:
+        if ok:
+            service.health_failures = 0
+            if service.state == State.STARTING:
+                return transition(service, State.RUNNING, "answered its health check")
+            if service.state == State.UNHEALTHY:
+                return transition(service, State.RUNNING, "answers its health check again")
+            return 0
+        if service.state == State.STARTING:
+            return 0
+        service.health_failures += 1
+        if service.state == State.RUNNING and service.health_failures >= self.config.unhealthy_after:
+            return transition(service, State.UNHEALTHY,
+                              f"health check failed {service.health_failures} times in a row ({detail})")
+        return 0

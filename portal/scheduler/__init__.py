@@ -1,0 +1,106 @@
+"""Where jobs run: the scheduler interface, job states, typed errors, and the factory choosing an implementation."""
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+
+class JobState(enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"  # exited 0
+    FAILED = "FAILED"  # exited non-zero, node failure, out of memory, ...
+    CANCELLED = "CANCELLED"
+    TIMEOUT = "TIMEOUT"
+    UNKNOWN = "UNKNOWN"  # left the scheduler and its end could not be found
+
+    @property
+    def finished(self) -> bool:
+        return self not in (JobState.PENDING, JobState.RUNNING)
+
+
+@dataclass
+class JobInfo:
+    job_id: str
+    state: JobState
+    node: Optional[str] = None
+    detail: str = ""  # scheduler's own words: pending reason, raw state, exit code
+
+
+@dataclass
+class Resources:
+    """What a job asks of the scheduler. `time` is in minutes."""
+    time: int
+    partition: Optional[str] = None
+    cpus: Optional[int] = None
+    memory_gb: Optional[float] = None
+    gpus: int = 0
+    gpu_type: Optional[str] = None
+    gres: Optional[str] = None  # an explicit gres string overrides gpus/gpu_type
+    constraint: Optional[str] = None
+    account: Optional[str] = None
+    extra: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class JobQuery:
+    """A job the portal tracks: its id, name and when it was submitted (bounds accounting look-ups)."""
+    job_id: str
+    name: str
+    submitted_at: datetime
+    job_dir: Path
+
+
+class SchedulerError(Exception):
+    """Base class of scheduler errors."""
+
+
+class SchedulerUnreachable(SchedulerError):
+    """The scheduler did not answer (slurmctld down, a command timed out or is missing)."""
+
+
+class SubmissionRejected(SchedulerError):
+    """The scheduler refused the job; the message is the scheduler's own."""
+
+
+class Scheduler:
+    """One small interface: submit a job script, query many jobs in one call, cancel."""
+
+    name = "abstract"
+
+    def submit(self, script: Path, job_dir: Path, name: str, resources: Resources) -> str:
+        """Submit `script` to run in `job_dir`; return the job id. Output goes to job_dir/job.log."""
+        raise NotImplementedError
+
+    def query(self, jobs: Iterable[JobQuery]) -> Dict[str, JobInfo]:
+        """States of the given jobs, keyed by job id, with as few scheduler calls as possible."""
+        raise NotImplementedError
+
+    def cancel(self, job_id: str, job_dir: Path) -> None:
+        """Cancel a job; cancelling a job that already ended is not an error."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"kind": self.name}
+
+
+LOG_NAME = "job.log"
+SCRUBBED_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_")
+
+
+def scrubbed_environment(base: Optional[dict] = None) -> dict:
+    """The environment minus inherited SLURM_*/SBATCH_* variables, which break sbatch inside a job."""
+    env = dict(os.environ if base is None else base)
+    return {key: value for key, value in env.items() if not key.startswith(SCRUBBED_PREFIXES)}
+
+
+def make_scheduler(config) -> Scheduler:
+    if config.scheduler == "slurm":
+        from .slurm import SlurmScheduler
+        return SlurmScheduler(timeout=config.scheduler_timeout)
+    from .local import LocalScheduler
+    return LocalScheduler()

@@ -1,0 +1,196 @@
+"""Slurm scheduler: sbatch, one squeue for all live jobs, sacct for jobs that left the queue, scancel."""
+from __future__ import annotations
+
+import getpass
+import logging
+import re
+import subprocess
+import threading
+from datetime import timedelta, timezone
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+from . import (LOG_NAME, JobInfo, JobQuery, JobState, Resources, Scheduler, SchedulerUnreachable,
+               SubmissionRejected, scrubbed_environment)
+from .job_files import state_from_job_files
+
+log = logging.getLogger(__name__)
+
+# Slurm's words for "the controller did not answer", as opposed to "the controller said no".
+UNREACHABLE_PATTERNS = re.compile(
+    r"Unable to contact slurm controller|Socket timed out|Connection refused|Connection timed out|"
+    r"Zero Bytes were transmitted|Communication connection failure|Unable to establish|"
+    r"standby mode|slurm_persist_conn_open|Insane message length",
+    re.IGNORECASE,
+)
+ACCOUNTING_DISABLED = re.compile(r"accounting storage is disabled|accounting_storage/none", re.IGNORECASE)
+SQUEUE_FORMAT = "%i|%T|%N|%r|%j"
+
+STATE_MAP = {
+    "PENDING": JobState.PENDING,
+    "CONFIGURING": JobState.PENDING,
+    "REQUEUED": JobState.PENDING,
+    "REQUEUE_FED": JobState.PENDING,
+    "REQUEUE_HOLD": JobState.PENDING,
+    "RESV_DEL_HOLD": JobState.PENDING,
+    "RESIZING": JobState.RUNNING,
+    "RUNNING": JobState.RUNNING,
+    "COMPLETING": JobState.RUNNING,
+    "SIGNALING": JobState.RUNNING,
+    "STAGE_OUT": JobState.RUNNING,
+    "SUSPENDED": JobState.RUNNING,
+    "STOPPED": JobState.RUNNING,
+    "COMPLETED": JobState.COMPLETED,
+    "CANCELLED": JobState.CANCELLED,
+    "TIMEOUT": JobState.TIMEOUT,
+    "DEADLINE": JobState.TIMEOUT,
+    "FAILED": JobState.FAILED,
+    "NODE_FAIL": JobState.FAILED,
+    "BOOT_FAIL": JobState.FAILED,
+    "OUT_OF_MEMORY": JobState.FAILED,
+    "PREEMPTED": JobState.FAILED,
+    "SPECIAL_EXIT": JobState.FAILED,
+    "REVOKED": JobState.CANCELLED,
+}
+
+
+def sbatch_arguments(job_dir: Path, name: str, resources: Resources) -> List[str]:
+    """The sbatch options for a job (without the script), so a dry run can show exactly what is submitted."""
+    args = [
+        "--parsable",
+        f"--job-name={name}",
+        f"--chdir={job_dir}",
+        f"--output={job_dir / LOG_NAME}",
+        f"--time={resources.time}",
+    ]
+    if resources.partition:
+        args.append(f"--partition={resources.partition}")
+    if resources.account:
+        args.append(f"--account={resources.account}")
+    if resources.cpus:
+        args.append(f"--cpus-per-task={resources.cpus}")
+    if resources.memory_gb:
+        args.append(f"--mem={int(round(resources.memory_gb * 1024))}M")
+    if resources.gres:
+        args.append(f"--gres={resources.gres}")
+    elif resources.gpus:
+        gpu = f"gpu:{resources.gpu_type}:{resources.gpus}" if resources.gpu_type else f"gpu:{resources.gpus}"
+        args.append(f"--gres={gpu}")
+    if resources.constraint:
+        args.append(f"--constraint={resources.constraint}")
+    for key, value in sorted(resources.extra.items()):
+        args.append(f"--{key}={value}")
+    return args
+
+
+def _clean_message(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    for prefix in ("sbatch: error: ", "squeue: error: ", "sacct: error: ", "scancel: error: ", "error: "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    text = text.replace("Batch job submission failed: ", "")
+    return text or "no message"
+
+
+class SlurmScheduler(Scheduler):
+    name = "slurm"
+
+    def __init__(self, timeout: float = 30.0, user: Optional[str] = None):
+        self.timeout = timeout
+        self.user = user or getpass.getuser()
+        self.accounting: Optional[bool] = None  # learnt from the first sacct call
+        self.calls = 0  # scheduler commands run, for metrics and the reconcile benchmark
+        self._lock = threading.Lock()
+
+    def _run(self, args: List[str]) -> subprocess.CompletedProcess:
+        with self._lock:
+            self.calls += 1
+        try:
+            return subprocess.run(args, capture_output=True, text=True, timeout=self.timeout,
+                                  env=scrubbed_environment(), stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise SchedulerUnreachable(f"{args[0]} not found: is Slurm installed on this node?")
+        except subprocess.TimeoutExpired:
+            raise SchedulerUnreachable(f"{args[0]} did not answer within {self.timeout:g} s")
+
+    def _check(self, result: subprocess.CompletedProcess, command: str) -> None:
+        if result.returncode == 0:
+            return
+        message = _clean_message(result.stderr or result.stdout)
+        if UNREACHABLE_PATTERNS.search(result.stderr or ""):
+            raise SchedulerUnreachable(f"Slurm controller unreachable ({command}: {message})")
+        raise SubmissionRejected(message)
+
+    def submit(self, script: Path, job_dir: Path, name: str, resources: Resources) -> str:
+        result = self._run(["sbatch", *sbatch_arguments(job_dir, name, resources), str(script)])
+        self._check(result, "sbatch")
+        job_id = result.stdout.strip().split(";")[0]
+        if not job_id.isdigit():
+            raise SubmissionRejected(f"sbatch gave no job id: {result.stdout.strip()!r}")
+        return job_id
+
+    def query(self, jobs: Iterable[JobQuery]) -> Dict[str, JobInfo]:
+        jobs = list(jobs)
+        if not jobs:
+            return {}
+        wanted = {job.job_id: job for job in jobs}
+        result = self._run(["squeue", "--noheader", "--states=all", f"--user={self.user}",
+                            f"--format={SQUEUE_FORMAT}"])
+        try:
+            self._check(result, "squeue")
+        except SubmissionRejected as exc:
+            raise SchedulerUnreachable(f"squeue failed: {exc}")
+        found: Dict[str, JobInfo] = {}
+        for line in result.stdout.splitlines():
+            parts = line.strip().split("|", 4)
+            if len(parts) != 5 or parts[0] not in wanted:
+                continue
+            job_id, raw_state, node, reason, name = parts
+            if name != wanted[job_id].name:
+                continue  # a recycled job id belonging to another job
+            state = STATE_MAP.get(raw_state.split()[0], JobState.RUNNING)
+            detail = raw_state if reason in ("None", "") else f"{raw_state} ({reason})"
+            found[job_id] = JobInfo(job_id, state, node=node if node and node != "(null)" else None, detail=detail)
+        missing = [job for job in jobs if job.job_id not in found]
+        if missing:
+            found.update(self._finished(missing))
+        return found
+
+    def _finished(self, jobs: List[JobQuery]) -> Dict[str, JobInfo]:
+        """Final states of jobs no longer in the controller: sacct if accounting is on, else the job files."""
+        found: Dict[str, JobInfo] = {}
+        if self.accounting is not False:
+            since = min(job.submitted_at for job in jobs) - timedelta(minutes=1)
+            since_local = since.replace(tzinfo=timezone.utc).astimezone().strftime("%Y-%m-%dT%H:%M:%S")
+            result = self._run(["sacct", "--noheader", "--parsable2", "--allocations",
+                                f"--starttime={since_local}", f"--jobs={','.join(job.job_id for job in jobs)}",
+                                "--format=JobID,JobName,State,ExitCode,NodeList"])
+            if result.returncode != 0 and UNREACHABLE_PATTERNS.search(result.stderr or ""):
+                raise SchedulerUnreachable(f"sacct failed: {_clean_message(result.stderr)}")
+            if ACCOUNTING_DISABLED.search(result.stderr + result.stdout):
+                log.info("Slurm accounting storage is disabled: final states come from the job files")
+                self.accounting = False
+            elif result.returncode == 0:
+                self.accounting = True
+                names = {job.job_id: job.name for job in jobs}
+                for line in result.stdout.splitlines():
+                    parts = line.split("|")
+                    if len(parts) < 5 or parts[0] not in names or parts[1] != names[parts[0]]:
+                        continue
+                    raw_state = parts[2]
+                    state = STATE_MAP.get(raw_state.split()[0], JobState.FAILED)
+                    found[parts[0]] = JobInfo(parts[0], state, node=parts[4] or None,
+                                              detail=f"{raw_state}, exit code {parts[3]}")
+        for job in jobs:
+            if job.job_id not in found:
+                found[job.job_id] = state_from_job_files(job)
+        return found
+
+    def cancel(self, job_id: str, job_dir: Path) -> None:
+        result = self._run(["scancel", job_id])
+        if result.returncode != 0 and "Invalid job id" not in (result.stderr or ""):
+            self._check(result, "scancel")
+
+    def describe(self) -> dict:
+        return {"kind": self.name, "user": self.user, "accounting": self.accounting}

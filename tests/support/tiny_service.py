@@ -1,0 +1,53 @@
+"""A tiny HTTP service for lifecycle tests: serves /health on $PILOTFISH_PORT, requiring $PILOTFISH_API_KEY.
+
+Options (as engine args): --delay S (wait before listening), --exit CODE (print a message and exit),
+--sick-file PATH (answer 503 on /health while PATH exists).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--delay", type=float, default=0)
+    parser.add_argument("--exit", type=int, default=None)
+    parser.add_argument("--sick-file", default=None)
+    args = parser.parse_args()
+    if args.exit is not None:
+        print(f"tiny_service: giving up on purpose with exit code {args.exit}", flush=True)
+        sys.exit(args.exit)
+    time.sleep(args.delay)
+    key = os.environ["PILOTFISH_API_KEY"]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.headers.get("Authorization") != f"Bearer {key}":
+                return self._send(401, {"error": "bad key"})
+            if self.path == "/health":
+                if args.sick_file and os.path.exists(args.sick_file):
+                    return self._send(503, {"status": "sick"})
+                return self._send(200, {"status": "ok"})
+            return self._send(200, {"path": self.path, "model": os.environ.get("PILOTFISH_MODEL")})
+
+        def _send(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", int(os.environ["PILOTFISH_PORT"])), Handler)
+    print(f"tiny_service: listening on {server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
