@@ -111,6 +111,7 @@ class Reconciler:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
+        log.info("reconciler: worker pid %d leads", os.getpid())
         return True
 
     def _run(self) -> None:

@@ -26,7 +26,12 @@ def health():
 @bp.get("/api/status")
 def status():
     scheduler = current_app.extensions["pilotfish.scheduler"]
-    return jsonify(scheduler=scheduler.describe(), conditions=conditions())
+    config = current_app.config["PILOTFISH"]
+    try:
+        leader = int(config.reconciler_lock.read_text().strip() or 0) or None
+    except (FileNotFoundError, ValueError):
+        leader = None
+    return jsonify(scheduler=scheduler.describe(), conditions=conditions(), reconciler={"leader_pid": leader})
 
 
 @bp.get("/api/services")

@@ -17,7 +17,7 @@ daemon_pids() {
     local name=$1 pidfile=${2:-} pid
     {
         if [[ -n $pidfile && -s $pidfile ]]; then
-            pid=$(tr -dc '0-9' <"$pidfile")
+            pid=$(tr -dc '0-9' <"$pidfile" 2>/dev/null || true)
             if [[ -n $pid && -r /proc/$pid/comm && $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]]; then
                 echo "$pid"
             fi

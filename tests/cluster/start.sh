@@ -33,6 +33,10 @@ DB_NAME=slurm_acct_db
 DB_USER=slurm
 DB_PASS=pilotfish-test
 WAIT_SECS=${PILOTFISH_TEST_START_TIMEOUT:-60}
+# Clients (squeue, sbatch, ...) give up on an unreachable slurmctld after about
+# MessageTimeout-1 seconds (measured: 10 -> 9 s, 2 -> 1 s).
+MSG_TIMEOUT=${PILOTFISH_TEST_MESSAGE_TIMEOUT:-10}
+[[ $MSG_TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "PILOTFISH_TEST_MESSAGE_TIMEOUT must be a positive integer"
 APT_LOG=/var/log/slurm/pilotfish-apt.log
 
 mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
@@ -136,10 +140,11 @@ KillWait=5
 InactiveLimit=0
 SlurmctldTimeout=120
 SlurmdTimeout=300
-MessageTimeout=10
+MessageTimeout=$MSG_TIMEOUT
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 $ACCT_LINES
+MailProg=/bin/true
 GresTypes=gpu
 NodeName=$HOST CPUs=$NODE_CPUS RealMemory=$REAL_MEM Gres=gpu:a100:$NGPUS State=UNKNOWN
 PartitionName=cpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP

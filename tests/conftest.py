@@ -1,0 +1,195 @@
+"""Shared fixtures: a Flask app on a temporary home, the real test Slurm cluster, and real gunicorn portals."""
+from __future__ import annotations
+
+import getpass
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from portal import create_app
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_SERVICE = REPO / "tests" / "support" / "tiny_service.py"
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fail the test with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what} (last value: {last!r})")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_site_config(path: Path, **settings) -> Path:
+    """A site config whose text-generation runtime is the tiny test service."""
+    data = {
+        "runtimes": {"text-generation": {"command": f"{sys.executable} {TINY_SERVICE}"}},
+        "default_resources": {"cpus": 1, "memory_gb": 0.25, "time": 10},
+    }
+    data.update(settings)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def site_config(tmp_path):
+    return write_site_config(tmp_path / "site.yaml", scheduler="local")
+
+
+@pytest.fixture
+def app(tmp_path, site_config):
+    app = create_app({"home": tmp_path / "home", "site_config_path": site_config, "testing": True})
+    yield app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def auth(app):
+    return {"Authorization": f"Bearer {app.config['PILOTFISH_TOKEN']}"}
+
+
+# --- the real Slurm -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Start (or reuse) the single-node test cluster once per session. Never skipped: CI must test Slurm."""
+    result = subprocess.run([str(REPO / "tests" / "cluster" / "start.sh")], capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        pytest.fail(f"tests/cluster/start.sh failed:\n{result.stdout}\n{result.stderr}")
+    yield True
+    subprocess.run(["scancel", f"--user={getpass.getuser()}"], capture_output=True, timeout=30)
+
+
+def squeue_ids() -> set:
+    out = subprocess.run(["squeue", "--noheader", "--format=%i"], capture_output=True, text=True, timeout=30)
+    return {line.strip() for line in out.stdout.splitlines() if line.strip()}
+
+
+# --- a real portal under gunicorn ----------------------------------------------------------------------
+
+class PortalProcess:
+    """`pilotfish start` in a subprocess, with helpers to call its API."""
+
+    def __init__(self, home: Path, site_config: Path, workers: int = 1, port: int | None = None):
+        self.home, self.site_config, self.workers = home, site_config, workers
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = home.parent / f"portal-{self.port}.log"
+        self.proc = None
+
+    def start(self):
+        env = dict(os.environ, PILOTFISH_HOME=str(self.home), PILOTFISH_SITE_CONFIG=str(self.site_config),
+                   PILOTFISH_POLL_INTERVAL="1")
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "portal.cli", "start", "--port", str(self.port),
+                                      "--workers", str(self.workers)], env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO))
+        wait_for(self._healthy, timeout=30, what=f"portal on port {self.port} (log {self.log_path})")
+        self.token = (self.home / "token").read_text().strip()
+        return self
+
+    def _healthy(self):
+        if self.proc.poll() is not None:
+            pytest.fail(f"portal exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            return requests.get(self.url + "/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def kill(self):
+        """Kill the portal at once (SIGKILL to gunicorn and its workers), as a crash would."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def request(self, method, path, token=True, **kwargs):
+        headers = kwargs.pop("headers", {})
+        if token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return requests.request(method, self.url + path, headers=headers, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+    def launch(self, **body):
+        body.setdefault("kind", "text-generation")
+        body.setdefault("model", "test/tiny")
+        return self.request("POST", "/api/services", json=body)
+
+    def service(self, service_id):
+        response = self.request("GET", f"/api/services/{service_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_state(self, service_id, states, timeout=90):
+        states = {states} if isinstance(states, str) else set(states)
+        return wait_for(lambda: (lambda s: s if s["state"] in states else None)(self.service(service_id)),
+                        timeout=timeout, interval=0.3, what=f"service {service_id} to reach {sorted(states)}")
+
+    def log_text(self):
+        return self.log_path.read_text(errors="replace")
+
+
+class PortalFactory:
+    """Starts portals under one folder and stops them (and their live services) afterwards."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.portals = []
+
+    def __call__(self, scheduler="slurm", workers=1, home=None, site=None, **settings):
+        site = site or write_site_config(self.base / f"site-{scheduler}.yaml", scheduler=scheduler, **settings)
+        portal = PortalProcess(home or self.base / "home", site, workers=workers).start()
+        self.portals.append(portal)
+        return portal
+
+    def close(self):
+        for portal in self.portals:
+            if portal.proc.poll() is None:
+                try:
+                    for service in portal.request("GET", "/api/services?state=LIVE", timeout=10).json()["services"]:
+                        portal.request("POST", f"/api/services/{service['id']}/stop", timeout=10)
+                except (requests.RequestException, ValueError, KeyError):
+                    pass
+            portal.stop()
+
+
+@pytest.fixture
+def start_portal(tmp_path):
+    factory = PortalFactory(tmp_path)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def start_module_portal(tmp_path_factory):
+    factory = PortalFactory(tmp_path_factory.mktemp("portal"))
+    yield factory
+    factory.close()

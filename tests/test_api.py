@@ -1,0 +1,96 @@
+"""The REST API's contract: authentication on every route, JSON errors naming the field, state filters."""
+import pytest
+
+from portal.services import parse_time
+from portal.errors import ValidationError
+
+
+def test_health_is_public(client):
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.get_json()["status"] == "ok"
+
+
+def test_every_route_but_health_requires_the_token(app, client):
+    """Walk every registered route, so a new route cannot slip through unprotected."""
+    checked = 0
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint in ("api.health",):
+            continue
+        path = rule.rule.replace("<service_id>", "abc123").replace("<path:filename>", "x.css")
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic Zm9vOmJhcg=="}):
+                response = client.open(path, method=method, headers=headers)
+                assert response.status_code == 401, (method, path, headers)
+                assert "error" in response.get_json()
+                checked += 1
+    assert checked >= 3 * 7
+
+
+def test_unknown_route_is_json_404_with_token(client, auth):
+    response = client.get("/api/nothing", headers=auth)
+    assert response.status_code == 404
+    assert response.get_json() == {"error": "not found"}
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"model": "a/b"}, "kind"),
+    ({"kind": "painting", "model": "a/b"}, "kind"),
+    ({"kind": "text-generation"}, "model"),
+    ({"kind": "text-generation", "model": 7}, "model"),
+    ({"kind": "text-generation", "model": "a/b", "time": "soon"}, "time"),
+    ({"kind": "text-generation", "model": "a/b", "time": 0}, "time"),
+    ({"kind": "text-generation", "model": "a/b", "resources": {"cpus": "two"}}, "resources.cpus"),
+    ({"kind": "text-generation", "model": "a/b", "resources": {"partition": "gpu; rm -rf /"}}, "resources.partition"),
+    ({"kind": "text-generation", "model": "a/b", "resources": {"memory_gb": -1}}, "resources.memory_gb"),
+    ({"kind": "text-generation", "model": "a/b", "resources": {"disk": 1}}, "resources"),
+    ({"kind": "text-generation", "model": "a/b", "engine_args": "--x"}, "engine_args"),
+    ({"kind": "text-generation", "model": "a/b", "name": "x" * 101}, "name"),
+    ({"kind": "text-generation", "model": "a/b", "colour": "red"}, "colour"),
+])
+def test_bad_launch_bodies_name_the_field_and_store_nothing(client, auth, body, field):
+    response = client.post("/api/services", json=body, headers=auth)
+    assert response.status_code == 400, response.get_json()
+    data = response.get_json()
+    assert data["field"] == field
+    assert data["error"].startswith(f"{field}: ")
+    assert client.get("/api/services", headers=auth).get_json()["services"] == []
+
+
+@pytest.mark.parametrize("payload", [b"{not json", b"[1, 2]", b""])
+def test_malformed_json_is_400(client, auth, payload):
+    response = client.post("/api/services", data=payload, headers={**auth, "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.get_json()["field"] == "body"
+
+
+def test_unknown_service_is_404(client, auth):
+    for method, path in (("GET", "/api/services/abc"), ("POST", "/api/services/abc/stop"),
+                         ("DELETE", "/api/services/abc"), ("GET", "/api/services/abc/logs"),
+                         ("GET", "/api/services/..%2f..%2fetc/logs")):
+        response = client.open(path, method=method, headers=auth)
+        assert response.status_code == 404, (method, path)
+        assert "error" in response.get_json()
+
+
+def test_bad_state_filter_is_400(client, auth):
+    response = client.get("/api/services?state=SLEEPING", headers=auth)
+    assert response.status_code == 400
+    assert response.get_json()["field"] == "state"
+
+
+def test_bad_log_tail_is_400(client, auth):
+    response = client.get("/api/services/abc/logs?tail=lots", headers=auth)
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize("text, minutes", [(30, 30), ("45", 45), ("1:30:00", 90), ("2-00:00", 2880),
+                                           ("10:30", 11), ("0:00:59", 1)])
+def test_parse_time(text, minutes):
+    assert parse_time(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["", "1h", True, 1.5, "-5", None])
+def test_parse_time_rejects(text):
+    with pytest.raises(ValidationError):
+        parse_time(text)

@@ -1,0 +1,149 @@
+"""The service lifecycle on the real test Slurm, through a real portal under gunicorn."""
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import squeue_ids, wait_for
+
+pytestmark = pytest.mark.slurm
+
+
+def port_open(host, port) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def portal(slurm_cluster, start_module_portal):
+    return start_module_portal("slurm")
+
+
+@pytest.fixture(scope="module")
+def time_limited(portal):
+    """A service with a one-minute limit, launched early so the module's other tests run while it ages."""
+    response = portal.launch(name="short-lived", time=1)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_service_runs_is_stopped_and_deleted(portal, time_limited):
+    response = portal.launch(name="first")
+    assert response.status_code == 201, response.text
+    created = response.json()
+    assert created["state"] == "SUBMITTED"
+    assert created["job_id"].isdigit()
+    assert created["events"][0]["reason"] == f"submitted to slurm as job {created['job_id']}"
+
+    running = portal.wait_state(created["id"], "RUNNING", timeout=60)
+    states = [event["to"] for event in running["events"]]
+    assert states[0] == "SUBMITTED" and states[-1] == "RUNNING" and "STARTING" in states
+    assert states.index("STARTING") < states.index("RUNNING")
+    assert running["node"] and running["endpoint"]["port"]
+    assert all(value is not None for value in running["phases"].values()), running["phases"]
+    assert created["job_id"] in squeue_ids()
+    host, port = running["endpoint"]["host"], running["endpoint"]["port"]
+    assert port_open(host, port)
+
+    # The service itself refuses callers without its key.
+    import requests
+    assert requests.get(f"http://{host}:{port}/health", timeout=5).status_code == 401
+
+    # Deleting a live service is refused: it must be stopped first.
+    assert portal.request("DELETE", f"/api/services/{created['id']}").status_code == 409
+
+    stop = portal.request("POST", f"/api/services/{created['id'][:6]}/stop")
+    assert stop.status_code in (200, 202), stop.text
+    stopped = portal.wait_state(created["id"], "STOPPED", timeout=30)
+    assert stopped["reason"] == "stopped by user"
+    wait_for(lambda: created["job_id"] not in squeue_ids() or _ended_in_squeue(created["job_id"]), timeout=30,
+             what="job to leave squeue")
+    wait_for(lambda: not port_open(host, port), timeout=15, what="the server process to exit")
+
+    job_dir = Path(portal.home / "jobs" / created["id"])
+    assert job_dir.is_dir()
+    log = portal.request("GET", f"/api/services/{created['id']}/logs?tail=5").json()["log"]
+    assert "serving on" in log or "exited" in log or log
+    assert portal.request("DELETE", f"/api/services/{created['id']}").status_code == 200
+    assert portal.request("GET", f"/api/services/{created['id']}").status_code == 404
+    assert not job_dir.exists()
+
+
+def _ended_in_squeue(job_id) -> bool:
+    """squeue --states=all keeps finished jobs for MinJobAge; a finished job counts as gone from the queue."""
+    out = subprocess.run(["squeue", "--noheader", "--states=all", "--jobs", job_id, "--format=%T"],
+                         capture_output=True, text=True, timeout=30).stdout.strip()
+    return out in ("", "CANCELLED", "COMPLETED", "FAILED", "TIMEOUT")
+
+
+def test_unknown_partition_is_rejected_with_slurms_reason(portal):
+    response = portal.launch(name="nowhere", resources={"partition": "nosuch"})
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert "invalid partition specified: nosuch" in body["error"]
+    service = portal.service(body["service"]["id"])
+    assert service["state"] == "FAILED"
+    assert "invalid partition specified: nosuch" in service["reason"]
+    assert service["job_id"] is None
+
+
+def test_gpu_tier_resources_schedule(portal):
+    response = portal.launch(name="gpu", resources={"partition": "gpu", "gpus": 2, "gpu_type": "a100"})
+    assert response.status_code == 201, response.text
+    service = portal.wait_state(response.json()["id"], "RUNNING", timeout=60)
+    assert service["resources"]["gpus"] == 2
+    portal.request("POST", f"/api/services/{service['id']}/stop")
+    portal.wait_state(service["id"], "STOPPED", timeout=30)
+
+
+def test_job_that_exits_with_an_error_fails_with_its_log(portal):
+    response = portal.launch(name="broken", engine_args=["--exit", "3"])
+    assert response.status_code == 201, response.text
+    failed = portal.wait_state(response.json()["id"], ("FAILED", "RUNNING", "STOPPED"), timeout=60)
+    assert failed["state"] == "FAILED"
+    assert "exit code" in failed["reason"] and ":3" in failed["reason"].replace(" ", "") or "code 3" in failed["reason"]
+    assert "giving up on purpose" in failed["reason"]
+
+
+def test_job_cancelled_outside_the_portal_is_stopped(portal):
+    service = portal.launch(name="scancelled").json()
+    portal.wait_state(service["id"], ("STARTING", "RUNNING"), timeout=60)
+    subprocess.run(["scancel", service["job_id"]], check=True, timeout=30)
+    stopped = portal.wait_state(service["id"], ("STOPPED", "FAILED"), timeout=30)
+    assert stopped["state"] == "STOPPED"
+    assert stopped["reason"] == f"job {service['job_id']} was cancelled outside the portal"
+
+
+def test_unhealthy_and_back(portal, tmp_path):
+    sick = tmp_path / "sick"
+    service = portal.launch(name="wobbly", engine_args=["--sick-file", str(sick)]).json()
+    portal.wait_state(service["id"], "RUNNING", timeout=60)
+    sick.write_text("x")
+    unhealthy = portal.wait_state(service["id"], "UNHEALTHY", timeout=30)
+    assert "health check failed" in unhealthy["reason"] and "HTTP 503" in unhealthy["reason"]
+    sick.unlink()
+    back = portal.wait_state(service["id"], "RUNNING", timeout=30)
+    assert [event["to"] for event in back["events"]][-3:] == ["RUNNING", "UNHEALTHY", "RUNNING"]
+    portal.request("POST", f"/api/services/{service['id']}/stop")
+
+
+def test_state_filter(portal):
+    live = portal.request("GET", "/api/services?state=LIVE").json()["services"]
+    ended = portal.request("GET", "/api/services?state=ended").json()["services"]
+    assert all(s["state"] in ("SUBMITTED", "PENDING", "STARTING", "RUNNING", "UNHEALTHY") for s in live)
+    assert all(s["state"] in ("STOPPED", "FAILED", "TIMEOUT") for s in ended)
+    assert ended, "earlier tests left ended services"
+
+
+def test_time_limit_gives_timeout(portal, time_limited):
+    """Last in the module: the one-minute service launched at the start has had time to age."""
+    ended = portal.wait_state(time_limited["id"], ("TIMEOUT", "FAILED", "STOPPED"), timeout=180)
+    assert ended["state"] == "TIMEOUT", ended
+    assert ended["reason"] == f"job {time_limited['job_id']} reached its time limit of 1 min"
