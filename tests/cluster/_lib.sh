@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034
 # Shared helpers for tests/cluster/start.sh and tests/cluster/stop.sh.
 # Sourced, not executed.  Test-only: a throw-away single-node Slurm cluster.
 
@@ -11,19 +12,31 @@ MARIADB_MARKER="$SLURM_RUN/pilotfish-started-mariadb"
 log() { printf '[cluster] %s\n' "$*"; }
 die() { printf '[cluster] ERROR: %s\n' "$*" >&2; exit 1; }
 
+# Serialise concurrent start.sh/stop.sh runs (e.g. parallel test workers).
+take_lock() {
+    mkdir -p /run/lock
+    exec 9>/run/lock/pilotfish-test-cluster.lock
+    flock -w 300 9 || die "another start.sh/stop.sh is still running (lock /run/lock/pilotfish-test-cluster.lock)"
+}
+
 # PIDs of a daemon: the pid file (if its process is alive and has the right
 # name) plus any process with exactly that name.
 daemon_pids() {
-    local name=$1 pidfile=${2:-} pid
+    local name=$1 pidfile=${2:-} pid st
     {
         if [[ -n $pidfile && -s $pidfile ]]; then
-            pid=$(tr -dc '0-9' <"$pidfile" 2>/dev/null || true)
+            pid=$(tr -dc '0-9' 2>/dev/null <"$pidfile" || true)
             if [[ -n $pid && -r /proc/$pid/comm && $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]]; then
                 echo "$pid"
             fi
         fi
         pgrep -x "$name" || true
-    } | sort -u
+    } | sort -u | while read -r pid; do
+        # Skip zombies: PID 1 here is not an init that reaps promptly, so a
+        # daemon's exited parent can linger as <defunct> for a few seconds.
+        st=$(ps -o stat= -p "$pid" 2>/dev/null || true)
+        if [[ -n $st && $st != Z* ]]; then echo "$pid"; fi
+    done
 }
 
 daemon_running() { [[ -n $(daemon_pids "$@") ]]; }
@@ -36,7 +49,7 @@ stop_daemon() {
         [[ -n $pidfile ]] && rm -f "$pidfile"
         return 0
     fi
-    log "stopping $name (pid $(echo $pids))"
+    log "stopping $name (pid ${pids//$'\n'/ })"
     # shellcheck disable=SC2086
     kill -TERM $pids 2>/dev/null || true
     for ((i = 0; i < 300; i++)); do
@@ -52,7 +65,7 @@ stop_daemon() {
             daemon_running "$name" "$pidfile" || break
             sleep 0.1
         done
-        daemon_running "$name" "$pidfile" && die "could not stop $name (pid $(echo $pids))"
+        daemon_running "$name" "$pidfile" && die "could not stop $name (pid ${pids//$'\n'/ })"
     fi
     [[ -n $pidfile ]] && rm -f "$pidfile"
     return 0

@@ -13,10 +13,11 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=tests/cluster/_lib.sh
+# shellcheck source=_lib.sh
 source "$HERE/_lib.sh"
 
 [[ $(id -u) -eq 0 ]] || die "must run as root"
+take_lock  # fd 9; closed (9>&-) for every daemon started below
 
 CLUSTER=pilotfish-test
 HOST=$(hostname -s)
@@ -80,7 +81,6 @@ if ((ACCOUNTING)); then
 fi
 
 # ------------------------------------------------------------ config files --
-CHANGED=0
 # write_file PATH MODE OWNER CONTENT -- only rewrites when the content differs.
 write_file() {
     local path=$1 mode=$2 owner=$3 content=$4
@@ -90,7 +90,6 @@ write_file() {
         chown "$owner" "$path.tmp"
         mv -f "$path.tmp" "$path"
         log "wrote $path"
-        CHANGED=1
     else
         chmod "$mode" "$path"
         chown "$owner" "$path"
@@ -237,7 +236,7 @@ chmod 0400 /etc/munge/munge.key
 if ! daemon_running munged || ! munge_ok; then
     stop_daemon munged /run/munge/munged.pid
     log "starting munged"
-    runuser -u munge -- munged --force ||
+    runuser -u munge -- munged --force 9>&- ||
         { tail -n 20 /var/log/munge/munged.log >&2 2>/dev/null || true; die "munged failed to start"; }
     for ((i = 0; i < 50; i++)); do munge_ok && break; sleep 0.1; done
     munge_ok || { tail -n 20 /var/log/munge/munged.log >&2 2>/dev/null || true; die "munge does not work (munge -n | unmunge)"; }
@@ -251,10 +250,10 @@ if ((ACCOUNTING)); then
         log "starting mariadb"
         mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld
         if [[ -x /etc/init.d/mariadb ]]; then
-            /etc/init.d/mariadb start >>"$SLURM_LOG/pilotfish-mariadb.log" 2>&1 ||
+            /etc/init.d/mariadb start 9>&- >>"$SLURM_LOG/pilotfish-mariadb.log" 2>&1 ||
                 { tail -n 20 "$SLURM_LOG/pilotfish-mariadb.log" >&2; die "mariadb failed to start"; }
         else
-            (setsid mysqld_safe >>"$SLURM_LOG/pilotfish-mariadb.log" 2>&1 &)
+            (setsid mysqld_safe 9>&- >>"$SLURM_LOG/pilotfish-mariadb.log" 2>&1 &)
         fi
         touch "$MARIADB_MARKER"
     fi
@@ -268,7 +267,7 @@ if ((ACCOUNTING)); then
 
     if ! daemon_running slurmdbd "$SLURM_RUN/slurmdbd.pid"; then
         log "starting slurmdbd"
-        slurmdbd || { tail -n 20 "$SLURM_LOG/slurmdbd.log" >&2 || true; die "slurmdbd failed to start"; }
+        slurmdbd 9>&- || { tail -n 20 "$SLURM_LOG/slurmdbd.log" >&2 || true; die "slurmdbd failed to start"; }
     fi
     ok=0
     for ((i = 0; i < WAIT_SECS * 2; i++)); do
@@ -299,7 +298,7 @@ fail() { show_logs; die "$*"; }
 
 if ! daemon_running slurmctld "$SLURM_RUN/slurmctld.pid"; then
     log "starting slurmctld"
-    slurmctld || fail "slurmctld failed to start"
+    slurmctld 9>&- || fail "slurmctld failed to start"
 fi
 for ((i = 0; i < WAIT_SECS * 4; i++)); do
     scontrol ping 2>/dev/null | grep -q 'is UP' && break
@@ -310,7 +309,7 @@ scontrol ping 2>/dev/null | grep -q 'is UP' || fail "slurmctld does not answer (
 
 if ! daemon_running slurmd "$SLURM_RUN/slurmd.pid"; then
     log "starting slurmd"
-    slurmd || fail "slurmd failed to start"
+    slurmd 9>&- || fail "slurmd failed to start"
 fi
 
 resumed=0

@@ -6,10 +6,11 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=tests/cluster/_lib.sh
+# shellcheck source=_lib.sh
 source "$HERE/_lib.sh"
 
 [[ $(id -u) -eq 0 ]] || die "must run as root"
+take_lock
 
 stop_slurm_daemons
 [[ -f $MARIADB_MARKER ]] && stop_mariadb

@@ -45,7 +45,7 @@ def main():
             pass
 
     server = ThreadingHTTPServer(("0.0.0.0", int(os.environ["PILOTFISH_PORT"])), Handler)
-    print(f"tiny_service: listening on {server.server_address[1]}", flush=True)
+    print(f"tiny_service: listening on {server.server_address[1]} at {time.time():.3f}", flush=True)
     server.serve_forever()
 
 
