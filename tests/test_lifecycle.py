@@ -108,7 +108,8 @@ def test_job_that_exits_with_an_error_fails_with_its_log(portal):
     assert response.status_code == 201, response.text
     failed = portal.wait_state(response.json()["id"], ("FAILED", "RUNNING", "STOPPED"), timeout=60)
     assert failed["state"] == "FAILED"
-    assert "exit code" in failed["reason"] and ":3" in failed["reason"].replace(" ", "") or "code 3" in failed["reason"]
+    assert failed["reason"].startswith("the job failed (FAILED")
+    assert "server exited with code 3" in failed["reason"]
     assert "giving up on purpose" in failed["reason"]
 
 

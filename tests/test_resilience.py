@@ -3,11 +3,20 @@ import os
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import pytest
 import requests
 
+from portal.scheduler import JobQuery, Resources, SchedulerUnreachable
+from portal.scheduler.slurm import SlurmScheduler
 from tests.conftest import REPO, wait_for
+
+
+def job_query_for(service, portal):
+    return JobQuery(service["job_id"], f"pilotfish-{service['id']}", datetime.utcnow(),
+                    portal.home / "jobs" / service["id"])
 
 pytestmark = pytest.mark.slurm
 
@@ -67,6 +76,20 @@ def test_slurmctld_outage_is_reported_and_recovered(slurm_cluster, start_portal,
         refused = portal.launch(name="while-down")
         assert refused.status_code == 503, refused.text
         assert "unreachable" in refused.json()["error"].lower()
+        assert portal.service(refused.json()["service"]["id"])["state"] == "FAILED"
+        # Each scheduler command reports the outage as such, not as a rejected job.
+        scheduler = SlurmScheduler(timeout=30)
+        (tmp_path / "none.sh").write_text("#!/bin/bash\ntrue\n")
+        job = job_query_for(service, portal)
+        calls = {
+            "submit": lambda: scheduler.submit(tmp_path / "none.sh", tmp_path, "pilotfish-x", Resources(time=1)),
+            "query": lambda: scheduler.query([job]),
+            "cancel": lambda: scheduler.cancel(service["job_id"], tmp_path),
+        }
+        with ThreadPoolExecutor(3) as pool:
+            futures = {name: pool.submit(call) for name, call in calls.items()}
+        for name, future in futures.items():
+            assert isinstance(future.exception(), SchedulerUnreachable), (name, future.exception())
     finally:
         _start_cluster()
     wait_for(lambda: portal.request("GET", "/api/services").json()["conditions"]["scheduler"]["ok"], timeout=90,

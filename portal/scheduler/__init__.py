@@ -90,12 +90,14 @@ class Scheduler:
 
 LOG_NAME = "job.log"
 SCRUBBED_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_")
+KEPT_VARIABLES = {"SLURM_CONF"}  # names the cluster's config, not the enclosing job
 
 
 def scrubbed_environment(base: Optional[dict] = None) -> dict:
     """The environment minus inherited SLURM_*/SBATCH_* variables, which break sbatch inside a job."""
     env = dict(os.environ if base is None else base)
-    return {key: value for key, value in env.items() if not key.startswith(SCRUBBED_PREFIXES)}
+    return {key: value for key, value in env.items()
+            if key in KEPT_VARIABLES or not key.startswith(SCRUBBED_PREFIXES)}
 
 
 def make_scheduler(config) -> Scheduler:

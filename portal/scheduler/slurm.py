@@ -84,13 +84,17 @@ def sbatch_arguments(job_dir: Path, name: str, resources: Resources) -> List[str
 
 
 def _clean_message(stderr: str) -> str:
-    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
-    text = lines[-1] if lines else ""
-    for prefix in ("sbatch: error: ", "squeue: error: ", "sacct: error: ", "scancel: error: ", "error: "):
-        if text.startswith(prefix):
-            text = text[len(prefix):]
-    text = text.replace("Batch job submission failed: ", "")
-    return text or "no message"
+    """Slurm's error lines without the command prefixes, joined: 'invalid partition specified: x; ...'."""
+    kept = []
+    for line in stderr.strip().splitlines():
+        text = line.strip()
+        for prefix in ("sbatch: error: ", "squeue: error: ", "sacct: error: ", "scancel: error: ", "error: "):
+            if text.startswith(prefix):
+                text = text[len(prefix):]
+        text = text.replace("Batch job submission failed: ", "")
+        if text and text not in kept:
+            kept.append(text)
+    return "; ".join(kept) or "no message"
 
 
 class SlurmScheduler(Scheduler):
