@@ -36,7 +36,12 @@ def create_app(config: Optional[Mapping[str, Any]] = None) -> Flask:
     init_auth(app)
 
     from .api import bp as api_bp
+    from .prefix import PrefixMiddleware
+    from .proxy import init_proxy
+
     app.register_blueprint(api_bp)
+    init_proxy(app)
+    app.wsgi_app = PrefixMiddleware(app.wsgi_app, settings.url_prefix)
 
     @app.errorhandler(PortalError)
     def portal_error(exc: PortalError):

@@ -1,14 +1,37 @@
-"""Authentication: every route needs the portal token (Authorization: Bearer) except the public ones."""
+"""Authentication: the portal token (Bearer or the /login session cookie), named API keys, CSRF for cookie requests."""
 from __future__ import annotations
 
+import hashlib
 import hmac
+import secrets
+import threading
+import time
+from typing import Optional
+from urllib.parse import urlsplit
 
-from flask import current_app, g, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, redirect, render_template, request, session
+from flask.sessions import SecureCookieSessionInterface
 
-PUBLIC_ENDPOINTS = {"api.health"}
+from .db import db
+from .errors import NotFoundError, PortalError, ValidationError
+from .models import ApiKey, utcnow
+
+bp = Blueprint("auth", __name__)
+
+PUBLIC_ENDPOINTS = {"api.health", "auth.login", "auth.login_form"}
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+KEY_PREFIX = "pf_"
+KEY_CACHE_SECONDS = 5.0  # how long a verified key is trusted before the database is asked again (revocation delay)
+CSRF_HEADER = "X-CSRF-Token"
 
 
-def _bearer_token() -> str | None:
+class ForbiddenError(PortalError):
+    status = 403
+
+
+# --- presented credentials ------------------------------------------------------------------------------
+
+def _bearer_token() -> Optional[str]:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
@@ -16,26 +39,215 @@ def _bearer_token() -> str | None:
     return None
 
 
-def token_matches(candidate: str | None) -> bool:
+def token_matches(candidate: Optional[str]) -> bool:
     """Compare a presented token with the portal token in constant time."""
     if not candidate:
         return False
-    expected = current_app.config["PILOTFISH_TOKEN"]
-    return hmac.compare_digest(candidate.encode(), expected.encode())
+    return hmac.compare_digest(candidate.encode(), current_app.config["PILOTFISH_TOKEN"].encode())
 
 
-def authenticate():
-    """before_request hook: refuse (401 JSON) any request to a protected route without the portal token."""
-    if request.endpoint in PUBLIC_ENDPOINTS:
-        return None
-    if token_matches(_bearer_token()):
-        g.principal = "owner"
-        return None
-    response = jsonify(error="authentication required: send the portal token as 'Authorization: Bearer <token>'")
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyCache:
+    """Verified API keys, so the hot path hashes once and skips the database for a few seconds."""
+
+    def __init__(self):
+        self._entries: dict = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, key: str) -> Optional[str]:
+        digest = hash_key(key)
+        now = time.monotonic()
+        entry = self._entries.get(digest)
+        if entry and now - entry[1] < KEY_CACHE_SECONDS:
+            return entry[0]
+        row = ApiKey.query.filter_by(key_hash=digest, revoked_at=None).first()
+        with self._lock:
+            if row is None:
+                self._entries.pop(digest, None)
+                return None
+            self._entries[digest] = (row.name, now)
+        return row.name
+
+    def forget(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def _principal_from_bearer(token: str) -> Optional[str]:
+    if token_matches(token):
+        return "owner"
+    if token.startswith(KEY_PREFIX):
+        name = current_app.extensions["pilotfish.keys"].lookup(token)
+        if name is not None:
+            return f"key:{name}"
+    return None
+
+
+def _session_valid() -> bool:
+    return bool(session.get("auth")) and hmac.compare_digest(
+        session.get("token_id", ""), _token_id(current_app.config["PILOTFISH_TOKEN"]))
+
+
+def _token_id(token: str) -> str:
+    """A fingerprint of the portal token: a new token logs every browser out."""
+    return hashlib.sha256(b"pilotfish-session:" + token.encode()).hexdigest()[:16]
+
+
+def csrf_token() -> str:
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_urlsafe(24)
+    return session["csrf"]
+
+
+def unauthorized(message: str):
+    response = jsonify(error=message)
     response.status_code = 401
     response.headers["WWW-Authenticate"] = 'Bearer realm="pilotfish"'
     return response
 
 
+def authenticate():
+    """before_request hook: every route but the public ones needs the token, an API key or a login session."""
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return None
+    bearer = _bearer_token()
+    if bearer is not None:
+        principal = _principal_from_bearer(bearer)
+        if principal is None:
+            return unauthorized("invalid token or API key")
+        g.principal, g.via_cookie = principal, False
+        return None
+    if _session_valid():
+        if request.method not in SAFE_METHODS:
+            sent = request.headers.get(CSRF_HEADER)
+            if not sent and request.mimetype == "application/x-www-form-urlencoded":
+                sent = request.form.get("csrf_token")  # HTML forms; uploads must use the header
+            if not sent or not hmac.compare_digest(sent, session.get("csrf", "")):
+                response = jsonify(error=f"missing or wrong CSRF token: send the {CSRF_HEADER} header")
+                response.status_code = 403
+                return response
+        g.principal, g.via_cookie = "owner", True
+        return None
+    return unauthorized("authentication required: send the portal token as 'Authorization: Bearer <token>'")
+
+
+def require_owner() -> None:
+    if getattr(g, "principal", None) != "owner":
+        raise ForbiddenError("only the portal owner (the portal token) can manage API keys")
+
+
+# --- browser login ----------------------------------------------------------------------------------------
+
+class PrefixedSessionInterface(SecureCookieSessionInterface):
+    """Scope the session cookie to the prefix the portal was reached by (/node/<host>/<port>/)."""
+
+    def get_cookie_path(self, app):
+        return (request.script_root or "") + "/"
+
+    def get_cookie_secure(self, app):
+        return request.is_secure or request.headers.get("X-Forwarded-Proto", "") == "https"
+
+
+def _safe_next(target: Optional[str]) -> str:
+    root = (request.script_root or "") + "/"
+    if not target:
+        return root
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith(root) or "\\" in target:
+        return root  # never redirect off the portal
+    return target
+
+
+@bp.get("/login")
+def login_form():
+    return render_template("ui/login.html", error=None, next=request.args.get("next", ""))
+
+
+@bp.post("/login")
+def login():
+    token = request.form.get("token") or (request.get_json(silent=True) or {}).get("token")
+    if not token_matches(token):
+        if request.is_json:
+            return unauthorized("wrong token")
+        return render_template("ui/login.html", error="That token is not this portal's token.",
+                               next=request.form.get("next", "")), 401
+    session.clear()
+    session["auth"] = True
+    session["token_id"] = _token_id(current_app.config["PILOTFISH_TOKEN"])
+    session.permanent = False
+    csrf_token()
+    if request.is_json:
+        return jsonify(ok=True, csrf_token=session["csrf"])
+    return redirect(_safe_next(request.form.get("next")), code=303)
+
+
+@bp.post("/logout")
+def logout():
+    session.clear()
+    if request.is_json or request.accept_mimetypes.best == "application/json":
+        return jsonify(ok=True)
+    return redirect((request.script_root or "") + "/login", code=303)
+
+
+# --- API keys --------------------------------------------------------------------------------------------
+
+@bp.get("/api/keys")
+def list_keys():
+    require_owner()
+    keys = ApiKey.query.filter_by(revoked_at=None).order_by(ApiKey.created_at).all()
+    return jsonify(keys=[key.to_dict() for key in keys])
+
+
+@bp.post("/api/keys")
+def create_key():
+    require_owner()
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ValidationError("body", "expected a JSON object such as {\"name\": \"laptop\"}")
+    key, secret = create_api_key(body.get("name"))
+    return jsonify({**key.to_dict(), "key": secret, "note": "shown once: store it now"}), 201
+
+
+@bp.delete("/api/keys/<key_id>")
+def revoke_key(key_id):
+    require_owner()
+    revoke_api_key(key_id)
+    return jsonify(revoked=key_id)
+
+
+def create_api_key(name) -> tuple:
+    """Create a named key; returns (row, secret). Only the hash is stored."""
+    if not isinstance(name, str) or not name.strip() or len(name) > 60 or any(ord(c) < 32 for c in name):
+        raise ValidationError("name", "expected a name of 1 to 60 characters")
+    name = name.strip()
+    if ApiKey.query.filter_by(name=name, revoked_at=None).first():
+        raise ValidationError("name", f"a key named {name!r} already exists")
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(id=secrets.token_hex(4), name=name, key_hash=hash_key(secret), hint=secret[:7] + "…")
+    db.session.add(row)
+    db.session.commit()
+    return row, secret
+
+
+def revoke_api_key(key_id: str) -> None:
+    row = db.session.get(ApiKey, key_id) if isinstance(key_id, str) else None
+    if row is None or row.revoked_at is not None:
+        raise NotFoundError(f"no API key {key_id!r}")
+    row.revoked_at = utcnow()
+    db.session.commit()
+    current_app.extensions["pilotfish.keys"].forget()
+
+
 def init_auth(app) -> None:
+    app.secret_key = hmac.new(app.config["PILOTFISH_TOKEN"].encode(), b"pilotfish-session-signing",
+                              hashlib.sha256).digest()
+    app.config.update(SESSION_COOKIE_NAME="pilotfish_session", SESSION_COOKIE_HTTPONLY=True,
+                      SESSION_COOKIE_SAMESITE="Lax")
+    app.session_interface = PrefixedSessionInterface()
+    app.extensions["pilotfish.keys"] = KeyCache()
     app.before_request(authenticate)
+    app.register_blueprint(bp)
+    app.jinja_env.globals["csrf_token"] = csrf_token

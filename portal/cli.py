@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from ood_app.connection import write_connection
+
 from .config import ConfigError, ensure_token, load_config, prepare_home
 
 
@@ -35,11 +37,13 @@ def start(host: str, port: int, workers: int):
     try:
         config = load_config()
         prepare_home(config)
-        ensure_token(config)  # before forking workers, so they all read the same token
+        token = ensure_token(config)  # before forking workers, so they all read the same token
     except ConfigError as exc:
         fail(str(exc), 2)
-    click.echo(f"pilotfish: portal on http://{host}:{port} (token in {config.token_file})", err=True)
-    env = dict(os.environ, PILOTFISH_WORKERS=str(workers))
+    connection = write_connection(config.home, host, port, token, config.url_prefix)
+    click.echo(f"pilotfish: portal on http://{host}:{port}{config.url_prefix} "
+               f"(token in {config.token_file}; notebooks read {connection})", err=True)
+    env = dict(os.environ, PILOTFISH_WORKERS=str(workers), PILOTFISH_HOME=str(config.home))
     args = [sys.executable, "-m", "gunicorn", "--config", "python:portal.gunicorn_conf", "--bind", f"{host}:{port}"]
     os.execve(sys.executable, args, env)
 

@@ -34,6 +34,9 @@ class Config:
     health_timeout: float = 3.0
     health_concurrency: int = 16
     unhealthy_after: int = 3
+    proxy_connect_timeout: float = 5.0
+    proxy_read_timeout: float = 600.0  # seconds to wait for an answer's first byte (long generations)
+    url_prefix: str = ""  # e.g. /node/<host>/<port> behind Open OnDemand
     job_time_limit_cap: Optional[int] = None  # minutes; set when the portal itself runs in a job
     testing: bool = False
 
@@ -74,6 +77,13 @@ def _number(name: str, value: Any, minimum: float) -> float:
     if number < minimum:
         raise ConfigError(f"{name}: must be at least {minimum}, got {value!r}")
     return number
+
+
+def _prefix(value: Any) -> str:
+    text = str(value or "").strip().rstrip("/")
+    if text and (not text.startswith("/") or any(c in text for c in "?#\\ ")):
+        raise ConfigError(f"url_prefix: expected a path such as /node/host/8080, got {value!r}")
+    return text
 
 
 def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional[Mapping[str, str]] = None) -> Config:
@@ -125,6 +135,9 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         health_timeout=_number("health_timeout", pick("health_timeout", None, 3.0), 0.1),
         health_concurrency=int(_number("health_concurrency", pick("health_concurrency", None, 16), 1)),
         unhealthy_after=int(_number("unhealthy_after", pick("unhealthy_after", None, 3), 1)),
+        proxy_connect_timeout=_number("proxy_connect_timeout", pick("proxy_connect_timeout", None, 5.0), 0.1),
+        proxy_read_timeout=_number("proxy_read_timeout", pick("proxy_read_timeout", None, 600.0), 0.1),
+        url_prefix=_prefix(pick("url_prefix", "PILOTFISH_URL_PREFIX", "")),
         job_time_limit_cap=int(_number("job_time_limit_cap", cap, 1)) if cap not in (None, "") else None,
         testing=bool(overrides.pop("testing", False)),
     )

@@ -11,3 +11,14 @@ keepalive = 75
 accesslog = "-"
 # Request lines only, never headers or query strings that might carry a credential.
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
+
+
+def on_exit(server):
+    """The portal stopped: remove connection.json so notebooks get a clear "no portal" instead of a dead URL."""
+    from pathlib import Path
+
+    from ood_app.connection import remove_connection
+
+    home = os.environ.get("PILOTFISH_HOME")
+    if home:
+        remove_connection(Path(home), os.getpid())

@@ -142,3 +142,18 @@ class Condition(db.Model):
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "message": self.message, "since": iso(self.since), "checked_at": iso(self.checked_at)}
+
+
+class ApiKey(db.Model):
+    """A named key for scripts and collaborators; only its SHA-256 is stored."""
+    __tablename__ = "api_keys"
+
+    id = db.Column(db.String(16), primary_key=True)
+    name = db.Column(db.String(60), nullable=False)
+    key_hash = db.Column(db.String(64), nullable=False, unique=True, index=True)
+    hint = db.Column(db.String(16), nullable=False)
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    revoked_at = db.Column(db.DateTime)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "name": self.name, "hint": self.hint, "created_at": iso(self.created_at)}

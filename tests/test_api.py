@@ -1,4 +1,7 @@
 """The REST API's contract: authentication on every route, JSON errors naming the field, state filters."""
+import re
+import socket
+
 import pytest
 
 from portal.services import parse_time
@@ -11,20 +14,26 @@ def test_health_is_public(client):
     assert response.get_json()["status"] == "ok"
 
 
-def test_every_route_but_health_requires_the_token(app, client):
+def test_every_route_but_health_and_login_requires_a_credential(app, client):
     """Walk every registered route, so a new route cannot slip through unprotected."""
+    from portal.auth import PUBLIC_ENDPOINTS
+
+    assert PUBLIC_ENDPOINTS == {"api.health", "auth.login", "auth.login_form"}
     checked = 0
     for rule in app.url_map.iter_rules():
-        if rule.endpoint in ("api.health",):
+        if rule.endpoint in PUBLIC_ENDPOINTS:
             continue
-        path = rule.rule.replace("<service_id>", "abc123").replace("<path:filename>", "x.css")
+        path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", lambda m: "x.css" if m.group(1) == "filename" else "abc123",
+                      rule.rule)
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic Zm9vOmJhcg=="}):
-                response = client.open(path, method=method, headers=headers)
-                assert response.status_code == 401, (method, path, headers)
-                assert "error" in response.get_json()
-                checked += 1
-    assert checked >= 3 * 7
+            for prefix in ("", "/node/vm/8080"):
+                for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic Zm9vOmJhcg=="},
+                                {"Authorization": "Bearer pf_notakey"}, {"Cookie": "pilotfish_session=forged"}):
+                    response = client.open(prefix + path, method=method, headers=headers)
+                    assert response.status_code == 401, (method, prefix + path, headers)
+                    assert "error" in response.get_json()
+                    checked += 1
+    assert checked >= 5 * 2 * 15
 
 
 def test_unknown_route_is_json_404_with_token(client, auth):
@@ -94,3 +103,23 @@ def test_parse_time(text, minutes):
 def test_parse_time_rejects(text):
     with pytest.raises(ValidationError):
         parse_time(text)
+
+
+def test_refused_upstream_is_502_naming_the_service(app, client, auth):
+    """A RUNNING service whose port refuses connections: the proxy answers 502 in the OpenAI error shape."""
+    from portal.db import db
+    from portal.models import Service
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    with app.app_context():
+        db.session.add(Service(id="00000000beef", name="gone", kind="text-generation", model="org/gone",
+                               state="RUNNING", scheduler="local", job_dir="/nonexistent", time_limit=5,
+                               api_key="k", host="127.0.0.1", port=closed_port))
+        db.session.commit()
+    for path in ("/services/00000000beef/v1/models", "/v1/chat/completions"):
+        response = client.post(path, json={"model": "org/gone", "messages": []}, headers=auth)
+        assert response.status_code == 502, path
+        error = response.get_json()["error"]
+        assert error["code"] == "upstream_unreachable" and "00000000beef" in error["message"]

@@ -23,6 +23,15 @@ def health():
     return jsonify(status="ok", scheduler="unreachable" if scheduler and not scheduler["ok"] else "ok")
 
 
+@bp.get("/")
+def index():
+    """What this portal offers, for a person or a script that lands on its root."""
+    root = request.script_root
+    return jsonify(portal="pilotfish", links={
+        "services": f"{root}/api/services", "status": f"{root}/api/status", "keys": f"{root}/api/keys",
+        "openai_base_url": f"{root}/v1", "service_base_url": f"{root}/services/<id>/v1"})
+
+
 @bp.get("/api/status")
 def status():
     scheduler = current_app.extensions["pilotfish.scheduler"]

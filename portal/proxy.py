@@ -1,0 +1,331 @@
+"""Streaming reverse proxy to each service (/services/<id>/...) and the OpenAI-compatible /v1 gateway."""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import requests
+from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.formparser import MultiPartParser, parse_options_header
+
+from .db import db
+from .models import Service, State, utcnow
+
+log = logging.getLogger(__name__)
+bp = Blueprint("proxy", __name__)
+
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+              "trailer", "trailers", "transfer-encoding", "upgrade"}
+REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "cookie", "content-length", "x-csrf-token"}
+RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "content-length"}
+ROUTABLE = (State.RUNNING, State.UNHEALTHY)
+STARTING = (State.SUBMITTED, State.PENDING, State.STARTING)
+CHUNK = 64 * 1024
+MAX_JSON_BODY = 32 * 1024 * 1024
+SPOOL_IN_MEMORY = 1024 * 1024
+DIRECTORY_TTL = 1.0
+ACTIVITY_FLUSH_SECONDS = 10.0
+
+
+def openai_error(status: int, message: str, type_: str, code: Optional[str] = None, param: Optional[str] = None,
+                 retry_after: Optional[int] = None, **extra) -> Response:
+    """An error in the shape the openai client parses: {"error": {"message", "type", "param", "code"}}."""
+    response = jsonify(error={"message": message, "type": type_, "param": param, "code": code, **extra})
+    response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+@dataclass
+class Route:
+    id: str
+    state: str
+    model: str
+    kind: str
+    host: Optional[str]
+    port: Optional[int]
+    api_key: str
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class ServiceDirectory:
+    """Where each live service answers, cached for a second so the hot path does not query the database."""
+
+    def __init__(self):
+        self._routes: Dict[str, Route] = {}
+        self._loaded = 0.0
+        self._lock = threading.Lock()
+        self.in_flight: Dict[str, int] = {}
+        self._activity: Dict[str, float] = {}
+        self._flushed: Dict[str, float] = {}
+
+    def routes(self, fresh: bool = False) -> Dict[str, Route]:
+        """The live services; `fresh` reloads now (used on a miss, so a just-launched service is found)."""
+        if fresh or time.monotonic() - self._loaded > DIRECTORY_TTL:
+            with self._lock:
+                if fresh or time.monotonic() - self._loaded > DIRECTORY_TTL:
+                    rows = db.session.query(Service.id, Service.state, Service.model, Service.kind, Service.host,
+                                            Service.port, Service.api_key).filter(
+                        Service.state.in_(State.LIVE)).all()
+                    db.session.remove()
+                    self._routes = {row.id: Route(*row) for row in rows}
+                    self._loaded = time.monotonic()
+        return self._routes
+
+    def get(self, service_id: str) -> Optional[Route]:
+        return self.routes().get(service_id)
+
+    def begin(self, service_id: str) -> None:
+        with self._lock:
+            self.in_flight[service_id] = self.in_flight.get(service_id, 0) + 1
+
+    def end(self, service_id: str) -> None:
+        """A request finished: count it out and note the activity (written to the database now and then)."""
+        now = time.time()
+        with self._lock:
+            self.in_flight[service_id] = max(0, self.in_flight.get(service_id, 1) - 1)
+            self._activity[service_id] = now
+            due = now - self._flushed.get(service_id, 0) >= ACTIVITY_FLUSH_SECONDS
+            if due:
+                self._flushed[service_id] = now
+        if due:
+            try:
+                Service.query.filter_by(id=service_id).update({"last_activity": utcnow()})
+                db.session.commit()
+            except Exception:  # activity is best effort; never fail a request over it
+                db.session.rollback()
+                log.exception("could not record activity of %s", service_id)
+            finally:
+                db.session.remove()
+
+
+def _directory() -> ServiceDirectory:
+    return current_app.extensions["pilotfish.directory"]
+
+
+def _session() -> requests.Session:
+    return current_app.extensions["pilotfish.upstream"]
+
+
+def make_upstream_session(pool_size: int = 512) -> requests.Session:
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=64, pool_maxsize=pool_size, max_retries=0)
+    session.mount("http://", adapter)
+    session.trust_env = False  # straight to the node, never through an HTTP proxy from the environment
+    return session
+
+
+class _LengthBody:
+    """A request body of known length, read on demand, so uploads stream through without being held in memory."""
+
+    def __init__(self, stream, length: int):
+        self.stream, self.length = stream, length
+
+    def __len__(self):
+        return self.length
+
+    def read(self, size: int = -1) -> bytes:
+        return self.stream.read(size)
+
+    def __iter__(self):
+        while True:
+            data = self.stream.read(CHUNK)
+            if not data:
+                return
+            yield data
+
+
+def _request_body(spooled=None):
+    if spooled is not None:
+        return spooled
+    if request.method in ("GET", "HEAD", "OPTIONS", "DELETE") and not request.content_length:
+        return None
+    if request.content_length is not None:
+        return _LengthBody(request.stream, request.content_length)
+    return iter(lambda: request.stream.read(CHUNK), b"")  # chunked upload: sent on chunked
+
+
+def forward(route: Route, upstream_path: str, body=None) -> Response:
+    """Send the current request to `route` and stream the answer back, byte for byte, as it arrives."""
+    config = current_app.config["PILOTFISH"]
+    headers = {key: value for key, value in request.headers.items() if key.lower() not in REQUEST_DROP}
+    headers["Authorization"] = f"Bearer {route.api_key}"
+    url = route.base_url + upstream_path
+    if request.query_string:
+        url += "?" + request.query_string.decode("latin-1")
+    directory = _directory()
+    directory.begin(route.id)
+    try:
+        upstream = _session().request(request.method, url, headers=headers, data=_request_body(body), stream=True,
+                                      allow_redirects=False,
+                                      timeout=(config.proxy_connect_timeout, config.proxy_read_timeout))
+    except requests.Timeout:
+        directory.end(route.id)
+        return openai_error(504, f"service {route.id} ({route.model}) did not answer within "
+                                 f"{config.proxy_read_timeout:g} s", "upstream_timeout", "upstream_timeout")
+    except requests.ConnectionError as exc:
+        directory.end(route.id)
+        return openai_error(502, f"service {route.id} ({route.model}) refused the connection at "
+                                 f"{route.host}:{route.port} ({type(exc).__name__})", "upstream_error",
+                            "upstream_unreachable")
+    except Exception:
+        directory.end(route.id)
+        raise
+
+    out_headers = [(key, value) for key, value in upstream.headers.items() if key.lower() not in RESPONSE_DROP]
+    chunked = "chunked" in upstream.headers.get("Transfer-Encoding", "").lower()
+    if not chunked and "Content-Length" in upstream.headers:
+        out_headers.append(("Content-Length", upstream.headers["Content-Length"]))
+    if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+        out_headers += [("X-Accel-Buffering", "no"), ("Cache-Control", "no-cache")]
+    app = current_app._get_current_object()
+
+    def relay():
+        try:
+            for data in upstream.raw.stream(CHUNK, decode_content=False):
+                yield data
+        except (requests.RequestException, OSError) as exc:
+            log.info("stream from service %s ended early: %s", route.id, type(exc).__name__)
+        finally:
+            upstream.close()  # a client that went away closes the upstream too, so the engine aborts the request
+            with app.app_context():
+                directory.end(route.id)
+
+    response = Response(relay(), status=upstream.status_code, headers=out_headers, direct_passthrough=True)
+    return response
+
+
+def _not_running(service_id: str, state: Optional[str]) -> Response:
+    if state is None:
+        return openai_error(404, f"no service {service_id!r}", "not_found_error", "service_not_found")
+    if state in STARTING:
+        return openai_error(503, f"service {service_id} is {state}: it is not answering yet, retry shortly",
+                            "service_unavailable", "service_not_running", state=state, retry_after=5)
+    if state == State.UNHEALTHY:
+        return openai_error(503, f"service {service_id} is UNHEALTHY", "service_unavailable", "service_not_running",
+                            state=state, retry_after=5)
+    return openai_error(503, f"service {service_id} is {state}: it has ended, launch it again",
+                        "service_unavailable", "service_not_running", state=state)
+
+
+@bp.route("/services/<service_id>", defaults={"path": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+@bp.route("/services/<service_id>/", defaults={"path": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+@bp.route("/services/<service_id>/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+def service_proxy(service_id: str, path: str):
+    directory = _directory()
+    route = directory.get(service_id)
+    if route is None or route.state not in ROUTABLE or not route.port:
+        route = directory.routes(fresh=True).get(service_id)
+    if route is None or route.state not in ROUTABLE or not route.port:
+        if route is None:
+            row = db.session.query(Service.state).filter_by(id=service_id).first() if len(service_id) <= 16 else None
+            return _not_running(service_id, row.state if row else None)
+        return _not_running(service_id, route.state)
+    return forward(route, "/" + path)
+
+
+# --- the /v1 gateway ------------------------------------------------------------------------------------
+
+class _Discard:
+    def write(self, data):
+        return len(data)
+
+    def seek(self, *args):
+        return 0
+
+    def read(self, *args):
+        return b""
+
+
+def _model_from_request():
+    """(model, spooled body or None, error response or None) for a /v1 request."""
+    mimetype = request.mimetype
+    if mimetype == "application/json" or (mimetype == "" and request.content_length):
+        if request.content_length and request.content_length > MAX_JSON_BODY:
+            return None, None, openai_error(413, "request body too large", "invalid_request_error")
+        raw = request.get_data(cache=True)
+        try:
+            model = json.loads(raw or b"{}").get("model")
+        except (ValueError, AttributeError):
+            return None, None, openai_error(400, "the body is not a JSON object", "invalid_request_error")
+        return model, raw, None
+    if mimetype == "multipart/form-data":
+        # Spool the upload (memory up to 1 MB, then disk), read only the form fields, then send it on as it was.
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+        size = 0
+        while True:
+            data = request.stream.read(CHUNK)
+            if not data:
+                break
+            spool.write(data)
+            size += len(data)
+        spool.seek(0)
+        boundary = request.mimetype_params.get("boundary", "")
+        try:
+            form, _ = MultiPartParser(stream_factory=lambda *a, **k: _Discard()).parse(spool, boundary.encode(), size)
+        except ValueError:
+            return None, None, openai_error(400, "malformed multipart body", "invalid_request_error")
+        spool.seek(0)
+        return form.get("model"), _LengthBody(spool, size), None
+    return None, None, None
+
+
+def running_models() -> List[dict]:
+    seen = {}
+    for route in _directory().routes().values():
+        if route.state == State.RUNNING and route.model not in seen:
+            seen[route.model] = {"id": route.model, "object": "model", "created": 0, "owned_by": "pilotfish"}
+    return list(seen.values())
+
+
+@bp.get("/v1/models")
+def gateway_models():
+    return jsonify(object="list", data=running_models())
+
+
+@bp.route("/v1/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+def gateway(path: str):
+    model, body, error = _model_from_request()
+    if error is not None:
+        return error
+    if path.startswith("models/") and request.method == "GET":
+        model = path[len("models/"):]
+        found = [m for m in running_models() if m["id"] == model]
+        if found:
+            return jsonify(found[0])
+    if not model or not isinstance(model, str):
+        return openai_error(400, "model: required, to choose the service (GET /v1/models lists them)",
+                            "invalid_request_error", "model_required", param="model")
+    directory = _directory()
+    candidates = [route for route in directory.routes().values() if route.model == model]
+    if not any(route.state == State.RUNNING for route in candidates):
+        candidates = [route for route in directory.routes(fresh=True).values() if route.model == model]
+    ready = [route for route in candidates if route.state == State.RUNNING and route.port]
+    if not ready:
+        ready = [route for route in candidates if route.state == State.UNHEALTHY and route.port]
+    if not ready:
+        if candidates:
+            states = sorted({route.state for route in candidates})
+            return openai_error(503, f"model {model!r} is not ready yet ({', '.join(states)}): retry shortly",
+                                "service_unavailable", "model_not_ready", param="model", retry_after=5)
+        available = [m["id"] for m in running_models()]
+        return openai_error(404, f"model {model!r} is not served here; available: "
+                                 f"{', '.join(available) if available else 'none (launch a service first)'}",
+                            "not_found_error", "model_not_found", param="model")
+    route = min(ready, key=lambda r: directory.in_flight.get(r.id, 0))
+    return forward(route, "/v1/" + path, body)
+
+
+def init_proxy(app) -> None:
+    app.extensions["pilotfish.directory"] = ServiceDirectory()
+    app.extensions["pilotfish.upstream"] = make_upstream_session()
+    app.register_blueprint(bp)

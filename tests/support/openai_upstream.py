@@ -1,0 +1,243 @@
+"""An OpenAI-shaped test server standing in for vLLM/Whisper behind the proxy (run as a service's command).
+
+Serves on $PILOTFISH_PORT, requires $PILOTFISH_API_KEY on everything but /health, answers as $PILOTFISH_MODEL.
+Options: --token-delay S (pause between streamed tokens), --delay S (before listening), --exit CODE.
+Extra routes for tests: /echo (what arrived), /status/<code>, /slow?seconds=N, /stats (streams, disconnects).
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+STATS = {"disconnects": 0, "streams_started": 0, "streams_completed": 0, "requests": 0}
+LOCK = threading.Lock()
+
+
+def bump(name):
+    with LOCK:
+        STATS[name] += 1
+
+
+class Sink:
+    """A write-only file that hashes and counts, so uploads are never held in memory."""
+
+    def __init__(self):
+        self.hash, self.size = hashlib.sha256(), 0
+
+    def write(self, data):
+        self.hash.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def seek(self, *a):
+        return 0
+
+    def read(self, *a):
+        return b""
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    token_delay = 0.0
+    key = ""
+    model = ""
+
+    def log_message(self, *args):
+        pass
+
+    # --- plumbing ---
+    def send_json(self, status, body, headers=None):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def error(self, status, message):
+        self.send_json(status, {"object": "error", "message": message, "type": "BadRequestError", "param": None,
+                                "code": status})
+
+    def read_body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def authorized(self):
+        if self.headers.get("Authorization") == f"Bearer {self.key}":
+            return True
+        self.send_json(401, {"error": "invalid API key"})
+        return False
+
+    def handle_any(self):
+        bump("requests")
+        url = urlsplit(self.path)
+        if url.path == "/health":
+            return self.send_json(200, {"status": "ok"})
+        if not self.authorized():
+            return None
+        if url.path == "/echo":
+            body = self.read_body()
+            return self.send_json(200, {"method": self.command, "path": url.path, "query": url.query,
+                                        "headers": dict(self.headers.items()), "length": len(body),
+                                        "sha256": hashlib.sha256(body).hexdigest()})
+        if url.path.startswith("/status/"):
+            self.read_body()
+            code = int(url.path.rsplit("/", 1)[1])
+            return self.send_json(code, {"error": {"message": f"status {code} on purpose", "code": code}})
+        if url.path == "/slow":
+            time.sleep(float(parse_qs(url.query).get("seconds", ["5"])[0]))
+            return self.send_json(200, {"slept": True})
+        if url.path == "/stats":
+            return self.send_json(200, STATS)
+        if url.path == "/v1/models":
+            return self.send_json(200, {"object": "list", "data": [
+                {"id": self.model, "object": "model", "created": 0, "owned_by": "test"}]})
+        if url.path == "/v1/audio/transcriptions":
+            return self.transcribe()
+        if self.command != "POST":
+            return self.error(404, f"no route {self.command} {url.path}")
+        try:
+            request = json.loads(self.read_body() or b"{}")
+        except ValueError:
+            return self.error(400, "body is not JSON")
+        if request.get("model") != self.model:
+            return self.send_json(404, {"object": "error", "message": f"The model `{request.get('model')}` does not exist.",
+                                        "type": "NotFoundError", "param": None, "code": 404})
+        if url.path == "/v1/embeddings":
+            return self.send_json(200, {"object": "list", "model": self.model, "data": [
+                {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+        if url.path not in ("/v1/chat/completions", "/v1/completions"):
+            return self.error(404, f"no route {url.path}")
+        chat = url.path == "/v1/chat/completions"
+        if chat and not isinstance(request.get("messages"), list):
+            return self.error(400, "messages: field required")
+        max_tokens = request.get("max_tokens", request.get("max_completion_tokens", 8))
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            return self.error(400, f"max_tokens must be at least 1, got {max_tokens}.")
+        words = [f"tok{i} " for i in range(max_tokens)]
+        if request.get("stream"):
+            return self.stream(chat, words, request)
+        text = "".join(words)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                  if chat else {"index": 0, "text": text, "finish_reason": "length"})
+        return self.send_json(200, {"id": "cmpl-1", "object": "chat.completion" if chat else "text_completion",
+                                    "created": int(time.time()), "model": self.model, "choices": [choice],
+                                    "usage": {"prompt_tokens": 5, "completion_tokens": max_tokens,
+                                              "total_tokens": 5 + max_tokens}})
+
+    def stream(self, chat, words, request):
+        bump("streams_started")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for index, word in enumerate(words):
+                delta = {"index": 0, "delta": {"content": word}, "finish_reason": None} if chat else \
+                    {"index": 0, "text": word, "finish_reason": None}
+                event = {"id": "cmpl-1", "object": "chat.completion.chunk" if chat else "text_completion",
+                         "created": int(time.time()), "model": self.model, "choices": [delta],
+                         "sent_at": time.time()}
+                self.chunk(f"data: {json.dumps(event)}\n\n".encode())
+                if self.token_delay and index < len(words) - 1:
+                    time.sleep(self.token_delay)
+            if (request.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": 5, "completion_tokens": len(words), "total_tokens": 5 + len(words)}
+                self.chunk(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n".encode())
+            self.chunk(b"data: [DONE]\n\n")
+            self.chunk(b"")
+            bump("streams_completed")
+        except (BrokenPipeError, ConnectionResetError):
+            bump("disconnects")
+            self.close_connection = True
+
+    def chunk(self, data: bytes):
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def transcribe(self):
+        from werkzeug.formparser import MultiPartParser, parse_options_header
+
+        _, options = parse_options_header(self.headers.get("Content-Type", ""))
+        sinks = []
+
+        def stream_factory(*args, **kwargs):
+            sinks.append(Sink())
+            return sinks[-1]
+
+        parser = MultiPartParser(stream_factory=stream_factory)
+        length = int(self.headers.get("Content-Length") or 0)
+        from werkzeug.wsgi import LimitedStream
+
+        stream = LimitedStream(self.rfile, length) if length else _ChunkedReader(self.rfile)
+        form, files = parser.parse(stream, options["boundary"].encode(), length or None)
+        if form.get("model") != self.model:
+            return self.send_json(404, {"message": f"The model `{form.get('model')}` does not exist.", "code": 404})
+        upload = sinks[0] if sinks else Sink()
+        return self.send_json(200, {"text": f"received {upload.size} bytes", "sha256": upload.hash.hexdigest()})
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = handle_any
+
+
+class _ChunkedReader:
+    """Reads a chunked request body as a plain stream."""
+
+    def __init__(self, raw):
+        self.raw, self.left, self.done = raw, 0, False
+
+    def read(self, size=-1):
+        out = b""
+        while not self.done and (size < 0 or len(out) < size):
+            if self.left == 0:
+                self.left = int(self.raw.readline().strip() or b"0", 16)
+                if self.left == 0:
+                    self.raw.readline()
+                    self.done = True
+                    break
+            take = self.left if size < 0 else min(self.left, size - len(out))
+            out += self.raw.read(take)
+            self.left -= take
+            if self.left == 0:
+                self.raw.readline()
+        return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--token-delay", type=float, default=0.0)
+    parser.add_argument("--exit", type=int, default=None)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before listening")
+    args = parser.parse_args()
+    if args.exit is not None:
+        print(f"openai_upstream: exiting with {args.exit} on purpose", flush=True)
+        sys.exit(args.exit)
+    time.sleep(args.delay)
+    Handler.token_delay = args.token_delay
+    Handler.key = os.environ["PILOTFISH_API_KEY"]
+    Handler.model = os.environ["PILOTFISH_MODEL"]
+    server = ThreadingHTTPServer(("0.0.0.0", int(os.environ["PILOTFISH_PORT"])), Handler)
+    server.daemon_threads = True
+    server.request_queue_size = 1024
+    print(f"openai_upstream: listening on {server.server_address[1]} at {time.time():.3f}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

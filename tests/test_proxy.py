@@ -1,0 +1,274 @@
+"""The proxy and the /v1 gateway through a real portal (gunicorn), with the official openai client.
+
+An OpenAI-shaped test server (tests/support/openai_upstream.py) runs as the services, launched by the portal
+with the local scheduler; the end-to-end tests repeat this against real vLLM and Whisper.
+"""
+import hashlib
+import json
+import os
+import stat
+import sys
+import time
+
+import openai
+import psutil
+import pytest
+import requests
+
+from portal.client import PortalClientError, PortalNotRunning, connect
+from tests.conftest import REPO, wait_for
+
+UPSTREAM = f"{sys.executable} {REPO / 'tests' / 'support' / 'openai_upstream.py'}"
+MODEL = "org/tiny-chat"
+AUDIO_MODEL = "org/tiny-whisper"
+
+
+@pytest.fixture(scope="module")
+def portal(start_module_portal):
+    portal = start_module_portal("local", runtimes={
+        "text-generation": {"command": UPSTREAM + " --token-delay 0.2"},
+        "speech-recognition": {"command": UPSTREAM},
+    }, proxy_read_timeout=5)
+    return portal
+
+
+@pytest.fixture(scope="module")
+def chat_service(portal):
+    service = portal.launch(model=MODEL).json()
+    return portal.wait_state(service["id"], "RUNNING", timeout=30)
+
+
+@pytest.fixture(scope="module")
+def audio_service(portal):
+    service = portal.launch(kind="speech-recognition", model=AUDIO_MODEL).json()
+    return portal.wait_state(service["id"], "RUNNING", timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(portal, chat_service, audio_service):
+    return connect(home=str(portal.home)).openai(max_retries=0)
+
+
+def test_connection_file_is_private_and_points_at_the_portal(portal):
+    path = portal.home / "connection.json"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    data = json.loads(path.read_text())
+    assert data["token"] == portal.token
+    assert data["url"].endswith(f":{portal.port}")
+
+
+def test_models_lists_running_services(client):
+    ids = {model.id for model in client.models.list()}
+    assert ids == {MODEL, AUDIO_MODEL}
+
+
+def test_chat_completion_and_embeddings_through_the_gateway(client):
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert reply.choices[0].message.content == "tok0 tok1 tok2 "
+    assert reply.usage.completion_tokens == 3
+    text = client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert text.choices[0].text == "tok0 tok1 "
+    embedding = client.embeddings.create(model=MODEL, input="hi")
+    assert embedding.data[0].embedding == [0.1, 0.2, 0.3]
+
+
+def test_streaming_chunks_arrive_while_the_upstream_is_still_sending(client):
+    started = time.time()
+    arrivals = []
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=6, stream=True)
+    for chunk in stream:
+        arrivals.append((time.time(), chunk))
+    contents = [chunk.choices[0].delta.content for _, chunk in arrivals if chunk.choices]
+    assert contents == [f"tok{i} " for i in range(6)]
+    # The upstream pauses 0.2 s between tokens: the first arrives long before the last is sent.
+    first, last = arrivals[0][0] - started, arrivals[-1][0] - started
+    assert last - first >= 0.9, (first, last)
+    lags = [arrived - chunk.model_extra["sent_at"] for arrived, chunk in arrivals if chunk.choices]
+    assert max(lags) < 0.15, lags
+
+
+def test_per_service_base_url(portal, chat_service):
+    service_client = connect(home=str(portal.home)).service(chat_service["id"][:5]).openai(max_retries=0)
+    assert [model.id for model in service_client.models.list()] == [MODEL]
+    reply = service_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                   max_tokens=1)
+    assert reply.choices[0].message.content == "tok0 "
+    by_model = connect(home=str(portal.home)).service(MODEL)
+    assert by_model.id == chat_service["id"]
+
+
+def test_large_audio_upload_streams_through_without_filling_memory(portal, client, tmp_path):
+    audio = tmp_path / "speech.wav"
+    size = 120 * 1024 * 1024
+    block = os.urandom(1024 * 1024)
+    digest = hashlib.sha256()
+    with open(audio, "wb") as handle:
+        for _ in range(size // len(block)):
+            handle.write(block)
+            digest.update(block)
+    workers = [child for child in psutil.Process(portal.proc.pid).children()]
+    before = sum(worker.memory_info().rss for worker in workers)
+    with open(audio, "rb") as handle:
+        result = client.audio.transcriptions.create(model=AUDIO_MODEL, file=handle)
+    after = sum(worker.memory_info().rss for worker in workers)
+    assert result.text == f"received {size} bytes"
+    assert result.model_extra["sha256"] == digest.hexdigest()
+    assert after - before < 40 * 1024 * 1024, f"workers grew by {(after - before) >> 20} MB"
+
+
+def test_upstream_errors_pass_through_unchanged(client, portal, chat_service):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=-1)
+    assert err.value.status_code == 400
+    assert "max_tokens must be at least 1" in err.value.message
+    teapot = portal.request("GET", f"/services/{chat_service['id']}/status/418")
+    assert teapot.status_code == 418
+    assert teapot.json() == {"error": {"message": "status 418 on purpose", "code": 418}}
+
+
+def test_without_the_token_is_401(portal):
+    stranger = openai.OpenAI(base_url=portal.url + "/v1", api_key="not-the-token", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.models.list()
+    assert requests.get(portal.url + "/v1/models", timeout=10).status_code == 401
+
+
+def test_service_is_protected_by_its_own_key(chat_service):
+    host, port = chat_service["endpoint"]["host"], chat_service["endpoint"]["port"]
+    direct = requests.post(f"http://{host}:{port}/v1/chat/completions", json={"model": MODEL, "messages": []},
+                           timeout=10)
+    assert direct.status_code == 401
+
+
+def test_unknown_model_is_404_listing_what_is_there(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="org/nothing", messages=[{"role": "user", "content": "x"}])
+    assert f"available: {AUDIO_MODEL}, {MODEL}" in err.value.message or f"{MODEL}" in err.value.message
+    assert "org/nothing" in err.value.message
+
+
+def test_starting_model_is_503_with_retry_after(portal, client):
+    slow = portal.launch(model="org/slow", engine_args=["--delay", "30"]).json()
+    portal.wait_state(slow["id"], ("STARTING", "PENDING", "SUBMITTED"), timeout=10)
+    response = portal.request("POST", "/v1/chat/completions", json={"model": "org/slow", "messages": []})
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "5"
+    assert response.json()["error"]["code"] == "model_not_ready"
+    direct = portal.request("GET", f"/services/{slow['id']}/v1/models")
+    assert direct.status_code == 503 and direct.json()["error"]["state"] in ("STARTING", "PENDING", "SUBMITTED")
+    portal.request("POST", f"/api/services/{slow['id']}/stop")
+    portal.wait_state(slow["id"], "STOPPED", timeout=30)
+    ended = portal.request("GET", f"/services/{slow['id']}/v1/models")
+    assert ended.status_code == 503 and ended.json()["error"]["state"] == "STOPPED"
+    assert "Retry-After" not in ended.headers
+    missing = portal.request("GET", "/services/0123456789ab/v1/models")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "service_not_found"
+
+
+def test_request_is_forwarded_faithfully(portal, chat_service):
+    body = os.urandom(300_000)
+    response = portal.request("PUT", f"/services/{chat_service['id']}/echo?a=1&b=two", data=body,
+                              headers={"Cookie": "pilotfish_session=abc", "X-Custom": "kept",
+                                       "Connection": "keep-alive, X-Custom-Hop", "Content-Type": "audio/wav"})
+    seen = response.json()
+    assert seen["method"] == "PUT" and seen["query"] == "a=1&b=two"
+    assert seen["length"] == len(body) and seen["sha256"] == hashlib.sha256(body).hexdigest()
+    headers = {key.lower(): value for key, value in seen["headers"].items()}
+    assert headers["authorization"] != f"Bearer {portal.token}" and headers["authorization"].startswith("Bearer ")
+    assert "cookie" not in headers and headers["x-custom"] == "kept" and headers["content-type"] == "audio/wav"
+    # A chunked upload (no Content-Length) streams through too.
+    chunked = portal.request("POST", f"/services/{chat_service['id']}/echo", data=iter([b"ab", b"cd" * 5000]))
+    assert chunked.json()["length"] == 10002
+
+
+def test_read_timeout_is_504_naming_the_service(portal, chat_service):
+    response = portal.request("GET", f"/services/{chat_service['id']}/slow?seconds=7")
+    assert response.status_code == 504
+    assert chat_service["id"] in response.json()["error"]["message"]
+
+
+def test_client_disconnect_closes_the_upstream(portal, chat_service):
+    stats_url = f"/services/{chat_service['id']}/stats"
+    before = portal.request("GET", stats_url).json()["disconnects"]
+    response = portal.request("POST", f"/services/{chat_service['id']}/v1/chat/completions", stream=True,
+                              json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                    "max_tokens": 100, "stream": True})
+    lines = response.iter_lines()
+    assert next(lines).startswith(b"data: ")
+    response.close()
+    wait_for(lambda: portal.request("GET", stats_url).json()["disconnects"] == before + 1, timeout=10,
+             what="the upstream to see the disconnect")
+
+
+def test_last_activity_is_recorded(portal, chat_service, client):
+    client.models.list()
+    service = wait_for(lambda: (lambda s: s if s["last_activity"] else None)(portal.service(chat_service["id"])),
+                       timeout=15, what="last_activity")
+    assert service["last_activity"]
+
+
+def test_browser_login_cookie_and_csrf(portal):
+    prefix = f"/node/127.0.0.1/{portal.port}"
+    browser = requests.Session()
+    assert browser.get(portal.url + prefix + "/api/services", timeout=10).status_code == 401
+    wrong = browser.post(portal.url + prefix + "/login", data={"token": "nope"}, timeout=10, allow_redirects=False)
+    assert wrong.status_code == 401
+    login = browser.post(portal.url + prefix + "/login", data={"token": portal.token}, timeout=10,
+                         allow_redirects=False)
+    assert login.status_code == 303 and login.headers["Location"] == prefix + "/"
+    cookie = login.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and f"Path={prefix}/" in cookie and portal.token not in cookie
+    index = browser.get(portal.url + prefix + "/", timeout=10).json()
+    assert index["links"]["openai_base_url"] == prefix + "/v1"
+    # State-changing calls with the cookie need the CSRF token.
+    created = browser.post(portal.url + prefix + "/api/keys", json={"name": "csrf-test"}, timeout=10)
+    assert created.status_code == 403 and "CSRF" in created.json()["error"]
+    token = browser.post(portal.url + prefix + "/login", json={"token": portal.token}, timeout=10).json()["csrf_token"]
+    created = browser.post(portal.url + prefix + "/api/keys", json={"name": "csrf-test"}, timeout=10,
+                           headers={"X-CSRF-Token": token})
+    assert created.status_code == 201
+    browser.delete(portal.url + prefix + f"/api/keys/{created.json()['id']}", headers={"X-CSRF-Token": token})
+    browser.post(portal.url + prefix + "/logout", headers={"X-CSRF-Token": token}, timeout=10)
+    assert browser.get(portal.url + prefix + "/api/services", timeout=10).status_code == 401
+    # Off-site redirects are refused.
+    evil = requests.post(portal.url + "/login", data={"token": portal.token, "next": "https://evil.example/"},
+                         timeout=10, allow_redirects=False)
+    assert evil.headers["Location"] == "/"
+
+
+def test_api_keys_create_use_revoke(portal):
+    created = portal.request("POST", "/api/keys", json={"name": "laptop"})
+    assert created.status_code == 201
+    key = created.json()["key"]
+    assert key.startswith("pf_")
+    listed = portal.request("GET", "/api/keys").json()["keys"]
+    assert [k["name"] for k in listed] == ["laptop"] and key not in json.dumps(listed)
+    with_key = {"Authorization": f"Bearer {key}"}
+    assert requests.get(portal.url + "/v1/models", headers=with_key, timeout=10).status_code == 200
+    refused = requests.post(portal.url + "/api/keys", headers=with_key, json={"name": "x"}, timeout=10)
+    assert refused.status_code == 403
+    duplicate = portal.request("POST", "/api/keys", json={"name": "laptop"})
+    assert duplicate.status_code == 400 and duplicate.json()["field"] == "name"
+    assert portal.request("DELETE", f"/api/keys/{created.json()['id']}").status_code == 200
+    wait_for(lambda: requests.get(portal.url + "/v1/models", headers=with_key, timeout=10).status_code == 401,
+             timeout=10, what="the revoked key to be refused")
+
+
+def test_no_secret_reaches_the_log(portal, chat_service):
+    log = portal.log_text()
+    assert portal.token not in log
+    assert chat_service["id"] in log or "/v1/" in log  # the access log is there
+    db_key = portal.request("GET", f"/services/{chat_service['id']}/echo").json()["headers"]["Authorization"]
+    assert db_key.split()[1] not in log
+
+
+def test_connect_fails_clearly_when_the_portal_stops(start_portal, tmp_path):
+    portal = start_portal("local")
+    assert connect(home=str(portal.home)).url.endswith(str(portal.port))
+    portal.stop()
+    assert not (portal.home / "connection.json").exists()
+    with pytest.raises(PortalNotRunning, match="no portal is running"):
+        connect(home=str(portal.home))
+    with pytest.raises(PortalNotRunning, match="does not answer"):
+        connect(url=portal.url, token="x", timeout=2)
