@@ -263,10 +263,11 @@ def _revisions(location: str, repo_dir: Path, repo_id: str, metadata: bool = Tru
     return revisions, sum(seen.values())
 
 
-def scan_models(cache_dir: Optional[Path], home_dir: Optional[Path]) -> List[ModelEntry]:
+def scan_models(cache_dir: Optional[Path], home_dir: Optional[Path], metadata: bool = True) -> List[ModelEntry]:
     """Every model in cache_dir/models and home_dir/models (Hugging Face cache layout), sorted by repo id.
 
     Works without network. A repo in both places has the cache's revisions first (the lookup order).
+    `metadata=False` skips reading config.json and safetensors headers (revisions then have empty `meta`).
     """
     entries: Dict[str, ModelEntry] = {}
     for location, root in model_roots(cache_dir, home_dir):
@@ -275,7 +276,7 @@ def scan_models(cache_dir: Optional[Path], home_dir: Optional[Path]) -> List[Mod
             if not REPO_ID.match(repo_id) or not repo_dir.is_dir():
                 continue
             try:
-                revisions, size = _revisions(location, repo_dir, repo_id)
+                revisions, size = _revisions(location, repo_dir, repo_id, metadata)
             except OSError:
                 continue  # unreadable folder: not usable either
             if not revisions:
@@ -307,7 +308,7 @@ def find_revision(repo_id: str, revision: Optional[str] = None, *, cache_dir: Op
         if repo_dir.is_dir():
             candidates += _revisions(location, repo_dir, repo_id, metadata=False)[0]
     if not candidates:
-        known = [entry.repo_id for entry in scan_models(cache_dir, home_dir)]
+        known = [entry.repo_id for entry in scan_models(cache_dir, home_dir, metadata=False)]
         places = " or ".join(str(root) for _, root in model_roots(cache_dir, home_dir)) or "no model folder"
         raise ValidationError("model", f"{repo_id} is not downloaded (looked in {places}); available: "
                                        f"{', '.join(known[:30]) or 'none'}")
@@ -320,9 +321,9 @@ def find_revision(repo_id: str, revision: Optional[str] = None, *, cache_dir: Op
     listing = ", ".join(f"{c.revision[:12]}{' (' + ', '.join(c.refs) + ')' if c.refs else ''} in {c.location}"
                         f"{'' if c.complete else ', incomplete'}" for c in candidates)
     if wanted:
-        raise ValidationError("revision" if revision else "model",
-                              f"{repo_id} {revision or ''} is incomplete (an interrupted download?): download it "
-                              f"again; available: {listing}".replace("  ", " "))
+        what = f"{repo_id} {revision}" if revision else repo_id
+        raise ValidationError("revision" if revision else "model", f"{what} is incomplete (an interrupted download?): "
+                                                                   f"download it again; available: {listing}")
     raise ValidationError("revision", f"{revision} is not downloaded for {repo_id}; available: {listing}")
 
 

@@ -224,7 +224,7 @@ def main():
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--exit", type=int, default=None)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before listening")
-    args = parser.parse_args()
+    args, _ = parser.parse_known_args()  # the standard server flags (--model, --port, ...) are not needed here
     if args.exit is not None:
         print(f"openai_upstream: exiting with {args.exit} on purpose", flush=True)
         sys.exit(args.exit)

@@ -16,7 +16,7 @@ def main():
     parser.add_argument("--delay", type=float, default=0)
     parser.add_argument("--exit", type=int, default=None)
     parser.add_argument("--sick-file", default=None)
-    args = parser.parse_args()
+    args, _ = parser.parse_known_args()  # the standard server flags (--model, --port, ...) are not needed here
     if args.exit is not None:
         print(f"tiny_service: giving up on purpose with exit code {args.exit}", flush=True)
         sys.exit(args.exit)
