@@ -27,9 +27,10 @@ class Config:
     site_config_path: Optional[Path] = None
     token: Optional[str] = None
     # From the site config file (admins).
-    cache_dir: Optional[Path] = None
+    cache_dir: Optional[Path] = None  # site-wide, read-only for users: models/, images/, resource_specs.yaml
+    home_dir: Optional[Path] = None  # the user's own models/ and images/ (default: PILOTFISH_HOME)
+    resource_specs: Optional[Path] = None  # default: cache_dir/resource_specs.yaml
     runtimes: dict = field(default_factory=dict)
-    default_resources: dict = field(default_factory=dict)
     scheduler_timeout: float = 30.0
     health_timeout: float = 3.0
     health_concurrency: int = 16
@@ -115,9 +116,8 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
     runtimes = pick("runtimes", None, {}) or {}
     if not isinstance(runtimes, dict):
         raise ConfigError("runtimes: expected a mapping of service kind to runtime")
-    default_resources = pick("default_resources", None, {}) or {}
-    if not isinstance(default_resources, dict):
-        raise ConfigError("default_resources: expected a mapping")
+    home_dir = pick("home_dir", "PILOTFISH_HOME_DIR", None)
+    specs = pick("resource_specs", "PILOTFISH_RESOURCE_SPECS", None)
     cap = pick("job_time_limit_cap", "PILOTFISH_JOB_TIME_LIMIT_CAP", None)
 
     config = Config(
@@ -129,8 +129,9 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         site_config_path=Path(site_path) if site_path else None,
         token=pick("token", "PILOTFISH_TOKEN", None),
         cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
+        home_dir=Path(home_dir).expanduser() if home_dir else home,
+        resource_specs=Path(specs).expanduser() if specs else None,
         runtimes=runtimes,
-        default_resources=default_resources,
         scheduler_timeout=_number("scheduler_timeout", pick("scheduler_timeout", None, 30.0), 1),
         health_timeout=_number("health_timeout", pick("health_timeout", None, 3.0), 0.1),
         health_concurrency=int(_number("health_concurrency", pick("health_concurrency", None, 16), 1)),

@@ -5,7 +5,6 @@ import os
 
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
 
 db = SQLAlchemy()
 

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 
 import requests
 from flask import Blueprint, Response, current_app, jsonify, request
-from werkzeug.formparser import MultiPartParser, parse_options_header
+from werkzeug.formparser import MultiPartParser
 
 from .db import db
 from .models import Service, State, utcnow

@@ -38,13 +38,66 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+TEST_SPECS = """\
+time: {default: 10, max: 120}
+partitions:
+  cpu:
+    default: true
+    tiers:
+      - name: Tiny
+        description: One CPU for test models
+        max_model_size_gb: 1
+        gpu_count: 0
+        cpu_cores: 1
+        memory_gb: 0.25
+      - name: Big
+        description: Anything larger
+        max_model_size_gb: null
+        gpu_count: 0
+        cpu_cores: 2
+        memory_gb: 1
+  gpu:
+    default: false
+    tiers:
+      - name: Small
+        description: One fake A100
+        max_model_size_gb: 16
+        gpu_count: 1
+        gpu_type: a100
+        cpu_cores: 1
+        memory_gb: 0.25
+"""
+TEST_MODELS = {"test/tiny": "tiny_llama", "test/slow": "tiny_llama", "test/whisper": "ct2_whisper"}
+TEST_ENGINE_FLAGS = ["--delay", "--exit", "--sick-file", "--token-delay"]
+
+
+def make_site_cache(root: Path) -> Path:
+    """A site cache_dir as an admin stages it: small real models in the HF layout and resource_specs.yaml."""
+    from tests.support import model_builders
+
+    cache = root / "cache"
+    if not (cache / "resource_specs.yaml").exists():
+        for repo_id, builder in TEST_MODELS.items():
+            model_builders.write_cache_repo(cache / "models", repo_id, getattr(model_builders, builder)())
+        (cache / "resource_specs.yaml").write_text(TEST_SPECS)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def site_cache(tmp_path_factory):
+    return make_site_cache(tmp_path_factory.mktemp("site"))
+
+
 def write_site_config(path: Path, **settings) -> Path:
-    """A site config whose text-generation runtime is the tiny test service."""
+    """A site config whose runtimes are the tiny test service, with a cache_dir of small real models."""
+    tiny = {"command": f"{sys.executable} {TINY_SERVICE}", "allowed_args": TEST_ENGINE_FLAGS}
     data = {
-        "runtimes": {"text-generation": {"command": f"{sys.executable} {TINY_SERVICE}"}},
-        "default_resources": {"cpus": 1, "memory_gb": 0.25, "time": 10},
+        "cache_dir": str(make_site_cache(path.parent)),
+        "runtimes": {"text-generation": tiny, "speech-recognition": tiny},
     }
     data.update(settings)
+    for spec in data["runtimes"].values():
+        spec.setdefault("allowed_args", TEST_ENGINE_FLAGS)
     path.write_text(yaml.safe_dump(data))
     return path
 

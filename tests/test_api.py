@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from portal.services import parse_time
+from portal.launching import parse_time
 from portal.errors import ValidationError
 
 

@@ -1,9 +1,6 @@
 """The service lifecycle on the real test Slurm, through a real portal under gunicorn."""
-import os
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest

@@ -1,5 +1,4 @@
 """The same lifecycle with the local scheduler (a laptop, or services inside the portal's own allocation)."""
-from tests.conftest import wait_for
 
 
 def test_local_service_runs_and_stops(start_portal):

@@ -15,12 +15,12 @@ import psutil
 import pytest
 import requests
 
-from portal.client import PortalClientError, PortalNotRunning, connect
+from portal.client import PortalNotRunning, connect
 from tests.conftest import REPO, wait_for
 
 UPSTREAM = f"{sys.executable} {REPO / 'tests' / 'support' / 'openai_upstream.py'}"
-MODEL = "org/tiny-chat"
-AUDIO_MODEL = "org/tiny-whisper"
+MODEL = "test/tiny"
+AUDIO_MODEL = "test/whisper"
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +149,9 @@ def test_unknown_model_is_404_listing_what_is_there(client):
 
 
 def test_starting_model_is_503_with_retry_after(portal, client):
-    slow = portal.launch(model="org/slow", engine_args=["--delay", "30"]).json()
+    slow = portal.launch(model="test/slow", engine_args=["--delay", "30"]).json()
     portal.wait_state(slow["id"], ("STARTING", "PENDING", "SUBMITTED"), timeout=10)
-    response = portal.request("POST", "/v1/chat/completions", json={"model": "org/slow", "messages": []})
+    response = portal.request("POST", "/v1/chat/completions", json={"model": "test/slow", "messages": []})
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "5"
     assert response.json()["error"]["code"] == "model_not_ready"

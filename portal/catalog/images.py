@@ -28,6 +28,7 @@ class ImageFile:
     size_bytes: int
 
     def to_dict(self) -> dict:
+        """Plain data for the API."""
         return {"file": self.file, "location": self.location, "path": str(self.path), "size_bytes": self.size_bytes}
 
 
@@ -63,6 +64,12 @@ def pinned_images(pins: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
         sif_name(ref)  # checks it
         merged[kind] = ref
     return merged
+
+
+def pins_from_runtimes(runtimes: Optional[Mapping]) -> Dict[str, str]:
+    """The pins set in the site config's `runtimes` section: {kind: runtimes[kind]["image"]} where there is one."""
+    return {kind: spec["image"] for kind, spec in (runtimes or {}).items()
+            if isinstance(spec, Mapping) and isinstance(spec.get("image"), str) and spec["image"]}
 
 
 def image_dirs(cache_dir: Optional[Path], home_dir: Optional[Path]) -> List[Tuple[str, Path]]:

@@ -1,35 +1,24 @@
-"""Models: the Hugging Face cache folders in cache_dir and home_dir, their local metadata, downloads and deletion."""
+"""Models: the Hugging Face cache folders in cache_dir and home_dir, their local metadata, lookup and deletion."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
-import secrets
 import shutil
-import signal
 import stat
-import subprocess
-import sys
-import threading
-import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..errors import ConflictError, NotFoundError, ValidationError
+from ..errors import NotFoundError, ValidationError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
 REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]{0,199}$")
-DEFAULT_ENDPOINT = "https://huggingface.co"
 MAX_JSON_BYTES = 100 * 1024 * 1024  # safetensors' own limit for a header
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
           "F8_E5M2": "float8_e5m2"}
 WHISPER_CT2_FIELDS = {"alignment_heads", "lang_ids", "suppress_ids_begin"}
-STATES_LIVE = ("queued", "running")
-_MARK = "@@pilotfish "
 
 
 def validate_repo_id(repo_id) -> str:
@@ -83,7 +72,7 @@ def _read_json(path: Path, limit: int = 10 * 1024 * 1024):
         with _open_regular(path) as handle:
             data = handle.read(limit + 1)
         return json.loads(data) if len(data) <= limit else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -110,9 +99,11 @@ def safetensors_summary(files: List[Path]) -> Tuple[int, Optional[str], int]:
         for name, info in read_safetensors_header(path).items():
             if name == "__metadata__":
                 continue
-            shape, dtype, offsets = info.get("shape"), info.get("dtype"), info.get("data_offsets")
+            shape, dtype, offsets = (info.get(key) if isinstance(info, dict) else None
+                                     for key in ("shape", "dtype", "data_offsets"))
             if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) \
-                    or not isinstance(dtype, str) or not isinstance(offsets, list) or len(offsets) != 2:
+                    or not isinstance(dtype, str) or not isinstance(offsets, list) or len(offsets) != 2 \
+                    or not all(isinstance(o, int) for o in offsets):
                 raise ValueError(f"{path.name}: tensor {name!r} has a malformed entry")
             count = 1
             for dim in shape:
@@ -169,7 +160,7 @@ def describe_snapshot(snapshot: Path) -> dict:
                        weights_bytes=max(p.stat().st_size for p in ggufs))
         elif list(snapshot.glob("pytorch_model*.bin")):
             out.update(format="pytorch", weights_bytes=sum(p.stat().st_size for p in snapshot.glob("pytorch_model*.bin")))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         out["error"] = f"cannot read the weights: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
     return out
 
@@ -178,6 +169,7 @@ def describe_snapshot(snapshot: Path) -> dict:
 
 @dataclass
 class ModelRevision:
+    """One snapshot of a repo in cache_dir or home_dir; `meta` is describe_snapshot's result."""
     repo_id: str
     revision: str  # the snapshot folder name: a commit hash
     refs: List[str]
@@ -189,6 +181,7 @@ class ModelRevision:
 
     @property
     def kind(self) -> Optional[str]:
+        """The service kind this snapshot fits, or None."""
         return self.meta.get("kind")
 
     @property
@@ -197,6 +190,7 @@ class ModelRevision:
         return (self.meta.get("weights_bytes") or self.size_bytes) / 1e9
 
     def to_dict(self) -> dict:
+        """Plain data for the API."""
         return {"revision": self.revision, "refs": self.refs, "location": self.location, "path": str(self.path),
                 "size_bytes": self.size_bytes, "size_gb": round(self.size_gb, 3), "complete": self.complete,
                 **self.meta}
@@ -204,15 +198,18 @@ class ModelRevision:
 
 @dataclass
 class ModelEntry:
+    """A repo id with every local snapshot of it."""
     repo_id: str
     revisions: List[ModelRevision]  # in lookup order: the one used without a revision first
     size_bytes: int = 0
 
     @property
     def kind(self) -> Optional[str]:
+        """The kind of the revision used when none is asked for."""
         return self.revisions[0].kind if self.revisions else None
 
     def to_dict(self) -> dict:
+        """Plain data for the API, revisions in lookup order."""
         return {"repo_id": self.repo_id, "kind": self.kind, "size_bytes": self.size_bytes,
                 "revisions": [revision.to_dict() for revision in self.revisions]}
 
@@ -287,6 +284,18 @@ def scan_models(cache_dir: Optional[Path], home_dir: Optional[Path], metadata: b
     return [entries[key] for key in sorted(entries)]
 
 
+def _local_revisions(roots: List[Tuple[str, Path]], repo_id: str) -> List[ModelRevision]:
+    """The snapshots of `repo_id` under `roots`, in lookup order, without metadata; unreadable folders give none."""
+    found: List[ModelRevision] = []
+    for location, root in roots:
+        repo_dir = root / repo_folder(repo_id)
+        try:
+            found += _revisions(location, repo_dir, repo_id, metadata=False)[0] if repo_dir.is_dir() else []
+        except OSError:
+            continue
+    return found
+
+
 def _matches(revision: ModelRevision, wanted: str) -> bool:
     return wanted == revision.revision or wanted in revision.refs or (
         len(wanted) >= 7 and re.fullmatch(r"[0-9a-f]+", wanted) is not None and revision.revision.startswith(wanted))
@@ -302,11 +311,7 @@ def find_revision(repo_id: str, revision: Optional[str] = None, *, cache_dir: Op
     validate_repo_id(repo_id)
     if revision is not None:
         validate_revision(revision)
-    candidates: List[ModelRevision] = []
-    for location, root in model_roots(cache_dir, home_dir):
-        repo_dir = root / repo_folder(repo_id)
-        if repo_dir.is_dir():
-            candidates += _revisions(location, repo_dir, repo_id, metadata=False)[0]
+    candidates = _local_revisions(model_roots(cache_dir, home_dir), repo_id)
     if not candidates:
         known = [entry.repo_id for entry in scan_models(cache_dir, home_dir, metadata=False)]
         places = " or ".join(str(root) for _, root in model_roots(cache_dir, home_dir)) or "no model folder"
@@ -349,15 +354,13 @@ def delete_model(repo_id: str, revision: Optional[str] = None, *, cache_dir: Opt
         validate_revision(revision)
     root = Path(home_dir) / "models"
     repo_dir = root / repo_folder(repo_id)
-    in_cache = [r for _, base in model_roots(cache_dir, None) if (base / repo_folder(repo_id)).is_dir()
-                for r in _revisions("cache", base / repo_folder(repo_id), repo_id, metadata=False)[0]]
+    in_cache = _local_revisions(model_roots(cache_dir, None), repo_id)
     read_only = f"is in the shared cache_dir ({cache_dir}), which the site admins manage: it cannot be deleted here"
     if not os.path.lexists(repo_dir):
         if in_cache and (revision is None or any(_matches(r, revision) for r in in_cache)):
             raise ValidationError("model", f"{repo_id} {read_only}")
         raise NotFoundError(f"model {repo_id}{' ' + revision if revision else ''} is not in your models ({root})")
-    if repo_dir.is_symlink() or not repo_dir.is_dir() or os.path.realpath(repo_dir.parent) != os.path.realpath(root) \
-            or (cache_dir is not None and _inside(repo_dir, cache_dir)):
+    if repo_dir.is_symlink() or not repo_dir.is_dir() or (cache_dir is not None and _inside(repo_dir, cache_dir)):
         raise ValidationError("model", f"{repo_dir} is not a model folder of your own (a link or inside cache_dir): "
                                        "remove it by hand if you mean to")
     revisions, size = _revisions("home", repo_dir, repo_id, metadata=False)
@@ -384,266 +387,3 @@ def delete_model(repo_id: str, revision: Optional[str] = None, *, cache_dir: Opt
             blob.unlink()
     left = _revisions("home", repo_dir, repo_id, metadata=False)[1]
     return {"repo_id": repo_id, "revisions": [r.revision for r in doomed], "freed_bytes": size - left}
-
-
-# --- downloads -----------------------------------------------------------------------------------------
-
-def hub_endpoint(endpoint: Optional[str] = None) -> str:
-    """The Hub to download from: `endpoint`, else HF_ENDPOINT read now (not at import), else huggingface.co."""
-    return (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-
-
-def _writable(path: Path) -> bool:
-    """Writable and not marked read-only: write bits are checked too, because root passes os.access anyway."""
-    try:
-        return os.access(path, os.W_OK) and bool(path.stat().st_mode & 0o222)
-    except OSError:
-        return False
-
-
-def describe_hub_error(facts: dict, repo_id: str, revision: str, endpoint: str, root: Path) -> Tuple[str, str]:
-    """(code, message in plain words) for a failed download, from the facts the download process reported."""
-    types, status, number = set(facts.get("types", [])), facts.get("status"), facts.get("errno")
-    page = f"{endpoint}/{repo_id}"
-    if "GatedRepoError" in types:
-        if status == 403:
-            return "gated", f"{repo_id} is a gated model and the token in use has not been granted access: " \
-                            f"request access at {page}"
-        return "gated", f"{repo_id} is a gated model: accept its conditions at {page}, then set HF_TOKEN to a " \
-                        "token of that account"
-    if "RevisionNotFoundError" in types:
-        return "revision_not_found", f"revision {revision!r} does not exist in {repo_id}"
-    if "RepositoryNotFoundError" in types:
-        return "not_found", f"{repo_id} does not exist on {endpoint} (or it is private: set HF_TOKEN)"
-    if number in (errno.ENOSPC, errno.EDQUOT):
-        return "disk_full", f"not enough disk space in {root}: {facts.get('detail') or os.strerror(number)}"
-    if number in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "permission", f"cannot write to {root}: {os.strerror(number)}"
-    if "OfflineModeIsEnabled" in types:
-        return "offline", "downloads are disabled on this machine (HF_HUB_OFFLINE is set)"
-    if types & {"ConnectError", "ConnectTimeout", "TimeoutException", "NetworkError", "ProxyError",
-                "ReadTimeout", "RemoteProtocolError"}:
-        return "network", f"cannot reach the Hub at {endpoint}: network unreachable (air-gapped nodes cannot " \
-                          "download: use a login node with internet, or ask the admins to add the model)"
-    if status:
-        return "hub_error", f"the Hub answered HTTP {status}: {str(facts.get('message', '')).splitlines()[0][:300]}"
-    return "failed", f"download failed: {facts.get('type', 'error')}: {str(facts.get('message', ''))[:300]}"
-
-
-class DownloadTask:
-    """One download running in its own process (so cancel really stops it); progress is read from disk."""
-
-    def __init__(self, repo_id: str, revision: str, location: str, root: Path, endpoint: str):
-        self.id = secrets.token_hex(6)
-        self.repo_id, self.revision, self.location, self.root, self.endpoint = repo_id, revision, location, root, endpoint
-        self.state = "queued"
-        self.commit: Optional[str] = None
-        self.files: List[Tuple[str, Optional[int], str]] = []  # (name, size, blob name) from the Hub's file list
-        self.bytes_total: Optional[int] = None
-        self.path: Optional[str] = None
-        self.error: Optional[str] = None
-        self.error_code: Optional[str] = None
-        self.created_at, self.started_at, self.ended_at = time.time(), None, None
-        self.cancel_requested = False
-        self._proc: Optional[subprocess.Popen] = None
-        self._lock = threading.Lock()
-        self._finished = threading.Event()
-
-    @property
-    def blobs(self) -> Path:
-        return self.root / repo_folder(self.repo_id) / "blobs"
-
-    @property
-    def bytes_done(self) -> int:
-        """Bytes of this download on disk: finished blobs of the file list plus their .incomplete parts."""
-        if self.state == "done" and self.bytes_total is not None:
-            return self.bytes_total
-        wanted = {blob: size or 0 for _name, size, blob in self.files}
-        done = 0
-        try:
-            for entry in os.scandir(self.blobs):
-                base = entry.name.split(".", 1)[0]
-                if entry.name in wanted:
-                    done += wanted[entry.name]
-                elif base in wanted and entry.name.endswith(".incomplete"):
-                    done += entry.stat().st_size
-        except OSError:
-            return 0
-        return min(done, self.bytes_total) if self.bytes_total is not None else done
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Block until the task ends; False on timeout."""
-        return self._finished.wait(timeout)
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "repo_id": self.repo_id, "revision": self.revision, "commit": self.commit,
-                "location": self.location, "state": self.state, "bytes_done": self.bytes_done,
-                "bytes_total": self.bytes_total, "files": len(self.files), "path": self.path, "error": self.error,
-                "error_code": self.error_code, "created_at": self.created_at, "started_at": self.started_at,
-                "ended_at": self.ended_at}
-
-
-class DownloadManager:
-    """The download tasks of this process, kept in memory: start, look up, cancel."""
-
-    def __init__(self, home_dir: Path, cache_dir: Optional[Path] = None, endpoint: Optional[str] = None,
-                 token: Optional[str] = None, max_workers: int = 8):
-        self.home_dir, self.cache_dir = Path(home_dir), Path(cache_dir) if cache_dir else None
-        self.endpoint, self.token, self.max_workers = endpoint, token, max_workers
-        self._tasks: Dict[str, DownloadTask] = {}
-        self._lock = threading.Lock()
-
-    def start(self, repo_id: str, revision: Optional[str] = None, use_cache: bool = False) -> DownloadTask:
-        """Queue a download into home_dir/models (cache_dir/models if `use_cache` and it is writable).
-
-        HF_TOKEN and HF_ENDPOINT are read now. Raises ValidationError for bad input or a read-only cache,
-        ConflictError if the same model is already downloading to the same place.
-        """
-        validate_repo_id(repo_id)
-        revision = validate_revision(revision) if revision is not None else "main"
-        location, base = ("cache", self.cache_dir) if use_cache else ("home", self.home_dir)
-        if use_cache and base is None:
-            raise ValidationError("use_cache", "this site has no cache_dir; download to your home_dir instead")
-        if use_cache and not _writable(base / "models" if (base / "models").exists() else base):
-            raise ValidationError("use_cache", f"the shared cache_dir ({base}) is read-only: only the site admins add "
-                                               "models there; download to your home_dir instead")
-        task = DownloadTask(repo_id, revision, location, base / "models", hub_endpoint(self.endpoint))
-        with self._lock:
-            for other in self._tasks.values():
-                if other.state in STATES_LIVE and (other.repo_id, other.root) == (repo_id, task.root):
-                    raise ConflictError(f"model: {repo_id} is already downloading to {task.root} (task {other.id})")
-            self._tasks[task.id] = task
-        args = {"repo_id": repo_id, "revision": revision, "root": str(task.root), "endpoint": task.endpoint,
-                "token": self.token or os.environ.get("HF_TOKEN") or None, "max_workers": self.max_workers}
-        threading.Thread(target=self._run, args=(task, args), name=f"download-{task.id}", daemon=True).start()
-        return task
-
-    def get(self, task_id: str) -> DownloadTask:
-        """A task by id; NotFoundError if this process has none."""
-        task = self._tasks.get(task_id)
-        if task is None:
-            raise NotFoundError(f"no download {task_id!r}")
-        return task
-
-    def tasks(self) -> List[DownloadTask]:
-        """All tasks, newest first."""
-        return sorted(self._tasks.values(), key=lambda task: task.created_at, reverse=True)
-
-    def cancel(self, task_id: str, timeout: float = 10) -> DownloadTask:
-        """Stop a download now (its process is killed, partial files removed); an ended task is left as it is."""
-        task = self.get(task_id)
-        with task._lock:
-            task.cancel_requested = task.state in STATES_LIVE
-            proc = task._proc
-        if task.cancel_requested and proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        task.wait(timeout)
-        return task
-
-    def close(self) -> None:
-        """Cancel every live download (when the portal stops)."""
-        for task in list(self._tasks.values()):
-            if task.state in STATES_LIVE:
-                self.cancel(task.id)
-
-    def _run(self, task: DownloadTask, args: dict) -> None:
-        code, facts, tail = -1, {}, deque(maxlen=20)
-        env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
-                                                           os.environ.get("PYTHONPATH")])))
-        try:
-            with task._lock:
-                if task.cancel_requested:
-                    return
-                task.state, task.started_at = "running", time.time()
-                task._proc = subprocess.Popen([sys.executable, "-m", "portal.catalog.models"], stdin=subprocess.PIPE,
-                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                              start_new_session=True)  # its own group: cancel kills it whole
-            task._proc.stdin.write(json.dumps(args).encode())
-            task._proc.stdin.close()
-            for raw in task._proc.stdout:
-                line = raw.decode("utf-8", "replace").rstrip()
-                if not line.startswith(_MARK):
-                    tail.append(line)
-                    continue
-                message = json.loads(line[len(_MARK):])
-                if "plan" in message:
-                    task.commit, task.files = message["commit"], [tuple(f) for f in message["plan"]]
-                    sizes = [size for _name, size, _blob in task.files]
-                    task.bytes_total = None if None in sizes else sum(sizes)
-                task.path = message.get("path", task.path)
-                facts = message.get("error", facts)
-            code = task._proc.wait()
-        except (OSError, ValueError) as exc:
-            facts = {"types": [type(exc).__name__], "message": str(exc), "errno": getattr(exc, "errno", None)}
-        finally:
-            self._finish(task, code, facts, tail)
-
-    def _finish(self, task: DownloadTask, code: int, facts: dict, tail) -> None:
-        succeeded = code == 0 and bool(task.path)  # a cancel that came too late does not undo a download
-        if not succeeded:
-            for blob in {blob for _name, _size, blob in task.files}:
-                for part in task.blobs.glob(f"{blob}.*incomplete"):
-                    part.unlink(missing_ok=True)
-            repo_dir = task.root / repo_folder(task.repo_id)
-            if repo_dir.is_dir() and not any(repo_dir.glob("snapshots/*")) and not any(repo_dir.glob("blobs/*")):
-                shutil.rmtree(repo_dir, ignore_errors=True)  # only refs and locks of a download that got nothing
-        with task._lock:
-            if succeeded:
-                task.state = "done"
-            elif task.cancel_requested:
-                task.state, task.error, task.error_code = "cancelled", "cancelled by the user", "cancelled"
-            else:
-                task.state = "failed"
-                if facts:
-                    task.error_code, task.error = describe_hub_error(facts, task.repo_id, task.revision,
-                                                                     task.endpoint, task.root)
-                else:
-                    task.error_code = "failed"
-                    task.error = f"the download process exited with {code}: {tail[-1] if tail else 'no output'}"
-            task.ended_at = time.time()
-        task._finished.set()
-
-
-def _emit(**message) -> None:
-    print(_MARK + json.dumps(message), flush=True)
-
-
-def _download_child() -> None:
-    """The download process: read its arguments as JSON on stdin, report plan/path/error as marked JSON lines."""
-    args = json.load(sys.stdin)
-    try:
-        from huggingface_hub import HfApi, snapshot_download
-        api = HfApi(endpoint=args["endpoint"], token=args["token"])
-        info = api.model_info(args["repo_id"], revision=args["revision"], files_metadata=True)
-        plan = [(s.rfilename, s.size, s.lfs.sha256 if s.lfs else s.blob_id) for s in info.siblings or []]
-        _emit(plan=plan, commit=info.sha)
-        blobs = Path(args["root"]) / repo_folder(args["repo_id"]) / "blobs"
-        needed = sum(size or 0 for _name, size, blob in plan if not (blobs / blob).exists())
-        probe = Path(args["root"])
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        free = shutil.disk_usage(probe).free
-        if needed > free:
-            raise OSError(errno.ENOSPC, f"the download needs {human_bytes(needed)}, {human_bytes(free)} is free")
-        path = snapshot_download(args["repo_id"], revision=args["revision"], cache_dir=args["root"],
-                                 endpoint=args["endpoint"], token=args["token"], max_workers=args["max_workers"])
-        _emit(path=path)
-    except BaseException as exc:  # reported to the parent, which words it
-        chain, cause = [], exc
-        while cause is not None and len(chain) < 5:
-            chain.append(cause)
-            cause = cause.__cause__ or cause.__context__
-        response = getattr(exc, "response", None)
-        number = next((c.errno for c in chain if isinstance(getattr(c, "errno", None), int)), None)
-        _emit(error={"types": [cls.__name__ for c in chain for cls in type(c).__mro__], "type": type(exc).__name__,
-                     "message": str(exc)[:2000], "status": getattr(response, "status_code", None), "errno": number,
-                     "detail": exc.strerror if isinstance(exc, OSError) and number == errno.ENOSPC else None})
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    _download_child()

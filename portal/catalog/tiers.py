@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Union
 
 import yaml
 
+from ..config import ConfigError
 from ..errors import ValidationError
 from ..scheduler import Resources
 
@@ -42,12 +43,16 @@ DEFAULT_SPECS = {
 }
 
 
-class TierSpecError(Exception):
-    """resource_specs.yaml is broken; the message names the file, the place in it and the problem."""
+class TierSpecError(ConfigError):
+    """resource_specs.yaml is broken; the message names the file, the place in it and the problem.
+
+    A ConfigError, so the portal's start-up reports it as one line like any other bad setting.
+    """
 
 
 @dataclass
 class Tier:
+    """One tier of a partition, as the site wrote it."""
     partition: str
     name: str
     description: str
@@ -65,11 +70,13 @@ class Tier:
 
     @property
     def catch_all(self) -> bool:
+        """max_model_size_gb is null: the tier for models larger than every sized tier."""
         return self.max_model_size_gb is None
 
 
 @dataclass
 class ResourceSpecs:
+    """A checked resource_specs.yaml (or the built-in defaults)."""
     time_default: int
     time_max: int
     partitions: Dict[str, List[Tier]]  # in file order
@@ -80,6 +87,7 @@ class ResourceSpecs:
 
 @dataclass
 class Recommendation:
+    """The tier suggested for a model and why, in words for the user."""
     tier: Optional[Tier]  # None when no tier fits and the partition has no catch-all
     reason: str
 
@@ -106,6 +114,7 @@ class _Reader:
         self.source = source
 
     def fail(self, path: str, problem: str):
+        """Raise the TierSpecError for `problem` at `path` ("partitions.gpu.tiers[1].gpu_count")."""
         raise TierSpecError(f"{self.source}: {path}: {problem}" if path else f"{self.source}: {problem}")
 
     def mapping(self, path, value, allowed=None, required=()) -> dict:
@@ -122,6 +131,7 @@ class _Reader:
         return value
 
     def integer(self, path, value, minimum) -> int:
+        """An integer (not a bool) of at least `minimum`."""
         if isinstance(value, bool) or not isinstance(value, int):
             self.fail(path, f"expected an integer, got {_show(value)}")
         if value < minimum:
@@ -129,6 +139,7 @@ class _Reader:
         return value
 
     def number(self, path, value, positive=False) -> float:
+        """A finite number, at least 0 (above 0 when `positive`)."""
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
                 float("inf"), float("-inf")):
             self.fail(path, f"expected a number, got {_show(value)}")
@@ -137,6 +148,7 @@ class _Reader:
         return value
 
     def text(self, path, value, pattern=TEXT, what="a single line of text") -> str:
+        """A string matching `pattern`; `what` describes it in the error."""
         if not isinstance(value, str) or not pattern.match(value):
             self.fail(path, f"expected {what}, got {_show(value)}")
         return value

@@ -8,11 +8,12 @@ import time
 
 import pytest
 
-from portal.catalog import models
+from portal.catalog import downloads as models
+from portal.catalog.models import find_model, find_revision, scan_models
 from portal.errors import ConflictError, NotFoundError, ValidationError
-from tests.catalog.model_builders import LLAMA_PARAMS, sharded_big, tiny_llama, tiny_whisper, write_cache_repo
+from tests.support.model_builders import LLAMA_PARAMS, sharded_big, tiny_llama, tiny_whisper
 from tests.conftest import wait_for
-from tests.support.fake_hub import FakeHub, etag_of
+from tests.support.fake_hub import FakeHub
 
 
 def disk(files) -> int:
@@ -46,10 +47,10 @@ def test_download_into_home_and_find_it_offline(manager, hub, dirs):
         "created_at": None, "started_at": None, "ended_at": None}
     assert manager.get(task.id) is task and manager.tasks() == [task]
     hub.stop()  # from here on, no network: the inventory reads local files only
-    rev = models.find_revision("org/tiny", cache_dir=cache, home_dir=home)
+    rev = find_revision("org/tiny", cache_dir=cache, home_dir=home)
     assert (rev.revision, rev.refs, rev.location, rev.meta["parameters"], rev.meta["kind"]) == (
         commit, ["main"], "home", LLAMA_PARAMS, "text-generation")
-    entry = models.scan_models(cache, home)[0]
+    entry = scan_models(cache, home)[0]
     assert entry.size_bytes == disk(files) and entry.revisions[0].complete
     # The Hub saw exactly the calls documented in fake_hub.py: info (ours with blobs, then the library's), tree,
     # HEAD and GET per file.
@@ -64,8 +65,8 @@ def test_a_branch_or_tag_and_a_second_revision(manager, hub, dirs):
     finished(manager.start("org/m"))
     task = finished(manager.start("org/m", "v2"))
     assert (task.state, task.commit) == ("done", second)
-    assert models.find_model("org/m", "v2", cache_dir=cache, home_dir=home).name == second
-    assert models.find_model("org/m", cache_dir=cache, home_dir=home).name == first
+    assert find_model("org/m", "v2", cache_dir=cache, home_dir=home).name == second
+    assert find_model("org/m", cache_dir=cache, home_dir=home).name == first
     by_commit = finished(manager.start("org/m", first))
     assert by_commit.state == "done" and by_commit.commit == first
 
@@ -88,7 +89,7 @@ def test_gated_repo_without_a_token(manager, hub, dirs):
     assert task.error == (f"org/gated is a gated model: accept its conditions at {hub.url}/org/gated, then set "
                           "HF_TOKEN to a token of that account")
     assert not (home / "models" / "models--org--gated").exists()  # nothing half-made is left
-    assert models.scan_models(cache, home) == []
+    assert scan_models(cache, home) == []
 
 
 def test_gated_repo_with_hf_token(manager, hub, dirs, monkeypatch):
@@ -203,7 +204,7 @@ def test_progress_is_read_from_disk_and_cancel_stops_the_transfer(dirs):
         hub.throttle = None
         again = finished(mgr.start("org/big"))
         assert (again.state, again.bytes_done) == ("done", total)
-        rev = models.find_revision("org/big", cache_dir=cache, home_dir=home)
+        rev = find_revision("org/big", cache_dir=cache, home_dir=home)
         assert (rev.meta["parameters"], rev.meta["dtype"], rev.meta["kind"]) == (3 * 128 * 1024, "float16",
                                                                                  "text-generation")
 

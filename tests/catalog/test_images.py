@@ -50,6 +50,15 @@ def test_pins_default_and_site(folders):
                                "text-generation, speech-recognition)")
 
 
+def test_pins_from_the_site_runtimes_section():
+    runtimes = {"text-generation": {"runtime": "apptainer", "image": "vllm/vllm-openai:v0.6.6"},
+                "speech-recognition": {"runtime": "native", "command": "whisper-server"}}
+    assert images.pins_from_runtimes(runtimes) == {"text-generation": "vllm/vllm-openai:v0.6.6"}
+    assert images.pinned_images(images.pins_from_runtimes(runtimes))["speech-recognition"] == \
+        images.DEFAULT_PINS["speech-recognition"]
+    assert images.pins_from_runtimes(None) == {}
+
+
 def test_lookup_cache_first_then_home(folders):
     cache, home = folders
     pins = {"text-generation": "vllm/vllm-openai:v0.6.6"}

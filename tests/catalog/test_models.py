@@ -9,7 +9,7 @@ import pytest
 
 from portal.catalog import models
 from portal.errors import NotFoundError, ValidationError
-from tests.catalog.model_builders import (LLAMA_PARAMS, LLAMA_TENSOR_BYTES, ct2_whisper, config_json, gguf_model,
+from tests.support.model_builders import (LLAMA_PARAMS, LLAMA_TENSOR_BYTES, ct2_whisper, config_json, gguf_model,
                                           safetensors_bytes, tiny_llama, tiny_whisper, write_cache_repo)
 
 
@@ -40,6 +40,21 @@ def test_broken_safetensors_headers(tmp_path, content, problem):
     path.write_bytes(content)
     with pytest.raises(ValueError, match=problem):
         models.read_safetensors_header(path)
+
+
+@pytest.mark.parametrize("header", [b'{"a": 5}', b'{"a": {"dtype": "F16", "shape": [2], "data_offsets": [null, null]}}',
+                                    b'{"a": {"dtype": "F16", "shape": [-2], "data_offsets": [0, 4]}}',
+                                    b'{"a": {"dtype": 3, "shape": [2], "data_offsets": [0, 4]}}', b"[1]",
+                                    b"[" * 100000 + b"]" * 100000, b"\xff\xfe", b"{"])
+def test_hostile_safetensors_headers_become_an_error_field(dirs, header):
+    cache, home = dirs
+    header += b" " * (-len(header) % 8)
+    write_cache_repo(home / "models", "org/bad", {
+        "config.json": b"[" * 100000,  # too deep for json: treated as no config
+        "model.safetensors": len(header).to_bytes(8, "little") + header + b"\0" * 4})
+    rev = models.scan_models(cache, home)[0].revisions[0]
+    assert rev.meta["error"].startswith("cannot read the weights: ")
+    assert (rev.meta["parameters"], rev.meta["kind"], rev.meta["architectures"]) == (None, None, [])
 
 
 def test_scan_reads_metadata_from_local_files(dirs):

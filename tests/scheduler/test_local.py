@@ -2,10 +2,8 @@
 import json
 import time
 from datetime import datetime
-from pathlib import Path
 
 import psutil
-import pytest
 
 from tests.conftest import wait_for
 from portal.scheduler import JobQuery, JobState, Resources

@@ -2,7 +2,6 @@
 import os
 import subprocess
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 

@@ -66,6 +66,7 @@ class FakeHub:
         return commit
 
     def start(self) -> "FakeHub":
+        """Listen on a free port of 127.0.0.1; the base URL is then in `url`."""
         hub = self
 
         class Handler(_Handler):
@@ -78,6 +79,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        """Stop listening (idempotent)."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
