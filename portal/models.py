@@ -157,3 +157,35 @@ class ApiKey(db.Model):
 
     def to_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "hint": self.hint, "created_at": iso(self.created_at)}
+
+
+class ModelRecord(db.Model):
+    """One model repository of the inventory (cache_dir and home_dir), as last scanned."""
+    __tablename__ = "model_inventory"
+
+    repo_id = db.Column(db.String(200), primary_key=True)
+    kind = db.Column(db.String(40))
+    size_bytes = db.Column(db.BigInteger, nullable=False, default=0)
+    data_json = db.Column(db.Text, nullable=False)
+    scanned_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+
+    def to_dict(self) -> dict:
+        import json
+        return {**json.loads(self.data_json), "scanned_at": iso(self.scanned_at)}
+
+
+class DownloadRecord(db.Model):
+    """A model download, shared by all workers: the worker running it writes its progress here."""
+    __tablename__ = "downloads"
+
+    id = db.Column(db.String(32), primary_key=True)
+    repo_id = db.Column(db.String(200), nullable=False)
+    state = db.Column(db.String(16), nullable=False)
+    data_json = db.Column(db.Text, nullable=False)
+    cancel_requested = db.Column(db.Boolean, nullable=False, default=False)
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    updated_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+
+    def to_dict(self) -> dict:
+        import json
+        return json.loads(self.data_json)

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 import requests
 
+from .catalog.inventory import refresh_in_background
 from .catalog.kinds import get_kind, runtime_for
 from .db import db
 from .models import Condition, Service, State, utcnow
@@ -112,6 +113,7 @@ class Reconciler:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
         log.info("reconciler: worker pid %d leads", os.getpid())
+        refresh_in_background(self.app)  # the model inventory is rescanned at every portal start
         return True
 
     def _run(self) -> None:

@@ -37,7 +37,8 @@ def test_service_runs_is_stopped_and_deleted(portal, time_limited):
     created = response.json()
     assert created["state"] == "SUBMITTED"
     assert created["job_id"].isdigit()
-    assert created["events"][0]["reason"] == f"submitted to slurm as job {created['job_id']}"
+    assert created["events"][0]["reason"].startswith(f"submitted to slurm as job {created['job_id']} (tier cpu.Tiny: ")
+    assert created["tier"] == "cpu.Tiny" and created["resources"]["cpus"] == 1
 
     running = portal.wait_state(created["id"], "RUNNING", timeout=60)
     states = [event["to"] for event in running["events"]]
@@ -78,6 +79,16 @@ def _ended_in_squeue(job_id) -> bool:
     out = subprocess.run(["squeue", "--noheader", "--states=all", "--jobs", job_id, "--format=%T"],
                          capture_output=True, text=True, timeout=30).stdout.strip()
     return out in ("", "CANCELLED", "COMPLETED", "FAILED", "TIMEOUT")
+
+
+def test_speech_recognition_service_starts_from_its_script(portal):
+    response = portal.launch(kind="speech-recognition", model="test/whisper", name="ears")
+    assert response.status_code == 201, response.text
+    service = portal.wait_state(response.json()["id"], "RUNNING", timeout=60)
+    script = (portal.home / "jobs" / service["id"] / "job.sh").read_text()
+    assert "--served-model-name test/whisper" in script
+    portal.request("POST", f"/api/services/{service['id']}/stop")
+    portal.wait_state(service["id"], "STOPPED", timeout=30)
 
 
 def test_unknown_partition_is_rejected_with_slurms_reason(portal):

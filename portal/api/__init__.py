@@ -1,8 +1,8 @@
-"""The JSON REST API: services, health; errors as {"error": ...} with a fitting status."""
+"""The JSON REST API: services, catalog, health; errors as {"error": ...} with a fitting status."""
 from __future__ import annotations
 
 from flask import Blueprint
 
 bp = Blueprint("api", __name__)
 
-from . import services  # noqa: E402,F401  (registers the routes)
+from . import catalog, services  # noqa: E402,F401  (registers the routes)

@@ -51,6 +51,9 @@ def list_services():
 
 @bp.post("/api/services")
 def create_service():
+    """Launch a service; with ?dry_run=1, show the plan and job script without submitting anything."""
+    if request.args.get("dry_run") in ("1", "true", "yes"):
+        return jsonify(services.dry_run(_json_body()))
     service = services.launch(_json_body())
     return jsonify(service.to_dict(with_events=True)), 201
 

@@ -17,6 +17,8 @@ def main():
     parser.add_argument("--exit", type=int, default=None)
     parser.add_argument("--sick-file", default=None)
     args, _ = parser.parse_known_args()  # the standard server flags (--model, --port, ...) are not needed here
+    with open("argv.json", "w") as handle:  # in the job directory: what the job script really passed
+        json.dump(sys.argv[1:], handle)
     if args.exit is not None:
         print(f"tiny_service: giving up on purpose with exit code {args.exit}", flush=True)
         sys.exit(args.exit)
