@@ -5,5 +5,11 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bin/pilotfish --help > /dev/null          # creates .venv and installs the package with its test extras
+missing=()
+command -v shellcheck > /dev/null || missing+=(shellcheck)
+if [ ${#missing[@]} -gt 0 ]; then           # Debian packages the tests use
+  echo "tests/run.sh: installing ${missing[*]}" >&2
+  apt-get install -y -qq "${missing[@]}" > /dev/null || { apt-get update -qq && apt-get install -y -qq "${missing[@]}" > /dev/null; }
+fi
 tests/cluster/start.sh                    # the real single-node Slurm (idempotent)
 exec "${PILOTFISH_VENV:-$root/.venv}/bin/python" -m pytest "$@"

@@ -259,8 +259,13 @@ def test_no_secret_reaches_the_log(portal, chat_service):
     log = portal.log_text()
     assert portal.token not in log
     assert chat_service["id"] in log or "/v1/" in log  # the access log is there
-    db_key = portal.request("GET", f"/services/{chat_service['id']}/echo").json()["headers"]["Authorization"]
-    assert db_key.split()[1] not in log
+    service_key = portal.request("GET", f"/services/{chat_service['id']}/echo").json()["headers"]["Authorization"]
+    service_key = service_key.split()[1]
+    assert service_key not in log
+    # Nor on any command line other users could read with ps.
+    for process in psutil.process_iter(["cmdline"]):
+        assert service_key not in " ".join(process.info["cmdline"] or []) and portal.token not in \
+            " ".join(process.info["cmdline"] or [])
 
 
 def test_connect_fails_clearly_when_the_portal_stops(start_portal, tmp_path):
