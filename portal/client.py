@@ -6,6 +6,9 @@
     chat.chat.completions.create(model="Qwen/Qwen2.5-0.5B-Instruct", messages=[...])
     portal.service("3fa2").openai()          # one service by id (prefix) or model
 
+    with portal.launch("text-generation", "Qwen/Qwen2.5-0.5B-Instruct", tier="Small", time=60) as svc:
+        svc.openai().chat.completions.create(...)   # RUNNING here; stopped when the block ends
+
 Needs only `requests` (and `openai` for the .openai() helpers).
 """
 from __future__ import annotations
@@ -13,18 +16,37 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import requests
 
 
 class PortalClientError(Exception):
-    """The portal could not be found or refused a call; the message says what to do."""
+    """The portal could not be found or refused a call; the message is the API's own (or says what to do)."""
+
+    def __init__(self, message: str, status: Optional[int] = None, field: Optional[str] = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status  # the HTTP status of a refused call (400: bad input)
+        self.field = field  # for bad input: the request field it is about
 
 
 class PortalNotRunning(PortalClientError):
     pass
+
+
+class ServiceEnded(PortalClientError):
+    """A service ended (FAILED, STOPPED, TIMEOUT) while it was awaited; the message holds its reason."""
+
+    def __init__(self, service: dict):
+        super().__init__(f"service {service['id']} {service['state']}: {service.get('reason') or 'no reason given'}")
+        self.service = service
+
+
+class WaitTimeout(PortalClientError):
+    """A service did not become RUNNING in time (it keeps running: stop it or wait again)."""
 
 
 def _home(home: Optional[str]) -> Path:
@@ -33,7 +55,10 @@ def _home(home: Optional[str]) -> Path:
 
 def connect(url: Optional[str] = None, token: Optional[str] = None, home: Optional[str] = None,
             timeout: float = 10.0) -> "Portal":
-    """The running portal: from `url` and `token`, else from connection.json in PILOTFISH_HOME."""
+    """The running portal: from `url` and `token` (or PILOTFISH_URL and PILOTFISH_TOKEN), else from
+    connection.json in PILOTFISH_HOME."""
+    url = url or os.environ.get("PILOTFISH_URL") or None
+    token = token or os.environ.get("PILOTFISH_TOKEN") or None
     if not (url and token):
         path = _home(home) / "connection.json"
         try:
@@ -43,6 +68,8 @@ def connect(url: Optional[str] = None, token: Optional[str] = None, home: Option
                                    "Open OnDemand, or with `pilotfish start`") from None
         except (OSError, ValueError) as exc:
             raise PortalClientError(f"cannot read {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise PortalClientError(f"cannot read {path}: expected a JSON object")
         url, token = url or data.get("url"), token or data.get("token")
     portal = Portal(url, token, timeout=timeout)
     try:
@@ -53,7 +80,13 @@ def connect(url: Optional[str] = None, token: Optional[str] = None, home: Option
     return portal
 
 
+LIVE_STATES = ("SUBMITTED", "PENDING", "STARTING", "RUNNING", "UNHEALTHY")
+ENDED_STATES = ("STOPPED", "FAILED", "TIMEOUT")
+
+
 class Portal:
+    """A running portal, through its REST API. As a context manager, stops the services it launched on exit."""
+
     def __init__(self, url: str, token: str, timeout: float = 30.0):
         self.url = url.rstrip("/")
         self.token = token
@@ -61,9 +94,16 @@ class Portal:
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {token}"
         self.http.trust_env = False
+        self.launched: List["ServiceHandle"] = []
 
     def __repr__(self):
         return f"<Portal {self.url}>"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop_launched()
 
     def request(self, method: str, path: str, **kwargs) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
@@ -72,15 +112,26 @@ class Portal:
         except requests.RequestException as exc:
             raise PortalNotRunning(f"the portal at {self.url} does not answer ({type(exc).__name__})") from None
         if response.status_code >= 400:
+            field = None
             try:
-                error = response.json().get("error")
+                body = response.json()
+                error = body.get("error")
                 message = error.get("message") if isinstance(error, dict) else error
-            except ValueError:
-                message = response.text[:200]
-            raise PortalClientError(f"{method} {path}: {response.status_code}: {message}")
+                field = body.get("field")
+            except (ValueError, AttributeError):
+                message = None
+            if not message:
+                message = f"{method} {path}: HTTP {response.status_code}: {response.text[:200].strip()}"
+            raise PortalClientError(str(message), status=response.status_code, field=field)
         return response
 
+    def get(self, path: str, **params) -> dict:
+        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None} or None).json()
+
+    # --- services ---------------------------------------------------------------------------------------
+
     def services(self, state: Optional[str] = None) -> List[dict]:
+        """The services, newest first; `state` filters (RUNNING,PENDING or LIVE or ENDED)."""
         params = {"state": state} if state else None
         return self.request("GET", "/api/services", params=params).json()["services"]
 
@@ -89,12 +140,88 @@ class Portal:
         if re.fullmatch(r"[0-9a-f]{1,16}", id_or_model):
             try:
                 return ServiceHandle(self, self.request("GET", f"/api/services/{id_or_model}").json())
-            except PortalClientError:
-                pass
+            except PortalClientError as exc:
+                if exc.status != 404:
+                    raise
         running = [s for s in self.services("RUNNING") if s["model"] == id_or_model]
         if not running:
-            raise PortalClientError(f"no running service with id or model {id_or_model!r}")
+            raise PortalClientError(f"no service {id_or_model!r} (no id, id prefix or running model matches)",
+                                    status=404)
         return ServiceHandle(self, running[0])
+
+    def launch(self, kind: str, model: str, tier: Optional[str] = None, wait: bool = True, timeout: float = 600,
+               on_change: Optional[Callable[[dict, dict], None]] = None, **fields) -> "ServiceHandle":
+        """Launch a service (fields as in POST /api/services: revision, time, name, resources, engine_args, force).
+
+        With `wait`, return once it is RUNNING; raises ServiceEnded (with the reason) if it ends first,
+        WaitTimeout after `timeout` seconds. The handle, used as a context manager, stops the service on exit.
+        """
+        body = {"kind": kind, "model": model, **{k: v for k, v in fields.items() if v is not None}}
+        if tier is not None:
+            body["tier"] = tier
+        handle = ServiceHandle(self, self.request("POST", "/api/services", json=body).json())
+        self.launched.append(handle)
+        if wait:
+            handle.wait_ready(timeout, on_change=on_change)
+        return handle
+
+    def dry_run(self, kind: str, model: str, tier: Optional[str] = None, **fields) -> dict:
+        """What a launch would do (plan, sbatch arguments, job script), without submitting anything."""
+        body = {"kind": kind, "model": model, **{k: v for k, v in fields.items() if v is not None}}
+        if tier is not None:
+            body["tier"] = tier
+        return self.request("POST", "/api/services", params={"dry_run": "1"}, json=body).json()
+
+    def stop_launched(self) -> None:
+        """Stop every live service this Portal object launched."""
+        for handle in self.launched:
+            try:
+                handle.stop()
+            except PortalClientError:
+                pass
+
+    # --- portal, catalog, keys --------------------------------------------------------------------------
+
+    def health(self) -> dict:
+        return self.get("/health")
+
+    def status(self) -> dict:
+        return self.get("/api/status")
+
+    def tiers(self) -> dict:
+        return self.get("/api/tiers")
+
+    def recommend(self, model: str, revision: Optional[str] = None) -> dict:
+        return self.get("/api/tiers/recommend", model=model, revision=revision)
+
+    def models(self, refresh: bool = False) -> dict:
+        return self.get("/api/models", refresh="1" if refresh else None)
+
+    def delete_model(self, repo_id: str, revision: Optional[str] = None) -> dict:
+        params = {"revision": revision} if revision else None
+        return self.request("DELETE", f"/api/models/{repo_id}", params=params).json()
+
+    def start_download(self, repo_id: str, revision: Optional[str] = None, use_cache: bool = False) -> dict:
+        body = {"repo_id": repo_id, "use_cache": use_cache, **({"revision": revision} if revision else {})}
+        return self.request("POST", "/api/models/downloads", json=body).json()
+
+    def download(self, task_id: str) -> dict:
+        return self.get(f"/api/models/downloads/{task_id}")
+
+    def cancel_download(self, task_id: str) -> dict:
+        return self.request("DELETE", f"/api/models/downloads/{task_id}").json()
+
+    def images(self) -> List[dict]:
+        return self.get("/api/images")["images"]
+
+    def keys(self) -> List[dict]:
+        return self.get("/api/keys")["keys"]
+
+    def create_key(self, name: str) -> dict:
+        return self.request("POST", "/api/keys", json={"name": name}).json()
+
+    def revoke_key(self, key_id: str) -> dict:
+        return self.request("DELETE", f"/api/keys/{key_id}").json()
 
     def openai(self, **kwargs):
         """An `openai.OpenAI` client for the gateway: any running model, chosen by the `model` argument."""
@@ -103,6 +230,8 @@ class Portal:
 
 
 class ServiceHandle:
+    """One service. As a context manager, stops it on exit."""
+
     def __init__(self, portal: Portal, data: dict):
         self.portal = portal
         self.data = data
@@ -112,14 +241,70 @@ class ServiceHandle:
     def __repr__(self):
         return f"<Service {self.id} {self.model} {self.data.get('state')}>"
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        try:
+            self.stop()
+        except PortalClientError:
+            pass
+
+    def refresh(self) -> dict:
+        """The service as the portal sees it now, with its events."""
+        self.data = self.portal.request("GET", f"/api/services/{self.id}").json()
+        return self.data
+
     @property
     def state(self) -> str:
-        self.data = self.portal.request("GET", f"/api/services/{self.id}").json()
-        return self.data["state"]
+        return self.refresh()["state"]
 
     @property
     def base_url(self) -> str:
         return f"{self.portal.url}/services/{self.id}"
+
+    def wait_for(self, states, timeout: float = 600, on_change: Optional[Callable[[dict, dict], None]] = None,
+                 interval: float = 0.5) -> dict:
+        """Poll until the state is one of `states`; `on_change(old, new)` sees every change. Raises
+        ServiceEnded if the service ends in another state, WaitTimeout after `timeout` seconds."""
+        states = {states} if isinstance(states, str) else set(states)
+        deadline = time.monotonic() + timeout
+        previous = None
+        while True:
+            data = self.refresh()
+            if on_change is not None and (previous is None or previous["state"] != data["state"]):
+                on_change(previous, data)
+            previous = data
+            if data["state"] in states:
+                return data
+            if data["state"] in ENDED_STATES:
+                raise ServiceEnded(data)
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(f"service {self.id} is still {data['state']} after {timeout:g} s "
+                                  f"({data.get('reason') or 'no reason given'})")
+            time.sleep(interval)
+
+    def wait_ready(self, timeout: float = 600, on_change: Optional[Callable[[dict, dict], None]] = None) -> "ServiceHandle":
+        """Block until RUNNING (the server answers its health check)."""
+        self.wait_for("RUNNING", timeout, on_change)
+        return self
+
+    def wait_ended(self, timeout: float = 60) -> dict:
+        return self.wait_for(ENDED_STATES, timeout)
+
+    def logs(self, tail: int = 200) -> str:
+        return self.portal.request("GET", f"/api/services/{self.id}/logs", params={"tail": tail}).json()["log"]
+
+    def stop(self, wait: bool = False, timeout: float = 60) -> dict:
+        """Cancel the job; with `wait`, until the scheduler confirms it ended."""
+        self.data = self.portal.request("POST", f"/api/services/{self.id}/stop").json()
+        if wait and self.data["state"] not in ENDED_STATES:
+            return self.wait_ended(timeout)
+        return self.data
+
+    def delete(self) -> None:
+        """Forget an ended service and its job directory."""
+        self.portal.request("DELETE", f"/api/services/{self.id}")
 
     def openai(self, **kwargs):
         """An `openai.OpenAI` client for this one service."""

@@ -1,10 +1,14 @@
-"""gunicorn settings for the portal: threaded workers (streams must not block each other), no request timeout."""
+"""gunicorn settings for the portal: threaded workers (streams must not block each other), no request timeout.
+
+Chosen by benchmarks/proxy.py on 2 cores (README, "Tuning"): gthread with 2 workers x 256 threads carried 256
+concurrent streams best; each open stream holds one thread, so threads x workers caps concurrent streams.
+"""
 import os
 
 wsgi_app = "portal.wsgi:app"
 worker_class = os.environ.get("PILOTFISH_WORKER_CLASS", "gthread")
 workers = int(os.environ.get("PILOTFISH_WORKERS", "2"))
-threads = int(os.environ.get("PILOTFISH_THREADS", "32"))
+threads = int(os.environ.get("PILOTFISH_THREADS", "256"))
 timeout = 0  # long streams are normal; a stuck worker is found by its heartbeat, not by killing streams
 graceful_timeout = 10
 keepalive = 75
