@@ -1,0 +1,190 @@
+"""`pilotfish models|images|tiers|keys`: what can run, and who may call."""
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from . import Failure, emit_json, human_size, main, note, portal_of, table
+
+
+@main.group()
+def models():
+    """The model inventory: list, download into your home_dir, remove.
+
+    Example: pilotfish models add Qwen/Qwen2.5-0.5B-Instruct
+    """
+
+
+@models.command(name="ls")
+@click.option("--refresh", is_flag=True, help="Rescan cache_dir and home_dir first.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def models_ls(ctx, refresh, as_json):
+    """List the models you can launch (site cache_dir, then your home_dir).
+
+    Example: pilotfish models ls --refresh
+    """
+    data = portal_of(ctx).models(refresh=refresh)
+    if as_json:
+        emit_json(data["models"])
+        return
+    rows = []
+    for model in data["models"]:
+        revisions = model.get("revisions") or []
+        where = ",".join(sorted({r.get("location") or "?" for r in revisions}))
+        rows.append([model["repo_id"], model.get("kind") or "?", where, human_size(model.get("size_bytes")),
+                     len(revisions)])
+    table(rows, ["MODEL", "KIND", "WHERE", "SIZE", "REVISIONS"])
+    if data.get("refreshing"):
+        note("the rescan is still running: run this again in a moment")
+
+
+@models.command(name="add")
+@click.argument("repo")
+@click.option("--revision", help="Branch, tag or commit (default: main).")
+@click.option("--use-cache", is_flag=True, help="Link files already in the site cache instead of downloading them.")
+@click.pass_context
+def models_add(ctx, repo, revision, use_cache):
+    """Download a model from the Hugging Face Hub into your home_dir, with a progress bar (Ctrl-C cancels).
+
+    Example: pilotfish models add Qwen/Qwen2.5-0.5B-Instruct --revision main
+    """
+    portal = portal_of(ctx)
+    task = portal.start_download(repo, revision, use_cache)
+    note(f"downloading {repo} (task {task['id']})")
+    try:
+        with click.progressbar(length=max(task.get("bytes_total") or 0, 1), label=repo, file=sys.stderr,
+                               show_pos=False) as bar:
+            done = 0
+            while task["state"] not in ("done", "completed", "succeeded", "failed", "cancelled", "canceled", "error"):
+                time.sleep(0.5)
+                task = portal.download(task["id"])
+                if task.get("bytes_total"):
+                    bar.length = task["bytes_total"]
+                bar.update(max((task.get("bytes_done") or 0) - done, 0))
+                done = max(done, task.get("bytes_done") or 0)
+    except KeyboardInterrupt:
+        portal.cancel_download(task["id"])
+        raise Failure(f"download of {repo} cancelled")
+    if task.get("error") or task["state"] in ("failed", "cancelled", "canceled", "error"):
+        raise Failure(f"download of {repo} {task['state']}: {task.get('error') or 'no reason given'}")
+    click.echo(f"{repo} @ {task.get('commit') or task.get('revision')} in {task.get('path') or task.get('location')}")
+
+
+@models.command(name="rm")
+@click.argument("repo")
+@click.option("--revision", help="Only this revision (default: all of them).")
+@click.pass_context
+def models_rm(ctx, repo, revision):
+    """Remove a model from your home_dir (the site cache_dir is never touched).
+
+    Example: pilotfish models rm Qwen/Qwen2.5-0.5B-Instruct
+    """
+    portal_of(ctx).delete_model(repo, revision)
+    click.echo(f"removed {repo}" + (f" @ {revision}" if revision else ""))
+
+
+@main.group()
+def images():
+    """Container images (Apptainer SIF files) the site pins for each service kind.
+
+    Example: pilotfish images ls
+    """
+
+
+@images.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def images_ls(ctx, as_json):
+    """List the pinned images and where they are staged.
+
+    Example: pilotfish images ls --json
+    """
+    found = portal_of(ctx).images()
+    if as_json:
+        emit_json(found)
+        return
+    table([[i.get("kind"), i.get("image"), i.get("location") or "", i.get("path") or "not staged"]
+           for i in found], ["KIND", "IMAGE", "WHERE", "PATH"])
+
+
+@main.command()
+@click.option("--model", help="Also recommend a tier for this model (repo id), with the reason.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def tiers(ctx, model, as_json):
+    """Resource tiers from the site's resource_specs.yaml, and the one a model gets.
+
+    Example: pilotfish tiers --model Qwen/Qwen2.5-0.5B-Instruct
+    """
+    portal = portal_of(ctx)
+    data = portal.tiers()
+    advice = portal.recommend(model) if model else None
+    if as_json:
+        emit_json({**data, "recommendation": advice} if model else data)
+        return
+    table([[t["ref"], t.get("description") or "", t.get("cpu_cores"), t.get("memory_gb"),
+            f"{t.get('gpu_count') or 0}" + (f" {t['gpu_type']}" if t.get("gpu_type") else ""),
+            t.get("max_model_size_gb") if t.get("max_model_size_gb") is not None else "any"]
+           for t in data["tiers"]], ["TIER", "DESCRIPTION", "CPUS", "MEMORY_GB", "GPUS", "MAX_MODEL_GB"])
+    click.echo(f"time limit: default {data['time']['default']} min, max {data['time']['max']} min")
+    if advice:
+        tier = (advice.get("tier") or {}).get("ref") or "none"
+        click.echo(f"recommended for {advice['model']}: {tier} ({advice['reason']})")
+
+
+@main.group()
+def keys():
+    """Named API keys for scripts and collaborators.
+
+    Example: pilotfish keys create laptop
+    """
+
+
+@keys.command(name="create")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def keys_create(ctx, name, as_json):
+    """Create a key; it is shown once, so store it now.
+
+    Example: pilotfish keys create laptop
+    """
+    key = portal_of(ctx).create_key(name)
+    if as_json:
+        emit_json(key)
+        return
+    click.echo(key["key"])
+    note(f"key {key['id']} ({key['name']}) shown once: store it now")
+
+
+@keys.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def keys_ls(ctx, as_json):
+    """List the keys (names and hints, never the keys).
+
+    Example: pilotfish keys ls
+    """
+    found = portal_of(ctx).keys()
+    if as_json:
+        emit_json(found)
+        return
+    table([[k["id"], k["name"], k["hint"], k["created_at"]] for k in found], ["ID", "NAME", "HINT", "CREATED"])
+
+
+@keys.command(name="revoke")
+@click.argument("key_id")
+@click.pass_context
+def keys_revoke(ctx, key_id):
+    """Revoke a key by id (effective within seconds).
+
+    Example: pilotfish keys revoke 1a2b3c4d
+    """
+    portal_of(ctx).revoke_key(key_id)
+    click.echo(f"revoked {key_id}")
+
+
+# --- recipes -----------------------------------------------------------------------------------------------

@@ -1,0 +1,265 @@
+"""`pilotfish start|status|run|ls|details|logs|stop|rm|prune`: the portal and its services."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+
+import click
+
+from ood_app.connection import write_connection
+
+from . import Failure, KINDS, age, emit_json, fail, main, portal_of, progress_line, table
+from ..client import ENDED_STATES, PortalClientError, ServiceEnded, WaitTimeout
+from ..config import ConfigError, ensure_token, load_config, prepare_home
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 to accept callers from other nodes).")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="gunicorn worker processes.")
+def start(host: str, port: int, workers: int):
+    """Run the portal under gunicorn (outside Open OnDemand; inside it, the app starts the portal for you).
+
+    Settings come from PILOTFISH_HOME (default ~/.pilotfish) and the site config named by
+    PILOTFISH_SITE_CONFIG. The portal token is read from, or generated into, PILOTFISH_HOME/token (0600).
+
+    Example: pilotfish start --host 0.0.0.0 --port 8765
+    """
+    try:
+        config = load_config()
+        prepare_home(config)
+        token = ensure_token(config)  # before forking workers, so they all read the same token
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    connection = write_connection(config.home, host, port, token, config.url_prefix)
+    click.echo(f"pilotfish: portal on http://{host}:{port}{config.url_prefix} "
+               f"(token in {config.token_file}; notebooks read {connection})", err=True)
+    env = dict(os.environ, PILOTFISH_WORKERS=str(workers), PILOTFISH_HOME=str(config.home))
+    args = [sys.executable, "-m", "gunicorn", "--config", "python:portal.gunicorn_conf", "--bind", f"{host}:{port}"]
+    os.execve(sys.executable, args, env)
+
+
+# --- the portal --------------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def status(ctx, as_json):
+    """Where the portal is, whether the scheduler answers, and how many services are in each state.
+
+    Example: pilotfish status
+    """
+    portal = portal_of(ctx)
+    info = portal.status()
+    services = portal.services()
+    counts = {}
+    for service in services:
+        counts[service["state"]] = counts.get(service["state"], 0) + 1
+    scheduler = (info.get("conditions") or {}).get("scheduler") or {"ok": True}
+    if as_json:
+        emit_json({"url": portal.url, "scheduler": info.get("scheduler"), "conditions": info.get("conditions"),
+                   "services": counts})
+        return
+    click.echo(f"portal     {portal.url}")
+    described = info.get("scheduler") or {}
+    kind = described.get("kind") or described.get("name") or "scheduler"
+    click.echo(f"scheduler  {kind}: {'ok' if scheduler.get('ok') else 'UNREACHABLE: ' + str(scheduler.get('message'))}")
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "none"
+    click.echo(f"services   {summary}")
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(KINDS), metavar="KIND")
+@click.option("--model", required=True, help="Model repo id, e.g. Qwen/Qwen2.5-0.5B-Instruct (see `pilotfish models ls`).")
+@click.option("--revision", help="Branch, tag or commit of the model (default: the newest local one).")
+@click.option("--tier", help="Resource tier, e.g. Small or gpu.Small (default: the recommendation; see `pilotfish tiers`).")
+@click.option("--time", "time_limit", help="Time limit: minutes or HH:MM:SS (default: the site's).")
+@click.option("--name", help="A name for the service.")
+@click.option("--partition", help="Override the tier's partition.")
+@click.option("--account", help="Slurm account to charge.")
+@click.option("--memory-gb", type=float, help="Override the tier's memory.")
+@click.option("--cpus", type=int, help="Override the tier's CPU cores.")
+@click.option("--gpus", type=int, help="Override the tier's GPU count.")
+@click.option("--force", is_flag=True, help="Launch even on a tier smaller than the model.")
+@click.option("--dry-run", is_flag=True, help="Print the job script and sbatch arguments; submit nothing.")
+@click.option("--wait", is_flag=True, help="Block until RUNNING, printing state changes on stderr.")
+@click.option("--timeout", default=900.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--json", "as_json", is_flag=True, help="Print the service (or the dry-run plan) as JSON.")
+@click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def run(ctx, kind, model, revision, tier, time_limit, name, partition, account, memory_gb, cpus, gpus, force,
+        dry_run, wait, timeout, as_json, engine_args):
+    """Launch a service and print its id. Engine flags go after `--`.
+
+    \b
+    Examples:
+      pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --tier Small --time 60
+      pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --wait -- --max-model-len 4096
+      pilotfish run speech-recognition --model Systran/faster-whisper-small --dry-run
+    """
+    portal = portal_of(ctx)
+    resources = {key: value for key, value in (("partition", partition), ("account", account),
+                                               ("memory_gb", memory_gb), ("cpus", cpus), ("gpus", gpus))
+                 if value is not None}
+    fields = {"revision": revision, "time": time_limit, "name": name, "resources": resources or None,
+              "engine_args": list(engine_args) or None, "force": force or None}
+    if dry_run:
+        plan = portal.dry_run(kind, model, tier=tier, **fields)
+        if as_json:
+            emit_json(plan)
+            return
+        click.echo(plan["job_script"].rstrip("\n"))
+        click.echo(f"# --- dry run: nothing submitted; tier {plan.get('tier')}: {plan.get('tier_reason')}")
+        click.echo("# sbatch " + " ".join(shlex.quote(arg) for arg in plan["sbatch"]))
+        return
+    handle = portal.launch(kind, model, tier=tier, wait=False, **fields)
+    if as_json and not wait:
+        emit_json(handle.data)
+        return
+    if not as_json:
+        click.echo(handle.id)
+        sys.stdout.flush()
+    if wait:
+        try:
+            data = handle.wait_for("RUNNING", timeout, on_change=progress_line(handle.id))
+        except ServiceEnded as exc:
+            raise Failure(exc.message)
+        except WaitTimeout as exc:
+            raise Failure(f"{exc.message}; it keeps going: `pilotfish stop {handle.id}` to cancel it")
+        if as_json:
+            emit_json(data)
+
+
+@main.command(name="ls")
+@click.option("--all", "show_all", is_flag=True, help="Include ended services.")
+@click.option("--state", help="Only these states, e.g. RUNNING,PENDING (or LIVE, ENDED).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def list_services(ctx, show_all, state, as_json):
+    """List services, newest first (by default only live ones).
+
+    Example: pilotfish ls --state RUNNING --json
+    """
+    services = portal_of(ctx).services(state or (None if show_all else "LIVE"))
+    if as_json:
+        emit_json(services)
+        return
+    table([[s["id"], s["name"], s["kind"], s["model"], s["tier"] or "", s["state"], s["job_id"] or "",
+            age(s["created_at"])] for s in services],
+          ["ID", "NAME", "KIND", "MODEL", "TIER", "STATE", "JOB", "AGE"])
+
+
+@main.command()
+@click.argument("service_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def details(ctx, service_id, as_json):
+    """One service (ID or any unique prefix of it): state, job, resources, phase timings and events.
+
+    Example: pilotfish details 3fa2
+    """
+    data = portal_of(ctx).service(service_id).refresh()
+    if as_json:
+        emit_json(data)
+        return
+    endpoint = data.get("endpoint") or {}
+    for label, value in (("id", data["id"]), ("name", data["name"]), ("kind", data["kind"]),
+                         ("model", f"{data['model']} @ {data.get('revision') or '?'}"), ("tier", data.get("tier")),
+                         ("state", f"{data['state']}: {data.get('reason') or ''}"),
+                         ("job", f"{data.get('scheduler')} {data.get('job_id') or '-'} on {data.get('node') or '-'}"),
+                         ("endpoint", f"{endpoint.get('host')}:{endpoint.get('port')}" if endpoint else "-"),
+                         ("resources", json.dumps(data.get("resources"), sort_keys=True)),
+                         ("engine args", " ".join(data.get("engine_args") or []) or "-"),
+                         ("time limit", f"{data.get('time_limit')} min")):
+        click.echo(f"{label:<12} {value}")
+    phases = data.get("phases") or {}
+    if phases:
+        click.echo("phases       " + ", ".join(f"{k} {'-' if v is None else f'{v:.1f}s'}" for k, v in phases.items()))
+    click.echo("events")
+    for event in data.get("events", []):
+        click.echo(f"  {event['at']}  {event['from'] or '-':>9} -> {event['to']:<9} {event.get('reason') or ''}")
+
+
+@main.command()
+@click.argument("service_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the service ends (Ctrl-C stops).")
+@click.option("--tail", default=200, show_default=True, type=click.IntRange(1, 100000), help="Lines to show.")
+@click.pass_context
+def logs(ctx, service_id, follow, tail):
+    """The job log of a service (ID or unique prefix).
+
+    Example: pilotfish logs 3fa2 -f --tail 50
+    """
+    handle = portal_of(ctx).service(service_id)
+    text = handle.logs(tail)
+    click.echo(text, nl=False)
+    if not follow:
+        return
+    seen = handle.logs(100000).splitlines()
+    try:
+        while True:
+            ended = handle.state in ENDED_STATES
+            lines = handle.logs(100000).splitlines()
+            # the log only grows; if it was rewritten, print it all again
+            new = lines[len(seen):] if lines[:len(seen)] == seen else lines
+            for line in new:
+                click.echo(line)
+            seen = lines
+            if ended:
+                return
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return
+
+
+@main.command()
+@click.argument("service_id")
+@click.option("--wait", is_flag=True, help="Wait until the scheduler confirms the job ended.")
+@click.pass_context
+def stop(ctx, service_id, wait):
+    """Stop a service (cancel its Slurm job).
+
+    Example: pilotfish stop 3fa2 --wait
+    """
+    handle = portal_of(ctx).service(service_id)
+    data = handle.stop(wait=wait)
+    click.echo(f"{handle.id} {data['state']}" + ("" if data["state"] in ENDED_STATES else " (stopping)"))
+
+
+@main.command()
+@click.argument("service_id")
+@click.pass_context
+def rm(ctx, service_id):
+    """Remove an ended service and its job folder (stop it first).
+
+    Example: pilotfish rm 3fa2
+    """
+    handle = portal_of(ctx).service(service_id)
+    handle.delete()
+    click.echo(f"removed {handle.id}")
+
+
+@main.command()
+@click.pass_context
+def prune(ctx):
+    """Remove every ended service (STOPPED, FAILED, TIMEOUT) and its job folder.
+
+    Example: pilotfish prune
+    """
+    portal = portal_of(ctx)
+    removed = 0
+    for service in portal.services("ENDED"):
+        try:
+            portal.request("DELETE", f"/api/services/{service['id']}")
+            removed += 1
+        except PortalClientError as exc:
+            if exc.status != 404:  # another prune got there first
+                raise
+    click.echo(f"removed {removed} ended service(s)")
+
+
+# --- what can run ------------------------------------------------------------------------------------------
