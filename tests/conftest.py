@@ -131,6 +131,8 @@ def slurm_cluster():
     result = subprocess.run([str(REPO / "tests" / "cluster" / "start.sh")], capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         pytest.fail(f"tests/cluster/start.sh failed:\n{result.stdout}\n{result.stderr}")
+    # A clean slate: jobs an earlier run left behind (the cluster keeps its state across restarts).
+    subprocess.run(["scancel", f"--user={getpass.getuser()}"], capture_output=True, timeout=30)
     yield True
     subprocess.run(["scancel", f"--user={getpass.getuser()}"], capture_output=True, timeout=30)
 
