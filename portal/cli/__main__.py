@@ -1,4 +1,4 @@
 """`python -m portal.cli`: the pilotfish command."""
 from . import main
 
-main()
+main(prog_name="pilotfish")

@@ -76,7 +76,8 @@ def _checks():
         yield False, f"models: cannot scan: {exc}"
     try:
         specs = load_site_specs(config.cache_dir, config.resource_specs)
-        yield True, f"resource specs {specs.source}: {len(all_tiers(specs))} tier(s), valid"
+        where = specs.source or "none found: the built-in default tiers"
+        yield True, f"resource specs ({where}): {len(all_tiers(specs))} tier(s), valid"
     except ConfigError as exc:
         yield False, f"resource specs: {exc}"
     for kind in KIND_TABLE.values():
