@@ -195,6 +195,17 @@ def delete(service: Service) -> None:
     db.session.commit()
 
 
+def prune() -> List[str]:
+    """Remove every ended service with its job directory; returns the ids removed."""
+    removed = []
+    for service in Service.query.filter(Service.state.in_(State.TERMINAL)).all():
+        shutil.rmtree(service.job_dir, ignore_errors=True)
+        db.session.delete(service)
+        removed.append(service.id)
+    db.session.commit()
+    return removed
+
+
 def read_log(service: Service, tail: int = 200) -> str:
     if tail < 1 or tail > 100000:
         raise ValidationError("tail", "expected a number of lines between 1 and 100000")

@@ -123,3 +123,24 @@ def test_refused_upstream_is_502_naming_the_service(app, client, auth):
         assert response.status_code == 502, path
         error = response.get_json()["error"]
         assert error["code"] == "upstream_unreachable" and "00000000beef" in error["message"]
+
+
+def test_prune_removes_only_ended_services(app, client, auth, tmp_path):
+    from portal.db import db
+    from portal.models import Service
+
+    with app.app_context():
+        for service_id, state in (("0000000000a1", "STOPPED"), ("0000000000a2", "FAILED"),
+                                  ("0000000000a3", "RUNNING")):
+            job_dir = tmp_path / service_id
+            job_dir.mkdir()
+            db.session.add(Service(id=service_id, name=state, kind="text-generation", model="org/m", state=state,
+                                   scheduler="local", job_dir=str(job_dir), time_limit=5, api_key="k"))
+        db.session.commit()
+    refused = client.delete("/api/services", headers=auth)
+    assert refused.status_code == 400 and refused.get_json()["field"] == "state"
+    pruned = client.delete("/api/services?state=ENDED", headers=auth)
+    assert sorted(pruned.get_json()["deleted"]) == ["0000000000a1", "0000000000a2"]
+    left = [s["id"] for s in client.get("/api/services", headers=auth).get_json()["services"]]
+    assert left == ["0000000000a3"]
+    assert not (tmp_path / "0000000000a1").exists() and (tmp_path / "0000000000a3").exists()

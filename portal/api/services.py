@@ -78,6 +78,14 @@ def stop_service(service_id):
     return jsonify(service.to_dict(with_events=True)), 202 if service.is_live else 200
 
 
+@bp.delete("/api/services")
+def prune_services():
+    """Remove every ended service (the `state=ENDED` filter is required, so a stray DELETE removes nothing)."""
+    if (request.args.get("state") or "").upper() != "ENDED":
+        raise ValidationError("state", "DELETE /api/services removes ended services only: add ?state=ENDED")
+    return jsonify(deleted=services.prune())
+
+
 @bp.delete("/api/services/<service_id>")
 def delete_service(service_id):
     service = services.get_service(service_id)

@@ -12,7 +12,7 @@ import click
 from ood_app.connection import write_connection
 
 from . import Failure, KINDS, age, emit_json, fail, main, portal_of, progress_line, table
-from ..client import ENDED_STATES, PortalClientError, ServiceEnded, WaitTimeout
+from ..client import ENDED_STATES, ServiceEnded, WaitTimeout
 from ..config import ConfigError, ensure_token, load_config, prepare_home
 
 
@@ -250,16 +250,8 @@ def prune(ctx):
 
     Example: pilotfish prune
     """
-    portal = portal_of(ctx)
-    removed = 0
-    for service in portal.services("ENDED"):
-        try:
-            portal.request("DELETE", f"/api/services/{service['id']}")
-            removed += 1
-        except PortalClientError as exc:
-            if exc.status != 404:  # another prune got there first
-                raise
-    click.echo(f"removed {removed} ended service(s)")
+    removed = portal_of(ctx).request("DELETE", "/api/services", params={"state": "ENDED"}).json()["deleted"]
+    click.echo(f"removed {len(removed)} ended service(s)")
 
 
 # --- what can run ------------------------------------------------------------------------------------------
