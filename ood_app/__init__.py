@@ -1,1 +1,1 @@
-"""The bridge from an Open OnDemand job to the portal: launch, the connection file, helpers for the ERB files."""
+"""The bridge from an Open OnDemand job to the portal: the connection file notebooks read."""
