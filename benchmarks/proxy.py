@@ -21,8 +21,10 @@ Scenarios
   2. streams   C concurrent clients (--concurrency, e.g. 32,256), each on its own keep-alive connection:
                one warm-up round, then --rounds streams back to back. The clients start together, so every
                round begins with a burst of C requests (the worst case for TTFT, e.g. a notebook's gather()).
-               Aggregate chunks/s and streams/s as a fraction of direct, TTFT (request sent -> first SSE bytes) p50/p95/p99, the portal's TTFT
-               minus nginx's, errors by kind, and the CPU used by the proxy, the upstream and the client.
+               Aggregate chunks/s and streams/s as a fraction of direct, TTFT (request sent -> first SSE
+               bytes) p50/p95/p99, the portal's TTFT minus nginx's, errors by kind, and the CPU used by the
+               proxy, the upstream, the client and by processes outside the benchmark (a shared machine:
+               such windows are measured again, and each phase first waits for an idle machine).
                Targets at 256: throughput >= 95 % of direct; TTFT p50 within 100 ms of nginx.
 
 The load generator is one asyncio process (this one) with raw sockets (no HTTP library); its CPU use is
@@ -1189,13 +1191,14 @@ class Bench:
                 value = run.get("throughput_vs_direct")
                 checks[f"throughput_ge_95pct_at_{top}"] = {"value": value, "met": value is not None and value >= 0.95}
                 value = run.get("ttft_p50_minus_nginx_ms")
-                checks[f"ttft_p50_within_100ms_of_nginx_at_{top}"] = {"value": value,
-                                                                      "met": value is not None and value <= 100}
+                checks[f"ttft_p50_within_100ms_of_nginx_at_{top}"] = {"value": value,  # met None: no nginx
+                                                                      "met": None if value is None else value <= 100}
             errors = sum(r["latency"]["errors"].values()) + sum(sum(x["errors"].values()) for x in r["streams"].values())
             checks["no_errors"] = {"value": errors, "met": errors == 0}
             targets[config["label"]] = checks
             print(f"{config['label']:26} " + "; ".join(
-                f"{name} {'MET' if c['met'] else 'NOT MET'} ({fmt(c['value'], 3)})" for name, c in checks.items()))
+                f"{name} {'n/a' if c['met'] is None else 'MET' if c['met'] else 'NOT MET'} ({fmt(c['value'], 3)})"
+                for name, c in checks.items()))
         print("CPU columns: % of one core used by the proxy, the upstream, this load generator, and by processes "
               "outside the benchmark (others%: a shared machine; such windows are measured again, up to "
               f"{MEASURE_ATTEMPTS} times).")
@@ -1282,8 +1285,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     def interrupted(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: ignored when started with `&`
+        signal.signal(signum, interrupted)
     bench = Bench(args)
     code = 0
     try:
