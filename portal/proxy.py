@@ -64,7 +64,8 @@ class ServiceDirectory:
     def __init__(self):
         self._routes: Dict[str, Route] = {}
         self._loaded = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # counters and activity: held for microseconds on the hot path
+        self._refresh_lock = threading.Lock()  # reloading from the database: never blocks the counters
         self.in_flight: Dict[str, int] = {}
         self._activity: Dict[str, float] = {}
         self._flushed: Dict[str, float] = {}
@@ -72,7 +73,7 @@ class ServiceDirectory:
     def routes(self, fresh: bool = False) -> Dict[str, Route]:
         """The live services; `fresh` reloads now (used on a miss, so a just-launched service is found)."""
         if fresh or time.monotonic() - self._loaded > DIRECTORY_TTL:
-            with self._lock:
+            with self._refresh_lock:
                 if fresh or time.monotonic() - self._loaded > DIRECTORY_TTL:
                     rows = db.session.query(Service.id, Service.state, Service.model, Service.kind, Service.host,
                                             Service.port, Service.api_key).filter(
@@ -194,7 +195,9 @@ def forward(route: Route, upstream_path: str, body=None) -> Response:
     if not chunked and "Content-Length" in upstream.headers:
         out_headers.append(("Content-Length", upstream.headers["Content-Length"]))
     if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-        out_headers += [("X-Accel-Buffering", "no"), ("Cache-Control", "no-cache")]
+        out_headers.append(("X-Accel-Buffering", "no"))
+        if "Cache-Control" not in upstream.headers:
+            out_headers.append(("Cache-Control", "no-cache"))
     app = current_app._get_current_object()
     finished = []
 
@@ -336,7 +339,7 @@ def gateway(path: str):
             states = sorted({route.state for route in candidates})
             return openai_error(503, f"model {model!r} is not ready yet ({', '.join(states)}): retry shortly",
                                 "service_unavailable", "model_not_ready", param="model", retry_after=5)
-        available = [m["id"] for m in running_models()]
+        available = sorted(m["id"] for m in running_models())
         return openai_error(404, f"model {model!r} is not served here; available: "
                                  f"{', '.join(available) if available else 'none (launch a service first)'}",
                             "not_found_error", "model_not_found", param="model")

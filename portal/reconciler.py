@@ -23,6 +23,7 @@ from .services import SUBMISSION_GRACE, job_query, log_excerpt, transition
 
 log = logging.getLogger(__name__)
 SCHEDULER_CONDITION = "scheduler"
+FAST_POLL_STATES = (State.SUBMITTED, State.PENDING, State.STARTING, State.UNHEALTHY)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class CycleReport:
     transitions: int = 0
     seconds: float = 0.0
     scheduler_ok: bool = True
+    busy: bool = False  # a service is on its way up (or unwell): poll fast
 
 
 def read_endpoint(job_dir: str) -> Optional[tuple]:
@@ -124,9 +126,7 @@ class Reconciler:
             busy = False
             try:
                 with self.app.app_context():
-                    report = self.cycle()
-                    busy = report.services and db.session.query(Service.id).filter(
-                        Service.state.in_((State.SUBMITTED, State.PENDING, State.STARTING, State.UNHEALTHY))).first()
+                    busy = self.cycle().busy
             except Exception:  # the loop must survive anything one cycle meets
                 log.exception("reconcile cycle failed")
             interval = self.config.fast_poll_interval if busy else self.config.poll_interval
@@ -174,6 +174,7 @@ class Reconciler:
             for service, (ok, detail) in zip(to_probe, results):
                 report.transitions += self._apply_probe(service, ok, detail)
         db.session.commit()
+        report.busy = any(service.state in FAST_POLL_STATES for service in services)
         report.scheduler_calls = getattr(self.scheduler, "calls", 0) - calls_before
         report.seconds = time.monotonic() - started
         return report

@@ -68,7 +68,7 @@ def test_service_runs_is_stopped_and_deleted(portal, time_limited):
     job_dir = Path(portal.home / "jobs" / created["id"])
     assert job_dir.is_dir()
     log = portal.request("GET", f"/api/services/{created['id']}/logs?tail=5").json()["log"]
-    assert "serving on" in log or "exited" in log or log
+    assert "pilotfish: serving on " in log and "tiny_service: listening on" in log
     assert portal.request("DELETE", f"/api/services/{created['id']}").status_code == 200
     assert portal.request("GET", f"/api/services/{created['id']}").status_code == 404
     assert not job_dir.exists()
