@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import requests
 
 from .catalog.inventory import refresh_in_background
-from .catalog.kinds import get_kind, runtime_for
+from .catalog.kinds import KINDS, runtime_for
 from .db import db
 from .models import Condition, Service, State, utcnow
 from .scheduler import JobInfo, JobState, SchedulerUnreachable
@@ -76,6 +76,10 @@ class Reconciler:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._lock_fd: Optional[int] = None
+        # Health paths are fixed once the site config is read; probes share one bounded pool for the portal's life.
+        self._health_paths = {name: runtime_for(self.config, kind).health_path for name, kind in KINDS.items()}
+        self._probe_pool = ThreadPoolExecutor(max_workers=self.config.health_concurrency,
+                                              thread_name_prefix="pilotfish-probe")
         self._probe_session = requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=self.config.health_concurrency,
                                                 pool_maxsize=self.config.health_concurrency)
@@ -93,6 +97,7 @@ class Reconciler:
         self._wake.set()
         if self._thread:
             self._thread.join(timeout=10)
+        self._probe_pool.shutdown(wait=False)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -218,14 +223,9 @@ class Reconciler:
         return State.FAILED, reason
 
     def _probe_all(self, services: List[Service]) -> List[tuple]:
-        targets = []
-        for service in services:
-            kind = get_kind(service.kind)
-            path = runtime_for(self.config, kind).health_path if kind else "/health"
-            targets.append((f"http://{service.host}:{service.port}{path}", service.api_key))
-        workers = min(self.config.health_concurrency, len(targets))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(lambda target: self._probe(*target), targets))
+        targets = [(f"http://{service.host}:{service.port}{self._health_paths.get(service.kind, '/health')}",
+                    service.api_key) for service in services]
+        return list(self._probe_pool.map(lambda target: self._probe(*target), targets))
 
     def _probe(self, url: str, key: str) -> tuple:
         try:
