@@ -126,15 +126,26 @@ def auth(app):
 # --- the real Slurm -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def slurm_cluster():
+def slurm_cluster(tmp_path_factory):
     """Start (or reuse) the single-node test cluster once per session. Never skipped: CI must test Slurm."""
     result = subprocess.run([str(REPO / "tests" / "cluster" / "start.sh")], capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         pytest.fail(f"tests/cluster/start.sh failed:\n{result.stdout}\n{result.stderr}")
-    # A clean slate: jobs an earlier run left behind (the cluster keeps its state across restarts).
-    subprocess.run(["scancel", f"--user={getpass.getuser()}"], capture_output=True, timeout=30)
+    # A clean slate: jobs an earlier run left behind (their working directories are gone). Jobs of a test
+    # run going on beside this one are left alone; this run cancels its own jobs when it ends.
+    _cancel_jobs(lambda workdir: not Path(workdir).exists())
     yield True
-    subprocess.run(["scancel", f"--user={getpass.getuser()}"], capture_output=True, timeout=30)
+    base = str(tmp_path_factory.getbasetemp().resolve())
+    _cancel_jobs(lambda workdir: workdir == base or workdir.startswith(base + os.sep))
+
+
+def _cancel_jobs(matches) -> None:
+    out = subprocess.run(["squeue", "--noheader", f"--user={getpass.getuser()}", "--format=%i|%Z"],
+                         capture_output=True, text=True, timeout=30)
+    ids = [job for job, _, workdir in (line.partition("|") for line in out.stdout.splitlines())
+           if job.strip() and matches(workdir.strip())]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
 
 
 def squeue_ids() -> set:
