@@ -1,1 +1,2 @@
-"""The bridge from an Open OnDemand job to the portal: the connection file notebooks read."""
+"""The bridge from an Open OnDemand session to the portal: launch (the portal in the session's job, and the
+cleanup when it ends), connection.json for notebooks, and site.rb, which the app's ERB files load."""

@@ -38,8 +38,10 @@ def create_app(config: Optional[Mapping[str, Any]] = None) -> Flask:
     from .api import bp as api_bp
     from .prefix import PrefixMiddleware
     from .proxy import init_proxy
+    from .ui import bp as ui_bp
 
     app.register_blueprint(api_bp)
+    app.register_blueprint(ui_bp)
     init_proxy(app)
     app.wsgi_app = PrefixMiddleware(app.wsgi_app, settings.url_prefix)
 

@@ -7,7 +7,7 @@ import secrets
 import threading
 import time
 from typing import Optional
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from flask import Blueprint, current_app, g, jsonify, redirect, render_template, request, session
 from flask.sessions import SecureCookieSessionInterface
@@ -131,7 +131,15 @@ def authenticate():
                 return response
         g.principal, g.via_cookie = "owner", True
         return None
+    if request.blueprint == "ui" and request.method in SAFE_METHODS and prefers_html():
+        here = request.script_root + request.full_path.rstrip("?")
+        return redirect(f"{request.script_root}/login?{urlencode({'next': here})}")
     return unauthorized("authentication required: send the portal token as 'Authorization: Bearer <token>'")
+
+
+def prefers_html() -> bool:
+    """A browser asking for a page (scripts and API clients get the 401 JSON)."""
+    return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
 
 
 def require_owner() -> None:
@@ -197,8 +205,7 @@ def logout():
 @bp.get("/api/keys")
 def list_keys():
     require_owner()
-    keys = ApiKey.query.filter_by(revoked_at=None).order_by(ApiKey.created_at).all()
-    return jsonify(keys=[key.to_dict() for key in keys])
+    return jsonify(keys=[key.to_dict() for key in list_api_keys()])
 
 
 @bp.post("/api/keys")
@@ -216,6 +223,11 @@ def revoke_key(key_id):
     require_owner()
     revoke_api_key(key_id)
     return jsonify(revoked=key_id)
+
+
+def list_api_keys() -> list:
+    """The keys in use (not revoked), oldest first."""
+    return ApiKey.query.filter_by(revoked_at=None).order_by(ApiKey.created_at).all()
 
 
 def create_api_key(name) -> tuple:

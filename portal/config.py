@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional
 import yaml
 
 SCHEDULER_KINDS = ("slurm", "local")
+DEFAULT_SITE_CONFIG = Path("/etc/pilotfish/site.yml")
 
 
 class ConfigError(Exception):
@@ -31,6 +32,8 @@ class Config:
     home_dir: Optional[Path] = None  # the user's own models/ and images/ (default: PILOTFISH_HOME)
     resource_specs: Optional[Path] = None  # default: cache_dir/resource_specs.yaml
     runtimes: dict = field(default_factory=dict)
+    engines: dict = field(default_factory=dict)  # model format -> engine name (see catalog.kinds)
+    exporters: dict = field(default_factory=dict)  # monitoring exporters started in service jobs (see monitoring)
     scheduler_timeout: float = 30.0
     health_timeout: float = 3.0
     health_concurrency: int = 16
@@ -38,7 +41,7 @@ class Config:
     proxy_connect_timeout: float = 5.0
     proxy_read_timeout: float = 600.0  # seconds to wait for an answer's first byte (long generations)
     url_prefix: str = ""  # e.g. /node/<host>/<port> behind Open OnDemand
-    job_time_limit_cap: Optional[int] = None  # minutes; set when the portal itself runs in a job
+    job_deadline: Optional[float] = None  # epoch seconds the portal's own job ends: child jobs must end by then
     testing: bool = False
 
     @property
@@ -94,6 +97,8 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
 
     home = Path(overrides.pop("home", None) or env.get("PILOTFISH_HOME") or Path.home() / ".pilotfish").expanduser()
     site_path = overrides.pop("site_config_path", None) or env.get("PILOTFISH_SITE_CONFIG")
+    if not site_path and DEFAULT_SITE_CONFIG.is_file():  # where admins put it (the OOD form looks there too)
+        site_path = DEFAULT_SITE_CONFIG
     site: dict = {}
     if site_path:
         site_path = Path(site_path).expanduser()
@@ -116,9 +121,16 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
     runtimes = pick("runtimes", None, {}) or {}
     if not isinstance(runtimes, dict):
         raise ConfigError("runtimes: expected a mapping of service kind to runtime")
+    engines = pick("engines", None, {}) or {}
+    if not isinstance(engines, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in engines.items()):
+        raise ConfigError("engines: expected a mapping of model format to engine, e.g. {gguf: llama-cpp}")
+    from .catalog.kinds import ENGINES  # noqa: E402 (kinds imports this module)
+    for model_format, engine in engines.items():
+        if engine not in ENGINES:
+            raise ConfigError(f"engines.{model_format}: unknown engine {engine!r} (known: {', '.join(ENGINES)})")
     home_dir = pick("home_dir", "PILOTFISH_HOME_DIR", None)
     specs = pick("resource_specs", "PILOTFISH_RESOURCE_SPECS", None)
-    cap = pick("job_time_limit_cap", "PILOTFISH_JOB_TIME_LIMIT_CAP", None)
+    deadline = pick("job_deadline", "PILOTFISH_JOB_DEADLINE", None)
 
     config = Config(
         home=home,
@@ -132,6 +144,8 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         home_dir=Path(home_dir).expanduser() if home_dir else home,
         resource_specs=Path(specs).expanduser() if specs else None,
         runtimes=runtimes,
+        engines=engines,
+        exporters=_site_exporters(pick("exporters", None, {})),
         scheduler_timeout=_number("scheduler_timeout", pick("scheduler_timeout", None, 30.0), 1),
         health_timeout=_number("health_timeout", pick("health_timeout", None, 3.0), 0.1),
         health_concurrency=int(_number("health_concurrency", pick("health_concurrency", None, 16), 1)),
@@ -139,12 +153,18 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         proxy_connect_timeout=_number("proxy_connect_timeout", pick("proxy_connect_timeout", None, 5.0), 0.1),
         proxy_read_timeout=_number("proxy_read_timeout", pick("proxy_read_timeout", None, 600.0), 0.1),
         url_prefix=_prefix(pick("url_prefix", "PILOTFISH_URL_PREFIX", "")),
-        job_time_limit_cap=int(_number("job_time_limit_cap", cap, 1)) if cap not in (None, "") else None,
+        job_deadline=_number("job_deadline", deadline, 0) if deadline not in (None, "") else None,
         testing=bool(overrides.pop("testing", False)),
     )
     if overrides:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(overrides))}")
     return config
+
+
+def _site_exporters(value) -> dict:
+    from .monitoring import parse_exporters  # noqa: E402 (monitoring imports this module)
+
+    return parse_exporters(value)
 
 
 def prepare_home(config: Config) -> None:

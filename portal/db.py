@@ -18,6 +18,41 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def _add_missing_columns(engine) -> None:
+    """Columns added to a table since a database was created (nullable, no default): ALTER TABLE ADD COLUMN."""
+    from sqlalchemy import inspect, text
+    from sqlalchemy.exc import OperationalError
+
+    inspector = inspect(engine)
+    with engine.begin() as connection:
+        for table in db.metadata.sorted_tables:
+            if not inspector.has_table(table.name):
+                continue
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present and column.nullable and column.default is None:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    try:
+                        with connection.begin_nested():
+                            connection.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'))
+                    except OperationalError as exc:  # another worker added it between the check and here
+                        if "duplicate column" not in str(exc):
+                            raise
+
+
+def _create_tables(attempts: int = 5) -> None:
+    """create_all, again if another worker created a table between the check and the CREATE (a fresh database)."""
+    from sqlalchemy.exc import OperationalError
+
+    for attempt in range(attempts):
+        try:
+            db.create_all()
+            return
+        except OperationalError as exc:
+            if "already exists" not in str(exc) or attempt == attempts - 1:
+                raise
+
+
 def init_db(app) -> None:
     """Bind the database to the app and create missing tables."""
     url = app.config["SQLALCHEMY_DATABASE_URI"]
@@ -31,7 +66,8 @@ def init_db(app) -> None:
             engine.dispose()  # connections made before the listener get the pragmas too
         from . import models  # noqa: F401  (registers the tables)
 
-        db.create_all()
+        _create_tables()
+        _add_missing_columns(engine)
         path = engine.url.database
         if engine.dialect.name == "sqlite" and path and os.path.exists(path):
             os.chmod(path, 0o600)  # holds service API keys

@@ -21,9 +21,23 @@ threads = int(os.environ.get("PILOTFISH_THREADS", "256"))  # gthread only: concu
 timeout = 0  # no worker timeout at all: a stream of any length is never cut (and no heartbeat kills workers)
 graceful_timeout = 10  # on stop, streams still open get this long
 keepalive = 75
+control_socket_disable = True  # gunicorn >= 27 would share one ~/.gunicorn/gunicorn.ctl between all servers of a user
 accesslog = "-"
 # Request lines only, never headers or query strings that might carry a credential.
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
+
+
+def on_starting(server):
+    """Before any worker starts: each worker keeps its metrics in files of one folder, added up by /metrics."""
+    from portal.metrics import prepare_multiprocess_dir
+
+    prepare_multiprocess_dir()
+
+
+def child_exit(server, worker):
+    from portal.metrics import worker_exited
+
+    worker_exited(worker.pid)
 
 
 def on_exit(server):

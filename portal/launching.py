@@ -3,19 +3,22 @@ from __future__ import annotations
 
 import re
 import shlex
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
 import jinja2
 
+from .catalog.gguf import chat_format_for
 from .catalog.images import ImageFile, find_image, pins_from_runtimes
-from .catalog.kinds import KINDS, Runtime, check_engine_args, get_kind, runtime_for
+from .catalog.kinds import KINDS, Runtime, check_engine_args, engine_for, get_kind, runtime_for
 from .catalog.models import ModelRevision, find_revision, validate_repo_id, validate_revision
 from .catalog.tiers import (ResourceSpecs, Tier, TierSpecError, check_model_fits, check_time, load_site_specs,
                             recommend, resolve_tier, tier_resources)
 from .errors import UnavailableError, ValidationError
 from .models import Service
+from .monitoring import exporters_for
 from .scheduler import Resources
 from .scheduler.slurm import sbatch_arguments
 
@@ -50,6 +53,7 @@ class LaunchPlan:
     resources: Resources
     arguments: List[str]
     image: Optional[ImageFile] = None
+    exporters: List[dict] = field(default_factory=list)  # monitoring exporters the job starts (site config)
 
     def to_dict(self) -> dict:
         return {"kind": self.request.kind, "model": self.model.repo_id, "revision": self.model.revision,
@@ -57,7 +61,8 @@ class LaunchPlan:
                 "size_gb": round(self.model.size_gb, 3), "tier": self.tier.ref if self.tier else None,
                 "tier_reason": self.tier_reason, "resources": resources_dict(self.resources),
                 "sbatch": sbatch_arguments(Path("<job dir>"), "<job name>", self.resources),
-                "runtime": self.runtime.runtime, "image": str(self.image.path) if self.image else None,
+                "engine": self.runtime.engine.name, "runtime": self.runtime.runtime,
+                "image": str(self.image.path) if self.image else None,
                 "arguments": self.arguments}
 
 
@@ -179,12 +184,12 @@ def site_specs(config) -> ResourceSpecs:
 def plan_launch(request: LaunchRequest, config) -> LaunchPlan:
     """Decide model snapshot, tier, resources, runtime and server arguments, with a clear error for each refusal."""
     kind = get_kind(request.kind)
-    runtime = runtime_for(config, kind)
-    check_engine_args(runtime, request.engine_args)
     model = find_revision(request.model, request.revision, cache_dir=config.cache_dir, home_dir=config.home_dir)
     if model.kind and model.kind != kind.name:
         raise ValidationError("model", f"{model.repo_id} is a {model.kind} model, not {kind.name}: "
                                        f"launch it as {model.kind}")
+    runtime = runtime_for(config, kind, engine_for(config, kind, model.meta.get("format")))
+    check_engine_args(runtime, request.engine_args)
     specs = site_specs(config)
     if request.tier:
         tier = resolve_tier(specs, request.tier)
@@ -193,8 +198,11 @@ def plan_launch(request: LaunchRequest, config) -> LaunchPlan:
         recommendation = recommend(specs, model.repo_id, model.size_gb)
         tier, reason = recommendation.tier, recommendation.reason
     minutes = check_time(specs, request.time)
-    if config.job_time_limit_cap is not None:
-        minutes = min(minutes, config.job_time_limit_cap)
+    if config.job_deadline is not None:  # the portal runs in a job: its children end by the time it does
+        left = int((config.job_deadline - time.time()) // 60)
+        if left < 1:
+            raise ValidationError("time", "the portal's own job ends within a minute: start a new session")
+        minutes = min(minutes, left)
     if tier is not None:
         check_model_fits(tier, model.size_gb, model.repo_id, force=request.force)
         resources = tier_resources(tier, minutes)
@@ -208,10 +216,18 @@ def plan_launch(request: LaunchRequest, config) -> LaunchPlan:
         resources.gres = request.resources.get("gres")
     image = None
     if runtime.runtime == "apptainer":
-        image = find_image(kind.name, cache_dir=config.cache_dir, home_dir=config.home_dir, image=request.image,
-                           pins=pins_from_runtimes(config.runtimes))
-    arguments = kind.server_arguments(str(model.path), model.repo_id, resources.gpus) + request.engine_args
-    return LaunchPlan(request, runtime, model, tier, reason, resources, arguments, image)
+        image = find_image(runtime.config_key or kind.name, cache_dir=config.cache_dir, home_dir=config.home_dir,
+                           image=request.image, pins=pins_from_runtimes(config.runtimes))
+    model_file = str(model.path / model.meta["model_file"]) if model.meta.get("model_file") else None
+    arguments = runtime.engine.server_arguments(str(model.path), model.repo_id, resources.gpus,
+                                                cpus=resources.cpus or 1, model_file=model_file)
+    if runtime.engine.name == "llama-cpp" and model_file and "--chat_format" not in request.engine_args:
+        chat_format = chat_format_for(Path(model_file))
+        if chat_format:  # the file has no chat template of its own: chats would come back empty
+            arguments += ["--chat_format", chat_format]
+    arguments += request.engine_args
+    return LaunchPlan(request, runtime, model, tier, reason, resources, arguments, image,
+                      exporters=exporters_for(config, resources.gpus))
 
 
 # --- the job script -----------------------------------------------------------------------------------
@@ -232,7 +248,7 @@ def render_job_script(service: Service, plan: LaunchPlan) -> str:
     return _jinja.get_template(f"{plan.runtime.runtime}.sh.j2").render(
         service=service, runtime=plan.runtime, job_dir=service.job_dir, model_path=str(plan.model.path),
         model_root=str(model_root), arguments=plan.arguments, gpus=plan.resources.gpus,
-        image_path=str(plan.image.path) if plan.image else "")
+        image_path=str(plan.image.path) if plan.image else "", exporters=plan.exporters)
 
 
 def resources_dict(resources: Resources) -> dict:

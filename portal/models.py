@@ -36,6 +36,8 @@ class Service(db.Model):
     id = db.Column(db.String(16), primary_key=True)
     name = db.Column(db.String(100), nullable=False)
     kind = db.Column(db.String(40), nullable=False)
+    engine = db.Column(db.String(40))  # vllm, llama-cpp, whisper (see catalog.kinds)
+    health_path = db.Column(db.String(200))  # what the reconciler probes
     model = db.Column(db.String(300), nullable=False)
     revision = db.Column(db.String(100))
     tier = db.Column(db.String(100))
@@ -92,6 +94,7 @@ class Service(db.Model):
             "id": self.id,
             "name": self.name,
             "kind": self.kind,
+            "engine": self.engine,
             "model": self.model,
             "revision": self.revision,
             "tier": self.tier,
@@ -106,6 +109,7 @@ class Service(db.Model):
             "time_limit": self.time_limit,
             "created_at": iso(self.created_at),
             "submitted_at": iso(self.submitted_at),
+            "job_started_at": iso(self.job_started_at),
             "ready_at": iso(self.ready_at),
             "ended_at": iso(self.ended_at),
             "last_activity": iso(self.last_activity),
@@ -189,3 +193,47 @@ class DownloadRecord(db.Model):
     def to_dict(self) -> dict:
         import json
         return json.loads(self.data_json)
+
+
+class BenchmarkRun(db.Model):
+    """A load benchmark of one service; kept after the service is gone, so runs of a model and tier compare."""
+    __tablename__ = "benchmark_runs"
+
+    id = db.Column(db.String(16), primary_key=True)
+    service_id = db.Column(db.String(16), nullable=False, index=True)
+    service_name = db.Column(db.String(100))
+    kind = db.Column(db.String(40))
+    model = db.Column(db.String(300), nullable=False, index=True)
+    tier = db.Column(db.String(100))
+    state = db.Column(db.String(16), nullable=False)  # RUNNING, DONE, FAILED, CANCELLED
+    mode = db.Column(db.String(16), nullable=False)  # load, or sweep over client counts
+    target = db.Column(db.String(16), nullable=False)  # portal (through the proxy) or direct (to the engine)
+    params_json = db.Column(db.Text, nullable=False)
+    summary_json = db.Column(db.Text)  # the figures without the per-request lists
+    result_json = db.deferred(db.Column(db.Text))  # everything, per-request lists included
+    error = db.Column(db.Text)
+    pid = db.Column(db.Integer)
+    pid_started = db.Column(db.Float)  # the process's start time, so a recycled pid is never taken for it
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    finished_at = db.Column(db.DateTime)
+
+    def to_dict(self, full: bool = False) -> dict:
+        data = {
+            "id": self.id,
+            "service_id": self.service_id,
+            "service_name": self.service_name,
+            "kind": self.kind,
+            "model": self.model,
+            "tier": self.tier,
+            "state": self.state,
+            "mode": self.mode,
+            "target": self.target,
+            "params": json.loads(self.params_json),
+            "created_at": iso(self.created_at),
+            "finished_at": iso(self.finished_at),
+            "error": self.error,
+            "summary": json.loads(self.summary_json) if self.summary_json else None,
+        }
+        if full:
+            data["result"] = json.loads(self.result_json) if self.result_json else None
+        return data

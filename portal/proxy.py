@@ -14,6 +14,7 @@ from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionErro
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.formparser import MultiPartParser
 
+from . import metrics
 from .db import db
 from .models import Service, State, utcnow
 
@@ -164,7 +165,8 @@ def forward(route: Route, upstream_path: str, body=None) -> Response:
         url += "?" + request.query_string.decode("latin-1")
     directory = _directory()
     directory.begin(route.id)
-    data = _request_body(body)
+    watch = metrics.watch_proxy(route.id, route.model, request.method, upstream_path)
+    data = _request_body(watch.prepare(body))
     if isinstance(data, _LengthBody):
         headers["Content-Length"] = str(len(data))  # urllib3 would send a file-like body chunked
     try:
@@ -174,28 +176,33 @@ def forward(route: Route, upstream_path: str, body=None) -> Response:
                                                               read=config.proxy_read_timeout))
     except NewConnectionError as exc:
         directory.end(route.id)
+        watch.failed("refused")
         return openai_error(502, f"service {route.id} ({route.model}) refused the connection at "
                                  f"{route.host}:{route.port} ({type(exc).__name__})", "upstream_error",
                             "upstream_unreachable")
     except (ConnectTimeoutError, ReadTimeoutError):
         directory.end(route.id)
+        watch.failed("timeout")
         return openai_error(504, f"service {route.id} ({route.model}) did not answer within "
                                  f"{config.proxy_read_timeout:g} s", "upstream_timeout", "upstream_timeout")
     except (HTTPError, OSError) as exc:
         directory.end(route.id)
+        watch.failed("connection")
         return openai_error(502, f"service {route.id} ({route.model}) refused the connection at "
                                  f"{route.host}:{route.port} ({type(exc).__name__})", "upstream_error",
                             "upstream_unreachable")
     except Exception:
         directory.end(route.id)
         raise
+    watch.answered(upstream.status, upstream.headers)
 
     out_headers = [(key, value) for key, value in upstream.headers.items() if key.lower() not in RESPONSE_DROP]
     chunked = "chunked" in upstream.headers.get("Transfer-Encoding", "").lower()
     if not chunked and "Content-Length" in upstream.headers:
         out_headers.append(("Content-Length", upstream.headers["Content-Length"]))
     if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-        out_headers.append(("X-Accel-Buffering", "no"))
+        if "X-Accel-Buffering" not in upstream.headers:
+            out_headers.append(("X-Accel-Buffering", "no"))
         if "Cache-Control" not in upstream.headers:
             out_headers.append(("Cache-Control", "no-cache"))
     app = current_app._get_current_object()
@@ -208,14 +215,16 @@ def forward(route: Route, upstream_path: str, body=None) -> Response:
         finished.append(True)
         upstream.close()
         upstream.release_conn()  # (a fully read response went back to the pool already)
+        watch.finish()
         with app.app_context():
             directory.end(route.id)
 
     def relay():
         try:
-            for data in upstream.stream(CHUNK, decode_content=False):
+            for data in watch.relay(upstream.stream(CHUNK, decode_content=False)):
                 yield data
         except (HTTPError, OSError) as exc:
+            watch.failed("interrupted")
             log.info("stream from service %s ended early: %s", route.id, type(exc).__name__)
         finally:
             finish()
@@ -252,7 +261,9 @@ def service_proxy(service_id: str, path: str):
             row = db.session.query(Service.state).filter_by(id=service_id).first() if len(service_id) <= 16 else None
             return _not_running(service_id, row.state if row else None)
         return _not_running(service_id, route.state)
-    return forward(route, "/" + path)
+    # A completion's JSON body is read first, so a stream can ask for the usage event (see metrics.ProxyWatch).
+    body = metrics.small_json_body(request) if path.endswith("completions") else None
+    return forward(route, "/" + path, body)
 
 
 # --- the /v1 gateway ------------------------------------------------------------------------------------

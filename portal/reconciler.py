@@ -18,6 +18,7 @@ from .catalog.inventory import refresh_in_background
 from .catalog.kinds import KINDS, runtime_for
 from .db import db
 from .models import Condition, Service, State, utcnow
+from .monitoring import CycleMonitor, serving_targets, write_portal_target
 from .scheduler import JobInfo, JobState, SchedulerUnreachable
 from .services import SUBMISSION_GRACE, job_query, log_excerpt, transition
 
@@ -76,7 +77,9 @@ class Reconciler:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._lock_fd: Optional[int] = None
+        self._monitor = CycleMonitor(self.config.home)
         # Health paths are fixed once the site config is read; probes share one bounded pool for the portal's life.
+        # For services recorded without their own health path.
         self._health_paths = {name: runtime_for(self.config, kind).health_path for name, kind in KINDS.items()}
         self._probe_pool = ThreadPoolExecutor(max_workers=self.config.health_concurrency,
                                               thread_name_prefix="pilotfish-probe")
@@ -121,6 +124,7 @@ class Reconciler:
         self._lock_fd = fd
         log.info("reconciler: worker pid %d leads", os.getpid())
         refresh_in_background(self.app)  # the model inventory is rescanned at every portal start
+        write_portal_target(self.config.home)
         return True
 
     def _run(self) -> None:
@@ -178,10 +182,12 @@ class Reconciler:
             results = self._probe_all(to_probe)
             for service, (ok, detail) in zip(to_probe, results):
                 report.transitions += self._apply_probe(service, ok, detail)
+        served = serving_targets(services)  # read before the commit expires the rows
         db.session.commit()
         report.busy = any(service.state in FAST_POLL_STATES for service in services)
         report.scheduler_calls = getattr(self.scheduler, "calls", 0) - calls_before
         report.seconds = time.monotonic() - started
+        self._monitor.after_cycle(report, served)
         return report
 
     def _apply(self, service: Service, info: JobInfo) -> int:
@@ -223,8 +229,9 @@ class Reconciler:
         return State.FAILED, reason
 
     def _probe_all(self, services: List[Service]) -> List[tuple]:
-        targets = [(f"http://{service.host}:{service.port}{self._health_paths.get(service.kind, '/health')}",
-                    service.api_key) for service in services]
+        targets = [(f"http://{service.host}:{service.port}"
+                     f"{service.health_path or self._health_paths.get(service.kind, '/health')}", service.api_key)
+                    for service in services]
         return list(self._probe_pool.map(lambda target: self._probe(*target), targets))
 
     def _probe(self, url: str, key: str) -> tuple:

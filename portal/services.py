@@ -95,6 +95,8 @@ def launch(body) -> Service:
         id=service_id,
         name=request.name or f"{request.kind}-{request.model.rsplit('/', 1)[-1]}"[:100],
         kind=request.kind,
+        engine=plan.runtime.engine.name,
+        health_path=plan.runtime.health_path,
         model=plan.model.repo_id,
         revision=plan.model.revision,
         tier=plan.tier.ref if plan.tier else None,
@@ -204,6 +206,11 @@ def prune() -> List[str]:
         removed.append(service.id)
     db.session.commit()
     return removed
+
+
+def read_job_script(service: Service) -> str:
+    """The job script submitted for the service ('' once its job directory is gone)."""
+    return read_tail(Path(service.job_dir) / "job.sh", max_bytes=256 * 1024)
 
 
 def read_log(service: Service, tail: int = 200) -> str:

@@ -10,6 +10,7 @@ command -v shellcheck > /dev/null || missing+=(shellcheck)
 command -v chromium > /dev/null || missing+=(chromium)      # browser tests (Playwright drives it)
 command -v ruby > /dev/null || missing+=(ruby)              # renders the Open OnDemand app's ERB as OOD does
 command -v espeak-ng > /dev/null || missing+=(espeak-ng)    # speech for the transcription tests
+command -v prometheus > /dev/null || missing+=(prometheus prometheus-node-exporter)  # runs docs/prometheus.yml
 if [ ${#missing[@]} -gt 0 ]; then           # Debian packages the tests use
   echo "tests/run.sh: installing ${missing[*]}" >&2
   apt-get install -y -qq "${missing[@]}" > /dev/null || { apt-get update -qq && apt-get install -y -qq "${missing[@]}" > /dev/null; }

@@ -69,7 +69,7 @@ def one_line_error(result, code, *fragments):
 
 COMMANDS = [["status"], ["doctor"], ["run"], ["ls"], ["details"], ["logs"], ["stop"], ["rm"], ["prune"],
             ["models", "ls"], ["models", "add"], ["models", "rm"], ["images", "ls"], ["tiers"], ["keys", "create"],
-            ["keys", "ls"], ["keys", "revoke"], ["apply"], ["start"]]
+            ["keys", "ls"], ["keys", "revoke"], ["apply"], ["start"], ["cluster"], ["demo"]]
 
 
 def test_every_command_has_help_with_an_example(env):
@@ -132,6 +132,13 @@ def test_service_lifecycle_through_the_cli(env, portal):
     assert details["id"] == service_id and details["events"][-1]["to"] == "RUNNING"
     text = ok(pf(env, "details", prefix)).stdout
     assert "events" in text and "phases" in text and "-> RUNNING" in text
+    assert re.search(r"^engine +vllm$", text, re.M), text
+
+    cluster = ok(pf(env, "cluster")).stdout
+    assert re.search(rf"^\d+ +{service_id} +", cluster, re.M), cluster  # the job, linked to its service
+    assert re.search(r"^cpu\* +up ", cluster, re.M), cluster
+    overview = json.loads(ok(pf(env, "cluster", "--json")).stdout)
+    assert [job["service_id"] for job in overview["queue"] if job["job_id"] == details["job_id"]] == [service_id]
 
     assert ok(pf(env, "logs", prefix, "--tail", "5")).stdout.strip()
     status = ok(pf(env, "status")).stdout

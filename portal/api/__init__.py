@@ -5,4 +5,4 @@ from flask import Blueprint
 
 bp = Blueprint("api", __name__)
 
-from . import catalog, services  # noqa: E402,F401  (registers the routes)
+from . import benchmarks, catalog, cluster, metrics, services  # noqa: E402,F401  (registers the routes)

@@ -23,7 +23,7 @@ def health():
     return jsonify(status="ok", scheduler="unreachable" if scheduler and not scheduler["ok"] else "ok")
 
 
-@bp.get("/")
+@bp.get("/api")
 def index():
     """What this portal offers, for a person or a script that lands on its root."""
     root = request.script_root
@@ -70,6 +70,13 @@ def service_logs(service_id):
         raise ValidationError("tail", f"expected a number of lines, got {tail_text!r}")
     service = services.get_service(service_id)
     return jsonify(id=service.id, log=services.read_log(service, int(tail_text)))
+
+
+@bp.get("/api/services/<service_id>/script")
+def service_script(service_id):
+    """The job script that was submitted for the service."""
+    service = services.get_service(service_id)
+    return jsonify(id=service.id, script=services.read_job_script(service))
 
 
 @bp.post("/api/services/<service_id>/stop")

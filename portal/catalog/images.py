@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from ..errors import ValidationError
-from .kinds import KINDS
+from .kinds import ENGINES, KINDS
 
 # The images Pilotfish is tested against, per kind; a site changes them with `pins` (see pinned_images).
 DEFAULT_PINS: Dict[str, str] = {
@@ -56,11 +56,12 @@ def sif_name(ref: str) -> str:
 
 
 def pinned_images(pins: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
-    """kind -> image reference: the defaults, replaced by the site's `pins` (an image ref or a .sif file name)."""
+    """kind (or engine) -> image reference: the defaults, replaced by the site's `pins` (an image ref or a .sif name)."""
     merged = dict(DEFAULT_PINS)
     for kind, ref in (pins or {}).items():
-        if kind not in KINDS:
-            raise ValidationError("kind", f"unknown service kind {kind!r} in the image pins (known: {', '.join(KINDS)})")
+        if kind not in KINDS and kind not in ENGINES:
+            raise ValidationError("kind", f"unknown service kind or engine {kind!r} in the image pins "
+                                          f"(known: {', '.join([*KINDS, *ENGINES])})")
         sif_name(ref)  # checks it
         merged[kind] = ref
     return merged
@@ -115,7 +116,8 @@ def wanted_file(kind: str, image: Optional[str] = None, pins: Optional[Mapping[s
     """
     pinned = pinned_images(pins)
     if kind not in pinned:
-        raise ValidationError("kind", f"unknown service kind {kind!r} (known: {', '.join(pinned)})")
+        raise ValidationError("image", f"no image is pinned for {kind}: set runtimes.{kind}.image in the site config "
+                                       f"(pinned: {', '.join(pinned)})")
     ref = pinned[kind]
     if image is None:
         return sif_name(ref), ref

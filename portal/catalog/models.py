@@ -128,6 +128,28 @@ def _weight_files(snapshot: Path) -> List[Path]:
     return sorted(snapshot.glob("*.safetensors"))
 
 
+GGUF_SPLIT = re.compile(r"^(?P<stem>.+)-\d{5}-of-\d{5}\.gguf$")
+GGUF_PREFERRED = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q8_0")  # the usual default quantizations, best first
+
+
+def gguf_variants(files: List[Path]) -> Dict[str, List[Path]]:
+    """GGUF files grouped into models: name -> files (a split model's parts in order, its first part first)."""
+    groups: Dict[str, List[Path]] = {}
+    for path in sorted(files):
+        match = GGUF_SPLIT.match(path.name)
+        groups.setdefault(match["stem"] if match else path.name[:-len(".gguf")], []).append(path)
+    return groups
+
+
+def choose_gguf(variants: Dict[str, List[Path]]) -> str:
+    """The variant a launch loads: a usual default quantization when there is one, else the first by name."""
+    for preferred in GGUF_PREFERRED:
+        for name in sorted(variants):
+            if preferred.lower() in name.lower():
+                return name
+    return sorted(variants)[0]
+
+
 def describe_snapshot(snapshot: Path) -> dict:
     """What a snapshot holds, from local files only: format, kind, parameters, dtype, weights_bytes, architectures.
 
@@ -156,8 +178,12 @@ def describe_snapshot(snapshot: Path) -> dict:
             out.update(format="ctranslate2", kind="speech-recognition",
                        weights_bytes=(snapshot / "model.bin").stat().st_size)
         elif ggufs:
+            variants = gguf_variants(ggufs)
+            chosen = choose_gguf(variants)
             out.update(format="gguf", kind=out["kind"] or "text-generation",
-                       weights_bytes=max(p.stat().st_size for p in ggufs))
+                       weights_bytes=sum(p.stat().st_size for p in variants[chosen]),
+                       model_file=str(variants[chosen][0].relative_to(snapshot)),
+                       gguf_variants=sorted(variants))
         elif list(snapshot.glob("pytorch_model*.bin")):
             out.update(format="pytorch", weights_bytes=sum(p.stat().st_size for p in snapshot.glob("pytorch_model*.bin")))
     except (OSError, ValueError, RecursionError) as exc:

@@ -22,25 +22,8 @@ PARTITION_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 SLURM_VALUE = re.compile(r"^[^\s\x00-\x1f\x7f]{1,200}$")
 TEXT = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
 
-# The seed's example file, minus its site-specific labels (gpu_type a100, constraint gpu80): a cluster without
-# them would reject every job of the default Small tier.
-DEFAULT_SPECS = {
-    "time": {"default": 30, "max": 180},
-    "partitions": {
-        "gpu": {"default": True, "tiers": [
-            {"name": "Small", "description": "Small models (up to 16GB)", "max_model_size_gb": 16,
-             "gpu_count": 1, "cpu_cores": 4, "memory_gb": 16},
-            {"name": "Medium", "description": "Medium models (up to 80GB)", "max_model_size_gb": 80,
-             "gpu_count": 2, "cpu_cores": 8, "memory_gb": 32},
-            {"name": "Large", "description": "Large models (80GB+)", "max_model_size_gb": None,
-             "gpu_count": 4, "cpu_cores": 16, "memory_gb": 64},
-        ]},
-        "cpu": {"default": False, "tiers": [
-            {"name": "CPU Only", "description": "For testing or small models", "max_model_size_gb": 2,
-             "gpu_count": 0, "cpu_cores": 4, "memory_gb": 8},
-        ]},
-    },
-}
+# The tiers without a resource_specs.yaml; the Open OnDemand form (ood_app/site.rb) reads the same file.
+DEFAULT_SPECS_FILE = Path(__file__).resolve().with_name("default_resource_specs.yaml")
 
 
 class TierSpecError(ConfigError):
@@ -261,7 +244,7 @@ def parse_specs(text: Union[str, bytes], source: str = SPECS_FILE) -> ResourceSp
 
 def default_specs() -> ResourceSpecs:
     """The built-in tiers used when the site has no resource_specs.yaml: CPU Only, Small, Medium, Large."""
-    specs = _build(DEFAULT_SPECS, "")
+    specs = parse_specs(DEFAULT_SPECS_FILE.read_bytes(), str(DEFAULT_SPECS_FILE))
     specs.source = None
     return specs
 

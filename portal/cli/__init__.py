@@ -130,5 +130,5 @@ def main(ctx, url, token):
     ctx.obj = {"url": url, "token": token}
 
 
-from . import apply, catalog, doctor, services  # noqa: E402,F401  (importing registers the commands)
+from . import apply, bench, catalog, cluster, demo, doctor, services  # noqa: E402,F401  (importing registers the commands)
 

@@ -1,10 +1,11 @@
-"""`pilotfish doctor`: checks the site setup (Slurm, cache_dir, tiers, runtimes) without a portal."""
+"""`pilotfish doctor`: checks the site setup (Slurm, cache_dir, tiers, runtimes, the OOD app) without a portal."""
 from __future__ import annotations
 
 import os
 import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 import click
 
@@ -14,7 +15,7 @@ from ..config import ConfigError, load_config
 
 @main.command()
 def doctor():
-    """Check this site's setup without a portal: Slurm, cache_dir, resource_specs.yaml, runtimes.
+    """Check this site's setup without a portal: Slurm, cache_dir, resource_specs.yaml, runtimes, the OOD app.
 
     Reads the same settings as the portal (PILOTFISH_SITE_CONFIG, PILOTFISH_HOME). One line per check,
     `ok` or `FAIL`; exits 1 if any check fails.
@@ -69,6 +70,16 @@ def _checks():
             yield True, f"cache_dir {config.cache_dir}: models/ holds {count} model repo(s)"
         else:
             yield False, f"cache_dir {config.cache_dir}: no models/ folder (expected the Hugging Face cache layout)"
+        images_dir = config.cache_dir / "images"
+        if images_dir.is_dir():
+            count = sum(1 for entry in images_dir.iterdir() if entry.suffix == ".sif")
+            yield True, f"cache_dir {config.cache_dir}: images/ holds {count} .sif image(s)"
+        elif _uses_apptainer(config):
+            yield False, f"cache_dir {config.cache_dir}: no images/ folder (the apptainer runtime takes its images there)"
+        else:
+            yield True, f"cache_dir {config.cache_dir}: no images/ folder (not needed: every runtime is native)"
+        readable = os.access(config.cache_dir, os.R_OK | os.X_OK)
+        yield readable, f"cache_dir {config.cache_dir}: " + ("readable" if readable else "not readable by this user")
     try:
         entries = scan_models(config.cache_dir, config.home_dir, metadata=False)
         yield True, f"models: {len(entries)} found in cache_dir and home_dir"
@@ -108,6 +119,69 @@ def _checks():
                 yield True, f"runtime {kind.name}: apptainer {apptainer}, image {image.path}"
             except PortalError as exc:
                 yield False, f"runtime {kind.name}: {exc.message}"
+    yield from _ood_app_checks(config)
+
+
+def _uses_apptainer(config) -> bool:
+    from ..catalog.kinds import KINDS as KIND_TABLE, runtime_for
+
+    for kind in KIND_TABLE.values():
+        try:
+            if runtime_for(config, kind).runtime == "apptainer":
+                return True
+        except ConfigError:
+            pass  # reported by the runtime checks
+    return False
+
+
+def _ood_app_checks(config):
+    """The Open OnDemand app at the repository root: its files, the Python its jobs run, and its form rendered
+    as the dashboard renders it (when Ruby is here: on the Open OnDemand host), offering the portal's tiers."""
+    import json
+
+    from .. import ROOT
+    from ..catalog.tiers import all_tiers, load_site_specs
+
+    missing = [name for name in ("manifest.yml", "form.yml.erb", "submit.yml.erb", "view.html.erb",
+                                 "template/before.sh.erb", "template/script.sh.erb", "template/after.sh.erb")
+               if not (ROOT / name).is_file()]
+    executable = os.access(ROOT / "template" / "script.sh.erb", os.X_OK)
+    yield not missing and executable, (f"ood app {ROOT}: " + (f"missing {', '.join(missing)}" if missing else
+                                       "template/script.sh.erb is not executable (chmod +x)" if not executable else
+                                       "manifest, form, submit, view and job templates present"))
+    python = Path(os.environ.get("PILOTFISH_VENV") or ROOT / ".venv") / "bin" / "python"
+    found = os.access(python, os.X_OK)
+    yield found, f"ood app: sessions run {python}" + ("" if found else
+                                                      f": not found (python3 -m venv {python.parent.parent} && "
+                                                      f"{python.parent}/pip install -e {ROOT})")
+    ruby = shutil.which("ruby")
+    if not ruby:
+        yield True, "ood app: ruby not found, the form was not rendered here (run this check on the Open OnDemand host)"
+        return
+    render = ('require "erb"; require "json"; require "yaml"; path = ARGV[0]; begin; erb = ERB.new(File.read(path), '
+              'trim_mode: "-"); erb.filename = path; print JSON.generate(YAML.safe_load(erb.result(nil))); '
+              'rescue StandardError, ScriptError => e; warn e.message; exit 1; end')
+    result = subprocess.run([ruby, "-e", render, str(ROOT / "form.yml.erb")], capture_output=True, text=True,
+                            timeout=60)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        yield False, f"ood form: rendering failed: {lines[0] if lines else result.returncode}"
+        return
+    form = json.loads(result.stdout)
+    offered = [value for _, value, *_ in form["attributes"]["tier"]["options"]]
+    form_site = form["attributes"]["site_config"] or None
+    portal_site = str(config.site_config_path) if config.site_config_path else None
+    if form_site != portal_site:
+        yield False, (f"ood form: reads the site config {form_site or '(none)'}, this check read "
+                      f"{portal_site or '(none)'}: set PILOTFISH_SITE_CONFIG the same for both")
+        return
+    try:
+        tiers = [tier.ref for tier in all_tiers(load_site_specs(config.cache_dir, config.resource_specs))]
+    except ConfigError:
+        tiers = None  # reported above
+    agree = tiers is None or offered == tiers
+    yield agree, (f"ood form: offers {len(offered)} tier(s), as the portal" if agree else
+                  f"ood form: offers {', '.join(offered)} but the portal has {', '.join(tiers)}")
 
 
 # --- services ----------------------------------------------------------------------------------------------

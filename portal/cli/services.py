@@ -168,6 +168,7 @@ def details(ctx, service_id, as_json):
         return
     endpoint = data.get("endpoint") or {}
     for label, value in (("id", data["id"]), ("name", data["name"]), ("kind", data["kind"]),
+                         ("engine", data.get("engine") or "-"),
                          ("model", f"{data['model']} @ {data.get('revision') or '?'}"), ("tier", data.get("tier")),
                          ("state", f"{data['state']}: {data.get('reason') or ''}"),
                          ("job", f"{data.get('scheduler')} {data.get('job_id') or '-'} on {data.get('node') or '-'}"),

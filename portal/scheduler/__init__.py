@@ -87,17 +87,29 @@ class Scheduler:
     def describe(self) -> dict:
         return {"kind": self.name}
 
+    def overview(self, jobs: Iterable[JobQuery] = ()) -> dict:
+        """The cluster as its user sees it, read-only: {"partitions", "nodes", "queue"}.
+
+        partitions: name, default, available, time_limit, nodes, nodes_idle, nodes_usable, cpus_idle, cpus_total,
+        gpus_free, gpus_total; nodes: name, partitions, state, cpus_*, gpus_*, gpu_types, memory_mb; queue: the
+        user's jobs (job_id, name, partition, state, time, time_limit, nodes, where, gres). `jobs` are the jobs the
+        portal tracks, for schedulers that cannot list a user's jobs themselves.
+        """
+        raise NotImplementedError
+
 
 LOG_NAME = "job.log"
 SCRUBBED_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_")
 KEPT_VARIABLES = {"SLURM_CONF"}  # names the cluster's config, not the enclosing job
+PORTAL_VARIABLES = {"PROMETHEUS_MULTIPROC_DIR"}  # the portal's own metrics folder (portal.metrics): not the engine's
 
 
 def scrubbed_environment(base: Optional[dict] = None) -> dict:
-    """The environment minus inherited SLURM_*/SBATCH_* variables, which break sbatch inside a job."""
+    """The environment minus inherited SLURM_*/SBATCH_* variables, which break sbatch inside a job, and the
+    portal's own settings that a job's programs would misread."""
     env = dict(os.environ if base is None else base)
-    return {key: value for key, value in env.items()
-            if key in KEPT_VARIABLES or not key.startswith(SCRUBBED_PREFIXES)}
+    return {key: value for key, value in env.items() if key not in PORTAL_VARIABLES
+            and (key in KEPT_VARIABLES or not key.startswith(SCRUBBED_PREFIXES))}
 
 
 def make_scheduler(config) -> Scheduler:

@@ -106,6 +106,25 @@ class LocalScheduler(Scheduler):
                 found[job.job_id] = info
         return found
 
+    def overview(self, jobs: Iterable[JobQuery] = ()) -> dict:
+        """This host as the one node of a "local" partition; the queue is the portal's jobs that still run."""
+        cpus = psutil.cpu_count() or 1
+        busy = min(cpus, round(os.getloadavg()[0]))  # CPUs in use, by the load average
+        memory = psutil.virtual_memory()
+        host = socket.gethostname()
+        node = {"name": host, "partitions": ["local"], "state": "mixed" if busy else "idle", "cpus_alloc": busy,
+                "cpus_idle": cpus - busy, "cpus_total": cpus, "gpus_total": 0, "gpus_used": 0, "gpu_types": [],
+                "memory_mb": memory.total // 2**20, "memory_alloc_mb": (memory.total - memory.available) // 2**20}
+        partition = {"name": "local", "default": True, "available": "up", "time_limit": "infinite", "nodes": 1,
+                     "nodes_idle": int(not busy), "nodes_usable": 1, "cpus_idle": cpus - busy, "cpus_total": cpus,
+                     "gpus_free": 0, "gpus_total": 0, "gpu_types": []}
+        jobs = list(jobs)
+        infos = self.query(jobs)
+        queue = [{"job_id": job.job_id, "name": job.name, "partition": "local", "state": info.state.value,
+                  "time": "", "time_limit": "", "nodes": 1, "where": info.node or host, "gres": ""}
+                 for job in jobs for info in [infos.get(job.job_id)] if info and not info.state.finished]
+        return {"partitions": [partition], "nodes": [node], "queue": queue}
+
     def cancel(self, job_id: str, job_dir: Path) -> None:
         try:
             record = json.loads((Path(job_dir) / RECORD_FILE).read_text())

@@ -25,6 +25,10 @@ UNREACHABLE_PATTERNS = re.compile(
 )
 ACCOUNTING_DISABLED = re.compile(r"accounting storage is disabled|accounting_storage/none", re.IGNORECASE)
 SQUEUE_FORMAT = "%i|%T|%N|%r|%j"
+SINFO_NODE_FIELDS = ",".join(f"{field}:|" for field in (  # "field:|": unpadded, "|" after each
+    "NodeList", "Partition", "StateLong", "CPUsState", "Gres", "GresUsed", "Memory", "AllocMem", "Time", "Available"))
+QUEUE_FORMAT = "%i|%P|%T|%M|%l|%D|%b|%R|%j"  # the name last: it may contain '|'
+USABLE_NODE_STATES = ("idle", "mixed")  # states in which a node takes new jobs
 
 STATE_MAP = {
     "PENDING": JobState.PENDING,
@@ -198,3 +202,86 @@ class SlurmScheduler(Scheduler):
 
     def describe(self) -> dict:
         return {"kind": self.name, "user": self.user, "accounting": self.accounting}
+
+    def overview(self, jobs: Iterable[JobQuery] = ()) -> dict:
+        """Partitions and nodes from one `sinfo`, the user's jobs from one `squeue`."""
+        nodes_result = self._run(["sinfo", "--noheader", "--Node", f"--Format={SINFO_NODE_FIELDS}"])
+        self._check_query(nodes_result, "sinfo")
+        queue_result = self._run(["squeue", "--noheader", f"--user={self.user}", f"--format={QUEUE_FORMAT}"])
+        self._check_query(queue_result, "squeue")
+        partitions, nodes = parse_sinfo_nodes(nodes_result.stdout)
+        return {"partitions": partitions, "nodes": nodes, "queue": parse_user_queue(queue_result.stdout)}
+
+    def _check_query(self, result: subprocess.CompletedProcess, command: str) -> None:
+        """A read-only command that fails is the scheduler not answering, whatever Slurm's words."""
+        try:
+            self._check(result, command)
+        except SubmissionRejected as exc:
+            raise SchedulerUnreachable(f"{command} failed: {exc}")
+
+
+def _number(text: str) -> int:
+    return int(text) if text.strip().isdigit() else 0
+
+
+def parse_gpus(gres: str) -> Dict[str, int]:
+    """GPUs per type from a Slurm GRES string: "gpu:a100:4(S:0-1),gpu:2" -> {"a100": 4, "": 2}."""
+    counts: Dict[str, int] = {}
+    for item in re.sub(r"\([^)]*\)", "", gres or "").split(","):
+        match = re.fullmatch(r"gpu(?::([^:]+))?:(\d+)", item.strip())
+        if match:
+            kind = match.group(1) or ""
+            counts[kind] = counts.get(kind, 0) + int(match.group(2))
+    return counts
+
+
+def parse_sinfo_nodes(text: str) -> tuple:
+    """(partitions, nodes) from `sinfo --Node --Format=SINFO_NODE_FIELDS` (one line per node and partition)."""
+    partitions: Dict[str, dict] = {}
+    nodes: Dict[str, dict] = {}
+    for line in text.splitlines():
+        parts = [part.strip() for part in line.split("|")]
+        if len(parts) < 10 or not parts[0]:
+            continue
+        name, partition, raw_state, cpus, gres, gres_used, memory, alloc_memory, time_limit, available = parts[:10]
+        default = partition.endswith("*")
+        partition = partition.rstrip("*")
+        state = raw_state.rstrip("*~#!%$@^-+").lower()
+        alloc, idle, _other, total = ([_number(n) for n in cpus.split("/")] + [0, 0, 0, 0])[:4]
+        gpus = parse_gpus(gres)
+        used = parse_gpus(gres_used)
+        gpus_total, gpus_used = sum(gpus.values()), sum(used.values())
+        node = nodes.setdefault(name, {
+            "name": name, "partitions": [], "state": state, "cpus_alloc": alloc, "cpus_idle": idle,
+            "cpus_total": total, "gpus_total": gpus_total, "gpus_used": gpus_used,
+            "gpu_types": sorted(kind for kind in gpus if kind), "memory_mb": _number(memory),
+            "memory_alloc_mb": _number(alloc_memory)})
+        node["partitions"].append(partition)
+        usable = state in USABLE_NODE_STATES
+        entry = partitions.setdefault(partition, {
+            "name": partition, "default": default, "available": available, "time_limit": time_limit, "nodes": 0,
+            "nodes_idle": 0, "nodes_usable": 0, "cpus_idle": 0, "cpus_total": 0, "gpus_free": 0, "gpus_total": 0,
+            "gpu_types": []})
+        entry["nodes"] += 1
+        entry["nodes_idle"] += state == "idle"
+        entry["nodes_usable"] += usable
+        entry["cpus_total"] += total
+        entry["cpus_idle"] += idle if usable else 0
+        entry["gpus_total"] += gpus_total
+        entry["gpus_free"] += max(0, gpus_total - gpus_used) if usable else 0
+        entry["gpu_types"] = sorted(set(entry["gpu_types"]) | {kind for kind in gpus if kind})
+    return list(partitions.values()), list(nodes.values())
+
+
+def parse_user_queue(text: str) -> List[dict]:
+    """The user's jobs from `squeue --format=QUEUE_FORMAT`."""
+    jobs = []
+    for line in text.splitlines():
+        parts = line.strip().split("|", 8)
+        if len(parts) != 9:
+            continue
+        job_id, partition, state, elapsed, limit, count, gres, where, name = parts
+        jobs.append({"job_id": job_id, "name": name, "partition": partition, "state": state, "time": elapsed,
+                     "time_limit": limit, "nodes": _number(count), "where": where,
+                     "gres": "" if gres in ("N/A", "(null)") else gres})
+    return jobs

@@ -46,8 +46,9 @@ def test_pins_default_and_site(folders):
     assert pinned["text-generation"] == "vllm/vllm-openai:v0.6.6"
     with pytest.raises(ValidationError) as info:
         images.pinned_images({"image-generation": "x:1"})
-    assert str(info.value) == ("kind: unknown service kind 'image-generation' in the image pins (known: "
-                               "text-generation, speech-recognition)")
+    assert str(info.value) == ("kind: unknown service kind or engine 'image-generation' in the image pins (known: "
+                               "text-generation, speech-recognition, vllm, llama-cpp, whisper)")
+    assert images.pinned_images({"llama-cpp": "ghcr.io/abetlen/llama-cpp-python:v0.3.5"})["llama-cpp"].endswith("v0.3.5")
 
 
 def test_pins_from_the_site_runtimes_section():
@@ -96,8 +97,8 @@ def test_missing_image_says_what_is_there_and_how_to_get_it(folders):
         images.find_image("speech-recognition", cache_dir=cache, home_dir=home, image="mine.sif")
     assert str(info.value) == (f"image: mine.sif for speech-recognition is not in {cache}/images or {home}/images; "
                                "available: none")
-    with pytest.raises(ValidationError, match=r"^kind: unknown service kind 'chat'"):
-        images.find_image("chat", cache_dir=cache, home_dir=home)
+    with pytest.raises(ValidationError, match=r"^image: no image is pinned for llama-cpp: set runtimes.llama-cpp.image"):
+        images.find_image("llama-cpp", cache_dir=cache, home_dir=home)
     with pytest.raises(ValidationError, match=r"^image: expected a .sif file name, a tag or an image reference"):
         images.find_image("text-generation", cache_dir=cache, home_dir=home, image="v1 beta")
 

@@ -88,7 +88,8 @@ def test_scan_reads_metadata_from_local_files(dirs):
             ct2_rev.meta["parameters"]) == ("home", "speech-recognition", "ctranslate2", 4000, None)
     gguf_rev = entries["org/gemma-gguf"].revisions[0]
     assert (gguf_rev.kind, gguf_rev.meta["format"], gguf_rev.meta["weights_bytes"], gguf_rev.size_bytes) == (
-        "text-generation", "gguf", 5004, 3004 + 5004)
+        "text-generation", "gguf", 3004, 3004 + 5004)
+    assert (gguf_rev.meta["model_file"], gguf_rev.meta["gguf_variants"]) == ("gemma-Q4_K_M.gguf", ["gemma-Q4_K_M", "gemma-Q8_0"])
     bert_rev = entries["org/bert"].revisions[0]
     assert (bert_rev.kind, bert_rev.meta["parameters"], bert_rev.meta["dtype"]) == (None, 100, "float32")
     assert entries["org/llama"].to_dict()["kind"] == "text-generation"

@@ -2,7 +2,8 @@
 
 Serves on $PILOTFISH_PORT, requires $PILOTFISH_API_KEY on everything but /health, answers as $PILOTFISH_MODEL.
 Options: --token-delay S (pause between streamed tokens), --delay S (before listening), --exit CODE.
-Extra routes for tests: /echo (what arrived), /status/<code>, /slow?seconds=N, /stats (streams, disconnects).
+Extra routes for tests: /echo (what arrived), /status/<code>, /slow?seconds=N, /stats (streams, disconnects);
+/metrics answers Prometheus text without the key, as vLLM's does.
 """
 import argparse
 import hashlib
@@ -61,6 +62,15 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def send_metrics(self):
+        data = (f'# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name="{self.model}"}} 0\n'
+                f'# TYPE upstream_requests counter\nupstream_requests_total {STATS["requests"]}\n').encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def error(self, status, message):
         self.send_json(status, {"object": "error", "message": message, "type": "BadRequestError", "param": None,
                                 "code": status})
@@ -89,6 +99,8 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         if url.path == "/health":
             return self.send_json(200, {"status": "ok"})
+        if url.path == "/metrics":  # as vLLM's: Prometheus text, without the API key
+            return self.send_metrics()
         if not self.authorized():
             return None
         if url.path == "/echo":

@@ -1,0 +1,20 @@
+"""GET /metrics: the portal's metrics in the Prometheus text format (same credentials as the API), and the
+request counter every answer goes through."""
+from __future__ import annotations
+
+from flask import Response, request
+
+from .. import metrics
+from . import bp
+
+
+@bp.get("/metrics")
+def metrics_text():
+    body, content_type = metrics.exposition()
+    return Response(body, content_type=content_type)
+
+
+@bp.after_app_request
+def count_request(response):
+    metrics.instruments().count_request(request.endpoint, response.status_code)
+    return response

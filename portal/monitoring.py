@@ -1,0 +1,209 @@
+"""Monitoring targets for a site Prometheus: file-based service discovery files in PILOTFISH_HOME/prometheus/.
+
+`service-<id>.json` exists while a service is RUNNING (or UNHEALTHY): its engine's own /metrics on the node, and
+the exporters its job started (node, DCGM, ... from the site config's `exporters`, listed by the job in
+exporters.json). `portal.json` names the portal's /metrics (which needs the portal token or an API key).
+The reconciler rewrites a file only when its content changes and removes the files of services that ended.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+from urllib.parse import urlsplit
+
+from . import metrics
+from .config import ConfigError
+from .db import db
+from .models import Service
+
+log = logging.getLogger(__name__)
+
+FOLDER = "prometheus"
+SERVED_STATES = ("RUNNING", "UNHEALTHY")
+EXPORTERS_FILE = "exporters.json"  # written by the job script (templates/jobs/base.sh.j2)
+EXPORTER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+METRICS_PATH = re.compile(r"^/[A-Za-z0-9_./-]{0,200}$")
+EXPORTER_WHEN = ("always", "gpus")
+
+
+# --- the site config's exporters --------------------------------------------------------------------------
+
+def parse_exporters(value) -> Dict[str, dict]:
+    """The `exporters` section of the site config: name -> {command, metrics_path, when}.
+
+    `command` is the admin's shell words, run in the background by every service job (the port to listen on is
+    in $PILOTFISH_EXPORTER_PORT); `when: gpus` starts it only in jobs that have GPUs (DCGM).
+    """
+    if value in (None, ""):
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError("exporters: expected a mapping of exporter name to {command: ...}")
+    parsed = {}
+    for name, spec in value.items():
+        where = f"exporters.{name}"
+        if not isinstance(name, str) or not EXPORTER_NAME.match(name):
+            raise ConfigError(f"exporters: names are lower-case letters, digits and _ (such as node or dcgm), "
+                              f"got {name!r}")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: expected a mapping with `command`")
+        unknown = set(spec) - {"command", "metrics_path", "when"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(map(str, unknown)))}")
+        command = spec.get("command")
+        if not isinstance(command, str) or not command.strip() or "\n" in command:
+            raise ConfigError(f"{where}.command: expected one command line using $PILOTFISH_EXPORTER_PORT")
+        path = spec.get("metrics_path", "/metrics")
+        if not isinstance(path, str) or not METRICS_PATH.match(path):
+            raise ConfigError(f"{where}.metrics_path: expected a path such as /metrics, got {path!r}")
+        when = spec.get("when", "always")
+        if when not in EXPORTER_WHEN:
+            raise ConfigError(f"{where}.when: expected one of {', '.join(EXPORTER_WHEN)}, got {when!r}")
+        parsed[name] = {"name": name, "command": command.strip(), "metrics_path": path, "when": when}
+    return parsed
+
+
+def exporters_for(config, gpus: int) -> List[dict]:
+    """The exporters a job with `gpus` GPUs starts."""
+    return [spec for spec in (getattr(config, "exporters", None) or {}).values()
+            if spec["when"] == "always" or gpus > 0]
+
+
+# --- discovery files -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ServiceTarget:
+    """What a discovery file says about one service (read from its row before the cycle commits)."""
+    id: str
+    name: str
+    kind: str
+    model: str
+    tier: Optional[str]
+    node: Optional[str]
+    host: str
+    port: int
+    job_dir: str
+
+
+def serving_targets(services) -> List[ServiceTarget]:
+    return [ServiceTarget(service.id, service.name, service.kind, service.model, service.tier, service.node,
+                          service.host, service.port, service.job_dir)
+            for service in services if service.state in SERVED_STATES and service.port and service.host]
+
+
+def read_exporters(job_dir: str) -> Optional[List[dict]]:
+    """The exporters a job started (exporters.json), or None while the job has not written the file."""
+    try:
+        data = json.loads((Path(job_dir) / EXPORTERS_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return []
+    found = []
+    for entry in data if isinstance(data, list) else []:
+        try:
+            name, host, port = str(entry["name"]), str(entry["host"]), int(entry["port"])
+            path = str(entry.get("metrics_path") or "/metrics")
+        except (KeyError, TypeError, ValueError):
+            continue
+        if EXPORTER_NAME.match(name) and host and 0 < port < 65536 and METRICS_PATH.match(path):
+            found.append({"name": name, "host": host, "port": port, "metrics_path": path})
+    return found
+
+
+def discovery_groups(target: ServiceTarget, exporters: Iterable[dict] = ()) -> List[dict]:
+    """Prometheus file_sd target groups for one service: its engine, then its exporters."""
+    labels = {"pilotfish_service": target.id, "pilotfish_service_name": target.name, "kind": target.kind,
+              "model": target.model, "tier": target.tier or "", "node": target.node or target.host}
+    groups = [{"targets": [f"{target.host}:{target.port}"],
+               "labels": {**labels, "pilotfish_target": "engine", "__metrics_path__": "/metrics"}}]
+    for exporter in exporters:
+        groups.append({"targets": [f"{exporter['host']}:{exporter['port']}"],
+                       "labels": {**labels, "pilotfish_target": exporter["name"],
+                                  "__metrics_path__": exporter["metrics_path"]}})
+    return groups
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomically, so Prometheus never reads half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+class DiscoveryFiles:
+    """PILOTFISH_HOME/prometheus/service-<id>.json for the services that serve, kept in step by the reconciler."""
+
+    def __init__(self, home: Path):
+        self.folder = Path(home) / FOLDER
+        self._written: Dict[str, str] = {}
+        self._exporters: Dict[str, List[dict]] = {}  # exporters.json is written once, before the server starts
+
+    def path_of(self, service_id: str) -> Path:
+        return self.folder / f"service-{service_id}.json"
+
+    def sync(self, targets: Iterable[ServiceTarget]) -> None:
+        wanted: Dict[str, str] = {}
+        for target in targets:
+            exporters = self._exporters.get(target.id)
+            if exporters is None:
+                exporters = read_exporters(target.job_dir)
+                if exporters is not None:
+                    self._exporters[target.id] = exporters
+            wanted[self.path_of(target.id).name] = json.dumps(discovery_groups(target, exporters or ()), indent=2)
+        try:
+            self.folder.mkdir(mode=0o755, exist_ok=True)
+            for name, text in wanted.items():
+                if self._written.get(name) != text or not (self.folder / name).exists():
+                    _write(self.folder / name, text)
+            for path in self.folder.glob("service-*.json"):
+                if path.name not in wanted:
+                    path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not update the Prometheus discovery files in %s: %s", self.folder, exc)
+            self._written = {}
+            return
+        self._written = wanted
+        self._exporters = {key: value for key, value in self._exporters.items()
+                           if self.path_of(key).name in wanted}
+
+
+def write_portal_target(home: Path) -> Optional[Path]:
+    """prometheus/portal.json: the portal's own /metrics, at the address in connection.json."""
+    try:
+        url = json.loads((Path(home) / "connection.json").read_text())["url"]
+        parts = urlsplit(url)
+        address = parts.netloc
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not address:
+        return None
+    folder = Path(home) / FOLDER
+    path = folder / "portal.json"
+    groups = [{"targets": [address], "labels": {"pilotfish_target": "portal",
+                                                "__metrics_path__": parts.path.rstrip("/") + "/metrics"}}]
+    try:
+        folder.mkdir(mode=0o755, exist_ok=True)
+        _write(path, json.dumps(groups, indent=2))
+    except OSError as exc:
+        log.warning("could not write %s: %s", path, exc)
+        return None
+    return path
+
+
+class CycleMonitor:
+    """What the reconciler records after each cycle: discovery files and the cycle's metrics."""
+
+    def __init__(self, home: Path):
+        self.discovery = DiscoveryFiles(home)
+
+    def after_cycle(self, report, served: List[ServiceTarget]) -> None:
+        self.discovery.sync(served)
+        states = dict(db.session.query(Service.state, db.func.count(Service.id)).group_by(Service.state).all())
+        metrics.instruments().record_cycle(report.seconds, report.scheduler_calls, report.scheduler_ok, states)

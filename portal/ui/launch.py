@@ -1,0 +1,89 @@
+"""The launch page: a form whose fields become the API's launch request; the launch functions check it."""
+from __future__ import annotations
+
+import shlex
+
+from flask import current_app, redirect, render_template, request, url_for
+
+from .. import services
+from ..catalog import inventory
+from ..catalog.kinds import KINDS
+from ..catalog.tiers import tiers_as_dicts
+from ..errors import PortalError, RejectedError, UnavailableError, ValidationError
+from ..launching import site_specs
+from . import bp
+
+FORM_FIELDS = ("kind", "model", "revision", "tier", "recommended_tier", "time", "name", "engine_args", "account",
+               "force")
+# Fields of the launch request shown by a control of the form (others are reported above the form).
+FIELD_CONTROLS = {"kind": "kind", "model": "model", "revision": "revision", "tier": "tier", "time": "time",
+                  "name": "name", "engine_args": "engine_args", "resources.account": "account", "force": "force"}
+
+
+def launch_request(form) -> dict:
+    """The launch request (as the API takes it) from the form's fields.
+
+    The tier is left out when it is the recommended one, so the service records the recommendation's reason.
+    """
+    body = {"kind": form.get("kind") or None, "model": (form.get("model") or "").strip() or None}
+    for key in ("revision", "name", "time"):
+        value = (form.get(key) or "").strip()
+        if value:
+            body[key] = value
+    tier = form.get("tier") or ""
+    if tier and tier != form.get("recommended_tier"):
+        body["tier"] = tier
+    try:
+        body["engine_args"] = shlex.split(form.get("engine_args") or "")
+    except ValueError as exc:
+        raise ValidationError("engine_args", f"cannot split into arguments: {exc} (close the quotes)")
+    account = (form.get("account") or "").strip()
+    if account:
+        body["resources"] = {"account": account}
+    if form.get("force"):
+        body["force"] = True
+    return body
+
+
+def _field_problem(exc: ValidationError) -> tuple:
+    """(form control, problem without the field name) for a validation error."""
+    field = exc.extra.get("field", "")
+    problem = exc.message[len(field) + 2:] if exc.message.startswith(f"{field}: ") else exc.message
+    return FIELD_CONTROLS.get(field) or FIELD_CONTROLS.get(field.split(".")[0]), problem
+
+
+@bp.route("/ui/launch", methods=["GET", "POST"])
+def launch():
+    source = request.form if request.method == "POST" else request.args
+    values = {key: source.get(key, "") for key in FORM_FIELDS}
+    errors, alert, plan, failed = {}, None, None, None
+    if request.method == "POST":
+        try:
+            body = launch_request(request.form)
+            if request.form.get("action") == "check":
+                plan = services.dry_run(body)
+            else:
+                service = services.launch(body)
+                return redirect(url_for("ui.service", service_id=service.id), code=303)
+        except ValidationError as exc:
+            control, problem = _field_problem(exc)
+            if control:
+                errors[control] = problem
+            else:
+                alert = exc.message
+        except RejectedError as exc:
+            alert, failed = exc.message, exc.extra.get("service")
+        except PortalError as exc:
+            alert = exc.message
+    config = current_app.config["PILOTFISH"]
+    tiers, time_limits, specs_problem = [], None, None
+    try:
+        specs = site_specs(config)
+        tiers, time_limits = tiers_as_dicts(specs), {"default": specs.time_default, "max": specs.time_max}
+    except UnavailableError as exc:
+        specs_problem = exc.message
+    # A form shown again with its problems is a page like any other (200), as browsers expect of forms.
+    return render_template(
+        "ui/launch.html", title="Launch a service", values=values, errors=errors, alert=alert, plan=plan,
+        failed=failed, kinds=list(KINDS.values()), models=inventory.list_models(), tiers=tiers,
+        time_limits=time_limits, specs_problem=specs_problem)

@@ -1,0 +1,59 @@
+"""Pages for services: the dashboard, one service (timeline, endpoints, log, job script) and its playground."""
+from __future__ import annotations
+
+import json
+
+from flask import current_app, render_template, request
+
+from .. import services
+from ..api.services import index as api_index
+from ..auth import prefers_html
+from ..errors import UnavailableError
+from ..launching import site_specs
+from ..reconciler import conditions
+from . import bp
+
+
+def _config():
+    return current_app.config["PILOTFISH"]
+
+
+def specs_problem():
+    """The site's resource specs file problem in words, or None when the tiers can be used."""
+    try:
+        site_specs(_config())
+    except UnavailableError as exc:
+        return exc.message
+    return None
+
+
+def notebook_url():
+    """The portal URL notebooks on the cluster use (from connection.json), or None when it is not known."""
+    try:
+        url = json.loads((_config().home / "connection.json").read_text()).get("url")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return url if isinstance(url, str) else None
+
+
+@bp.get("/")
+def dashboard():
+    """The user's services with live updates; scripts asking for JSON get the API's index instead."""
+    if not prefers_html():
+        return api_index()
+    data = {"services": [service.to_dict() for service in services.list_services()], "conditions": conditions()}
+    return render_template("ui/dashboard.html", title="Dashboard", data=data, specs_problem=specs_problem())
+
+
+@bp.get("/ui/services/<service_id>")
+def service(service_id):
+    found = services.get_service(service_id)
+    return render_template("ui/service.html", title=f"{found.name}", service=found.to_dict(with_events=True),
+                           job_script=services.read_job_script(found), notebook_url=notebook_url(),
+                           browser_url=request.host_url.rstrip("/") + request.script_root)
+
+
+@bp.get("/ui/services/<service_id>/playground")
+def playground(service_id):
+    found = services.get_service(service_id)
+    return render_template("ui/playground.html", title=f"Playground · {found.name}", service=found.to_dict())

@@ -1,0 +1,272 @@
+"use strict";
+// Shared by every page: the portal's base URL and CSRF token (both from the page), JSON calls, formatting,
+// the confirmation dialog and small DOM helpers. Data from the portal only ever reaches the page as text.
+
+const PF = (() => {
+  const base = document.body.dataset.baseUrl || "";
+  const csrf = document.querySelector('meta[name="csrf-token"]').content;
+  const LIVE = ["SUBMITTED", "PENDING", "STARTING", "RUNNING", "UNHEALTHY"];
+  const BADGES = {
+    SUBMITTED: "text-bg-secondary", PENDING: "text-bg-info", STARTING: "text-bg-primary", RUNNING: "text-bg-success",
+    UNHEALTHY: "text-bg-warning", STOPPED: "text-bg-secondary", FAILED: "text-bg-danger", TIMEOUT: "text-bg-dark",
+  };
+  let skewMs = 0; // the portal's clock minus the browser's, from the Date header of each answer
+
+  class ApiError extends Error {
+    constructor(message, status, field) {
+      super(message);
+      this.status = status;
+      this.field = field || null;
+    }
+  }
+
+  function url(path) {
+    return base + path;
+  }
+
+  async function errorMessage(response) {
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (err) {
+      return `HTTP ${response.status} ${response.statusText}`;
+    }
+    const error = data && data.error;
+    if (typeof error === "string") return error;
+    if (error && error.message) return error.message;
+    return `HTTP ${response.status} ${response.statusText}`;
+  }
+
+  function signIn() {
+    window.location.assign(url("/login?next=" + encodeURIComponent(window.location.pathname + window.location.search)));
+  }
+
+  // A call to the portal's JSON API; throws ApiError with the API's own message (and the field, for bad input).
+  async function api(method, path, body) {
+    const options = {method, headers: {Accept: "application/json"}, credentials: "same-origin"};
+    if (method !== "GET") options.headers["X-CSRF-Token"] = csrf;
+    if (body !== undefined) {
+      options.headers["Content-Type"] = "application/json";
+      options.body = JSON.stringify(body);
+    }
+    let response;
+    try {
+      response = await fetch(url(path), options);
+    } catch (err) {
+      throw new ApiError("the portal does not answer (is it still running?)", 0);
+    }
+    const date = Date.parse(response.headers.get("Date") || "");
+    if (!Number.isNaN(date)) skewMs = date - Date.now();
+    if (response.status === 401) {
+      signIn();
+      throw new ApiError("signed out: sign in again", 401);
+    }
+    if (!response.ok) {
+      let field = null;
+      const message = await errorMessage(response.clone());
+      try {
+        field = (await response.json()).field;
+      } catch (err) {
+        field = null;
+      }
+      throw new ApiError(message, response.status, field);
+    }
+    return response.json();
+  }
+
+  function now() {
+    return Date.now() + skewMs;
+  }
+
+  // Runs `task` now (or after the first interval, when the page came with fresh data) and again `intervalMs` after
+  // each run ends; a failing run shows in `status` and polling goes on. `intervalMs` may be a function.
+  function poll(task, intervalMs, status, startNow = true) {
+    let timer = null;
+    let stopped = false;
+    const interval = () => (typeof intervalMs === "function" ? intervalMs() : intervalMs);
+    async function run() {
+      try {
+        await task();
+        if (status) status.textContent = `Updated ${new Date().toLocaleTimeString()}`;
+      } catch (err) {
+        if (status) status.textContent = `Not updated: ${err.message}`;
+      }
+      if (!stopped) timer = window.setTimeout(run, interval());
+    }
+    if (startNow) run();
+    else timer = window.setTimeout(run, interval());
+    return {
+      stop() {
+        stopped = true;
+        window.clearTimeout(timer);
+      },
+      now() {
+        window.clearTimeout(timer);
+        run();
+      },
+    };
+  }
+
+  // --- formatting ------------------------------------------------------------------------------------
+
+  function duration(seconds) {
+    if (seconds === null || seconds === undefined || Number.isNaN(seconds)) return "—";
+    seconds = Math.max(0, Math.round(seconds));
+    if (seconds < 60) return `${seconds} s`;
+    const minutes = Math.floor(seconds / 60);
+    if (minutes < 10) return `${minutes} min ${seconds % 60} s`;
+    if (minutes < 60) return `${minutes} min`;
+    const hours = Math.floor(minutes / 60);
+    if (hours < 24) return `${hours} h ${String(minutes % 60).padStart(2, "0")} min`;
+    return `${Math.floor(hours / 24)} d ${hours % 24} h`;
+  }
+
+  function since(iso) {
+    return iso ? duration((now() - Date.parse(iso)) / 1000) : "—";
+  }
+
+  function when(iso) {
+    return iso ? new Date(iso).toLocaleString() : "—";
+  }
+
+  function bytes(count) {
+    if (count === null || count === undefined) return "—";
+    const units = ["bytes", "kB", "MB", "GB", "TB"];
+    let value = count;
+    for (const unit of units) {
+      if (value < 1000 || unit === "TB") return unit === "bytes" ? `${value} bytes` : `${value.toFixed(1)} ${unit}`;
+      value /= 1000;
+    }
+    return `${count} bytes`;
+  }
+
+  function isLive(service) {
+    return LIVE.includes(service.state);
+  }
+
+  // What is left of the job's time limit: counted from the job's start; before it, the whole limit.
+  function timeLeft(service) {
+    if (!isLive(service)) return "—";
+    const limit = service.time_limit * 60;
+    if (!service.job_started_at) return `${duration(limit)} (not started)`;
+    return duration(limit - (now() - Date.parse(service.job_started_at)) / 1000);
+  }
+
+  // --- DOM ---------------------------------------------------------------------------------------------
+
+  // el("a", {href: x, class: "y"}, "text", child): attributes are set as attributes, children as text or nodes.
+  function el(tag, attributes, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attributes || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, value === true ? "" : value);
+    }
+    for (const child of children) {
+      if (child === null || child === undefined || child === false) continue;
+      node.append(child instanceof Node ? child : String(child));
+    }
+    return node;
+  }
+
+  function setText(node, text) {
+    if (node && node.textContent !== text) node.textContent = text;
+  }
+
+  function badge(state) {
+    return el("span", {class: `badge ${BADGES[state] || "text-bg-secondary"}`, "data-state": state}, state);
+  }
+
+  function alert(container, kind, message) {
+    const box = el("div", {class: `alert alert-${kind} alert-dismissible`, role: kind === "danger" ? "alert" : "status"},
+      message, el("button", {type: "button", class: "btn-close", "data-bs-dismiss": "alert", "aria-label": "Close"}));
+    container.replaceChildren(box);
+    return box;
+  }
+
+  function initial(id) {
+    return JSON.parse(document.getElementById(id).textContent);
+  }
+
+  // The confirmation dialog: resolves true when the user confirms, false when they cancel (Escape, Cancel, ×).
+  function confirm(title, message, action) {
+    const dialog = document.getElementById("confirm-dialog");
+    const button = document.getElementById("confirm-action");
+    document.getElementById("confirm-title").textContent = title;
+    document.getElementById("confirm-message").textContent = message;
+    button.textContent = action;
+    const modal = bootstrap.Modal.getOrCreateInstance(dialog);
+    return new Promise((resolve) => {
+      let confirmed = false;
+      const onConfirm = () => {
+        confirmed = true;
+        modal.hide();
+      };
+      button.addEventListener("click", onConfirm);
+      dialog.addEventListener("shown.bs.modal", () => button.focus(), {once: true});
+      dialog.addEventListener("hidden.bs.modal", () => {
+        button.removeEventListener("click", onConfirm);
+        resolve(confirmed);
+      }, {once: true});
+      modal.show();
+    });
+  }
+
+  async function copyText(text) {
+    if (navigator.clipboard && window.isSecureContext) {
+      await navigator.clipboard.writeText(text);
+      return;
+    }
+    const area = el("textarea", {class: "visually-hidden", "aria-hidden": "true"});
+    area.value = text;
+    document.body.append(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+  }
+
+  // Buttons with data-copy="<element id>" copy that element's text (or value).
+  function copyButtons(root) {
+    for (const button of (root || document).querySelectorAll("[data-copy]")) {
+      button.addEventListener("click", async () => {
+        const source = document.getElementById(button.dataset.copy);
+        const label = button.textContent;
+        try {
+          await copyText(source.value !== undefined ? source.value : source.textContent);
+          button.textContent = "Copied";
+        } catch (err) {
+          button.textContent = "Select and copy by hand";
+        }
+        window.setTimeout(() => { button.textContent = label; }, 1500);
+      });
+    }
+  }
+
+  // --- service actions (dashboard and service page) ----------------------------------------------------
+
+  async function stopService(service) {
+    const ok = await confirm(`Stop ${service.name}?`,
+      `This cancels Slurm job ${service.job_id || "(not submitted)"}; the service stops answering.`, "Stop service");
+    if (!ok) return null;
+    return api("POST", `/api/services/${service.id}/stop`);
+  }
+
+  async function deleteService(service) {
+    const ok = await confirm(`Delete ${service.name}?`,
+      "This forgets the service and removes its job folder (its log and job script).", "Delete service");
+    if (!ok) return false;
+    await api("DELETE", `/api/services/${service.id}`);
+    return true;
+  }
+
+  function serviceUrl(id, page) {
+    return url(`/ui/services/${encodeURIComponent(id)}${page ? "/" + page : ""}`);
+  }
+
+  document.addEventListener("DOMContentLoaded", () => copyButtons());
+
+  return {
+    base, csrf, LIVE, ApiError, url, api, errorMessage, poll, now, duration, since, when, bytes, isLive, timeLeft,
+    el, setText, badge, alert, initial, confirm, copyButtons, stopService, deleteService, serviceUrl,
+  };
+})();

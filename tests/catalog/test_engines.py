@@ -1,0 +1,188 @@
+"""Engines: chosen from the model format (site-overridable), their runtimes, GGUF metadata, launch arguments."""
+from __future__ import annotations
+
+import sqlite3
+import struct
+from pathlib import Path
+
+import pytest
+
+from portal.catalog import gguf
+from portal.catalog.kinds import ENGINES, KINDS, engine_for, runtime_for
+from portal.catalog.models import choose_gguf, gguf_variants
+from portal.config import ConfigError, load_config
+from portal.errors import ValidationError
+
+
+def gguf_bytes(pairs: dict, version: int = 3) -> bytes:
+    """A GGUF header with `pairs` (str, int, float, bool, list of str) and no tensors."""
+    def string(text: str) -> bytes:
+        raw = text.encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    out = b"GGUF" + struct.pack("<IQQ", version, 0, len(pairs))
+    for key, value in pairs.items():
+        out += string(key)
+        if isinstance(value, bool):
+            out += struct.pack("<I?", 7, value)
+        elif isinstance(value, int):
+            out += struct.pack("<Iq", 11, value)
+        elif isinstance(value, float):
+            out += struct.pack("<Id", 12, value)
+        elif isinstance(value, str):
+            out += struct.pack("<I", 8) + string(value)
+        else:
+            out += struct.pack("<IIQ", 9, 8, len(value)) + b"".join(string(item) for item in value)
+    return out
+
+
+def config(tmp_path, **site):
+    import yaml
+
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(site))
+    return load_config({"home": tmp_path / "home", "site_config_path": path})
+
+
+def test_engine_follows_the_model_format(tmp_path):
+    cfg = config(tmp_path)
+    text, speech = KINDS["text-generation"], KINDS["speech-recognition"]
+    assert engine_for(cfg, text, "safetensors").name == "vllm"
+    assert engine_for(cfg, text, "gguf").name == "llama-cpp"
+    assert engine_for(cfg, text, None).name == "vllm"
+    assert engine_for(cfg, speech, "ctranslate2").name == "whisper"
+    assert engine_for(cfg, speech, "safetensors").name == "vllm"  # vLLM serves transformers Whisper models
+    assert engine_for(cfg, speech, "gguf").name == "whisper"  # llama.cpp does no speech: the kind's default
+    assert text.engines == ["vllm", "llama-cpp"] and speech.engines == ["vllm", "whisper"]
+
+
+def test_site_overrides_the_engine_of_a_format(tmp_path):
+    cfg = config(tmp_path, engines={"gguf": "vllm", "ctranslate2": "llama-cpp"})
+    assert engine_for(cfg, KINDS["text-generation"], "gguf").name == "vllm"
+    with pytest.raises(ValidationError, match="the site serves ctranslate2 models with llama-cpp, which does not "
+                                              "serve speech-recognition"):
+        engine_for(cfg, KINDS["speech-recognition"], "ctranslate2")
+    with pytest.raises(ConfigError, match=r"engines.gguf: unknown engine 'ollama' \(known: vllm, llama-cpp, whisper\)"):
+        config(tmp_path, engines={"gguf": "ollama"})
+    with pytest.raises(ConfigError, match="engines: expected a mapping of model format to engine"):
+        config(tmp_path, engines=["gguf"])
+
+
+def test_runtime_entry_of_the_engine_wins_over_the_kind(tmp_path):
+    cfg = config(tmp_path, runtimes={"text-generation": {"command": "kind-wide"}, "llama-cpp": {"command": "llama"}})
+    text = KINDS["text-generation"]
+    llama = runtime_for(cfg, text, ENGINES["llama-cpp"])
+    assert (llama.command, llama.config_key, llama.health_path, llama.engine.key_env) == (
+        "llama", "llama-cpp", "/v1/models", ("API_KEY",))
+    vllm = runtime_for(cfg, text, ENGINES["vllm"])
+    assert (vllm.command, vllm.config_key, vllm.health_path) == ("kind-wide", "text-generation", "/health")
+    bare = runtime_for(config(tmp_path), KINDS["speech-recognition"])
+    assert (bare.engine.name, bare.command, bare.config_key) == ("whisper", "python -m portal.engines.whisper_server", "")
+
+
+def test_llama_cpp_arguments():
+    args = ENGINES["llama-cpp"].server_arguments("/snap", "org/m", gpus=0, cpus=4, model_file="/snap/m.gguf")
+    assert args == ["--model", "/snap/m.gguf", "--model_alias", "org/m", "--interrupt_requests", "false",
+                    "--n_threads", "4"]
+    assert ENGINES["llama-cpp"].server_arguments("/snap", "org/m", gpus=1, model_file="/snap/m.gguf")[-2:] == [
+        "--n_gpu_layers", "-1"]
+    assert ENGINES["vllm"].server_arguments("/snap", "org/m", gpus=2) == [
+        "--model", "/snap", "--served-model-name", "org/m", "--tensor-parallel-size", "2"]
+
+
+def test_gguf_metadata_and_chat_format(tmp_path):
+    plain = tmp_path / "plain.gguf"
+    plain.write_bytes(gguf_bytes({"general.architecture": "gemma3", "general.name": "Gemma 3 270m",
+                                  "gemma3.block_count": 18, "tokenizer.ggml.tokens": ["<pad>", "a", "b"] * 1000,
+                                  "general.good": True, "rope": 0.5}))
+    meta = gguf.read_metadata(plain)
+    assert (meta["general.architecture"], meta["gemma3.block_count"], meta["tokenizer.ggml.tokens"].length,
+            meta["general.good"], meta["rope"]) == ("gemma3", 18, 3000, True, 0.5)
+    assert gguf.chat_format_for(plain) == "gemma"
+    templated = tmp_path / "templated.gguf"
+    templated.write_bytes(gguf_bytes({"general.architecture": "gemma3", "tokenizer.chat_template": "{{ x }}"}))
+    assert gguf.chat_format_for(templated) is None  # its own template wins
+    unknown = tmp_path / "unknown.gguf"
+    unknown.write_bytes(gguf_bytes({"general.architecture": "mamba"}))
+    assert gguf.chat_format_for(unknown) is None
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"GGML" + b"\0" * 40, "is not a GGUF file"),
+    (b"GGUF" + struct.pack("<IQQ", 1, 0, 0), "GGUF version 1 is not supported"),
+    (gguf_bytes({"a": "b"})[:-1], "the file ends inside its metadata"),
+    (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<I", 99), "value type 99"),
+    (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1 << 40), "a metadata string of"),
+])
+def test_broken_gguf_files_raise_one_error(tmp_path, data, message):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(data)
+    with pytest.raises(gguf.GGUFError, match=message):
+        gguf.read_metadata(path)
+    assert gguf.chat_format_for(path) is None
+
+
+def test_gguf_variants_and_the_one_a_launch_loads():
+    files = [Path(name) for name in ("m-Q8_0.gguf", "m-Q4_K_M-00002-of-00002.gguf", "m-Q4_K_M-00001-of-00002.gguf",
+                                     "m-F16.gguf")]
+    variants = gguf_variants(files)
+    assert sorted(variants) == ["m-F16", "m-Q4_K_M", "m-Q8_0"]
+    assert [p.name for p in variants["m-Q4_K_M"]] == ["m-Q4_K_M-00001-of-00002.gguf", "m-Q4_K_M-00002-of-00002.gguf"]
+    assert choose_gguf(variants) == "m-Q4_K_M"
+    assert choose_gguf(gguf_variants([Path("b.gguf"), Path("a.gguf")])) == "a"
+
+
+def test_a_database_from_before_engines_gains_the_columns(tmp_path):
+    from portal import create_app
+
+    home = tmp_path / "home"
+    home.mkdir()
+    db = sqlite3.connect(home / "pilotfish.db")
+    db.execute("CREATE TABLE services (id VARCHAR(16) PRIMARY KEY, name VARCHAR(100) NOT NULL, kind VARCHAR(40) NOT NULL,"
+               " model VARCHAR(300) NOT NULL)")
+    db.execute("INSERT INTO services VALUES ('abc', 'old', 'text-generation', 'org/m')")
+    db.commit()
+    db.close()
+    create_app({"home": home, "testing": True})
+    columns = {row[1] for row in sqlite3.connect(home / "pilotfish.db").execute("PRAGMA table_info(services)")}
+    assert {"engine", "health_path"} <= columns
+    assert sqlite3.connect(home / "pilotfish.db").execute("SELECT name, engine FROM services").fetchall() == [("old", None)]
+
+
+def test_a_gguf_launch_plans_llama_cpp_with_the_key_in_the_environment(tmp_path):
+    import subprocess
+
+    import yaml
+
+    from portal import create_app
+    from tests.conftest import TEST_SPECS
+    from tests.support.model_builders import write_cache_repo
+
+    cache = tmp_path / "cache"
+    write_cache_repo(cache / "models", "org/gem", {
+        "gem-Q4_K_M.gguf": gguf_bytes({"general.architecture": "gemma3"}),
+        "gem-Q8_0.gguf": gguf_bytes({"general.architecture": "gemma3", "pad": "x" * 100})})
+    (cache / "resource_specs.yaml").write_text(TEST_SPECS)
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"cache_dir": str(cache), "scheduler": "local",
+                                    "runtimes": {"llama-cpp": {"command": "/opt/llama/bin/python -m llama_cpp.server"}}}))
+    app = create_app({"home": tmp_path / "home", "site_config_path": site, "testing": True})
+    auth = {"Authorization": f"Bearer {app.config['PILOTFISH_TOKEN']}"}
+    client = app.test_client()
+    plan = client.post("/api/services?dry_run=1", json={"kind": "text-generation", "model": "org/gem"}, headers=auth)
+    assert plan.status_code == 200, plan.json
+    body = plan.json
+    assert body["engine"] == "llama-cpp"
+    args = body["arguments"]
+    assert args[args.index("--model") + 1].endswith("/gem-Q4_K_M.gguf")
+    assert args[args.index("--chat_format") + 1] == "gemma" and args[args.index("--model_alias") + 1] == "org/gem"
+    script = body["job_script"]
+    assert 'export API_KEY="$PILOTFISH_API_KEY"' in script and "/opt/llama/bin/python -m llama_cpp.server" in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    mine = client.post("/api/services?dry_run=1", headers=auth, json={
+        "kind": "text-generation", "model": "org/gem", "engine_args": ["--chat_format", "chatml", "--n_ctx", "4096"]})
+    assert mine.json["arguments"].count("--chat_format") == 1 and "chatml" in mine.json["arguments"]
+    refused = client.post("/api/services?dry_run=1", headers=auth, json={
+        "kind": "text-generation", "model": "org/gem", "engine_args": ["--max-model-len", "256"]})
+    assert refused.status_code == 400
+    assert refused.json["error"].startswith("engine_args: --max-model-len is not an allowed llama.cpp option")

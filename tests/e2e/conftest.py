@@ -1,0 +1,105 @@
+"""End-to-end fixtures: the real engines (vLLM CPU, llama.cpp, faster-whisper) installed once per machine, the real
+models staged into a site cache, and one portal on the real test Slurm running a service of each engine."""
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from portal.engines import installer
+from portal.engines.site import slurm_default_partition, write_site
+from tests.conftest import REPO, PortalProcess, wait_for
+
+TINY_LLAMA = "pilotfish-test/tiny-llama"
+GEMMA = installer.GEMMA_REPO_ID
+WHISPER = installer.WHISPER_REPO_ID
+ENGINES = ("vllm", "llama-cpp", "whisper")
+READY_TIMEOUT = 600  # vLLM takes one to two minutes to start on 2 busy cores
+
+
+def _install_all() -> None:
+    """The three engines in parallel (downloads overlap llama.cpp's compile), each a no-op once installed."""
+    errors = []
+
+    def install(name):
+        try:
+            installer.install_engine(name, progress=lambda line: print(line, flush=True))
+        except installer.InstallError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=install, args=(name,)) for name in ENGINES]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        pytest.fail("installing the engines failed:\n" + "\n\n".join(errors))
+
+
+def stage_tiny_llama(models_root: Path) -> Path:
+    """A tiny random Llama with a real tokenizer and chat template, written by the vLLM venv's transformers."""
+    existing = installer.snapshot_of(models_root, TINY_LLAMA)
+    if existing and (existing / "model.safetensors").is_file():
+        return existing
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model"
+        subprocess.run([str(installer.venv_python("vllm")), str(REPO / "tests" / "support" / "make_tiny_llama.py"),
+                        str(out)], check=True, capture_output=True, timeout=600)
+        files = {path.name: path for path in out.iterdir() if path.is_file()}
+        return installer.stage_snapshot(models_root, TINY_LLAMA, files,
+                                        installer.content_revision(out / "model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def engine_site(tmp_path_factory, slurm_cluster):
+    """A site config with the installed engines, the staged models and a CPU tier, for the real test Slurm."""
+    _install_all()
+    models = installer.models_dir()
+    installer.stage_gemma(models)
+    installer.stage_whisper(models)
+    stage_tiny_llama(models)
+    partition = slurm_default_partition()
+    assert partition, "the test Slurm does not answer sinfo"
+    return write_site(tmp_path_factory.mktemp("engine-site"), ENGINES, scheduler="slurm", partition=partition)
+
+
+class Running:
+    """One service per engine, launched together on one portal and RUNNING."""
+
+    def __init__(self, portal: PortalProcess, services: dict):
+        self.portal, self.services = portal, services
+
+    def base_url(self, name: str) -> str:
+        return f"{self.portal.url}/services/{self.services[name]['id']}/v1"
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory, engine_site):
+    home = tmp_path_factory.mktemp("e2e") / "home"
+    portal = PortalProcess(home, engine_site).start()
+    launches = {"vllm": {"kind": "text-generation", "model": TINY_LLAMA, "engine_args": ["--max-model-len", "256"]},
+                "llama-cpp": {"kind": "text-generation", "model": GEMMA},
+                "whisper": {"kind": "speech-recognition", "model": WHISPER}}
+    ids = {}
+    try:
+        for name, body in launches.items():
+            response = portal.request("POST", "/api/services", json=dict(body, name=f"e2e-{name}", time=30))
+            assert response.status_code == 201, response.text
+            ids[name] = response.json()["id"]
+        services = {}
+        for name, service_id in ids.items():
+            services[name] = portal.wait_state(service_id, {"RUNNING", "FAILED", "TIMEOUT"}, timeout=READY_TIMEOUT)
+            assert services[name]["state"] == "RUNNING", (
+                f"{name}: {services[name]['reason']}\n" + portal.request("GET", f"/api/services/{service_id}/logs")
+                .json().get("log", "")[-3000:])
+        yield Running(portal, services)
+    finally:
+        for service_id in ids.values():
+            portal.request("POST", f"/api/services/{service_id}/stop", timeout=30)
+        wait_for(lambda: all(portal.service(i)["state"] not in ("SUBMITTED", "PENDING", "STARTING", "RUNNING",
+                                                                  "UNHEALTHY", "STOPPING") for i in ids.values()),
+                 timeout=120, what="the end-to-end services to stop")
+        portal.stop()
