@@ -736,6 +736,7 @@ def free_port() -> int:
 def parse_configs(text: str) -> List[dict]:
     configs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
+        item, _, tree = item.partition("@")
         parts = item.split(":")
         worker_class = parts[0]
         if worker_class == "sync":
@@ -743,7 +744,10 @@ def parse_configs(text: str) -> List[dict]:
         workers = int(parts[1]) if len(parts) > 1 else 2
         threads = int(parts[2]) if len(parts) > 2 else (32 if worker_class == "gthread" else 1)
         label = f"portal {worker_class} {workers}x{threads}" if worker_class == "gthread" else f"portal {worker_class} {workers}w"
-        configs.append({"worker_class": worker_class, "workers": workers, "threads": threads, "label": label})
+        if tree:
+            label += f" @{Path(tree).name}"
+        configs.append({"worker_class": worker_class, "workers": workers, "threads": threads, "label": label,
+                        "tree": tree or None})
     return configs
 
 
@@ -789,10 +793,13 @@ def make_bench_portal(home: Path, site: Path, config: dict, poll_interval: str):
             env = dict(os.environ, PILOTFISH_HOME=str(self.home), PILOTFISH_SITE_CONFIG=str(self.site_config),
                        PILOTFISH_POLL_INTERVAL=poll_interval, PILOTFISH_WORKER_CLASS=config["worker_class"],
                        PILOTFISH_THREADS=str(config["threads"]))
+            tree = config.get("tree")
+            if tree:  # another source tree of the portal (e.g. a baseline checkout), compared in the same run
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [tree, env.get("PYTHONPATH")]))
             self.log = open(self.log_path, "ab")
             self.proc = subprocess.Popen([sys.executable, "-m", "portal.cli", "start", "--port", str(self.port),
                                           "--workers", str(self.workers)], env=env, stdout=self.log,
-                                         stderr=subprocess.STDOUT, start_new_session=True, cwd=str(ROOT))
+                                         stderr=subprocess.STDOUT, start_new_session=True, cwd=tree or str(ROOT))
             deadline = time.monotonic() + 60
             while True:
                 if self.proc.poll() is not None:
@@ -1252,7 +1259,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a short run (~2 min): 200 requests, 1 round of streams")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
-                        help="portal gunicorn configurations, class:workers[:threads], comma-separated "
+                        help="portal gunicorn configurations, class:workers[:threads][@source tree], comma-separated "
                              f"(default {DEFAULT_CONFIGS})")
     parser.add_argument("--concurrency", default="32,256", help="concurrent streams (comma-separated)")
     parser.add_argument("--rounds", type=int, default=None, help="measured streams per client (default 3, quick 1)")

@@ -32,7 +32,11 @@ class ForbiddenError(PortalError):
 # --- presented credentials ------------------------------------------------------------------------------
 
 def _bearer_token() -> Optional[str]:
-    header = request.headers.get("Authorization", "")
+    return bearer_from_header(request.headers.get("Authorization", ""))
+
+
+def bearer_from_header(header: str) -> Optional[str]:
+    """The credential of an `Authorization: Bearer <credential>` header, or None."""
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
@@ -76,7 +80,8 @@ class KeyCache:
             self._entries.clear()
 
 
-def _principal_from_bearer(token: str) -> Optional[str]:
+def principal_from_bearer(token: str) -> Optional[str]:
+    """Who a bearer credential is ("owner" or "key:<name>"), or None if it is neither the token nor a live key."""
     if token_matches(token):
         return "owner"
     if token.startswith(KEY_PREFIX):
@@ -115,7 +120,7 @@ def authenticate():
         return None
     bearer = _bearer_token()
     if bearer is not None:
-        principal = _principal_from_bearer(bearer)
+        principal = principal_from_bearer(bearer)
         if principal is None:
             return unauthorized("invalid token or API key")
         g.principal, g.via_cookie = principal, False

@@ -10,6 +10,9 @@ many concurrent streams can set PILOTFISH_WORKER_CLASS=gevent after `pip install
 """
 import os
 import sys
+import traceback
+
+from gunicorn import glogging
 
 wsgi_app = "portal.wsgi:app"
 worker_class = os.environ.get("PILOTFISH_WORKER_CLASS") or "gthread"
@@ -25,6 +28,27 @@ control_socket_disable = True  # gunicorn >= 27 would share one ~/.gunicorn/guni
 accesslog = "-"
 # Request lines only, never headers or query strings that might carry a credential.
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
+
+
+class RequestLineLogger(glogging.Logger):
+    """gunicorn's logger, but an access line costs only the fields the format above uses: gunicorn's own builds
+    every request and response header into its atoms for each request (~0.1 ms on the proxy's hot path)."""
+
+    def access(self, resp, req, environ, request_time):
+        if not self.access_log_enabled or self.cfg.access_log_format != access_log_format:
+            return super().access(resp, req, environ, request_time)
+        status = resp.status
+        atoms = {"h": environ.get("REMOTE_ADDR", "-"), "m": environ.get("REQUEST_METHOD"),
+                 "U": environ.get("PATH_INFO"), "H": environ.get("SERVER_PROTOCOL"),
+                 "s": status.split(None, 1)[0] if isinstance(status, str) else status,
+                 "B": getattr(resp, "sent", None), "M": request_time.seconds * 1000 + request_time.microseconds // 1000}
+        try:
+            self.access_log.info(access_log_format, atoms)
+        except Exception:
+            self.error(traceback.format_exc())
+
+
+logger_class = RequestLineLogger
 
 
 def on_starting(server):

@@ -31,6 +31,7 @@ ENDPOINT_CLASSES = {"proxy.service_proxy": "service", "proxy.gateway": "gateway"
 BLUEPRINT_CLASSES = {"api": "api", "auth": "auth", "ui": "ui"}
 
 USAGE_KEY = b'"usage"'
+DONE_EVENT = b"data: [DONE]"
 USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
 _decoder = json.JSONDecoder()
@@ -252,7 +253,7 @@ class ProxyWatch:
     """
 
     __slots__ = ("service", "started", "completion_call", "added_usage", "scan", "stream", "collected",
-                 "collected_size", "carry", "prompt", "completion", "first_byte", "done")
+                 "collected_size", "carry", "prompt", "completion", "first_byte", "done", "counted")
 
     def __init__(self, service: ServiceInstruments, scan: bool, completion_call: bool, started: float):
         self.service = service
@@ -267,6 +268,7 @@ class ProxyWatch:
         self.prompt = self.completion = 0
         self.first_byte = False
         self.done = False
+        self.counted = False  # tokens added to the counters (once)
 
     def prepare(self, body):
         """The body to send on: a streamed completion without stream_options also asks for the usage event."""
@@ -308,6 +310,8 @@ class ProxyWatch:
                     data = self._scan_events(data)
                     if not data:
                         continue
+                    if DONE_EVENT in data:  # counted before the caller can see the end (and ask /metrics)
+                        self._count_tokens()
                 elif self.collected is not None:
                     self.collected_size += len(data)
                     if self.collected_size <= USAGE_BODY_LIMIT:
@@ -366,6 +370,12 @@ class ProxyWatch:
         if self.collected:
             self.prompt, self.completion = token_counts(find_usage(b"".join(self.collected)))
             self.collected = None
+        self._count_tokens()
+
+    def _count_tokens(self) -> None:
+        if self.counted:
+            return
+        self.counted = True
         if self.prompt:
             self.service.prompt_tokens.inc(self.prompt)
         if self.completion:

@@ -7,14 +7,18 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import urllib3
+import urllib3.connection
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.formparser import MultiPartParser
+from werkzeug.http import HTTP_STATUS_CODES
+from werkzeug.wrappers import Request as IncomingRequest
 
 from . import metrics
+from .auth import bearer_from_header, principal_from_bearer
 from .db import db
 from .models import Service, State, utcnow
 
@@ -119,10 +123,46 @@ def _session() -> urllib3.PoolManager:
     return current_app.extensions["pilotfish.upstream"]
 
 
+class _UpstreamConnection(urllib3.connection.HTTPConnection):
+    """Sends the request line and headers in one write with the first block of the body: one segment and one wake-up
+    of the service instead of two per request."""
+
+    _held: Optional[bytes] = None
+    _holding = False
+
+    def request(self, *args, **kwargs):
+        self._holding = True
+        try:
+            super().request(*args, **kwargs)
+        finally:
+            self._holding = False
+            held, self._held = self._held, None
+        if held is not None:  # no body
+            super().send(held)
+
+    def _send_output(self, message_body=None, encode_chunked=False):
+        if not self._holding or message_body is not None:
+            return super()._send_output(message_body, encode_chunked=encode_chunked)
+        self._buffer.extend((b"", b""))
+        self._held = b"\r\n".join(self._buffer)
+        del self._buffer[:]
+
+    def send(self, data):
+        if self._held is not None and isinstance(data, (bytes, bytearray)):
+            data, self._held = self._held + data, None
+        return super().send(data)
+
+
+class _UpstreamPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _UpstreamConnection
+
+
 def make_upstream_session(pool_size: int = 512) -> urllib3.PoolManager:
     """urllib3 directly: requests' per-call preparation costs ~0.5 ms, and a PoolManager never reads proxy settings
     from the environment (straight to the node)."""
-    return urllib3.PoolManager(num_pools=64, maxsize=pool_size, block=False, retries=False)
+    manager = urllib3.PoolManager(num_pools=64, maxsize=pool_size, block=False, retries=False)
+    manager.pool_classes_by_scheme = {**manager.pool_classes_by_scheme, "http": _UpstreamPool}
+    return manager
 
 
 class _LengthBody:
@@ -145,32 +185,87 @@ class _LengthBody:
             yield data
 
 
-def _request_body(spooled=None):
+def _request_body(incoming, spooled=None):
     if spooled is not None:
         return spooled
-    if request.method in ("GET", "HEAD", "OPTIONS", "DELETE") and not request.content_length:
+    if incoming.method in ("GET", "HEAD", "OPTIONS", "DELETE") and not incoming.content_length:
         return None
-    if request.content_length is not None:
-        return _LengthBody(request.stream, request.content_length)
-    return iter(lambda: request.stream.read(CHUNK), b"")  # chunked upload: sent on chunked
+    if incoming.content_length is not None:
+        return _LengthBody(incoming.stream, incoming.content_length)
+    return iter(lambda: incoming.stream.read(CHUNK), b"")  # chunked upload: sent on chunked
 
 
-def forward(route: Route, upstream_path: str, body=None) -> Response:
-    """Send the current request to `route` and stream the answer back, byte for byte, as it arrives."""
+class Relay:
+    """An upstream answer on its way to the caller: status, headers, then the body as it arrives.
+
+    `close()` ends it once, however the relay stops (last byte, client gone, no body at all): it closes the upstream
+    (a client that went away makes the engine abort) and counts the request out.
+    """
+
+    def __init__(self, app, directory: ServiceDirectory, route: Route, upstream, watch: metrics.ProxyWatch,
+                 headers: list):
+        self.app, self.directory, self.route, self.upstream, self.watch = app, directory, route, upstream, watch
+        self.status = upstream.status
+        self.headers = headers
+        self._chunks = None
+        self._finished = False
+
+    def __iter__(self):
+        self._chunks = self._relay()
+        return self._chunks
+
+    def _relay(self):
+        try:
+            yield from self.watch.relay(self.upstream.stream(CHUNK, decode_content=False))
+        except (HTTPError, OSError) as exc:
+            self.watch.failed("interrupted")
+            log.info("stream from service %s ended early: %s", self.route.id, type(exc).__name__)
+        finally:
+            self._finish()
+
+    def close(self) -> None:
+        if self._chunks is not None:
+            self._chunks.close()  # a relay that started ends through its own `finally`
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self.upstream.close()
+        self.upstream.release_conn()  # (a fully read response went back to the pool already)
+        self.watch.finish()
+        with self.app.app_context():
+            self.directory.end(self.route.id)
+
+    def response(self) -> Response:
+        response = Response(self, status=self.status, headers=self.headers, direct_passthrough=True)
+        # HEAD, 1xx, 204 and 304 answers: Werkzeug sends no body and never iterates the relay.
+        response.call_on_close(self.close)
+        return response
+
+
+Answer = Union[Response, Relay]
+
+
+def forward(route: Route, upstream_path: str, body=None, incoming=None) -> Answer:
+    """Send the request (Flask's current one unless `incoming` is given) to `route`; the answer streams back byte
+    for byte as it arrives."""
+    incoming = request if incoming is None else incoming
     config = current_app.config["PILOTFISH"]
-    headers = {key: value for key, value in request.headers.items() if key.lower() not in REQUEST_DROP}
+    headers = {key: value for key, value in incoming.headers.items() if key.lower() not in REQUEST_DROP}
     headers["Authorization"] = f"Bearer {route.api_key}"
     url = route.base_url + upstream_path
-    if request.query_string:
-        url += "?" + request.query_string.decode("latin-1")
+    if incoming.query_string:
+        url += "?" + incoming.query_string.decode("latin-1")
     directory = _directory()
     directory.begin(route.id)
-    watch = metrics.watch_proxy(route.id, route.model, request.method, upstream_path)
-    data = _request_body(watch.prepare(body))
+    watch = metrics.watch_proxy(route.id, route.model, incoming.method, upstream_path)
+    data = _request_body(incoming, watch.prepare(body))
     if isinstance(data, _LengthBody):
         headers["Content-Length"] = str(len(data))  # urllib3 would send a file-like body chunked
     try:
-        upstream = _session().urlopen(request.method, url, body=data, headers=headers, redirect=False, retries=False,
+        upstream = _session().urlopen(incoming.method, url, body=data, headers=headers, redirect=False, retries=False,
                                       preload_content=False, decode_content=False,
                                       timeout=urllib3.Timeout(connect=config.proxy_connect_timeout,
                                                               read=config.proxy_read_timeout))
@@ -205,34 +300,7 @@ def forward(route: Route, upstream_path: str, body=None) -> Response:
             out_headers.append(("X-Accel-Buffering", "no"))
         if "Cache-Control" not in upstream.headers:
             out_headers.append(("Cache-Control", "no-cache"))
-    app = current_app._get_current_object()
-    finished = []
-
-    def finish():
-        """Once: close the upstream (a client that went away makes the engine abort) and count the request out."""
-        if finished:
-            return
-        finished.append(True)
-        upstream.close()
-        upstream.release_conn()  # (a fully read response went back to the pool already)
-        watch.finish()
-        with app.app_context():
-            directory.end(route.id)
-
-    def relay():
-        try:
-            for data in watch.relay(upstream.stream(CHUNK, decode_content=False)):
-                yield data
-        except (HTTPError, OSError) as exc:
-            watch.failed("interrupted")
-            log.info("stream from service %s ended early: %s", route.id, type(exc).__name__)
-        finally:
-            finish()
-
-    response = Response(relay(), status=upstream.status, headers=out_headers, direct_passthrough=True)
-    # HEAD, 1xx, 204 and 304 answers: Werkzeug sends no body and never starts relay(), so its finally never runs.
-    response.call_on_close(finish)
-    return response
+    return Relay(current_app._get_current_object(), directory, route, upstream, watch, out_headers)
 
 
 def _not_running(service_id: str, state: Optional[str]) -> Response:
@@ -252,6 +320,14 @@ def _not_running(service_id: str, state: Optional[str]) -> Response:
 @bp.route("/services/<service_id>/", defaults={"path": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
 @bp.route("/services/<service_id>/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
 def service_proxy(service_id: str, path: str):
+    return _as_response(service_answer(service_id, path, request))
+
+
+def _as_response(answer: Answer) -> Response:
+    return answer.response() if isinstance(answer, Relay) else answer
+
+
+def service_answer(service_id: str, path: str, incoming) -> Answer:
     directory = _directory()
     route = directory.get(service_id)
     if route is None or route.state not in ROUTABLE or not route.port:
@@ -262,8 +338,8 @@ def service_proxy(service_id: str, path: str):
             return _not_running(service_id, row.state if row else None)
         return _not_running(service_id, route.state)
     # A completion's JSON body is read first, so a stream can ask for the usage event (see metrics.ProxyWatch).
-    body = metrics.small_json_body(request) if path.endswith("completions") else None
-    return forward(route, "/" + path, body)
+    body = metrics.small_json_body(incoming) if path.endswith("completions") else None
+    return forward(route, "/" + path, body, incoming)
 
 
 # --- the /v1 gateway ------------------------------------------------------------------------------------
@@ -279,13 +355,13 @@ class _Discard:
         return b""
 
 
-def _model_from_request():
+def _model_from_request(incoming):
     """(model, spooled body or None, error response or None) for a /v1 request."""
-    mimetype = request.mimetype
-    if mimetype == "application/json" or (mimetype == "" and request.content_length):
-        if request.content_length and request.content_length > MAX_JSON_BODY:
+    mimetype = incoming.mimetype
+    if mimetype == "application/json" or (mimetype == "" and incoming.content_length):
+        if incoming.content_length and incoming.content_length > MAX_JSON_BODY:
             return None, None, openai_error(413, "request body too large", "invalid_request_error")
-        raw = request.get_data(cache=True)
+        raw = incoming.get_data(cache=True)
         try:
             model = json.loads(raw or b"{}").get("model")
         except (ValueError, AttributeError):
@@ -296,13 +372,13 @@ def _model_from_request():
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
         size = 0
         while True:
-            data = request.stream.read(CHUNK)
+            data = incoming.stream.read(CHUNK)
             if not data:
                 break
             spool.write(data)
             size += len(data)
         spool.seek(0)
-        boundary = request.mimetype_params.get("boundary", "")
+        boundary = incoming.mimetype_params.get("boundary", "")
         try:
             form, _ = MultiPartParser(stream_factory=lambda *a, **k: _Discard()).parse(spool, boundary.encode(), size)
         except ValueError:
@@ -327,10 +403,14 @@ def gateway_models():
 
 @bp.route("/v1/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 def gateway(path: str):
-    model, body, error = _model_from_request()
+    return _as_response(gateway_answer(path, request))
+
+
+def gateway_answer(path: str, incoming) -> Answer:
+    model, body, error = _model_from_request(incoming)
     if error is not None:
         return error
-    if path.startswith("models/") and request.method == "GET":
+    if path.startswith("models/") and incoming.method == "GET":
         model = path[len("models/"):]
         found = [m for m in running_models() if m["id"] == model]
         if found:
@@ -355,10 +435,74 @@ def gateway(path: str):
                                  f"{', '.join(available) if available else 'none (launch a service first)'}",
                             "not_found_error", "model_not_found", param="model")
     route = min(ready, key=lambda r: directory.in_flight.get(r.id, 0))
-    return forward(route, "/v1/" + path, body)
+    return forward(route, "/v1/" + path, body, incoming)
+
+
+# --- the hot path without Flask --------------------------------------------------------------------------
+
+PROXY_METHODS = {"/services/": frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}),
+                 "/v1/": frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})}
+
+
+class ProxyFastPath:
+    """WSGI in front of Flask for what the proxy answers with a bearer credential (the portal token or a known API
+    key): the same functions as the proxy's views, without Flask's request context, routing, hooks and response
+    object. Everything else (cookies, unknown credentials, odd paths, /v1/models) goes to Flask unchanged."""
+
+    def __init__(self, app, flask_app):
+        self.app = app
+        self.flask_app = flask_app
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path.startswith("/services/"):
+            prefix, endpoint = "/services/", "proxy.service_proxy"
+        elif path.startswith("/v1/"):
+            prefix, endpoint = "/v1/", "proxy.gateway"
+        else:
+            return self.flask_app(environ, start_response)
+        rest = path[len(prefix):]
+        if (environ.get("REQUEST_METHOD") not in PROXY_METHODS[prefix] or not rest or "//" in path
+                or not path.isascii()):
+            return self.flask_app(environ, start_response)
+        if prefix == "/services/":
+            service_id, _, sub_path = rest.partition("/")
+        elif rest == "models" or rest.startswith("models/"):
+            return self.flask_app(environ, start_response)
+        token = bearer_from_header(environ.get("HTTP_AUTHORIZATION", ""))
+        if token is None:
+            return self.flask_app(environ, start_response)
+        with self.app.app_context():
+            if principal_from_bearer(token) is None:
+                answer = None  # Flask answers the 401
+            else:
+                incoming = IncomingRequest(environ)
+                try:
+                    if endpoint == "proxy.service_proxy":
+                        answer = service_answer(service_id, sub_path, incoming)
+                    else:
+                        answer = gateway_answer(rest, incoming)
+                except Exception:
+                    log.exception("unexpected error")
+                    answer = jsonify(error="internal error: see the portal log")
+                    answer.status_code = 500
+        if answer is None:
+            return self.flask_app(environ, start_response)
+        metrics.instruments().count_request(endpoint, answer.status_code if isinstance(answer, Response)
+                                            else answer.status)
+        if isinstance(answer, Response):
+            return answer(environ, start_response)
+        if environ["REQUEST_METHOD"] == "HEAD" or answer.status < 200 or answer.status in (204, 304):
+            return answer.response()(environ, start_response)  # no body: Werkzeug's rules for such answers
+        headers = answer.headers
+        if not any(key.lower() == "content-type" for key, _ in headers):
+            headers.append(("Content-Type", "text/html; charset=utf-8"))  # as Flask's Response would
+        start_response(f"{answer.status} {HTTP_STATUS_CODES.get(answer.status, 'unknown').upper()}", headers)
+        return answer
 
 
 def init_proxy(app) -> None:
     app.extensions["pilotfish.directory"] = ServiceDirectory()
     app.extensions["pilotfish.upstream"] = make_upstream_session()
     app.register_blueprint(bp)
+    app.wsgi_app = ProxyFastPath(app, app.wsgi_app)

@@ -32,6 +32,15 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = 
     pytest.fail(f"timed out after {timeout:g} s waiting for {what} (last value: {last!r})")
 
 
+def port_open(host: str, port: int) -> bool:
+    """Whether something accepts connections on host:port now."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,21 +1,13 @@
 """The service lifecycle on the real test Slurm, through a real portal under gunicorn."""
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import squeue_ids, wait_for
+from tests.conftest import port_open, squeue_ids, wait_for
 
 pytestmark = pytest.mark.slurm
 
-
-def port_open(host, port) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")

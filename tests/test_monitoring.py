@@ -2,7 +2,6 @@
 on the local scheduler and on the real Slurm; exporters from the site config run inside the service's job and
 are listed in its discovery file; a real Prometheus (Debian's) runs the example configuration in docs/."""
 import json
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import yaml
 from portal import create_app
 from portal.config import ConfigError, load_config
 from portal.monitoring import DiscoveryFiles, ServiceTarget
-from tests.conftest import REPO, free_port, wait_for, write_site_config
+from tests.conftest import REPO, free_port, port_open, wait_for, write_site_config
 
 EXPORTER_SCRIPT = '''\
 import os
@@ -47,13 +46,6 @@ def site_exporters(command):
     return {"node": {"command": command},
             "dcgm": {"command": command, "when": "gpus", "metrics_path": "/metrics"}}
 
-
-def port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 # --- the site config and the job script ---------------------------------------------------------------------

@@ -156,7 +156,7 @@ def test_benchmark_against_real_vllm(running):
 
 
 def test_playground_streams_gemma_in_the_browser(running):
-    from tests.support.browser import open_browser
+    from tests.support.browser import open_browser, watch_streamed_answer
     from tests.ui.conftest import sign_in
 
     portal = running.portal
@@ -171,29 +171,14 @@ def test_playground_streams_gemma_in_the_browser(running):
         page.get_by_label("Max tokens").fill("60")
         page.get_by_label("Message").fill("Write a story about a fish.")
         page.get_by_label("Message").press("Enter")
-        answer = page.locator(".chat-message.from-assistant .chat-text").last
-        bubble = page.locator(".chat-message.from-assistant").last
-        seen = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            state, text = bubble.get_attribute("data-state"), answer.text_content()
-            if state == "streaming" and text and (not seen or seen[-1] != text):
-                seen.append(text)
-            if state not in ("streaming", None) and seen:
-                break
-            time.sleep(0.02)
-        final = answer.text_content()
+        seen, final, state = watch_streamed_answer(page, timeout=120)
         browser.screenshot(page, "playground-gemma")
-    assert bubble_state_done(final, seen)
-
-
-def bubble_state_done(final: str, seen: list) -> bool:
-    """Gemma's answer was seen growing (at least three partial texts, each extending the last) into real words."""
+    # Gemma's answer was seen growing (at least three partial texts, each extending the last) into real words.
+    assert state == "done"
     assert len(seen) >= 3, seen
     assert all(later.startswith(earlier) and len(later) > len(earlier) for earlier, later in zip(seen, seen[1:])), seen
     assert final.startswith(seen[-1])
     assert len([word for word in final.split() if word.strip(".,!?*:;-'\"").isalpha()]) >= 5, final
-    return True
 
 
 def test_stop_ends_jobs_and_processes(running):

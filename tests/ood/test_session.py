@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import stat
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 import requests
 
 from portal.client import connect
-from tests.conftest import squeue_ids, wait_for, write_site_config
+from tests.conftest import port_open, squeue_ids, wait_for, write_site_config
 from tests.ood.dashboard import OodFront, connection, form_values, render_form, render_submit, render_view, stage, submit
 from tests.support.browser import ARTIFACTS, open_browser
 
@@ -38,13 +37,6 @@ def minutes(slurm_time: str) -> float:
         parts.insert(0, 0)
     return int(days or 0) * 1440 + parts[0] * 60 + parts[1] + parts[2] / 60
 
-
-def port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 class Session:

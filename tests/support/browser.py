@@ -69,3 +69,25 @@ def open_browser(artifacts: Optional[Path] = None, check: bool = True) -> Iterat
                 raise AssertionError("the browser saw problems:\n" + "\n".join(browser.problems))
         finally:
             chromium.close()
+
+
+def watch_streamed_answer(page: Page, timeout: float = 60, interval: float = 0.02):
+    """Follow the playground's last answer while it streams: (texts seen mid-stream, final text, final state).
+
+    A text is recorded each time it changed while the answer's bubble said `data-state="streaming"`.
+    """
+    import time
+
+    answer = page.locator(".chat-message.from-assistant .chat-text").last
+    bubble = page.locator(".chat-message.from-assistant").last
+    seen: List[str] = []
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        state, text = bubble.get_attribute("data-state"), answer.text_content()
+        if state == "streaming" and text and (not seen or seen[-1] != text):
+            seen.append(text)
+        if state not in ("streaming", None):
+            break
+        time.sleep(interval)
+    return seen, answer.text_content(), bubble.get_attribute("data-state")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import re
 import sqlite3
-import time
 import wave
 
 import pytest
 from playwright.sync_api import expect
 
 from tests.conftest import squeue_ids, wait_for
+from tests.support.browser import watch_streamed_answer
 from tests.ui.conftest import TOKEN_DELAY, prefix, sign_in, watch_navigations
 
 pytestmark = pytest.mark.slurm
@@ -71,20 +71,10 @@ def test_launch_watch_chat_read_the_log_stop_and_delete(ui_portal, browser):
     page.get_by_label("Max tokens").fill(str(tokens))
     page.get_by_label("Message").fill("Hello there")
     page.get_by_label("Message").press("Enter")
-    answer = page.locator(".chat-message.from-assistant .chat-text").last
-    bubble = page.locator(".chat-message.from-assistant").last
-    seen = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        state, text = bubble.get_attribute("data-state"), answer.text_content()
-        if state == "streaming" and text and (not seen or seen[-1] != text):
-            seen.append(text)
-        if state != "streaming":
-            break
-        time.sleep(TOKEN_DELAY / 3)
-    assert bubble.get_attribute("data-state") == "done"
+    seen, final, state = watch_streamed_answer(page, timeout=30, interval=TOKEN_DELAY / 3)
+    assert state == "done"
     expected = "".join(f"tok{i} " for i in range(tokens))
-    assert answer.text_content() == expected
+    assert final == expected
     # Observed while streaming: several partial answers, each extending the one before.
     assert len(seen) >= 4, seen
     assert all(later.startswith(earlier) and len(later) > len(earlier) for earlier, later in zip(seen, seen[1:])), seen
