@@ -1,8 +1,8 @@
 """gunicorn settings for the portal: threaded workers (streams must not block each other), no request timeout.
 
 Chosen by benchmarks/proxy.py on 2 cores (synthetic SSE upstream, 2-second streams, all clients starting
-together; README "Tuning"): gthread 2 x 256 carried 0.85-0.87 of direct throughput at 256 concurrent streams,
-TTFT p50/p95 169-197/370-422 ms; gevent 2 workers did better there (0.90-0.91, 142-150/282-314 ms) but is not
+together; README "Tuning"): gthread 2 x 256 carries 0.86-0.91 of direct throughput at 256 concurrent streams
+with the proxy's fast path (0.81-0.84 without); gevent 2 workers carried 0.90-0.91 before that fast path, but is not
 the default: the portal's reconciler, SQLite writes and model scans are blocking calls gevent cannot make
 cooperative, and each one would stall every stream of its worker. A gthread worker holds one thread per open
 stream, so workers x threads caps concurrent streams (gthread 2 x 32 at 256 streams: TTFT 10 s). Sites with
