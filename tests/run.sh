@@ -16,4 +16,7 @@ if [ ${#missing[@]} -gt 0 ]; then           # Debian packages the tests use
   apt-get install -y -qq "${missing[@]}" > /dev/null || { apt-get update -qq && apt-get install -y -qq "${missing[@]}" > /dev/null; }
 fi
 tests/cluster/start.sh                    # the real single-node Slurm (idempotent)
+# The model servers the end-to-end tests run, each in its own virtualenv under ~/.cache/pilotfish/engines:
+# installed once per machine (about 4 GB; llama.cpp compiles for several minutes), a no-op afterwards.
+"${PILOTFISH_VENV:-$root/.venv}/bin/python" -m portal.engines.installer
 exec "${PILOTFISH_VENV:-$root/.venv}/bin/python" -m pytest "$@"

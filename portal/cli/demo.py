@@ -90,9 +90,10 @@ def demo(host: str, port: int, scheduler: str, speech: bool):
 
     progress = note
     engines = ["llama-cpp"] + (["whisper"] if speech else [])
+    errors = installer.install_engines(engines, progress)
+    if errors:
+        raise Failure("; ".join(errors))
     try:
-        for name in engines:
-            installer.install_engine(name, progress)
         installer.stage_gemma(installer.models_dir(), progress)
         if speech:
             installer.stage_whisper(installer.models_dir(), progress)

@@ -33,9 +33,9 @@ class EngineInstall:
     title: str
     packages: List[str]
     size_note: str
-    module: str  # what `python -m` runs
+    module: str  # what `python -m` runs (and what the install checks imports)
     remove: List[str] = field(default_factory=list)  # packages to uninstall afterwards (they break imports)
-    editable_portal: bool = False  # the server is Pilotfish's own module
+    script: Optional[str] = None  # the server is a file of this checkout (run by path: the venv has no Pilotfish)
     env: Dict[str, str] = field(default_factory=dict)  # environment the server needs
 
 
@@ -57,10 +57,10 @@ ENGINE_INSTALLS: Dict[str, EngineInstall] = {
         ),
         EngineInstall(
             name="whisper", title="Whisper server (faster-whisper)",
-            packages=["faster-whisper==1.2.1"],
+            packages=["faster-whisper==1.2.1", "werkzeug>=3", "gunicorn>=22"],
             size_note="about 150 MB",
-            module="portal.engines.whisper_server",
-            editable_portal=True,
+            module="faster_whisper",
+            script="portal/engines/whisper_server.py",
         ),
     )
 }
@@ -133,8 +133,6 @@ def install_engine(name: str, progress: Progress = _print, root: Optional[Path] 
     pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
     _run(pip + ["install", "--upgrade", "pip"], "upgrading pip", progress, log)
     _run(pip + ["install", *spec.packages], f"pip install {' '.join(spec.packages)}", progress, log)
-    if spec.editable_portal:
-        _run(pip + ["install", "-e", str(REPO)], "installing Pilotfish's own server module", progress, log)
     if spec.remove:
         _run(pip + ["uninstall", "-y", *spec.remove], f"removing {' '.join(spec.remove)}", progress, log)
     check = [str(python), "-c", f"import importlib.util, sys; sys.exit(importlib.util.find_spec({spec.module!r}) is None)"]
@@ -147,7 +145,9 @@ def install_engine(name: str, progress: Progress = _print, root: Optional[Path] 
 def runtime_config(name: str, root: Optional[Path] = None) -> dict:
     """The site config `runtimes` entry that runs engine `name` from its installed virtualenv."""
     spec = ENGINE_INSTALLS[name]
-    entry = {"runtime": "native", "command": f"{shlex.quote(str(venv_python(name, root)))} -m {spec.module}"}
+    python = shlex.quote(str(venv_python(name, root)))
+    program = shlex.quote(str(REPO / spec.script)) if spec.script else f"-m {spec.module}"
+    entry = {"runtime": "native", "command": f"{python} {program}"}
     if spec.env:
         entry["env"] = dict(spec.env)
     return entry
@@ -242,20 +242,37 @@ def content_revision(path: Path) -> str:
     return digest.hexdigest()
 
 
+def install_engines(names: List[str], progress: Progress = _print) -> List[str]:
+    """Install several engines at once (downloads overlap llama.cpp's compile); returns the errors, if any."""
+    import threading
+
+    errors: List[str] = []
+
+    def install(name: str) -> None:
+        try:
+            install_engine(name, progress)
+        except InstallError as exc:
+            errors.append(f"{name}: {exc}")
+
+    threads = [threading.Thread(target=install, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """python -m portal.engines.installer [ENGINE ...]: install engines (all when none are named)."""
+    """python -m portal.engines.installer [ENGINE ...]: install engines (all when none are named), in parallel."""
     names = (argv if argv is not None else sys.argv[1:]) or list(ENGINE_INSTALLS)
     unknown = [name for name in names if name not in ENGINE_INSTALLS]
     if unknown:
-        _print(f"unknown engine(s): {', '.join(unknown)} (known: {', '.join(ENGINE_INSTALLS)})")
+        _print(f"pilotfish: unknown engine(s): {', '.join(unknown)} (known: {', '.join(ENGINE_INSTALLS)})")
         return 2
-    try:
-        for name in names:
-            install_engine(name)
-    except InstallError as exc:
-        _print(f"pilotfish: {exc}")
-        return 1
-    return 0
+    errors = install_engines(names)
+    for error in errors:
+        _print(f"pilotfish: {error}")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
