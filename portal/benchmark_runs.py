@@ -28,7 +28,7 @@ from flask import current_app
 from . import ROOT
 from .benchmark import APIS, CREDENTIAL_ENV, LoadSpec
 from .db import db
-from .errors import ConflictError, NotFoundError, ValidationError
+from .errors import ConflictError, NotFoundError, ValidationError, check_fields
 from .models import BenchmarkRun, Service, State, utcnow
 from .scheduler import scrubbed_environment
 from .services import get_service
@@ -75,11 +75,7 @@ def _flag(body: dict, key: str, default: bool) -> bool:
 
 def parse_benchmark_request(body) -> BenchmarkRequest:
     """Check a benchmark request field by field; ValidationError names the first bad field."""
-    if not isinstance(body, dict):
-        raise ValidationError("body", "expected a JSON object")
-    unknown = set(body) - FIELDS
-    if unknown:
-        raise ValidationError(sorted(unknown)[0], f"unknown field (expected some of: {', '.join(sorted(FIELDS))})")
+    check_fields(body, FIELDS)
     service = body.get("service")
     if not isinstance(service, str) or not service.strip():
         raise ValidationError("service", "required: a service id (or unique prefix), or the model it serves")

@@ -20,6 +20,17 @@ class ValidationError(PortalError):
 
     def __init__(self, field: str, problem: str, **extra):
         super().__init__(f"{field}: {problem}", field=field, **extra)
+        self.field, self.problem = field, problem
+
+
+def check_fields(body, allowed) -> dict:
+    """`body` as a JSON object with no field outside `allowed`; else ValidationError naming the first stray one."""
+    if not isinstance(body, dict):
+        raise ValidationError("body", "expected a JSON object")
+    unknown = set(body) - set(allowed)
+    if unknown:
+        raise ValidationError(sorted(unknown)[0], f"unknown field (expected some of: {', '.join(sorted(allowed))})")
+    return body
 
 
 class NotFoundError(PortalError):

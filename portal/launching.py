@@ -16,7 +16,7 @@ from .catalog.kinds import KINDS, Runtime, check_engine_args, engine_for, get_ki
 from .catalog.models import ModelRevision, find_revision, validate_repo_id, validate_revision
 from .catalog.tiers import (ResourceSpecs, Tier, TierSpecError, check_model_fits, check_time, load_site_specs,
                             recommend, resolve_tier, tier_resources)
-from .errors import UnavailableError, ValidationError
+from .errors import UnavailableError, ValidationError, check_fields
 from .models import Service
 from .monitoring import exporters_for
 from .scheduler import Resources
@@ -136,11 +136,7 @@ def parse_resources(value) -> dict:
 
 def parse_launch_request(body) -> LaunchRequest:
     """Check a launch request field by field; raise ValidationError naming the first bad field."""
-    if not isinstance(body, dict):
-        raise ValidationError("body", "expected a JSON object")
-    unknown = set(body) - LAUNCH_FIELDS
-    if unknown:
-        raise ValidationError(sorted(unknown)[0], f"unknown field (expected some of: {', '.join(sorted(LAUNCH_FIELDS))})")
+    check_fields(body, LAUNCH_FIELDS)
     kind = body.get("kind")
     if kind is None:
         raise ValidationError("kind", f"required (one of: {', '.join(KINDS)})")

@@ -142,7 +142,7 @@ class DiscoveryFiles:
 
     def __init__(self, home: Path):
         self.folder = Path(home) / FOLDER
-        self._written: Dict[str, str] = {}
+        self._written: Optional[Dict[str, str]] = None  # None: files on disk not known yet (first sync, an error)
         self._exporters: Dict[str, List[dict]] = {}  # exporters.json is written once, before the server starts
 
     def path_of(self, service_id: str) -> Path:
@@ -152,22 +152,21 @@ class DiscoveryFiles:
         wanted: Dict[str, str] = {}
         for target in targets:
             exporters = self._exporters.get(target.id)
-            if exporters is None:
-                exporters = read_exporters(target.job_dir)
-                if exporters is not None:
-                    self._exporters[target.id] = exporters
-            wanted[self.path_of(target.id).name] = json.dumps(discovery_groups(target, exporters or ()), indent=2)
+            if exporters is None:  # read once: a serving job wrote the file (if at all) before its server started
+                exporters = self._exporters[target.id] = read_exporters(target.job_dir) or []
+            wanted[self.path_of(target.id).name] = json.dumps(discovery_groups(target, exporters), indent=2)
         try:
             self.folder.mkdir(mode=0o755, exist_ok=True)
             for name, text in wanted.items():
-                if self._written.get(name) != text or not (self.folder / name).exists():
+                if (self._written or {}).get(name) != text or not (self.folder / name).exists():
                     _write(self.folder / name, text)
-            for path in self.folder.glob("service-*.json"):
-                if path.name not in wanted:
-                    path.unlink(missing_ok=True)
+            if self._written is None or set(wanted) != set(self._written):  # drop files of ended services
+                for path in self.folder.glob("service-*.json"):
+                    if path.name not in wanted:
+                        path.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("could not update the Prometheus discovery files in %s: %s", self.folder, exc)
-            self._written = {}
+            self._written = None
             return
         self._written = wanted
         self._exporters = {key: value for key, value in self._exporters.items()

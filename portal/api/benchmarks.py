@@ -4,17 +4,13 @@ from __future__ import annotations
 from flask import jsonify, request
 
 from .. import benchmark_runs
-from ..errors import ValidationError
-from . import bp
+from . import bp, json_body
 
 
 @bp.post("/api/benchmarks")
 def start_benchmark():
     """Start a benchmark (it runs in a process of its own); GET /api/benchmarks/<id> follows it."""
-    body = request.get_json(silent=True)
-    if body is None:
-        raise ValidationError("body", "expected a JSON object (Content-Type: application/json)")
-    run = benchmark_runs.start(body, fallback_url=request.host_url.rstrip("/") + request.script_root)
+    run = benchmark_runs.start(json_body(), fallback_url=request.host_url.rstrip("/") + request.script_root)
     return jsonify(run.to_dict()), 202
 
 

@@ -6,14 +6,8 @@ from flask import current_app, jsonify, request
 from .. import services
 from ..errors import ValidationError
 from ..reconciler import conditions
-from . import bp
+from . import bp, json_body
 
-
-def _json_body():
-    body = request.get_json(silent=True)
-    if body is None:
-        raise ValidationError("body", "expected a JSON object (Content-Type: application/json)")
-    return body
 
 
 @bp.get("/health")
@@ -53,8 +47,8 @@ def list_services():
 def create_service():
     """Launch a service; with ?dry_run=1, show the plan and job script without submitting anything."""
     if request.args.get("dry_run") in ("1", "true", "yes"):
-        return jsonify(services.dry_run(_json_body()))
-    service = services.launch(_json_body())
+        return jsonify(services.dry_run(json_body()))
+    service = services.launch(json_body())
     return jsonify(service.to_dict(with_events=True)), 201
 
 

@@ -10,7 +10,7 @@ from flask import Blueprint, current_app, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from ..catalog.models import human_bytes
-from ..errors import PortalError
+from ..errors import PortalError, ValidationError
 
 bp = Blueprint("ui", __name__)
 
@@ -24,6 +24,15 @@ NAV = [
     ("ui.cluster", "Cluster"),
     ("ui.keys", "API keys"),
 ]
+
+
+def field_problem(exc: ValidationError, controls) -> tuple:
+    """(the form control showing it, or None; the problem without the field name) of a validation error.
+
+    `controls` maps request fields to form controls; a nested field (resources.account) falls back to its top.
+    """
+    control = controls.get(exc.field) or controls.get(exc.field.split(".")[0])
+    return control, exc.problem
 
 
 def static_url(filename: str) -> str:

@@ -11,13 +11,13 @@ from flask import redirect, render_template, request, url_for
 from .. import benchmark_runs, services
 from ..errors import ConflictError, NotFoundError, PortalError, ValidationError
 from ..models import State
-from . import bp
+from . import bp, field_problem
 
 FORM_FIELDS = ("service", "mode", "clients", "requests", "prompt_len", "max_tokens", "stream", "sweep", "ttft_target",
                "api", "target")
 # Fields of the benchmark request that have a control of their own in the form.
-FORM_CONTROLS = {"service", "clients", "requests", "prompt_len", "max_tokens", "stream", "sweep", "ttft_target", "api",
-                 "target"}
+FORM_CONTROLS = {name: name for name in ("service", "clients", "requests", "prompt_len", "max_tokens", "stream", "sweep",
+                                         "ttft_target", "api", "target")}
 DEFAULTS = {"mode": "load", "clients": "4", "requests": "32", "prompt_len": "128", "max_tokens": "64", "stream": "1",
             "sweep": "1, 2, 4, 8", "ttft_target": "1", "api": "completions", "target": "portal"}
 
@@ -62,13 +62,6 @@ def benchmark_request(form) -> dict:
     return body
 
 
-def _field_problem(exc: ValidationError) -> tuple:
-    """(form control or None, the problem without the field name) of a validation error."""
-    field = exc.extra.get("field", "")
-    problem = exc.message[len(field) + 2:] if exc.message.startswith(f"{field}: ") else exc.message
-    return (field if field in FORM_CONTROLS else None), problem
-
-
 def _benchmark_targets(chosen: str) -> tuple:
     """(the services the form offers, the id of the one asked for): RUNNING text-generation services, and the one
     `chosen` names (an id or id prefix) whatever its state, so the reason it cannot be benchmarked shows next to the
@@ -96,7 +89,7 @@ def benchmarks():
                                        fallback_url=request.host_url.rstrip("/") + request.script_root)
             return redirect(url_for("ui.benchmark", run_id=run.id), code=303)
         except ValidationError as exc:
-            control, problem = _field_problem(exc)
+            control, problem = field_problem(exc, FORM_CONTROLS)
             if control:
                 errors[control] = problem
             else:

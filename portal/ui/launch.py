@@ -11,7 +11,7 @@ from ..catalog.kinds import KINDS
 from ..catalog.tiers import tiers_as_dicts
 from ..errors import PortalError, RejectedError, UnavailableError, ValidationError
 from ..launching import site_specs
-from . import bp
+from . import bp, field_problem
 
 FORM_FIELDS = ("kind", "model", "revision", "tier", "recommended_tier", "time", "name", "engine_args", "account",
                "force")
@@ -45,13 +45,6 @@ def launch_request(form) -> dict:
     return body
 
 
-def _field_problem(exc: ValidationError) -> tuple:
-    """(form control, problem without the field name) for a validation error."""
-    field = exc.extra.get("field", "")
-    problem = exc.message[len(field) + 2:] if exc.message.startswith(f"{field}: ") else exc.message
-    return FIELD_CONTROLS.get(field) or FIELD_CONTROLS.get(field.split(".")[0]), problem
-
-
 @bp.route("/ui/launch", methods=["GET", "POST"])
 def launch():
     source = request.form if request.method == "POST" else request.args
@@ -66,7 +59,7 @@ def launch():
                 service = services.launch(body)
                 return redirect(url_for("ui.service", service_id=service.id), code=303)
         except ValidationError as exc:
-            control, problem = _field_problem(exc)
+            control, problem = field_problem(exc, FIELD_CONTROLS)
             if control:
                 errors[control] = problem
             else:
