@@ -265,6 +265,14 @@ def install_engines(names: List[str], progress: Progress = _print) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     """python -m portal.engines.installer [ENGINE ...]: install engines (all when none are named), in parallel."""
     names = (argv if argv is not None else sys.argv[1:]) or list(ENGINE_INSTALLS)
+    if {"-h", "--help"} & set(names):
+        print("usage: python -m portal.engines.installer [ENGINE ...]\n\n"
+              f"Installs model servers into {engines_dir()}/<engine>/venv (PILOTFISH_ENGINES_DIR), all of them when\n"
+              "none are named, in parallel; an installed one is left as it is. Engines:\n" +
+              "".join(f"  {name:<10} {spec.title}: {' '.join(spec.packages)} ({spec.size_note})\n"
+                      for name, spec in ENGINE_INSTALLS.items()) +
+              "A site config's `runtimes` entry for an engine: portal.engines.installer.runtime_config(name).")
+        return 0
     unknown = [name for name in names if name not in ENGINE_INSTALLS]
     if unknown:
         _print(f"pilotfish: unknown engine(s): {', '.join(unknown)} (known: {', '.join(ENGINE_INSTALLS)})")

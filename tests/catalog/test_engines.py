@@ -186,3 +186,12 @@ def test_a_gguf_launch_plans_llama_cpp_with_the_key_in_the_environment(tmp_path)
         "kind": "text-generation", "model": "org/gem", "engine_args": ["--max-model-len", "256"]})
     assert refused.status_code == 400
     assert refused.json["error"].startswith("engine_args: --max-model-len is not an allowed llama.cpp option")
+
+
+def test_installer_command_line(capsys):
+    from portal.engines import installer
+
+    assert installer.main(["--help"]) == 0
+    assert "usage: python -m portal.engines.installer" in capsys.readouterr().out
+    assert installer.main(["vllm", "ollama"]) == 2
+    assert capsys.readouterr().err.strip() == "pilotfish: unknown engine(s): ollama (known: vllm, llama-cpp, whisper)"

@@ -6,34 +6,25 @@ import re
 import sys
 
 import pytest
+import yaml
 from playwright.sync_api import Page, expect
 
-from tests.conftest import REPO, PortalFactory
+from tests.conftest import REPO, TEST_SPECS, PortalFactory
 from tests.support.browser import ARTIFACTS, open_browser
 
 UPSTREAM = f"{sys.executable} {REPO / 'tests' / 'support' / 'openai_upstream.py'}"
 TOKEN_DELAY = 0.3  # seconds between streamed tokens: slow enough to watch the answer grow
 SCREENSHOTS = ARTIFACTS / "ui"
 
-# The test tiers, plus Nano: a tier too small for any model, for the launch form's size check.
-UI_SPECS = """\
-time: {default: 10, max: 60}
-partitions:
-  cpu:
-    default: true
-    tiers:
-      - {name: Nano, description: Takes no model (the size check), max_model_size_gb: 0,
-         gpu_count: 0, cpu_cores: 1, memory_gb: 0.25}
-      - {name: Tiny, description: One CPU for test models, max_model_size_gb: 1,
-         gpu_count: 0, cpu_cores: 1, memory_gb: 0.25}
-      - {name: Big, description: Anything larger, max_model_size_gb: null,
-         gpu_count: 0, cpu_cores: 2, memory_gb: 1}
-  gpu:
-    default: false
-    tiers:
-      - {name: Small, description: One fake A100, max_model_size_gb: 16,
-         gpu_count: 1, gpu_type: a100, cpu_cores: 1, memory_gb: 0.25}
-"""
+
+def ui_specs() -> str:
+    """The test tiers, a 60-minute maximum, and Nano: a tier too small for any model (the launch form's size check)."""
+    specs = yaml.safe_load(TEST_SPECS)
+    specs["time"]["max"] = 60
+    specs["partitions"]["cpu"]["tiers"].insert(0, {
+        "name": "Nano", "description": "Takes no model (the size check)", "max_model_size_gb": 0, "gpu_count": 0,
+        "cpu_cores": 1, "memory_gb": 0.25})
+    return yaml.safe_dump(specs, sort_keys=False)
 
 
 @pytest.fixture(scope="package")
@@ -41,7 +32,7 @@ def ui_portal(slurm_cluster, tmp_path_factory):
     """A portal on the real test Slurm; text generation streams a token every TOKEN_DELAY seconds."""
     base = tmp_path_factory.mktemp("ui")
     specs = base / "resource_specs.yaml"
-    specs.write_text(UI_SPECS)
+    specs.write_text(ui_specs())
     factory = PortalFactory(base)
     portal = factory("slurm", resource_specs=str(specs), runtimes={
         "text-generation": {"command": f"{UPSTREAM} --token-delay {TOKEN_DELAY}"},
