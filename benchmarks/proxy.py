@@ -32,8 +32,10 @@ reported next to the others, so a saturated client shows. The upstream is anothe
 machine all of them share the cores, so the ratios include the proxy's CPU competition with the rest.
 
 Run:  .venv/bin/python benchmarks/proxy.py [--quick] [--json results.json]
-      .venv/bin/python benchmarks/proxy.py --configs gevent:2,gthread:2:128 --concurrency 256 --rounds 5
-Needs gevent in the venv for gevent configurations (pip install gevent). Everything it starts (portals,
+      .venv/bin/python benchmarks/proxy.py --configs uvicorn:1,uvicorn:2 --concurrency 256 --rounds 5
+      .venv/bin/python benchmarks/proxy.py --configs "uvicorn:2,gthread:2:256@/path/to/an/older/checkout"
+A configuration with @<source tree> runs the portal of that tree (its own gunicorn settings read the worker class
+and threads given here), so a change can be measured beside the code before it. Everything it starts (portals,
 the upstream service, nginx) is stopped at the end, also on Ctrl-C or error.
 """
 from __future__ import annotations
@@ -60,7 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 THIS = Path(__file__).resolve()
 LOOPBACK = "127.0.0.1"
 MODEL = "test/tiny"  # a model of the test site cache (tests/conftest.py stages it)
-DEFAULT_CONFIGS = "gthread:2:32,gthread:2:128,gthread:2:256,gevent:2"
+DEFAULT_CONFIGS = "uvicorn:1,uvicorn:2"
 QUIET_BUSY_PCT = 15.0  # machine busy % (all cores) under which a phase may start
 NOISY_FOREIGN_PCT = 15.0  # CPU (% of a core) used by processes outside the benchmark above which a window is redone
 MEASURE_ATTEMPTS = 3  # at most, per window
@@ -742,7 +744,7 @@ def parse_configs(text: str) -> List[dict]:
         if worker_class == "sync":
             raise SystemExit("--configs: sync workers serialize streams; not a candidate")
         workers = int(parts[1]) if len(parts) > 1 else 2
-        threads = int(parts[2]) if len(parts) > 2 else (32 if worker_class == "gthread" else 1)
+        threads = int(parts[2]) if len(parts) > 2 else 32
         label = f"portal {worker_class} {workers}x{threads}" if worker_class == "gthread" else f"portal {worker_class} {workers}w"
         if tree:
             label += f" @{Path(tree).name}"
@@ -1220,7 +1222,7 @@ class Bench:
         from importlib import metadata
 
         versions = {}
-        for name in ("gunicorn", "gevent", "greenlet", "flask", "werkzeug", "requests", "urllib3"):
+        for name in ("gunicorn", "uvicorn", "uvloop", "httptools", "a2wsgi", "flask", "werkzeug"):
             with contextlib.suppress(metadata.PackageNotFoundError):
                 versions[name] = metadata.version(name)
         return {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(elapsed, 1), "cpus": os.cpu_count(),
@@ -1259,7 +1261,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a short run (~2 min): 200 requests, 1 round of streams")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
-                        help="portal gunicorn configurations, class:workers[:threads][@source tree], comma-separated "
+                        help="portal configurations, class:workers[:threads][@source tree], comma-separated; this "
+                             "tree runs uvicorn workers (threads: its Flask thread pool) "
                              f"(default {DEFAULT_CONFIGS})")
     parser.add_argument("--concurrency", default="32,256", help="concurrent streams (comma-separated)")
     parser.add_argument("--rounds", type=int, default=None, help="measured streams per client (default 3, quick 1)")

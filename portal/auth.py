@@ -11,6 +11,8 @@ from urllib.parse import urlencode, urlsplit
 
 from flask import Blueprint, current_app, g, jsonify, redirect, render_template, request, session
 from flask.sessions import SecureCookieSessionInterface
+from itsdangerous import BadSignature
+from werkzeug.http import parse_cookie
 
 from .db import db
 from .errors import NotFoundError, PortalError, ValidationError
@@ -43,15 +45,18 @@ def bearer_from_header(header: str) -> Optional[str]:
     return None
 
 
-def token_matches(candidate: Optional[str]) -> bool:
+def token_matches(candidate: Optional[str], app=None) -> bool:
     """Compare a presented token with the portal token in constant time."""
     if not candidate:
         return False
-    return hmac.compare_digest(candidate.encode(), current_app.config["PILOTFISH_TOKEN"].encode())
+    return hmac.compare_digest(candidate.encode(), (app or current_app).config["PILOTFISH_TOKEN"].encode())
 
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+NEEDS_LOOKUP = object()  # principal_from_bearer(..., cached_only=True): the answer needs the database
 
 
 class KeyCache:
@@ -60,6 +65,13 @@ class KeyCache:
     def __init__(self):
         self._entries: dict = {}
         self._lock = threading.Lock()
+
+    def peek(self, key: str):
+        """The key's name if it was verified lately, else NEEDS_LOOKUP (never touches the database)."""
+        entry = self._entries.get(hash_key(key))
+        if entry and time.monotonic() - entry[1] < KEY_CACHE_SECONDS:
+            return entry[0]
+        return NEEDS_LOOKUP
 
     def lookup(self, key: str) -> Optional[str]:
         digest = hash_key(key)
@@ -80,20 +92,51 @@ class KeyCache:
             self._entries.clear()
 
 
-def principal_from_bearer(token: str) -> Optional[str]:
-    """Who a bearer credential is ("owner" or "key:<name>"), or None if it is neither the token nor a live key."""
-    if token_matches(token):
+def principal_from_bearer(token: str, app=None, cached_only: bool = False):
+    """Who a bearer credential is ("owner" or "key:<name>"), or None if it is neither the token nor a live key.
+
+    `cached_only` (the proxy, on its event loop) never queries the database: NEEDS_LOOKUP when that would be needed.
+    """
+    app = app or current_app
+    if token_matches(token, app):
         return "owner"
     if token.startswith(KEY_PREFIX):
-        name = current_app.extensions["pilotfish.keys"].lookup(token)
+        keys = app.extensions["pilotfish.keys"]
+        name = keys.peek(token) if cached_only else keys.lookup(token)
+        if name is NEEDS_LOOKUP:
+            return NEEDS_LOOKUP
         if name is not None:
             return f"key:{name}"
     return None
 
 
-def _session_valid() -> bool:
-    return bool(session.get("auth")) and hmac.compare_digest(
-        session.get("token_id", ""), _token_id(current_app.config["PILOTFISH_TOKEN"]))
+def session_is_valid(data, app=None) -> bool:
+    """A login session of this portal's current token."""
+    return bool(data.get("auth")) and hmac.compare_digest(
+        data.get("token_id", ""), _token_id((app or current_app).config["PILOTFISH_TOKEN"]))
+
+
+def csrf_matches(data, sent: Optional[str]) -> bool:
+    return bool(sent) and hmac.compare_digest(sent, data.get("csrf", ""))
+
+
+def principal_from_cookie(app, cookie_header: str, method: str, csrf_sent: Optional[str]) -> Optional[str]:
+    """"owner" for a valid login session cookie (with the CSRF header on state-changing methods), else None.
+
+    The proxy's check, outside Flask's request handling; the same rules as `authenticate`."""
+    value = parse_cookie(cookie_header).get(app.config["SESSION_COOKIE_NAME"])
+    if not value:
+        return None
+    serializer = app.session_interface.get_signing_serializer(app)
+    try:
+        data = serializer.loads(value, max_age=int(app.permanent_session_lifetime.total_seconds()))
+    except BadSignature:
+        return None
+    if not isinstance(data, dict) or not session_is_valid(data, app):
+        return None
+    if method not in SAFE_METHODS and not csrf_matches(data, csrf_sent):
+        return None
+    return "owner"
 
 
 def _token_id(token: str) -> str:
@@ -125,12 +168,12 @@ def authenticate():
             return unauthorized("invalid token or API key")
         g.principal, g.via_cookie = principal, False
         return None
-    if _session_valid():
+    if session_is_valid(session):
         if request.method not in SAFE_METHODS:
             sent = request.headers.get(CSRF_HEADER)
             if not sent and request.mimetype == "application/x-www-form-urlencoded":
                 sent = request.form.get("csrf_token")  # HTML forms; uploads must use the header
-            if not sent or not hmac.compare_digest(sent, session.get("csrf", "")):
+            if not csrf_matches(session, sent):
                 response = jsonify(error=f"missing or wrong CSRF token: send the {CSRF_HEADER} header")
                 response.status_code = 403
                 return response

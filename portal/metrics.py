@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -212,28 +212,25 @@ def token_counts(usage: Optional[dict]) -> Tuple[int, int]:
             completion if isinstance(completion, int) and completion > 0 else 0)
 
 
-def small_json_body(request) -> Optional[bytes]:
-    """The body of a modest JSON POST (read now, then sent on as it was), or None to stream the body through."""
-    if request.method != "POST" or request.mimetype != "application/json":
-        return None
-    length = request.content_length
-    if length is None or length > USAGE_BODY_LIMIT:
-        return None
-    return request.get_data(cache=True)
+def wants_json_body(method: str, mimetype: str, length: Optional[int]) -> bool:
+    """A modest JSON POST: read whole before it is sent on (so a stream can ask for usage); others stream through."""
+    return method == "POST" and mimetype == "application/json" and length is not None and length <= USAGE_BODY_LIMIT
 
 
-def ask_for_usage(body: bytes) -> Optional[bytes]:
+def ask_for_usage(body: bytes, payload=None) -> Optional[bytes]:
     """For a streamed completion whose caller set no `stream_options`: the same body asking for the usage event.
 
     None when nothing is to be added (not a stream, the caller chose stream_options, or not a JSON object).
     The bytes are extended rather than re-encoded: what the caller sent reaches the service unchanged.
+    `payload` is the body already decoded, if the caller has it.
     """
     if b'"stream"' not in body:
         return None
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return None
+    if payload is None:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return None
     if not isinstance(payload, dict) or payload.get("stream") is not True or "stream_options" in payload:
         return None
     stripped = body.rstrip()
@@ -270,10 +267,10 @@ class ProxyWatch:
         self.done = False
         self.counted = False  # tokens added to the counters (once)
 
-    def prepare(self, body):
+    def prepare(self, body, payload=None):
         """The body to send on: a streamed completion without stream_options also asks for the usage event."""
         if self.completion_call and isinstance(body, bytes):
-            extended = ask_for_usage(body)
+            extended = ask_for_usage(body, payload)
             if extended is not None:
                 self.added_usage = True
                 return extended
@@ -282,46 +279,45 @@ class ProxyWatch:
     def failed(self, kind: str) -> None:
         self.service.error(kind)
 
-    def answered(self, status: int, headers) -> None:
+    def answered(self, status: int, content_type: str = "", content_encoding: str = "",
+                 length: Optional[str] = None) -> None:
+        """The upstream's status and the headers that decide what is recorded (values as sent, or empty)."""
         if status >= 500:
             self.service.error("http_5xx")
-        content_type = headers.get("Content-Type", "")
         if content_type.startswith("text/event-stream"):
             self.stream = True
             self.service.streams.inc()
-        if not self.scan or headers.get("Content-Encoding"):
+        if not self.scan or content_encoding:
             self.scan = False
         elif not self.stream:
-            length = headers.get("Content-Length")
             if (status == 200 and content_type.startswith("application/json")
                     and (length is None or (length.isdigit() and int(length) <= USAGE_BODY_LIMIT))):
                 self.collected = []
             else:
                 self.scan = False
 
-    def relay(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        """The answer's chunks as the caller receives them, noting the first byte and any usage on the way."""
-        for data in chunks:
-            if not self.first_byte:
-                self.first_byte = True
-                self.service.ttfb.observe(time.perf_counter() - self.started)
-            if self.scan:
-                if self.stream:
-                    data = self._scan_events(data)
-                    if not data:
-                        continue
-                    if DONE_EVENT in data:  # counted before the caller can see the end (and ask /metrics)
-                        self._count_tokens()
-                elif self.collected is not None:
-                    self.collected_size += len(data)
-                    if self.collected_size <= USAGE_BODY_LIMIT:
-                        self.collected.append(data)
-                    else:
-                        self.collected = None
-            yield data
-        if self.carry:
-            rest, self.carry = self.carry, b""
-            yield rest
+    def pass_on(self, data: bytes) -> bytes:
+        """One chunk of the answer as the caller receives it (maybe empty), noting the first byte and any usage."""
+        if not self.first_byte:
+            self.first_byte = True
+            self.service.ttfb.observe(time.perf_counter() - self.started)
+        if self.scan:
+            if self.stream:
+                data = self._scan_events(data)
+                if data and DONE_EVENT in data:  # counted before the caller can see the end (and ask /metrics)
+                    self._count_tokens()
+            elif self.collected is not None:
+                self.collected_size += len(data)
+                if self.collected_size <= USAGE_BODY_LIMIT:
+                    self.collected.append(data)
+                else:
+                    self.collected = None
+        return data
+
+    def remainder(self) -> bytes:
+        """What is still held back when the answer ends (an unterminated last line)."""
+        rest, self.carry = self.carry, b""
+        return rest
 
     def _scan_events(self, data: bytes) -> bytes:
         if self.carry:

@@ -1,4 +1,4 @@
-"""The WSGI entry point gunicorn loads in each worker: the app plus its background reconciler."""
+"""The Flask application of a portal worker, with its background reconciler (portal/asgi.py serves it)."""
 import logging
 
 from . import create_app, start_reconciler

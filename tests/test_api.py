@@ -105,8 +105,12 @@ def test_parse_time_rejects(text):
         parse_time(text)
 
 
-def test_refused_upstream_is_502_naming_the_service(app, client, auth):
+def test_refused_upstream_is_502_naming_the_service(app, auth):
     """A RUNNING service whose port refuses connections: the proxy answers 502 in the OpenAI error shape."""
+    import asyncio
+    import json
+
+    from portal.asgi import PortalApp
     from portal.db import db
     from portal.models import Service
 
@@ -118,11 +122,39 @@ def test_refused_upstream_is_502_naming_the_service(app, client, auth):
                                state="RUNNING", scheduler="local", job_dir="/nonexistent", time_limit=5,
                                api_key="k", host="127.0.0.1", port=closed_port))
         db.session.commit()
-    for path in ("/services/00000000beef/v1/models", "/v1/chat/completions"):
-        response = client.post(path, json={"model": "org/gone", "messages": []}, headers=auth)
-        assert response.status_code == 502, path
-        error = response.get_json()["error"]
-        assert error["code"] == "upstream_unreachable" and "00000000beef" in error["message"]
+    paths = ("/services/00000000beef/v1/models", "/v1/chat/completions")
+
+    body = json.dumps({"model": "org/gone", "messages": []}).encode()
+
+    async def post(portal, path):  # one request to the ASGI application, as uvicorn hands it over
+        headers = [(b"authorization", auth["Authorization"].encode()), (b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]
+        scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": headers, "http_version": "1.1", "scheme": "http", "client": ("127.0.0.1", 1)}
+        messages, done, asked = [], asyncio.Event(), []
+
+        async def receive():
+            if not asked:
+                asked.append(True)
+                return {"type": "http.request", "body": body, "more_body": False}
+            await done.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            messages.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                done.set()
+
+        await portal(scope, receive, send)
+        return messages[0]["status"], json.loads(b"".join(m.get("body", b"") for m in messages[1:]))
+
+    async def ask():  # the portal's ASGI application in this process (what each gunicorn worker runs)
+        portal = PortalApp(app, threads=2)
+        return [await post(portal, path) for path in paths]
+
+    for path, (status, answer) in zip(paths, asyncio.run(ask())):
+        assert status == 502, path
+        assert answer["error"]["code"] == "upstream_unreachable" and "00000000beef" in answer["error"]["message"]
 
 
 def test_prune_removes_only_ended_services(app, client, auth, tmp_path):

@@ -237,6 +237,55 @@ def test_browser_login_cookie_and_csrf(portal):
     assert evil.headers["Location"] == "/"
 
 
+def test_proxied_paths_refuse_every_bad_credential(portal, chat_service):
+    """The proxy's paths are served outside Flask's routes (tests/test_api.py walks those): the same walk here,
+    bare and under the OOD prefix, every method, every kind of wrong credential."""
+    service_id = chat_service["id"]
+    paths = [f"/services/{service_id}", f"/services/{service_id}/", f"/services/{service_id}/v1/chat/completions",
+             f"/services/{service_id}/echo", "/services/0123456789ab/v1/models", "/v1/chat/completions",
+             "/v1/audio/transcriptions", "/v1/models", "/v1/models/test/tiny"]
+    bad = ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic Zm9vOmJhcg=="},
+           {"Authorization": "Bearer pf_notakey"}, {"Cookie": "pilotfish_session=forged"},
+           {"Authorization": "Bearer", "Cookie": "pilotfish_session="})
+    before = portal.request("GET", f"/services/{service_id}/stats").json()["api_requests"]
+    checked = 0
+    with requests.Session() as http:
+        for path in paths:
+            for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
+                for prefix in ("", f"/node/127.0.0.1/{portal.port}"):
+                    for headers in bad:
+                        response = http.request(method, portal.url + prefix + path, headers=headers,
+                                                json={"model": MODEL}, timeout=10)
+                        assert response.status_code == 401, (method, prefix + path, headers, response.text[:200])
+                        if method != "HEAD":
+                            assert "error" in response.json()
+                        checked += 1
+    assert checked == len(paths) * 7 * 2 * len(bad)
+    # None of them reached the service.
+    assert portal.request("GET", f"/services/{service_id}/stats").json()["api_requests"] == before + 1
+
+
+def test_proxied_paths_with_the_login_cookie_need_the_csrf_token(portal, chat_service):
+    prefix = f"/node/127.0.0.1/{portal.port}"
+    browser = requests.Session()
+    csrf = browser.post(portal.url + prefix + "/login", json={"token": portal.token}, timeout=10).json()["csrf_token"]
+    url = f"{portal.url}{prefix}/services/{chat_service['id']}/v1/chat/completions"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert browser.get(f"{portal.url}{prefix}/services/{chat_service['id']}/v1/models", timeout=10).status_code == 200
+    refused = browser.post(url, json=body, timeout=10)
+    assert refused.status_code == 403 and "CSRF" in refused.json()["error"]
+    wrong = browser.post(url, json=body, headers={"X-CSRF-Token": "not-it"}, timeout=10)
+    assert wrong.status_code == 403
+    answered = browser.post(url, json=body, headers={"X-CSRF-Token": csrf}, timeout=10)
+    assert answered.status_code == 200 and answered.json()["choices"]
+    gateway = browser.post(f"{portal.url}{prefix}/v1/chat/completions", json=body, headers={"X-CSRF-Token": csrf},
+                           timeout=10)
+    assert gateway.status_code == 200
+    # The cookie of another path (bare) is not sent by a browser, but a forged or stale one is refused all the same.
+    browser.post(portal.url + prefix + "/logout", headers={"X-CSRF-Token": csrf}, timeout=10)
+    assert browser.post(url, json=body, headers={"X-CSRF-Token": csrf}, timeout=10).status_code == 401
+
+
 def test_api_keys_create_use_revoke(portal):
     created = portal.request("POST", "/api/keys", json={"name": "laptop"})
     assert created.status_code == 201

@@ -15,7 +15,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-STATS = {"disconnects": 0, "streams_started": 0, "streams_completed": 0, "requests": 0}
+STATS = {"disconnects": 0, "streams_started": 0, "streams_completed": 0, "requests": 0, "api_requests": 0}
 LOCK = threading.Lock()
 
 
@@ -44,6 +44,7 @@ class Sink:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: without this each answer waits 40 ms
     token_delay = 0.0
     key = ""
     model = ""
@@ -101,6 +102,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(200, {"status": "ok"})
         if url.path == "/metrics":  # as vLLM's: Prometheus text, without the API key
             return self.send_metrics()
+        bump("api_requests")  # all but the health and metrics probes
         if not self.authorized():
             return None
         if url.path == "/echo":

@@ -1,0 +1,23 @@
+"""The gunicorn worker class of the portal: uvicorn's, on uvloop with the httptools parser.
+
+Kept apart from portal/asgi.py because gunicorn's master imports the worker class, and the application must only
+be built in the workers (each runs its own reconciler thread and proxy connection pools).
+"""
+from uvicorn_worker import UvicornWorker
+
+
+class PortalWorker(UvicornWorker):
+    CONFIG_KWARGS = {
+        "loop": "uvloop",
+        "http": "httptools",
+        "ws": "none",
+        "lifespan": "off",
+        "access_log": False,  # portal/asgi.py writes the access log: request lines only, never query strings
+        "server_header": False,
+        "proxy_headers": False,
+    }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # On stop, open streams get gunicorn's graceful_timeout; then the master ends the worker.
+        self.config.timeout_graceful_shutdown = self.cfg.graceful_timeout
