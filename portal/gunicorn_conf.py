@@ -1,10 +1,11 @@
 """gunicorn settings for the portal: uvicorn workers (the proxy on an event loop), no request timeout.
 
 Chosen by benchmarks/proxy.py on 2 cores (synthetic SSE upstream, 2-second streams, all clients starting together;
-README "Tuning"): with the proxy on each worker's event loop, 2 workers carry 256 concurrent streams at the
-throughput of a direct connection and add about as much latency as nginx, where gthread workers (a thread per
-stream) reached 0.86-0.91 of direct and added 1.6 ms. Flask (pages, the REST API) runs in a thread pool of each
-worker, so its blocking work (SQLite, the scheduler commands) never stalls a stream.
+README "Tuning"): with the proxy on each worker's event loop, 2 workers carry 256 concurrent streams at 0.97-0.98
+of a direct connection's throughput, TTFT p50 within 20 ms of nginx's, and add 0.45 ms to a request, where
+gthread workers (a thread per stream) reached 0.85-0.87 of direct, +135-160 ms, and added 1.4-1.9 ms. Flask (pages,
+the REST API) runs in a thread pool of each worker, so its blocking work (SQLite, the scheduler commands) never
+stalls a stream.
 """
 import os
 import sys

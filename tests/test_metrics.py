@@ -123,8 +123,17 @@ def test_upstream_errors_by_kind(portal, service):
     before = scrape(portal)
     assert portal.request("GET", f"/services/{service['id']}/status/503").status_code == 503
     assert portal.request("GET", f"/services/{service['id']}/slow?seconds=3").status_code == 504
+    # A stream the service cuts short reaches the caller cut short (no clean end it could take for a whole answer).
+    cut = portal.request("GET", f"/services/{service['id']}/cut?events=3", stream=True)
+    events = []
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        for line in cut.iter_lines():
+            if line:
+                events.append(line)
+    assert events == [b'data: {"n": 0}', b'data: {"n": 1}', b'data: {"n": 2}']
     after = scrape(portal)
     sid = service["id"]
+    assert delta(before, after, "pilotfish_proxy_upstream_errors_total", service=sid, kind="interrupted") == 1
     assert delta(before, after, "pilotfish_proxy_upstream_errors_total", service=sid, kind="http_5xx") == 1
     assert delta(before, after, "pilotfish_proxy_upstream_errors_total", service=sid, kind="timeout") == 1
     assert delta(before, after, "pilotfish_requests_total", route="service", status="503") == 1

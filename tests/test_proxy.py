@@ -180,6 +180,13 @@ def test_request_is_forwarded_faithfully(portal, chat_service):
     # A chunked upload (no Content-Length) streams through too.
     chunked = portal.request("POST", f"/services/{chat_service['id']}/echo", data=iter([b"ab", b"cd" * 5000]))
     assert chunked.json()["length"] == 10002
+    # HEAD: the status and headers, no body, and the caller's connection stays usable.
+    with requests.Session() as http:
+        auth = {"Authorization": f"Bearer {portal.token}"}
+        head = http.head(f"{portal.url}/services/{chat_service['id']}/v1/models", headers=auth, timeout=10)
+        assert head.status_code == 200 and head.content == b"" and int(head.headers["Content-Length"]) > 10
+        assert http.get(f"{portal.url}/services/{chat_service['id']}/v1/models", headers=auth,
+                        timeout=10).json()["data"]
 
 
 def test_read_timeout_is_504_naming_the_service(portal, chat_service):

@@ -119,6 +119,15 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(200, {"slept": True})
         if url.path == "/stats":
             return self.send_json(200, STATS)
+        if url.path == "/cut":  # an event stream that stops short: N events, then the connection closes mid-body
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for index in range(int(parse_qs(url.query).get("events", ["2"])[0])):
+                self.chunk(b"data: {\"n\": %d}\n\n" % index)
+            self.close_connection = True
+            return None
         if url.path == "/v1/models":
             return self.send_json(200, {"object": "list", "data": [
                 {"id": self.model, "object": "model", "created": 0, "owned_by": "test"}]})
@@ -209,6 +218,10 @@ class Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = handle_any
 
+    def do_HEAD(self):  # the GET answer's status and headers, no body
+        self.wfile = _Headless(self.wfile)
+        self.handle_any()
+
 
 class _ChunkedReader:
     """Reads a chunked request body as a plain stream."""
@@ -231,6 +244,23 @@ class _ChunkedReader:
             if self.left == 0:
                 self.raw.readline()
         return out
+
+
+class _Headless:
+    """A HEAD answer: writes end with the blank line after the headers."""
+
+    def __init__(self, wfile):
+        self.wfile, self.done = wfile, False
+
+    def write(self, data):
+        if not self.done:
+            head, end, _ = data.partition(b"\r\n\r\n")
+            self.wfile.write(head + end)
+            self.done = bool(end)
+        return len(data)
+
+    def flush(self):
+        self.wfile.flush()
 
 
 def main():
