@@ -198,8 +198,9 @@ class UpstreamConnection(asyncio.Protocol):
     """One HTTP/1.1 connection to a service: writes a request, parses the answer (httptools) into a status, headers
     and body chunks handed out as they arrive; pauses the service when a slow caller lets too much pile up."""
 
-    def __init__(self, key):
+    def __init__(self, key, pool: "UpstreamPool"):
         self.key = key
+        self.pool = pool
         self.loop = asyncio.get_running_loop()
         self.transport: Optional[asyncio.Transport] = None
         self.parser = httptools.HttpResponseParser(self)
@@ -234,6 +235,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._lose(f"malformed answer from the service ({exc})")
 
     def connection_lost(self, exc) -> None:
+        self.pool.forget(self)
         self.lost = True
         self.lost_reason = self.lost_reason or (type(exc).__name__ if exc else "closed by the service")
         self._wake()
@@ -354,7 +356,7 @@ class UpstreamPool:
                 return conn, True
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(lambda: UpstreamConnection(key), host, port),
+            _, conn = await asyncio.wait_for(loop.create_connection(lambda: UpstreamConnection(key, self), host, port),
                                              timeout)
         except asyncio.TimeoutError:
             raise UpstreamFailed("connect_timeout") from None
@@ -369,11 +371,13 @@ class UpstreamPool:
         else:
             conn.close()
 
-    def close(self) -> None:
-        for idle in self.idle.values():
-            for conn in idle:
-                conn.close()
-        self.idle.clear()
+    def forget(self, conn: UpstreamConnection) -> None:
+        """A connection closed (by the service, or the service ended): no longer kept."""
+        idle = self.idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+            if not idle:
+                del self.idle[conn.key]
 
 
 # --- one request -----------------------------------------------------------------------------------------------

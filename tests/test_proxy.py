@@ -117,6 +117,26 @@ def test_large_audio_upload_streams_through_without_filling_memory(portal, clien
     assert after - before < 40 * 1024 * 1024, f"workers grew by {(after - before) >> 20} MB"
 
 
+def test_a_slow_reader_holds_the_service_back_instead_of_filling_memory(portal, chat_service):
+    workers = [child for child in psutil.Process(portal.proc.pid).children()]
+    before = sum(worker.memory_info().rss for worker in workers)
+    size = 200 << 20
+    response = portal.request("GET", f"/services/{chat_service['id']}/big?mb={size >> 20}", stream=True)
+    digest = hashlib.sha256(response.raw.read(1 << 20))
+    time.sleep(3)  # the service could send all of it meanwhile; the proxy must pause it instead of holding it
+    during = sum(worker.memory_info().rss for worker in workers)
+    received = 1 << 20
+    for data in response.iter_content(1 << 20):
+        digest.update(data)
+        received += len(data)
+    block = bytes(range(256)) * 256
+    expected = hashlib.sha256()
+    for _ in range(size // len(block)):
+        expected.update(block)
+    assert received == size and digest.hexdigest() == expected.hexdigest()
+    assert during - before < 40 * 1024 * 1024, f"workers grew by {(during - before) >> 20} MB"
+
+
 def test_upstream_errors_pass_through_unchanged(client, portal, chat_service):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=-1)

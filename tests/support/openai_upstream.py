@@ -119,6 +119,16 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(200, {"slept": True})
         if url.path == "/stats":
             return self.send_json(200, STATS)
+        if url.path == "/big":  # N MiB of bytes 0..255 repeated, as fast as the reader takes them
+            size = int(parse_qs(url.query).get("mb", ["1"])[0]) << 20
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            block = bytes(range(256)) * 256
+            for _ in range(size // len(block)):
+                self.wfile.write(block)
+            return None
         if url.path == "/cut":  # an event stream that stops short: N events, then the connection closes mid-body
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
