@@ -102,6 +102,10 @@ class ServiceDirectory:
         return self._routes
 
     @property
+    def loaded(self) -> bool:
+        return self._loaded > 0
+
+    @property
     def stale(self) -> bool:
         return time.monotonic() - self._loaded > DIRECTORY_TTL
 
@@ -503,6 +507,7 @@ class Proxy:
         self.read_timeout = config.proxy_read_timeout
         self.pool = UpstreamPool()
         self._refreshing: Optional[asyncio.Future] = None
+        self._background: set = set()  # tasks nobody awaits (activity writes), held until they end
 
     # database work, off the event loop
     def _in_app(self, function, *args):
@@ -516,7 +521,7 @@ class Proxy:
         """The live services: the cached ones, reloaded in a thread when asked to or never loaded; a stale cache is
         still answered from while a reload runs."""
         directory = self.directory
-        if fresh or not directory._loaded:
+        if fresh or not directory.loaded:
             return await self.in_thread(directory.routes, True)
         if directory.stale and self._refreshing is None:
             self._refreshing = asyncio.ensure_future(self.in_thread(directory.routes, True))
@@ -698,7 +703,9 @@ class Proxy:
                 body.spool.close()
             watch.finish()
             if directory.end(route.id):
-                asyncio.ensure_future(self.in_thread(directory.record_activity, route.id))
+                task = asyncio.ensure_future(self.in_thread(directory.record_activity, route.id))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     async def _send_request(self, incoming: Incoming, route: Route, target: bytes, body):
         """Write the request (a fresh connection once more if a kept-alive one turns out closed); (connection,
