@@ -34,7 +34,7 @@ bp = Blueprint("proxy", __name__)
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection", b"te",
               b"trailer", b"trailers", b"transfer-encoding", b"upgrade"}
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"authorization", b"cookie", b"content-length", b"x-csrf-token", b"expect"}
-RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"content-length"}
+RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"content-length", b"date", b"server"}  # the portal's own date, as nginx
 ROUTABLE = (State.RUNNING, State.UNHEALTHY)
 STARTING = (State.SUBMITTED, State.PENDING, State.STARTING)
 SERVICE_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})

@@ -190,13 +190,18 @@ def test_request_is_forwarded_faithfully(portal, chat_service):
     body = os.urandom(300_000)
     response = portal.request("PUT", f"/services/{chat_service['id']}/echo?a=1&b=two", data=body,
                               headers={"Cookie": "pilotfish_session=abc", "X-Custom": "kept",
-                                       "Connection": "keep-alive, X-Custom-Hop", "Content-Type": "audio/wav"})
+                                       "Connection": "keep-alive, X-Custom-Hop", "X-Custom-Hop": "dropped",
+                                       "Content-Type": "audio/wav"})
     seen = response.json()
     assert seen["method"] == "PUT" and seen["query"] == "a=1&b=two"
     assert seen["length"] == len(body) and seen["sha256"] == hashlib.sha256(body).hexdigest()
     headers = {key.lower(): value for key, value in seen["headers"].items()}
     assert headers["authorization"] != f"Bearer {portal.token}" and headers["authorization"].startswith("Bearer ")
     assert "cookie" not in headers and headers["x-custom"] == "kept" and headers["content-type"] == "audio/wav"
+    assert "x-custom-hop" not in headers  # named in Connection: a hop-by-hop header of this request
+    assert len(response.raw.headers.getlist("Date")) == 1  # the portal's, not the service's as well
+    encoded = portal.request("GET", f"/services/{chat_service['id']}/echo?x=a%20b&y=%2F%3F").json()
+    assert encoded["query"] == "x=a%20b&y=%2F%3F"  # as sent, not decoded and encoded again
     # A chunked upload (no Content-Length) streams through too.
     chunked = portal.request("POST", f"/services/{chat_service['id']}/echo", data=iter([b"ab", b"cd" * 5000]))
     assert chunked.json()["length"] == 10002
