@@ -43,6 +43,7 @@ BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 CHUNK = 64 * 1024
 MAX_JSON_BODY = 32 * 1024 * 1024
 SPOOL_IN_MEMORY = 1024 * 1024
+SMALL_BODY = 64 * 1024  # request bodies up to this size are read whole: sent in one write, and sent again if need be
 READ_BUFFER_LIMIT = 1024 * 1024  # upstream bytes held for a slow caller before the upstream is paused
 IDLE_PER_SERVICE = 256  # keep-alive connections kept per service
 DIRECTORY_TTL = 1.0
@@ -572,6 +573,8 @@ class Proxy:
         if path.endswith("completions") and metrics.wants_json_body(incoming.method, incoming.mimetype,
                                                                      incoming.length):
             body = await incoming.read(metrics.USAGE_BODY_LIMIT)  # so a stream can ask for usage (metrics.ProxyWatch)
+        elif incoming.length is not None and 0 < incoming.length <= SMALL_BODY:
+            body = await incoming.read(SMALL_BODY)
         return await self.forward(incoming, route, _raw_tail(incoming.scope, skip), body, payload, SERVICE_ENDPOINT)
 
     async def gateway(self, incoming: Incoming, path: str, skip: int) -> Tuple[int, int]:

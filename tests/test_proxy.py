@@ -214,6 +214,20 @@ def test_request_is_forwarded_faithfully(portal, chat_service):
                         timeout=10).json()["data"]
 
 
+def test_a_kept_alive_connection_the_service_dropped_is_retried_on_a_new_one(portal, chat_service):
+    """A service may close an idle keep-alive connection just as the next request goes out on it (uvicorn closes
+    them after 5 s): a request whose body can be sent again is, on a new connection."""
+    stats = f"/services/{chat_service['id']}/stats"
+    before = portal.request("GET", stats).json()["dropped"]
+    with requests.Session() as http:  # one connection to the portal: one worker, whose pool the requests share
+        auth = {"Authorization": f"Bearer {portal.token}"}
+        for _ in range(4):
+            answer = http.post(f"{portal.url}/services/{chat_service['id']}/once", json={"n": 1}, headers=auth,
+                               timeout=10)
+            assert answer.status_code == 200 and answer.json() == {"once": True}
+    assert portal.request("GET", stats).json()["dropped"] >= before + 3
+
+
 def test_read_timeout_is_504_naming_the_service(portal, chat_service):
     response = portal.request("GET", f"/services/{chat_service['id']}/slow?seconds=7")
     assert response.status_code == 504

@@ -15,7 +15,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-STATS = {"disconnects": 0, "streams_started": 0, "streams_completed": 0, "requests": 0, "api_requests": 0}
+STATS = {"disconnects": 0, "streams_started": 0, "streams_completed": 0, "requests": 0, "api_requests": 0,
+         "dropped": 0}
 LOCK = threading.Lock()
 
 
@@ -96,6 +97,10 @@ class Handler(BaseHTTPRequestHandler):
         return False
 
     def handle_any(self):
+        if getattr(self, "drop_next", False):  # after /once: this keep-alive connection ends without an answer
+            bump("dropped")
+            self.close_connection = True
+            return None
         bump("requests")
         url = urlsplit(self.path)
         if url.path == "/health":
@@ -119,6 +124,10 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(200, {"slept": True})
         if url.path == "/stats":
             return self.send_json(200, STATS)
+        if url.path == "/once":  # answered, kept alive, but the next request on this connection is dropped
+            self.read_body()
+            self.drop_next = True
+            return self.send_json(200, {"once": True})
         if url.path == "/big":  # N MiB of bytes 0..255 repeated, as fast as the reader takes them
             size = int(parse_qs(url.query).get("mb", ["1"])[0]) << 20
             self.send_response(200)
