@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 from playwright.sync_api import Page, sync_playwright
 
@@ -58,9 +58,10 @@ class Browser:
 
 
 @contextlib.contextmanager
-def open_browser(artifacts: Optional[Path] = None, check: bool = True) -> Iterator[Browser]:
+def open_browser(artifacts: Optional[Path] = None, check: bool = True, args: Sequence[str] = ()) -> Iterator[Browser]:
+    """`args`: more Chromium flags (e.g. a fake microphone playing a file: fake_microphone(wav))."""
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + list(args))
         try:
             context = chromium.new_context(viewport={"width": 1280, "height": 900})
             browser = Browser(context, artifacts or ARTIFACTS)
@@ -69,6 +70,12 @@ def open_browser(artifacts: Optional[Path] = None, check: bool = True) -> Iterat
                 raise AssertionError("the browser saw problems:\n" + "\n".join(browser.problems))
         finally:
             chromium.close()
+
+
+def fake_microphone(wav: Path) -> List[str]:
+    """Chromium flags: the microphone plays `wav` (16-bit PCM) in a loop, and pages may use it without asking."""
+    return ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}"]
 
 
 def watch_streamed_answer(page: Page, timeout: float = 60, interval: float = 0.02):
