@@ -19,5 +19,6 @@ class PortalWorker(UvicornWorker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # On stop, open streams get gunicorn's graceful_timeout; then the master ends the worker.
-        self.config.timeout_graceful_shutdown = self.cfg.graceful_timeout
+        # On stop, open streams get a second less than gunicorn's graceful_timeout: then they are cancelled (each
+        # closes its upstream connection, so the engine aborts the request) before the master would kill the worker.
+        self.config.timeout_graceful_shutdown = max(1, self.cfg.graceful_timeout - 1)
