@@ -363,6 +363,35 @@ def test_no_secret_reaches_the_log(portal, chat_service):
             " ".join(process.info["cmdline"] or [])
 
 
+def test_stopping_the_portal_ends_open_streams_and_the_service_sees_it(start_portal):
+    """On stop, a stream still open gets the graceful period, then the worker cancels it: the caller's answer ends
+    cut short and the service sees its caller go (an engine aborts the generation), before gunicorn would kill."""
+    portal = start_portal("local", runtimes={"text-generation": {"command": UPSTREAM + " --token-delay 0.2"}})
+    service = portal.wait_state(portal.launch(model=MODEL).json()["id"], "RUNNING", timeout=30)
+    key = (portal.home / "jobs" / service["id"] / "service.key").read_text().strip()
+    stats = f"http://{service['endpoint']['host']}:{service['endpoint']['port']}/stats"
+    try:
+        stream = portal.request("POST", f"/services/{service['id']}/v1/chat/completions", stream=True,
+                                json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                      "max_tokens": 500, "stream": True})  # 100 s of tokens
+        lines = stream.iter_lines()
+        assert next(lines).startswith(b"data: ")
+        started = time.monotonic()
+        portal.stop()
+        assert time.monotonic() - started < 15
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            for line in lines:
+                assert line != b"data: [DONE]"
+        seen = wait_for(lambda: (lambda s: s if s["disconnects"] else None)(
+            requests.get(stats, headers={"Authorization": f"Bearer {key}"}, timeout=10).json()), timeout=10)
+        assert seen["disconnects"] == 1 and seen["streams_completed"] == 0
+        assert "timeout graceful shutdown exceeded" in portal.log_text()  # cancelled by the worker, not killed
+    finally:
+        for process in psutil.process_iter(["cmdline"]):  # the service outlives its portal: end it here
+            if str(service["endpoint"]["port"]) in (process.info["cmdline"] or []):
+                process.terminate()
+
+
 def test_connect_fails_clearly_when_the_portal_stops(start_portal, tmp_path):
     portal = start_portal("local")
     assert connect(home=str(portal.home)).url.endswith(str(portal.port))
