@@ -24,7 +24,9 @@ module PilotfishSite
     "this_allocation" => "Services inside this allocation",
   }.freeze
   # The portal job of "separate_jobs": the portal only submits and proxies, its services get their own jobs.
+  # The site config's `portal_job` (partition, cpus, memory_gb) changes it; the default partition otherwise.
   LIGHT_JOB = { cpus: 1, memory_gb: 2 }.freeze
+  PORTAL_JOB_FIELDS = %w[partition cpus memory_gb].freeze
 
   TIER_FIELDS = %w[name description max_model_size_gb gpu_count gpu_type cpu_cores memory_gb slurm].freeze
   REQUIRED_TIER_FIELDS = %w[name description max_model_size_gb gpu_count cpu_cores memory_gb].freeze
@@ -310,13 +312,51 @@ module PilotfishSite
                    constraint: tier.slurm["constraint"])
   end
 
+  # The light portal job: LIGHT_JOB with the site config's `portal_job` settings, each checked.
+  def light_job(settings)
+    given = settings.fetch("portal_job", nil)
+    return LIGHT_JOB if given.nil?
+    raise Error, "portal_job: expected a mapping such as {partition: interactive, cpus: 1, memory_gb: 2}" unless given.is_a?(Hash)
+
+    unknown = given.keys.map(&:to_s) - PORTAL_JOB_FIELDS
+    raise Error, "portal_job.#{unknown.first}: unknown setting (known: #{PORTAL_JOB_FIELDS.join(', ')})" unless unknown.empty?
+
+    job = LIGHT_JOB.dup
+    if given.key?("partition")
+      value = given["partition"]
+      unless value.is_a?(String) && value.match?(PARTITION_NAME)
+        raise Error, "portal_job.partition: expected a partition name (letters, digits, _ and -), got #{value.inspect}"
+      end
+      job[:partition] = value
+    end
+    if given.key?("cpus")
+      value = given["cpus"]
+      raise Error, "portal_job.cpus: expected a whole number from 1 to 256, got #{value.inspect}" unless value.is_a?(Integer) && value.between?(1, 256)
+      job[:cpus] = value
+    end
+    if given.key?("memory_gb")
+      value = given["memory_gb"]
+      unless value.is_a?(Numeric) && !value.is_a?(Complex) && value.positive? && value <= 4096
+        raise Error, "portal_job.memory_gb: expected a number of GB above 0 and up to 4096, got #{value.inspect}"
+      end
+      job[:memory_gb] = value
+    end
+    job
+  end
+
+  # "1 CPU and 2 GB on the default partition": the light job in words, for the form.
+  def light_job_text(job)
+    where = job[:partition] ? "partition #{job[:partition]}" : "the default partition"
+    "#{job[:cpus]} CPU#{'s' if job[:cpus] > 1} and #{number(job[:memory_gb])} GB on #{where}"
+  end
+
   # The portal job's sbatch options for a form's choices; anything not offered by the form is refused.
-  def portal_job_options(specs, placement:, tier:, hours:)
+  def portal_job_options(specs, placement:, tier:, hours:, settings: {})
     chosen = specs.tier!(tier)
     minutes = specs.minutes!(hours)
     case placement
     when "this_allocation" then tier_options(chosen, minutes)
-    when "separate_jobs" then sbatch_options(minutes: minutes, **LIGHT_JOB)
+    when "separate_jobs" then sbatch_options(minutes: minutes, **light_job(settings))
     else raise Error, "unknown choice #{placement.to_s.inspect} for where services run " \
                       "(expected one of: #{PLACEMENTS.keys.join(', ')})"
     end

@@ -139,6 +139,37 @@ def test_submit_gres_and_constraint_as_the_site_wrote_them(tmp_path):
     assert "--gres=gpu:a100:1,shard:2" in native["script"]["native"] and "--constraint=gpu80&ib" in native["script"]["native"]
 
 
+def test_the_light_portal_job_follows_the_site_config(tmp_path):
+    default = site(tmp_path / "default", SEED)
+    form = render_form(default)
+    assert "the portal takes 1 CPU and 2 GB on the default partition;" in form["attributes"]["service_placement"]["help"]
+    env = site(tmp_path / "set", SEED, portal_job={"partition": "interactive", "cpus": 2, "memory_gb": 3.5})
+    form = render_form(env)
+    assert "the portal takes 2 CPUs and 3.5 GB on partition interactive;" in \
+        form["attributes"]["service_placement"]["help"]
+    native = render_submit(env, form_values(form, service_placement="separate_jobs", tier="gpu.Small", hours="2"))
+    assert native["script"]["native"] == ["--time=120", "--partition=interactive", "--cpus-per-task=2", "--mem=3584M"]
+    # Inside the allocation the tier decides, whatever portal_job says.
+    tier = all_tiers(parse_specs(SEED))[0]
+    native = render_submit(env, form_values(form, service_placement="this_allocation", tier=tier.ref, hours="1"))
+    assert native["script"]["native"] == sbatch_options(tier_resources(tier, 60))
+
+
+@pytest.mark.parametrize("portal_job, message", [
+    ({"partition": "gpu; rm -rf /"}, r'portal_job.partition: expected a partition name .*, got "gpu; rm -rf /"$'),
+    ({"partition": 7}, r"portal_job.partition: expected a partition name .*, got 7$"),
+    ({"cpus": 0}, r"portal_job.cpus: expected a whole number from 1 to 256, got 0$"),
+    ({"cpus": "2"}, r'portal_job.cpus: expected a whole number from 1 to 256, got "2"$'),
+    ({"memory_gb": -1}, r"portal_job.memory_gb: expected a number of GB above 0 and up to 4096, got -1$"),
+    ({"gpus": 1}, r"portal_job.gpus: unknown setting \(known: partition, cpus, memory_gb\)$"),
+    ("small", r"portal_job: expected a mapping such as"),
+])
+def test_a_wrong_portal_job_setting_is_named_on_the_form(tmp_path, portal_job, message):
+    env = site(tmp_path, SEED, portal_job=portal_job)
+    with pytest.raises(RenderError, match=message):
+        render_form(env)
+
+
 REFUSED = {
     "tier": ["gpu.Huge", "Small", "gpu.small", "", "x; rm -rf /", "$(id)", "`id`", "gpu.Small\n--wrap=id",
              "cpu.Tiny"],  # the last one is another file's tier
