@@ -225,6 +225,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_head = False
         self.complete = False
         self.keep_alive = False
+        self.request_cut = False  # the service answered before the whole request body was sent
         self.waiter: Optional[asyncio.Future] = None
 
     # asyncio.Protocol
@@ -265,6 +266,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.status >= 200 or self.status == 101:
             self.got_head = True
             self._wake()
+            if self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)  # an answer before the whole body: stop sending it
         else:  # an interim answer (100 Continue): the real one follows
             self.headers = []
 
@@ -298,6 +301,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def write(self, data: bytes) -> None:
+        """Send (nothing once the connection is closing: uvloop raises there, and the answer tells what happened)."""
+        if self.lost or self.transport.is_closing():
+            self.lost = True
+            return
         self.transport.write(data)
 
     async def drain(self) -> None:
@@ -698,7 +705,7 @@ class Proxy:
         finally:
             incoming.stop_watching()
             if conn is not None:
-                if conn.complete and conn.keep_alive and not conn.lost and not conn.chunks:
+                if conn.complete and conn.keep_alive and not (conn.lost or conn.chunks or conn.request_cut):
                     self.pool.release(conn)
                 else:
                     conn.close()
@@ -743,19 +750,26 @@ class Proxy:
                     conn.write(head + body)
                 else:
                     conn.write(head)
+                    # The service may answer before it has the whole body (an error): then the rest is not sent.
                     if isinstance(body, SpooledBody):
                         body.spool.seek(0)
-                        while not conn.lost:
+                        while True:
                             data = body.spool.read(CHUNK)
                             if not data:
+                                break
+                            if conn.lost or conn.got_head:
+                                conn.request_cut = True
                                 break
                             conn.write(data)
                             await conn.drain()
                     elif streamed is not None:
                         async for data in incoming.blocks():
+                            if conn.lost or conn.got_head:
+                                conn.request_cut = True
+                                break
                             conn.write(b"%x\r\n%s\r\n" % (len(data), data) if streamed == "chunked" else data)
                             await conn.drain()
-                        if streamed == "chunked":
+                        if streamed == "chunked" and not conn.request_cut:
                             conn.write(b"0\r\n\r\n")
                 incoming.watch_disconnect(conn)
                 await conn.head(self.read_timeout)

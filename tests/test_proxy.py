@@ -137,6 +137,18 @@ def test_a_slow_reader_holds_the_service_back_instead_of_filling_memory(portal, 
     assert during - before < 40 * 1024 * 1024, f"workers grew by {(during - before) >> 20} MB"
 
 
+def test_an_answer_before_the_whole_upload_reaches_the_caller_at_once(portal, chat_service):
+    """A service that answers (413) without reading a large upload, and keeps the connection open: the caller gets
+    that answer while the service still holds the connection, instead of the proxy waiting to send the rest."""
+    started = time.monotonic()
+    refused = portal.request("POST", f"/services/{chat_service['id']}/refuse?hold=20", data=b"x" * (64 << 20),
+                             headers={"Content-Type": "application/octet-stream"}, timeout=60)
+    assert refused.status_code == 413 and refused.json()["error"]["message"] == "too large for this service"
+    assert time.monotonic() - started < 15  # the service holds the connection for 20 s
+    again = portal.request("GET", f"/services/{chat_service['id']}/v1/models")
+    assert again.status_code == 200
+
+
 def test_upstream_errors_pass_through_unchanged(client, portal, chat_service):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=-1)

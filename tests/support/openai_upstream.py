@@ -138,6 +138,11 @@ class Handler(BaseHTTPRequestHandler):
             for _ in range(size // len(block)):
                 self.wfile.write(block)
             return None
+        if url.path == "/refuse":  # answers 413 at once without reading the body, then holds the connection
+            self.send_json(413, {"error": {"message": "too large for this service", "code": 413}})
+            time.sleep(float(parse_qs(url.query).get("hold", ["20"])[0]))
+            self.close_connection = True
+            return None
         if url.path == "/cut":  # an event stream that stops short: N events, then the connection closes mid-body
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
