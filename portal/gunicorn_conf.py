@@ -17,7 +17,7 @@ if os.environ.get("PILOTFISH_WORKER_CLASS", "uvicorn") not in ("", "uvicorn"):
           file=sys.stderr)
 workers = int(os.environ.get("PILOTFISH_WORKERS", "2"))
 timeout = 0  # no worker timeout at all: a stream of any length is never cut (and no heartbeat kills workers)
-graceful_timeout = 10  # on stop, streams still open get this long
+graceful_timeout = 10  # on stop, streams still open get a second less (portal/worker.py), then are cancelled
 keepalive = 75
 backlog = 4096
 control_socket_disable = True  # gunicorn >= 27 would share one ~/.gunicorn/gunicorn.ctl between all servers of a user
