@@ -189,9 +189,18 @@ def stored_state(service_id: str) -> Optional[str]:
 # --- connections to services ---------------------------------------------------------------------------------
 
 class UpstreamFailed(Exception):
+    """kind: refused, connect_timeout, timeout (no answer in time), connection (closed before answering),
+    interrupted (closed mid-answer)."""
+
+    METRIC_KINDS = {"connect_timeout": "timeout"}  # pilotfish_proxy_upstream_errors_total{kind}
+
     def __init__(self, kind: str, detail: str = ""):
         super().__init__(kind, detail)
         self.kind, self.detail = kind, detail
+
+    @property
+    def metric_kind(self) -> str:
+        return self.METRIC_KINDS.get(self.kind, self.kind)
 
 
 def _expire(waiter: asyncio.Future) -> None:
@@ -576,13 +585,13 @@ class Proxy:
         if route is None or route.state not in ROUTABLE or not route.port:
             state = route.state if route is not None else await self.in_thread(stored_state, service_id)
             return await self.reply(incoming, not_running(service_id, state), SERVICE_ENDPOINT)
-        body = payload = None
+        body = None
         if path.endswith("completions") and metrics.wants_json_body(incoming.method, incoming.mimetype,
                                                                      incoming.length):
             body = await incoming.read(metrics.USAGE_BODY_LIMIT)  # so a stream can ask for usage (metrics.ProxyWatch)
         elif incoming.length is not None and 0 < incoming.length <= SMALL_BODY:
             body = await incoming.read(SMALL_BODY)
-        return await self.forward(incoming, route, _raw_tail(incoming.scope, skip), body, payload, SERVICE_ENDPOINT)
+        return await self.forward(incoming, route, _raw_tail(incoming.scope, skip), body, None, SERVICE_ENDPOINT)
 
     async def gateway(self, incoming: Incoming, path: str, skip: int) -> Tuple[int, int]:
         """/v1/<path>: to a running service of the body's `model` (the one with the fewest requests in flight)."""
@@ -669,10 +678,8 @@ class Proxy:
             try:
                 conn, status = await self._send_request(incoming, route, target, body)
             except UpstreamFailed as failure:
-                watch.failed(failure.kind if failure.kind in ("refused", "timeout") else
-                             "timeout" if failure.kind == "connect_timeout" else "connection")
-                answer = self._failure_answer(route, failure)
-                return await self.reply(incoming, answer, endpoint)
+                watch.failed(failure.metric_kind)
+                return await self.reply(incoming, self._failure_answer(route, failure), endpoint)
             metrics.instruments().count_request(endpoint, status)
             out, content_type, encoding, length = _answer_headers(conn.headers)
             watch.answered(status, content_type, encoding, length)
@@ -688,7 +695,7 @@ class Proxy:
                     data = await conn.chunk(read_timeout)
                 except UpstreamFailed as failure:
                     if not incoming.gone:
-                        watch.failed("interrupted")
+                        watch.failed(failure.metric_kind)
                         log.info("stream from service %s ended early: %s", route.id, failure.detail or failure.kind)
                     return status, sent  # the caller's connection is closed: the answer shows as cut short
                 if data is None:

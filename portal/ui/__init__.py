@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from flask import Blueprint, current_app, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
@@ -26,13 +27,16 @@ NAV = [
 ]
 
 
-def field_problem(exc: ValidationError, controls) -> tuple:
-    """(the form control showing it, or None; the problem without the field name) of a validation error.
+def place_problem(exc: ValidationError, controls, errors: dict) -> Optional[str]:
+    """Show a validation error next to its form control (in `errors`), or return its message for the page's alert.
 
     `controls` maps request fields to form controls; a nested field (resources.account) falls back to its top.
     """
     control = controls.get(exc.field) or controls.get(exc.field.split(".")[0])
-    return control, exc.problem
+    if control:
+        errors[control] = exc.problem
+        return None
+    return exc.message
 
 
 def static_url(filename: str) -> str:

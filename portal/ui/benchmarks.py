@@ -11,7 +11,7 @@ from flask import redirect, render_template, request, url_for
 from .. import benchmark_runs, services
 from ..errors import ConflictError, NotFoundError, PortalError, ValidationError
 from ..models import State
-from . import bp, field_problem
+from . import bp, place_problem
 
 FORM_FIELDS = ("service", "mode", "clients", "requests", "prompt_len", "max_tokens", "stream", "sweep", "ttft_target",
                "api", "target")
@@ -89,11 +89,7 @@ def benchmarks():
                                        fallback_url=request.host_url.rstrip("/") + request.script_root)
             return redirect(url_for("ui.benchmark", run_id=run.id), code=303)
         except ValidationError as exc:
-            control, problem = field_problem(exc, FORM_CONTROLS)
-            if control:
-                errors[control] = problem
-            else:
-                alert = exc.message
+            alert = place_problem(exc, FORM_CONTROLS, errors)
         except (NotFoundError, ConflictError) as exc:  # the service is gone, not RUNNING, or under another load
             errors["service"] = exc.message
         except PortalError as exc:

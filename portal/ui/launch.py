@@ -11,7 +11,7 @@ from ..catalog.kinds import KINDS
 from ..catalog.tiers import tiers_as_dicts
 from ..errors import PortalError, RejectedError, UnavailableError, ValidationError
 from ..launching import site_specs
-from . import bp, field_problem
+from . import bp, place_problem
 
 FORM_FIELDS = ("kind", "model", "revision", "tier", "recommended_tier", "time", "name", "engine_args", "account",
                "force")
@@ -59,11 +59,7 @@ def launch():
                 service = services.launch(body)
                 return redirect(url_for("ui.service", service_id=service.id), code=303)
         except ValidationError as exc:
-            control, problem = field_problem(exc, FIELD_CONTROLS)
-            if control:
-                errors[control] = problem
-            else:
-                alert = exc.message
+            alert = place_problem(exc, FIELD_CONTROLS, errors)
         except RejectedError as exc:
             alert, failed = exc.message, exc.extra.get("service")
         except PortalError as exc:
