@@ -12,10 +12,13 @@ import asyncio
 import collections
 import json
 import logging
+import os
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import httptools
@@ -47,6 +50,7 @@ SMALL_BODY = 64 * 1024  # request bodies up to this size are read whole: sent in
 READ_BUFFER_LIMIT = 1024 * 1024  # upstream bytes held for a slow caller before the upstream is paused
 IDLE_PER_SERVICE = 256  # keep-alive connections kept per service
 DIRECTORY_TTL = 1.0
+ROUTES_CHANGED_FILE = "routes.changed"  # touched after every committed state change (routes_changed)
 ACTIVITY_FLUSH_SECONDS = 10.0
 SERVICE_ENDPOINT, GATEWAY_ENDPOINT = "proxy.service_proxy", "proxy.gateway"
 
@@ -86,12 +90,26 @@ class Route:
     api_key: str
 
 
-class ServiceDirectory:
-    """Where each live service answers, cached for a second so the hot path does not query the database."""
+def routes_changed(home) -> None:
+    """Tell every worker's directory that a service's route changed (the reconciler calls it after committing a
+    state change): their next request reloads before it routes, instead of using the cached directory."""
+    path = Path(home) / ROUTES_CHANGED_FILE
+    try:
+        with open(path, "a"):
+            os.utime(path)
+    except OSError:
+        log.exception("could not mark the service directory changed")
 
-    def __init__(self):
+
+class ServiceDirectory:
+    """Where each live service answers, cached for a second so the hot path does not query the database; a state
+    change the reconciler commits (routes_changed) makes the next request reload first."""
+
+    def __init__(self, home=None):
         self._routes: Dict[str, Route] = {}
         self._loaded = 0.0
+        self._changed_file = str(Path(home) / ROUTES_CHANGED_FILE) if home is not None else None
+        self._seen_change = self._change_mark()
         self._lock = threading.Lock()  # counters and activity: held for microseconds on the hot path
         self._refresh_lock = threading.Lock()  # reloading from the database: never blocks the counters
         self.in_flight: Dict[str, int] = {}
@@ -110,17 +128,32 @@ class ServiceDirectory:
     def stale(self) -> bool:
         return time.monotonic() - self._loaded > DIRECTORY_TTL
 
+    def _change_mark(self) -> int:
+        if self._changed_file is None:
+            return 0
+        try:
+            return os.stat(self._changed_file).st_mtime_ns
+        except OSError:
+            return 0
+
+    @property
+    def changed(self) -> bool:
+        """A state change was committed since the last load: the cache must not be routed on."""
+        return self._change_mark() != self._seen_change
+
     def routes(self, fresh: bool = False) -> Dict[str, Route]:
         """The live services (needs an app context); `fresh` reloads now (so a just-launched service is found)."""
-        if fresh or self.stale:
+        if fresh or self.stale or self.changed:
             with self._refresh_lock:
-                if fresh or self.stale:
+                if fresh or self.stale or self.changed:
+                    mark = self._change_mark()  # read before the rows: a change committed after it reloads again
                     rows = db.session.query(Service.id, Service.state, Service.model, Service.kind, Service.host,
                                             Service.port, Service.api_key).filter(
                         Service.state.in_(State.LIVE)).all()
                     db.session.remove()
                     self._routes = {row.id: Route(*row) for row in rows}
                     self._loaded = time.monotonic()
+                    self._seen_change = mark
         return self._routes
 
     def begin(self, service_id: str) -> None:
@@ -164,7 +197,7 @@ def gateway_models():
     return jsonify(object="list", data=running_models(current_app.extensions["pilotfish.directory"].routes()))
 
 
-def not_running(service_id: str, state: Optional[str]) -> Answer:
+def not_running(service_id: str, state: Optional[str], reason: Optional[str] = None) -> Answer:
     if state is None:
         return openai_error(404, f"no service {service_id!r}", "not_found_error", "service_not_found")
     if state in STARTING:
@@ -173,17 +206,35 @@ def not_running(service_id: str, state: Optional[str]) -> Answer:
     if state == State.UNHEALTHY:
         return openai_error(503, f"service {service_id} is UNHEALTHY", "service_unavailable", "service_not_running",
                             state=state, retry_after=5)
-    return openai_error(503, f"service {service_id} is {state}: it has ended, launch it again",
+    reason = (reason or "").split("; last log lines:")[0]  # the log is one call away (GET .../logs)
+    because = f" ({reason})" if reason else ""
+    return openai_error(503, f"service {service_id} is {state}{because}: it has ended, launch it again",
                         "service_unavailable", "service_not_running", state=state)
 
 
-def stored_state(service_id: str) -> Optional[str]:
-    """The state of a service that is not live (needs an app context)."""
+def stored_state(service_id: str) -> Tuple[Optional[str], Optional[str]]:
+    """(state, reason) of a service as stored, (None, None) for no such service (needs an app context)."""
     try:
-        row = db.session.query(Service.state).filter_by(id=service_id).first() if len(service_id) <= 16 else None
-        return row.state if row else None
+        row = db.session.query(Service.state, Service.reason).filter_by(id=service_id).first() \
+            if len(service_id) <= 16 else None
+        return (row.state, row.reason) if row else (None, None)
     finally:
         db.session.remove()
+
+
+def last_ended(model: str) -> str:
+    """', its last service 3fa2... FAILED (the server crashed: ...)' for a model whose service ended in the last hour,
+    else '' (needs an app context)."""
+    try:
+        row = db.session.query(Service.id, Service.state, Service.reason).filter(
+            Service.model == model, Service.state.in_(State.TERMINAL),
+            Service.ended_at >= utcnow() - timedelta(hours=1)).order_by(Service.ended_at.desc()).first()
+    finally:
+        db.session.remove()
+    if row is None:
+        return ""
+    reason = (row.reason or "").split("; last log lines:")[0]
+    return f": its last service {row.id} {row.state}" + (f" ({reason})" if reason else "")
 
 
 # --- connections to services ---------------------------------------------------------------------------------
@@ -538,7 +589,7 @@ class Proxy:
         """The live services: the cached ones, reloaded in a thread when asked to or never loaded; a stale cache is
         still answered from while a reload runs."""
         directory = self.directory
-        if fresh or not directory.loaded:
+        if fresh or not directory.loaded or directory.changed:
             return await self.in_thread(directory.routes, True)
         if directory.stale and self._refreshing is None:
             self._refreshing = asyncio.ensure_future(self.in_thread(directory.routes, True))
@@ -583,8 +634,8 @@ class Proxy:
         if route is None or route.state not in ROUTABLE or not route.port:
             route = (await self.routes(fresh=True)).get(service_id)
         if route is None or route.state not in ROUTABLE or not route.port:
-            state = route.state if route is not None else await self.in_thread(stored_state, service_id)
-            return await self.reply(incoming, not_running(service_id, state), SERVICE_ENDPOINT)
+            state, reason = (route.state, None) if route is not None else await self.in_thread(stored_state, service_id)
+            return await self.reply(incoming, not_running(service_id, state, reason), SERVICE_ENDPOINT)
         body = None
         if path.endswith("completions") and metrics.wants_json_body(incoming.method, incoming.mimetype,
                                                                      incoming.length):
@@ -622,7 +673,8 @@ class Proxy:
                                       "service_unavailable", "model_not_ready", param="model", retry_after=5)
             else:
                 available = sorted(entry["id"] for entry in running_models(routes))
-                answer = openai_error(404, f"model {model!r} is not served here; available: "
+                ended = await self.in_thread(last_ended, model)
+                answer = openai_error(404, f"model {model!r} is not served here{ended}; available: "
                                            f"{', '.join(available) if available else 'none (launch a service first)'}",
                                       "not_found_error", "model_not_found", param="model")
             return await self.reply(incoming, answer, GATEWAY_ENDPOINT)
@@ -679,7 +731,7 @@ class Proxy:
                 conn, status = await self._send_request(incoming, route, target, body)
             except UpstreamFailed as failure:
                 watch.failed(failure.metric_kind)
-                return await self.reply(incoming, self._failure_answer(route, failure), endpoint)
+                return await self.reply(incoming, await self._failure_answer(route, failure), endpoint)
             metrics.instruments().count_request(endpoint, status)
             out, content_type, encoding, length = _answer_headers(conn.headers)
             watch.answered(status, content_type, encoding, length)
@@ -794,7 +846,15 @@ class Proxy:
                 raise
         raise AssertionError("unreachable")
 
-    def _failure_answer(self, route: Route, failure: UpstreamFailed) -> Answer:
+    async def _failure_answer(self, route: Route, failure: UpstreamFailed) -> Answer:
+        if failure.kind in ("refused", "connection", "connect_timeout"):
+            # The service may have just ended (a crash the reconciler has recorded): say so, in its words.
+            current = (await self.routes(fresh=True)).get(route.id)
+            if current is None or current.state not in ROUTABLE:
+                state, reason = (current.state, None) if current is not None else \
+                    await self.in_thread(stored_state, route.id)
+                if state is not None:
+                    return not_running(route.id, state, reason)
         if failure.kind in ("timeout", "connect_timeout"):
             seconds = self.read_timeout if failure.kind == "timeout" else self.connect_timeout
             return openai_error(504, f"service {route.id} ({route.model}) did not answer within {seconds:g} s",
@@ -856,5 +916,5 @@ def _form_model(spool, boundary: str, size: int):
 
 
 def init_proxy(app) -> None:
-    app.extensions["pilotfish.directory"] = ServiceDirectory()
+    app.extensions["pilotfish.directory"] = ServiceDirectory(app.config["PILOTFISH"].home)
     app.register_blueprint(bp)

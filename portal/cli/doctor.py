@@ -14,23 +14,28 @@ from ..config import ConfigError, load_config
 
 
 @main.command()
-def doctor():
-    """Check this site's setup without a portal: Slurm, cache_dir, resource_specs.yaml, runtimes, the OOD app.
+@click.option("--engines/--no-engines", default=True, show_default=True,
+              help="Also start each engine the site config names, on this machine, with a small real model, and "
+                   "ask it one question (vLLM takes a minute or two on a few cores).")
+def doctor(engines: bool):
+    """Check this site's setup without a portal: Slurm, cache_dir, resource_specs.yaml, runtimes, engines, the OOD app.
 
     Reads the same settings as the portal (PILOTFISH_SITE_CONFIG, PILOTFISH_HOME). One line per check,
-    `ok` or `FAIL`; exits 1 if any check fails.
+    `ok` or `FAIL`; exits 1 if any check fails. The engine checks run the site's own command for each engine
+    named under `runtimes` (native runtimes) as a job would, on a small real model staged under
+    ~/.cache/pilotfish/models: run the doctor on a node like the compute nodes to check those.
 
     Example: PILOTFISH_SITE_CONFIG=/etc/pilotfish/site.yaml pilotfish doctor
     """
-    results = list(_checks())
-    for ok, message in results:
+    failed = 0
+    for ok, message in _checks(engines):
         click.echo(f"{'ok  ' if ok else 'FAIL'}  {message}")
-    failed = sum(1 for ok, _ in results if not ok)
+        failed += not ok
     if failed:
         fail(f"{failed} check(s) failed", 1)
 
 
-def _checks():
+def _checks(engines: bool = False):
     """(ok, message) for each check, in the order a site admin would fix them."""
     from ..catalog.images import find_image, pins_from_runtimes
     from ..catalog.kinds import KINDS as KIND_TABLE, runtime_for
@@ -119,7 +124,66 @@ def _checks():
                 yield True, f"runtime {kind.name}: apptainer {apptainer}, image {image.path}"
             except PortalError as exc:
                 yield False, f"runtime {kind.name}: {exc.message}"
+    if engines:
+        yield from _engine_checks(config)
     yield from _ood_app_checks(config)
+
+
+def _engine_checks(config):
+    """Each engine the site config names (under `runtimes`, by engine or by kind), started with a small real model
+    and asked one question, as the installer checks its own installs (portal.engines.check)."""
+    from ..catalog.kinds import ENGINES, KINDS as KIND_TABLE, runtime_for
+    from ..engines import installer
+    from ..engines.check import EngineCheckFailed, check_engine
+
+    named = []
+    for key in config.runtimes:
+        if key in ENGINES:
+            named.append((key, KIND_TABLE[ENGINES[key].kinds[0]]))
+        elif key in KIND_TABLE:
+            named.append((KIND_TABLE[key].default_engine, KIND_TABLE[key]))
+    for name, kind in named:
+        engine = ENGINES[name]
+        try:
+            runtime = runtime_for(config, kind, engine)
+        except ConfigError:
+            continue  # reported by the runtime checks
+        if runtime.runtime != "native":
+            yield True, f"engine {name}: not started here (runtime {runtime.runtime}; run a service to check it)"
+            continue
+        try:
+            model = installer.check_model(name, progress=lambda line: None) if name != "vllm" else \
+                _vllm_check_model(runtime.command)
+        except installer.InstallError as exc:
+            yield False, f"engine {name}: no model to check it with: {exc}"
+            continue
+        if model is None:
+            yield True, f"engine {name}: not started here (its command does not start with a Python that can write " \
+                        f"the check model)"
+            continue
+        log = config.home / "doctor" / f"{name}.log"
+        try:
+            summary = check_engine(name, runtime.command, model, log, setup=runtime.setup, env=runtime.env)
+        except EngineCheckFailed as exc:
+            yield False, f"engine {name}: {str(exc).splitlines()[0]}"
+            continue
+        yield True, f"engine {name}: {summary}"
+
+
+def _vllm_check_model(command: str):
+    """The tiny Llama for a vLLM check, written by the Python of the site's vLLM command (it has torch and
+    transformers); None when the command does not start with a Python."""
+    from ..engines import installer
+    from ..engines.check import CheckModel
+
+    try:
+        program = shlex.split(command)[0]
+    except (ValueError, IndexError):
+        return None
+    if not Path(program).name.startswith("python"):
+        return None
+    path = installer.stage_tiny_llama(installer.models_dir(), Path(program))
+    return CheckModel(installer.TINY_LLAMA_REPO_ID, path)
 
 
 def _uses_apptainer(config) -> bool:

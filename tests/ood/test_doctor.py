@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slurm
 
 def doctor(env: dict) -> subprocess.CompletedProcess:
     clean = {key: value for key, value in os.environ.items() if not key.startswith("PILOTFISH_")}
-    return subprocess.run([sys.executable, "-m", "portal.cli", "doctor"], env={**clean, **env}, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "portal.cli", "doctor", "--no-engines"], env={**clean, **env}, capture_output=True,
                           text=True, timeout=120, cwd=str(REPO))
 
 

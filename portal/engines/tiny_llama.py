@@ -1,6 +1,6 @@
 """Write a tiny but real Llama model for vLLM: safetensors weights, a trained byte-level BPE tokenizer, a chat template.
 
-    <vllm venv>/bin/python tests/support/make_tiny_llama.py OUT_DIR
+    <vllm venv>/bin/python portal/engines/tiny_llama.py OUT_DIR
 
 Run with the vLLM virtualenv's Python (it has torch, transformers and tokenizers). The weights are random (seeded),
 so the text is gibberish, but every API vLLM offers works on it. Sizes vLLM's CPU kernels accept: head_dim 64.
