@@ -2,6 +2,8 @@
 import os
 import signal
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,27 @@ from tests.conftest import port_open, squeue_ids, wait_for
 
 pytestmark = pytest.mark.slurm
 
+
+
+class Impostor(BaseHTTPRequestHandler):
+    """Another program on the node that binds a port a service left."""
+
+    def do_GET(self):
+        self.server.calls.append((self.path, self.headers.get("Authorization")))
+        self.send_response(200)
+        self.send_header("Content-Length", "8")
+        self.end_headers()
+        self.wfile.write(b"impostor")
+
+    def log_message(self, *args):
+        pass
+
+
+def _bind(port):
+    try:
+        return ThreadingHTTPServer(("0.0.0.0", port), Impostor)
+    except OSError:
+        return None
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +144,22 @@ def test_a_server_that_crashes_fails_in_words_and_is_no_longer_routed_to(portal)
     assert portal.request("GET", f"/services/{service['id']}/hello").status_code == 200
     pid = int((portal.home / "jobs" / service["id"] / "server.pid").read_text())
     os.kill(pid, signal.SIGSEGV)
-    failed = portal.wait_state(service["id"], ("FAILED", "STOPPED"), timeout=30)
-    assert failed["state"] == "FAILED"
-    assert failed["reason"].startswith("the server crashed: segmentation fault (signal 11, SIGSEGV; exit code 139)")
-    # The proxy answers with the reason, not with a refused connection to the dead port.
-    answer = portal.request("GET", f"/services/{service['id']}/hello")
-    assert answer.status_code == 503, answer.text
-    assert "segmentation fault" in answer.json()["error"]["message"]
+    # Whoever takes the freed port next must not receive the service's traffic (nor its key).
+    impostor = wait_for(lambda: _bind(running["endpoint"]["port"]), timeout=10, what="the dead server's port to be free")
+    impostor.calls = []
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    try:
+        failed = portal.wait_state(service["id"], ("FAILED", "STOPPED"), timeout=30)
+        assert failed["state"] == "FAILED"
+        assert failed["reason"].startswith("the server crashed: segmentation fault (signal 11, SIGSEGV; exit code 139)")
+        # At once, the proxy answers with the reason, not with whatever listens on the dead port now.
+        answer = portal.request("GET", f"/services/{service['id']}/hello")
+        assert answer.status_code == 503, answer.text
+        assert "segmentation fault" in answer.json()["error"]["message"]
+        assert "/hello" not in [path for path, _ in impostor.calls]
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
 
 
 def test_a_server_that_stops_accepting_connections_is_unhealthy_at_once(portal):

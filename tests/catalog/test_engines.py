@@ -195,3 +195,83 @@ def test_installer_command_line(capsys):
     assert "usage: python -m portal.engines.installer" in capsys.readouterr().out
     assert installer.main(["vllm", "ollama"]) == 2
     assert capsys.readouterr().err.strip() == "pilotfish: unknown engine(s): ollama (known: vllm, llama-cpp, whisper)"
+
+
+LLAMA_CMAKE = """\
+if (GGML_CPU_ALL_VARIANTS)
+    if (GGML_SYSTEM_ARCH STREQUAL "x86")
+        ggml_add_cpu_backend_variant(x64)
+        ggml_add_cpu_backend_variant(sse42              SSE42)
+        ggml_add_cpu_backend_variant(sandybridge        SSE42 AVX)
+        ggml_add_cpu_backend_variant(haswell            SSE42 AVX F16C FMA AVX2 BMI2)
+        ggml_add_cpu_backend_variant(skylakex           SSE42 AVX F16C FMA AVX2 BMI2 AVX512)
+        if (NOT MSVC)
+            ggml_add_cpu_backend_variant(sapphirerapids SSE42 AVX F16C FMA AVX2 BMI2 AVX512 AMX_TILE AMX_INT8)
+        endif()
+    elseif(GGML_SYSTEM_ARCH STREQUAL "ARM")
+            ggml_add_cpu_backend_variant(armv8.2_1    DOTPROD)
+    endif()
+endif()
+"""
+
+
+def test_only_the_chosen_cpu_back_ends_are_built(tmp_path):
+    from portal.engines import installer
+
+    cmake = tmp_path / "CMakeLists.txt"
+    cmake.write_text(LLAMA_CMAKE)
+    installer.restrict_cpu_variants(cmake, ("x64", "sse42", "haswell"))
+    active = [line.strip() for line in cmake.read_text().splitlines()
+              if line.strip().startswith("ggml_add_cpu_backend_variant(")]
+    assert [line.split("(")[1].split()[0].rstrip(")") for line in active] == ["x64", "sse42", "haswell", "armv8.2_1"]
+    assert "# not built: ggml_add_cpu_backend_variant(sapphirerapids" in cmake.read_text()
+    # A llama.cpp that does not define a wanted back end is refused, not built without it.
+    cmake.write_text(LLAMA_CMAKE.replace("sandybridge", "ivybridge"))
+    with pytest.raises(installer.InstallError, match="defines no CPU back end sandybridge"):
+        installer.restrict_cpu_variants(cmake, ("x64", "sandybridge"))
+
+
+def test_cpu_back_ends_from_the_environment(monkeypatch):
+    from portal.engines import installer
+
+    monkeypatch.delenv("PILOTFISH_LLAMA_CPU_VARIANTS", raising=False)
+    assert installer.cpu_variants() == ("x64", "sse42", "sandybridge", "haswell")
+    monkeypatch.setenv("PILOTFISH_LLAMA_CPU_VARIANTS", "icelake, haswell")
+    assert installer.cpu_variants() == ("x64", "haswell", "icelake")  # the baseline always, in level order
+    monkeypatch.setenv("PILOTFISH_LLAMA_CPU_VARIANTS", "haswell,pentium4")
+    with pytest.raises(installer.InstallError, match="unknown pentium4"):
+        installer.cpu_variants()
+
+
+def test_an_install_counts_only_as_its_recipe_and_after_its_check(tmp_path, monkeypatch):
+    import json
+
+    from portal.engines import installer
+
+    monkeypatch.delenv("PILOTFISH_LLAMA_CPU_VARIANTS", raising=False)
+    python = installer.venv_python("llama-cpp", tmp_path)
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    stamp = tmp_path / "llama-cpp" / "installed.json"
+    stamp.write_text(json.dumps({"packages": installer.ENGINE_INSTALLS["llama-cpp"].packages}))  # an older, native build
+    assert not installer.is_installed("llama-cpp", tmp_path)
+    stamp.write_text(json.dumps(installer.install_recipe("llama-cpp")))  # built the portable way, never checked
+    assert not installer.is_installed("llama-cpp", tmp_path)
+    stamp.write_text(json.dumps({**installer.install_recipe("llama-cpp"), "check": "answered"}))
+    assert installer.is_installed("llama-cpp", tmp_path)
+    monkeypatch.setenv("PILOTFISH_LLAMA_CPU_VARIANTS", "icelake")  # another set of back ends: build again
+    assert not installer.is_installed("llama-cpp", tmp_path)
+
+
+@pytest.mark.parametrize("code, words", [
+    (139, "the server crashed: segmentation fault (signal 11, SIGSEGV; exit code 139)"),
+    (-11, "the server crashed: segmentation fault (signal 11, SIGSEGV; exit code 139)"),
+    (132, "the server crashed: illegal instruction (built for another CPU?) (signal 4, SIGILL; exit code 132)"),
+    (143, "the server was stopped: terminated (signal 15, SIGTERM; exit code 143)"),
+    (1, "the server exited with code 1"),
+    (0, "the server exited with code 0"),
+])
+def test_exit_codes_in_words(code, words):
+    from portal.exit_codes import describe_exit
+
+    assert describe_exit(code) == words

@@ -186,7 +186,7 @@ def test_benchmark_against_real_vllm(running):
         {key: value for key, value in figures.items() if key != "per_request"}, indent=2))
 
 
-def test_playground_streams_gemma_in_the_browser(running):
+def test_playground_streams_smollm_in_the_browser(running):
     from tests.support.browser import open_browser, watch_streamed_answer
     from tests.ui.conftest import sign_in
 
@@ -203,8 +203,8 @@ def test_playground_streams_gemma_in_the_browser(running):
         page.get_by_label("Message").fill("Write a story about a fish.")
         page.get_by_label("Message").press("Enter")
         seen, final, state = watch_streamed_answer(page, timeout=120)
-        browser.screenshot(page, "playground-gemma")
-    # Gemma's answer was seen growing (at least three partial texts, each extending the last) into real words.
+        browser.screenshot(page, "playground-smollm")
+    # The answer was seen growing (at least three partial texts, each extending the last) into real words.
     assert state == "done"
     assert len(seen) >= 3, seen
     assert all(later.startswith(earlier) and len(later) > len(earlier) for earlier, later in zip(seen, seen[1:])), seen

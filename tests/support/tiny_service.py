@@ -1,12 +1,14 @@
 """A tiny HTTP service for lifecycle tests: serves /health on $PILOTFISH_PORT, requiring $PILOTFISH_API_KEY.
 
 Options (as engine args): --delay S (wait before listening), --exit CODE (print a message and exit),
---sick-file PATH (answer 503 on /health while PATH exists).
+--sick-file PATH (answer 503 on /health while PATH exists). GET /stop-listening closes the listening socket and
+keeps the process alive (a server that no longer accepts connections while its job runs on).
 """
 import argparse
 import json
 import os
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -16,6 +18,7 @@ def main():
     parser.add_argument("--delay", type=float, default=0)
     parser.add_argument("--exit", type=int, default=None)
     parser.add_argument("--sick-file", default=None)
+    parser.add_argument("--bind", default="0.0.0.0")  # e.g. 127.0.0.1: a server only its own node can reach
     args, _ = parser.parse_known_args()  # the standard server flags (--model, --port, ...) are not needed here
     with open("argv.json", "w") as handle:  # in the job directory: what the job script really passed
         json.dump(sys.argv[1:], handle)
@@ -33,6 +36,10 @@ def main():
                 if args.sick_file and os.path.exists(args.sick_file):
                     return self._send(503, {"status": "sick"})
                 return self._send(200, {"status": "ok"})
+            if self.path == "/stop-listening":
+                self._send(200, {"listening": False})
+                threading.Thread(target=server.shutdown).start()  # serve_forever returns, then the socket closes
+                return None
             return self._send(200, {"path": self.path, "model": os.environ.get("PILOTFISH_MODEL")})
 
         def _send(self, status, body):
@@ -46,9 +53,12 @@ def main():
         def log_message(self, *a):
             pass
 
-    server = ThreadingHTTPServer(("0.0.0.0", int(os.environ["PILOTFISH_PORT"])), Handler)
+    server = ThreadingHTTPServer((args.bind, int(os.environ["PILOTFISH_PORT"])), Handler)
     print(f"tiny_service: listening on {server.server_address[1]} at {time.time():.3f}", flush=True)
     server.serve_forever()
+    server.server_close()
+    while True:  # alive, but deaf
+        time.sleep(3600)
 
 
 if __name__ == "__main__":
