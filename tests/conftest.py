@@ -136,7 +136,7 @@ def auth(app):
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
-    """Start (or reuse) the single-node test cluster once per session. Never skipped: CI must test Slurm."""
+    """Start (or reuse) the two-node test cluster once per session. Never skipped: CI must test Slurm."""
     result = subprocess.run([str(REPO / "tests" / "cluster" / "start.sh")], capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         pytest.fail(f"tests/cluster/start.sh failed:\n{result.stdout}\n{result.stderr}")

@@ -10,12 +10,13 @@ command -v shellcheck > /dev/null || missing+=(shellcheck)
 command -v chromium > /dev/null || missing+=(chromium)      # browser tests (Playwright drives it)
 command -v ruby > /dev/null || missing+=(ruby)              # renders the Open OnDemand app's ERB as OOD does
 command -v espeak-ng > /dev/null || missing+=(espeak-ng)    # speech for the transcription tests
+command -v qemu-x86_64 > /dev/null || missing+=(qemu-user)  # older CPUs, emulated, for the portable engine builds
 command -v prometheus > /dev/null || missing+=(prometheus prometheus-node-exporter)  # runs docs/prometheus.yml
 if [ ${#missing[@]} -gt 0 ]; then           # Debian packages the tests use
   echo "tests/run.sh: installing ${missing[*]}" >&2
   apt-get install -y -qq "${missing[@]}" > /dev/null || { apt-get update -qq && apt-get install -y -qq "${missing[@]}" > /dev/null; }
 fi
-tests/cluster/start.sh                    # the real single-node Slurm (idempotent)
+tests/cluster/start.sh                    # the real two-node Slurm (idempotent)
 # The model servers the end-to-end tests run, each in its own virtualenv under ~/.cache/pilotfish/engines:
 # installed once per machine (about 4 GB; llama.cpp compiles for several minutes), a no-op afterwards.
 "${PILOTFISH_VENV:-$root/.venv}/bin/python" -m portal.engines.installer

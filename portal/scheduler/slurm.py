@@ -62,6 +62,7 @@ def sbatch_arguments(job_dir: Path, name: str, resources: Resources) -> List[str
     """The sbatch options for a job (without the script), so a dry run can show exactly what is submitted."""
     args = [
         "--parsable",
+        "--no-requeue",  # a service whose node fails ends (FAILED, "node down"); requeued, it would wait unseen
         f"--job-name={name}",
         f"--chdir={job_dir}",
         f"--output={job_dir / LOG_NAME}",

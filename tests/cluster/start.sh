@@ -155,7 +155,6 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=100
 SlurmdParameters=config_overrides
 ReturnToService=2
-JobRequeue=0
 MinJobAge=60
 KillWait=5
 InactiveLimit=0

@@ -16,7 +16,7 @@ def test_sbatch_arguments_honour_gres_type_and_memory(tmp_path):
     args = sbatch_arguments(tmp_path, "pilotfish-x", Resources(time=90, partition="gpu", cpus=4, memory_gb=1.5,
                                                                gpus=2, gpu_type="a100", constraint="ib",
                                                                account="lab"))
-    assert args == ["--parsable", "--job-name=pilotfish-x", f"--chdir={tmp_path}", f"--output={tmp_path}/job.log",
+    assert args == ["--parsable", "--no-requeue", "--job-name=pilotfish-x", f"--chdir={tmp_path}", f"--output={tmp_path}/job.log",
                     "--time=90", "--partition=gpu", "--account=lab", "--cpus-per-task=4", "--mem=1536M",
                     "--gres=gpu:a100:2", "--constraint=ib"]
     explicit = sbatch_arguments(tmp_path, "n", Resources(time=1, gpus=2, gres="gpu:v100:1"))
