@@ -142,7 +142,7 @@ def _stamp(name: str, root: Optional[Path] = None) -> Optional[dict]:
         return None
 
 
-def _built_asinstall_recipe(name: str, root: Optional[Path] = None) -> bool:
+def _built_by_recipe(name: str, root: Optional[Path] = None) -> bool:
     stamp = _stamp(name, root)
     if stamp is None or not venv_python(name, root).exists():
         return False
@@ -152,7 +152,7 @@ def _built_asinstall_recipe(name: str, root: Optional[Path] = None) -> bool:
 
 def is_installed(name: str, root: Optional[Path] = None) -> bool:
     """Installed as this version of the installer does it, and answered its check."""
-    return _built_asinstall_recipe(name, root) and bool((_stamp(name, root) or {}).get("check"))
+    return _built_by_recipe(name, root) and bool((_stamp(name, root) or {}).get("check"))
 
 
 def _run(command: List[str], step: str, progress: Progress, log: Path, env: Optional[dict] = None) -> None:
@@ -184,7 +184,7 @@ def install_engine(name: str, progress: Progress = _print, root: Optional[Path] 
     base.mkdir(parents=True, exist_ok=True)
     log = base / "install.log"
     recipe = install_recipe(name)
-    if _built_asinstall_recipe(name, root):  # installed as it should be, but never checked: check it now
+    if _built_by_recipe(name, root):  # installed as it should be, but never checked: check it now
         progress(f"Checking that {spec.title} answers")
         stamp = dict(_stamp(name, root), check=check_installed_engine(name, progress, root))
         (base / "installed.json").write_text(json.dumps(stamp))

@@ -1,6 +1,6 @@
 """End-to-end fixtures: the real engines (vLLM CPU, llama.cpp, faster-whisper) installed once per machine, the real
 models staged into a site cache, and one portal on the real test Slurm running a service of each engine (llama.cpp
-twice: SmolLM2, which carries its chat template, and Gemma 3, which does not)."""
+twice: SmolLM2, which carries its chat template, on the cluster's second node, and Gemma 3, which does not)."""
 from __future__ import annotations
 
 import pytest
@@ -53,7 +53,9 @@ def running(tmp_path_factory, engine_site):
     home = tmp_path_factory.mktemp("e2e") / "home"
     portal = PortalProcess(home, engine_site).start()
     launches = {"vllm": {"kind": "text-generation", "model": TINY_LLAMA, "engine_args": ["--max-model-len", "256"]},
-                "llama-cpp": {"kind": "text-generation", "model": SMOLLM},
+                # On the second node: every request crosses a network link and a name lookup, as on a cluster.
+                "llama-cpp": {"kind": "text-generation", "model": SMOLLM,
+                              "resources": {"partition": "remote", "memory_gb": 2}},
                 "gemma": {"kind": "text-generation", "model": GEMMA},
                 "whisper": {"kind": "speech-recognition", "model": WHISPER}}
     ids = {}
