@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import secrets
 import shlex
 import signal
 import socket
-import struct
 import subprocess
 import time
 import wave
@@ -49,10 +47,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def tone_wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
-    """A short 440 Hz tone as 16-bit mono WAV: enough for the speech engine to load, decode and answer."""
-    frames = b"".join(struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / rate)))
-                      for i in range(int(seconds * rate)))
+def silent_wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    """A second of silence as 16-bit mono WAV: the speech engine decodes it, runs the model and answers (with no
+    words, in about a second; a tone makes Whisper write "beep" for a minute)."""
+    frames = bytes(2 * int(seconds * rate))
     out = io.BytesIO()
     with wave.open(out, "wb") as handle:
         handle.setnchannels(1)
@@ -115,7 +113,7 @@ def check_engine(engine_name: str, command: str, model: CheckModel, log: Path, s
         try:
             if engine_name == "whisper":
                 response = session.post(base + "/v1/audio/transcriptions", headers=headers, timeout=timeout,
-                                        files={"file": ("tone.wav", tone_wav(), "audio/wav")},
+                                        files={"file": ("silence.wav", silent_wav(), "audio/wav")},
                                         data={"model": model.repo_id})
                 answer = response.json().get("text") if response.status_code == 200 else None
                 ok = response.status_code == 200 and isinstance(answer, str)
