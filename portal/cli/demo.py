@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import requests
 
-from ..client import PortalClientError, ServiceEnded, connect
+from ..client import ENDED_STATES, PortalClientError, ServiceEnded, connect
 from ..config import ConfigError, load_config, prepare_home
 from . import Failure, main, note
 
@@ -143,7 +143,8 @@ def demo(host: str, port: int, scheduler: str, speech: bool):
         for label, handle in handles:
             try:
                 handle.wait_ready(timeout=600, on_change=lambda old, new, label=label, handle=handle: note(
-                    f"{label} service {handle.id}: {new['state']} ({new.get('reason') or ''})"))
+                    f"{label} service {handle.id}: {new['state']} ({new.get('reason') or ''})")
+                    if new["state"] not in ENDED_STATES else None)  # an end is said once, below
             except ServiceEnded as exc:
                 raise Failure(f"the {label} service {handle.id} {exc.service['state']}: "
                               f"{_first_clause(exc.service.get('reason'))}; its log: {_job_log(config, handle.id)}")
