@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from portal import create_app  # noqa: E402
+from portal.app import create_app  # noqa: E402
 from portal.db import db  # noqa: E402
 from portal.models import Service, State, utcnow  # noqa: E402
 from portal.reconciler import Reconciler  # noqa: E402

@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     os.environ.clear()
     os.environ.update(env)  # the settings of this process (cleanup) and of gunicorn are the same
 
-    from portal import create_app
+    from portal.app import create_app
     from portal.config import ConfigError, load_config
 
     try:

@@ -1,73 +1,7 @@
-"""Pilotfish portal: create_app() builds the Flask application; nothing happens at import time."""
+"""Pilotfish: run AI model services on a Slurm cluster from Open OnDemand. The package root imports nothing, so
+`portal.client` (for notebooks) needs only `requests`; the Flask application is built by `portal.app.create_app()`."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Any, Mapping, Optional
 
-from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException
-
-ROOT = Path(__file__).resolve().parent.parent
-log = logging.getLogger(__name__)
-
-
-def create_app(config: Optional[Mapping[str, Any]] = None) -> Flask:
-    """Build the portal. `config` overrides settings (see portal.config.load_config); tests pass `home` etc."""
-    from .auth import init_auth
-    from .config import ensure_token, load_config, prepare_home
-    from .db import init_db
-    from .errors import PortalError
-    from .scheduler import make_scheduler
-
-    settings = load_config(config)
-    prepare_home(settings)
-
-    app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
-    app.config.update(
-        PILOTFISH=settings,
-        PILOTFISH_TOKEN=ensure_token(settings),
-        SQLALCHEMY_DATABASE_URI=settings.database_url,
-        TESTING=settings.testing,
-    )
-    app.json.sort_keys = False
-    init_db(app)
-    app.extensions["pilotfish.scheduler"] = make_scheduler(settings)
-    init_auth(app)
-
-    from .api import bp as api_bp
-    from .prefix import PrefixMiddleware
-    from .proxy import init_proxy
-    from .ui import bp as ui_bp
-
-    app.register_blueprint(api_bp)
-    app.register_blueprint(ui_bp)
-    init_proxy(app)
-    app.wsgi_app = PrefixMiddleware(app.wsgi_app, settings.url_prefix)
-
-    @app.errorhandler(PortalError)
-    def portal_error(exc: PortalError):
-        return jsonify(exc.to_dict()), exc.status
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        response = jsonify(error=f"{exc.name}: {exc.description}" if exc.code != 404 else "not found")
-        response.status_code = exc.code or 500
-        return response
-
-    @app.errorhandler(Exception)
-    def unexpected_error(exc: Exception):
-        log.exception("unexpected error")
-        return jsonify(error="internal error: see the portal log"), 500
-
-    return app
-
-
-def start_reconciler(app: Flask):
-    """Start the background reconciler of this process (it only works while it holds the lock file)."""
-    from .reconciler import Reconciler
-
-    reconciler = Reconciler(app)
-    app.extensions["pilotfish.reconciler"] = reconciler
-    reconciler.start()
-    return reconciler
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: the Open OnDemand app's folder, templates, static

@@ -14,7 +14,7 @@ import pytest
 import requests
 import yaml
 
-from portal import create_app
+from portal.app import create_app
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_SERVICE = REPO / "tests" / "support" / "tiny_service.py"

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from portal import create_app
+from portal.app import create_app
 from portal.catalog.inventory import refresh_inventory
 from tests.conftest import TEST_SPECS, write_site_config
 from tests.support.fake_hub import FakeHub

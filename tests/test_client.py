@@ -51,3 +51,31 @@ def test_errors_carry_the_api_message(client):
     assert ended.value.service["state"] == "FAILED"
     plan = client.dry_run("text-generation", "test/tiny", time=5)
     assert plan["job_script"].startswith("#!") and plan["tier"] == "cpu.Tiny"
+
+
+def test_the_client_needs_only_requests(portal, tmp_path):
+    """A notebook's Python with requests and without Flask imports the client and talks to a real portal."""
+    import subprocess
+    import sys
+    import venv
+
+    from tests.conftest import REPO
+
+    env_dir = tmp_path / "notebook"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "requests"],
+                   check=True, timeout=300)
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from portal.client import connect\n"
+        "portal = connect(home=sys.argv[2])\n"
+        "print(sorted(portal.status()))\n"
+        "assert 'flask' not in sys.modules and 'sqlalchemy' not in sys.modules, sorted(sys.modules)\n"
+    )
+    result = subprocess.run([str(python), "-c", script, str(REPO), str(portal.home)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "scheduler" in result.stdout, result.stdout
+    check = subprocess.run([str(python), "-c", "import flask"], capture_output=True, text=True)
+    assert check.returncode != 0  # the test's Python really has no Flask

@@ -9,7 +9,7 @@ import pytest
 import requests
 import yaml
 
-from portal import create_app
+from portal.app import create_app
 from portal.config import ConfigError, load_config
 from portal.monitoring import DiscoveryFiles, ServiceTarget
 from tests.conftest import REPO, free_port, port_open, wait_for, write_site_config

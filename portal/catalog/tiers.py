@@ -397,7 +397,7 @@ def resources_for(specs: ResourceSpecs, tier_ref: str, time_minutes: Optional[in
 def sbatch_options(resources: Resources) -> List[str]:
     """The sbatch options these resources become (the scheduler's own code), e.g. ["--time=30", "--partition=gpu"]."""
     from ..scheduler.slurm import sbatch_arguments
-    job_only = ("--parsable", "--job-name=", "--chdir=", "--output=")
+    job_only = ("--parsable", "--no-requeue", "--job-name=", "--chdir=", "--output=")
     return [arg for arg in sbatch_arguments(Path("."), "x", resources) if not arg.startswith(job_only)]
 
 

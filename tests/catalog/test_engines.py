@@ -133,7 +133,7 @@ def test_gguf_variants_and_the_one_a_launch_loads():
 
 
 def test_a_database_from_before_engines_gains_the_columns(tmp_path):
-    from portal import create_app
+    from portal.app import create_app
 
     home = tmp_path / "home"
     home.mkdir()
@@ -154,7 +154,7 @@ def test_a_gguf_launch_plans_llama_cpp_with_the_key_in_the_environment(tmp_path)
 
     import yaml
 
-    from portal import create_app
+    from portal.app import create_app
     from tests.conftest import TEST_SPECS
     from tests.support.model_builders import write_cache_repo
 

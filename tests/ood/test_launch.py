@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from portal import create_app
+from portal.app import create_app
 from tests.conftest import REPO, free_port
 
 
