@@ -22,6 +22,8 @@ from typing import Callable, List, Optional
 
 import requests
 
+from .states import State  # plain Python: the client still needs only requests
+
 
 class PortalClientError(Exception):
     """The portal could not be found or refused a call; the message is the API's own (or says what to do)."""
@@ -80,8 +82,8 @@ def connect(url: Optional[str] = None, token: Optional[str] = None, home: Option
     return portal
 
 
-LIVE_STATES = ("SUBMITTED", "PENDING", "STARTING", "RUNNING", "UNHEALTHY")
-ENDED_STATES = ("STOPPED", "FAILED", "TIMEOUT")
+LIVE_STATES = State.LIVE
+ENDED_STATES = State.TERMINAL
 
 
 class Portal:

@@ -5,6 +5,7 @@ import json
 from datetime import datetime, timezone
 
 from .db import db
+from .states import State  # the state machine lives in portal.states; State stays importable from here
 
 
 def utcnow() -> datetime:
@@ -13,21 +14,6 @@ def utcnow() -> datetime:
 
 def iso(moment) -> str | None:
     return moment.replace(tzinfo=timezone.utc).isoformat().replace("+00:00", "Z") if moment else None
-
-
-class State:
-    SUBMITTED = "SUBMITTED"
-    PENDING = "PENDING"
-    STARTING = "STARTING"
-    RUNNING = "RUNNING"
-    UNHEALTHY = "UNHEALTHY"
-    STOPPED = "STOPPED"
-    FAILED = "FAILED"
-    TIMEOUT = "TIMEOUT"
-
-    LIVE = (SUBMITTED, PENDING, STARTING, RUNNING, UNHEALTHY)
-    TERMINAL = (STOPPED, FAILED, TIMEOUT)
-    ALL = LIVE + TERMINAL
 
 
 class Service(db.Model):

@@ -19,12 +19,11 @@ from urllib.parse import urlsplit
 from . import metrics
 from .config import ConfigError
 from .db import db
-from .models import Service
+from .models import Service, State
 
 log = logging.getLogger(__name__)
 
 FOLDER = "prometheus"
-SERVED_STATES = ("RUNNING", "UNHEALTHY")
 EXPORTERS_FILE = "exporters.json"  # written by the job script (templates/jobs/base.sh.j2)
 EXPORTER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 METRICS_PATH = re.compile(r"^/[A-Za-z0-9_./-]{0,200}$")
@@ -92,7 +91,7 @@ class ServiceTarget:
 def serving_targets(services) -> List[ServiceTarget]:
     return [ServiceTarget(service.id, service.name, service.kind, service.model, service.tier, service.node,
                           service.host, service.port, service.job_dir)
-            for service in services if service.state in SERVED_STATES and service.port and service.host]
+            for service in services if service.state in State.ROUTABLE and service.port and service.host]
 
 
 def read_exporters(job_dir: str) -> Optional[List[dict]]:

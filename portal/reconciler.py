@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -19,15 +19,14 @@ from .catalog.kinds import KINDS, runtime_for
 from .db import db
 from .models import Condition, Service, State, utcnow
 from .monitoring import CycleMonitor, serving_targets, write_portal_target
-from .exit_codes import describe_exit
 from .proxy import routes_changed
 from .scheduler import JobInfo, JobState, SchedulerUnreachable
 from .scheduler.job_files import read_exit_code
 from .services import SUBMISSION_GRACE, job_query, log_excerpt, transition
+from .states import JobFacts, after_job, after_probe
 
 log = logging.getLogger(__name__)
 SCHEDULER_CONDITION = "scheduler"
-FAST_POLL_STATES = (State.SUBMITTED, State.PENDING, State.STARTING, State.UNHEALTHY)
 
 
 @dataclass
@@ -179,7 +178,7 @@ class Reconciler:
                 report.transitions += self._apply(service, info)
 
         to_probe = [service for service in services
-                    if service.state in (State.STARTING, State.RUNNING, State.UNHEALTHY) and service.port]
+                    if service.state in State.PROBED and service.port]
         if to_probe:
             report.probes = len(to_probe)
             results = self._probe_all(to_probe)
@@ -189,57 +188,32 @@ class Reconciler:
         db.session.commit()
         if report.transitions:
             routes_changed(self.config.home)  # every worker's proxy reloads before its next request
-        report.busy = any(service.state in FAST_POLL_STATES for service in services)
+        report.busy = any(service.state in State.FAST_POLL for service in services)
         report.scheduler_calls = getattr(self.scheduler, "calls", 0) - calls_before
         report.seconds = time.monotonic() - started
         self._monitor.after_cycle(report, served)
         return report
 
     def _apply(self, service: Service, info: JobInfo) -> int:
-        if info.state is JobState.PENDING:
-            if service.state == State.SUBMITTED:
-                return transition(service, State.PENDING, f"waiting in the queue: {info.detail}")
-            return 0
-        if info.state is JobState.RUNNING:
-            changed = 0
-            if info.node and service.node != info.node:
-                service.node = info.node
-            if service.state in (State.SUBMITTED, State.PENDING):
+        """Follow the job's news (the rules: portal.states.after_job); a running job also tells where it runs."""
+        if info.state is JobState.RUNNING and info.node and service.node != info.node:
+            service.node = info.node
+        facts = JobFacts(job_id=service.job_id, state=info.state, detail=info.detail, node=info.node,
+                         known_node=service.node, stop_requested=service.stop_requested, time_limit=service.time_limit)
+        if info.state.finished:  # a failure's reason names the server's exit code and its last log lines
+            facts = replace(facts, exit_code=read_exit_code(Path(service.job_dir)), log_excerpt=log_excerpt(service))
+        move = after_job(service.state, facts)
+        changed = 0
+        if move is not None:
+            if move[0] == State.STARTING:
                 service.job_started_at = utcnow()
-                changed += transition(service, State.STARTING, f"job {service.job_id} running on {info.node or 'a node'}")
-            if not service.port:
-                endpoint = read_endpoint(service.job_dir)
-                if endpoint:
-                    service.host, service.port = endpoint
-                    service.endpoint_at = utcnow()
-            return changed
-        return transition(service, *self._final_state(service, info))
-
-    def _final_state(self, service: Service, info: JobInfo) -> tuple:
-        if service.stop_requested:
-            return State.STOPPED, "stopped by user"
-        if info.state is JobState.CANCELLED:
-            return State.STOPPED, f"job {service.job_id} was cancelled outside the portal"
-        if info.state is JobState.TIMEOUT:
-            return State.TIMEOUT, f"job {service.job_id} reached its time limit of {service.time_limit} min"
-        excerpt = log_excerpt(service)
-        code = read_exit_code(Path(service.job_dir))
-        if "NODE_FAIL" in info.detail:
-            what = f"its node {info.node or service.node or ''} went down".replace("  ", " ")
-        elif "OUT_OF_MEMORY" in info.detail:
-            what = "the job ran out of memory"
-        elif code is not None:
-            what = describe_exit(code)
-        else:
-            what = {
-                JobState.COMPLETED: "the server exited by itself",
-                JobState.FAILED: "the job failed",
-                JobState.UNKNOWN: "the job ended",
-            }[info.state]
-        reason = f"{what} (job {service.job_id}: {info.detail})"
-        if excerpt:
-            reason += f"; last log lines: {excerpt}"
-        return State.FAILED, reason
+            changed = transition(service, *move)
+        if info.state is JobState.RUNNING and not service.port:
+            endpoint = read_endpoint(service.job_dir)
+            if endpoint:
+                service.host, service.port = endpoint
+                service.endpoint_at = utcnow()
+        return changed
 
     def _probe_all(self, services: List[Service]) -> List[tuple]:
         targets = [(f"http://{service.host}:{service.port}"
@@ -260,20 +234,7 @@ class Reconciler:
         return response.status_code == 200, f"HTTP {response.status_code}"
 
     def _apply_probe(self, service: Service, ok: bool, detail: str) -> int:
-        if ok:
-            service.health_failures = 0
-            if service.state == State.STARTING:
-                return transition(service, State.RUNNING, "answered its health check")
-            if service.state == State.UNHEALTHY:
-                return transition(service, State.RUNNING, "answers its health check again")
-            return 0
-        if service.state == State.STARTING:
-            return 0
-        service.health_failures += 1
-        if service.state == State.RUNNING and detail == "connection refused":
-            # Nothing listens on its port any more: no point in waiting for more failures.
-            return transition(service, State.UNHEALTHY, "the server no longer accepts connections (connection refused)")
-        if service.state == State.RUNNING and service.health_failures >= self.config.unhealthy_after:
-            return transition(service, State.UNHEALTHY,
-                              f"health check failed {service.health_failures} times in a row ({detail})")
-        return 0
+        """Count the probe's failure or success and move the service (the rules: portal.states.after_probe)."""
+        step = after_probe(service.state, ok, detail, service.health_failures, self.config.unhealthy_after)
+        service.health_failures = step.failures
+        return transition(service, *step.move) if step.move else 0

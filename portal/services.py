@@ -18,6 +18,7 @@ from .launching import parse_launch_request, plan_launch, render_job_script, res
 from .models import Event, Service, State, utcnow
 from .scheduler import JobQuery, SchedulerUnreachable, SubmissionRejected
 from .scheduler.job_files import read_tail
+from .states import check_move
 
 SUBMISSION_GRACE = timedelta(minutes=2)
 
@@ -40,9 +41,12 @@ def _write_private(path: Path, text: str, mode: int = 0o600) -> None:
 # --- state --------------------------------------------------------------------------------------------
 
 def transition(service: Service, to_state: str, reason: str) -> bool:
-    """Move a service to `to_state`, recording an event with the reason. Returns False if nothing changed."""
+    """Move a service to `to_state`, recording an event with the reason. Returns False if nothing changed; raises
+    IllegalTransition for a move portal.states.TRANSITIONS does not allow."""
     if service.state == to_state:
         return False
+    check_move(service.state, to_state)
+    to_state = State(to_state).value  # the column holds the plain string
     now = utcnow()
     db.session.add(Event(service_id=service.id, at=now, from_state=service.state, to_state=to_state, reason=reason))
     service.state = to_state
