@@ -1,7 +1,9 @@
-"""Database setup: the Flask-SQLAlchemy handle, SQLite in WAL mode, private file permissions."""
+"""Database setup: the Flask-SQLAlchemy handle, SQLite in WAL mode, private file permissions, and the schema
+brought up to date by migrations (portal/migrations) when the portal starts."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
@@ -18,56 +20,34 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def _add_missing_columns(engine) -> None:
-    """Columns added to a table since a database was created (nullable, no default): ALTER TABLE ADD COLUMN."""
-    from sqlalchemy import inspect, text
-    from sqlalchemy.exc import OperationalError
-
-    inspector = inspect(engine)
-    with engine.begin() as connection:
-        for table in db.metadata.sorted_tables:
-            if not inspector.has_table(table.name):
-                continue
-            present = {column["name"] for column in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in present and column.nullable and column.default is None:
-                    kind = column.type.compile(dialect=engine.dialect)
-                    try:
-                        with connection.begin_nested():
-                            connection.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'))
-                    except OperationalError as exc:  # another worker added it between the check and here
-                        if "duplicate column" not in str(exc):
-                            raise
-
-
-def _create_tables(attempts: int = 5) -> None:
-    """create_all, again if another worker created a table between the check and the CREATE (a fresh database)."""
-    from sqlalchemy.exc import OperationalError
-
-    for attempt in range(attempts):
-        try:
-            db.create_all()
-            return
-        except OperationalError as exc:
-            if "already exists" not in str(exc) or attempt == attempts - 1:
-                raise
+def _lock_path(app, database: str | None) -> Path:
+    """The lock file the workers of one portal migrate under: in its home (beside the database without one)."""
+    settings = app.config.get("PILOTFISH")
+    if settings is not None:
+        return Path(settings.home) / "database.lock"
+    return Path(database or ".").resolve().parent / "database.lock"
 
 
 def init_db(app) -> None:
-    """Bind the database to the app and create missing tables."""
+    """Bind the database to the app and migrate it to the newest schema (`flask db ...` works on it too)."""
+    from .migrations import MIGRATIONS_DIR, upgrade  # first: it quiets alembic's logger before alembic loads
+    from flask_migrate import Migrate
+
     url = app.config["SQLALCHEMY_DATABASE_URI"]
     if url.startswith("sqlite"):
         app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {"timeout": 10, "check_same_thread": False}})
     db.init_app(app)
+    Migrate(app, db, directory=str(MIGRATIONS_DIR))
     with app.app_context():
         engine = db.engine
+        path = engine.url.database if engine.dialect.name == "sqlite" else None
+        if path and path != ":memory:":
+            # Created 0600 before SQLite writes a byte (it holds service API keys); -wal and -shm get the same mode.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
             engine.dispose()  # connections made before the listener get the pragmas too
         from . import models  # noqa: F401  (registers the tables)
 
-        _create_tables()
-        _add_missing_columns(engine)
-        path = engine.url.database
-        if engine.dialect.name == "sqlite" and path and os.path.exists(path):
-            os.chmod(path, 0o600)  # holds service API keys
+        upgrade(engine, _lock_path(app, path))
