@@ -246,7 +246,8 @@ def test_a_crashed_llama_cpp_server_fails_in_words(running):
     """A real llama.cpp server killed with SIGSEGV: the service FAILED naming the signal; the client reads why."""
     portal = running.portal
     response = portal.request("POST", "/api/services", json={"kind": "text-generation", "model": SMOLLM,
-                                                             "name": "e2e-crash", "time": 10})
+                                                             "name": "e2e-crash", "time": 10,
+                                                             "resources": {"memory_gb": 1}})  # beside the others
     assert response.status_code == 201, response.text
     service = portal.wait_state(response.json()["id"], {"RUNNING", "FAILED"}, timeout=300)
     assert service["state"] == "RUNNING", service["reason"]
