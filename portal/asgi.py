@@ -1,7 +1,7 @@
 """The application each portal worker runs (ASGI, on uvicorn's event loop; see portal/worker.py).
 
 Requests to /services/... and /v1/... with a credential the proxy accepts are relayed on the event loop
-(portal/proxy.py): thousands of concurrent streams cost one coroutine each, not one thread each. Everything else
+(portal/proxy/): thousands of concurrent streams cost one coroutine each, not one thread each. Everything else
 (pages, the REST API, /v1/models, and every request the proxy does not accept, which Flask then answers 401 or
 403) runs in Flask in a thread pool of PILOTFISH_THREADS threads.
 """

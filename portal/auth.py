@@ -150,11 +150,22 @@ def csrf_token() -> str:
     return session["csrf"]
 
 
-def unauthorized(message: str):
-    response = jsonify(error=message)
-    response.status_code = 401
-    response.headers["WWW-Authenticate"] = 'Bearer realm="pilotfish"'
+def refusal(status: int, message: str, code: str):
+    """A 401 or 403: on the OpenAI API's paths (/v1/...) in its error shape, which OpenAI clients parse
+    ({"error": {"message", "type", "param", "code"}}, as portal/proxy/answers.openai_error), else {"error": message}."""
+    if request.path.startswith("/v1/") or request.path == "/v1":
+        kind = "authentication_error" if status == 401 else "permission_error"
+        response = jsonify(error={"message": message, "type": kind, "param": None, "code": code})
+    else:
+        response = jsonify(error=message)
+    response.status_code = status
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="pilotfish"'
     return response
+
+
+def unauthorized(message: str, code: str = "invalid_api_key"):
+    return refusal(401, message, code)
 
 
 def authenticate():
@@ -174,15 +185,14 @@ def authenticate():
             if not sent and request.mimetype == "application/x-www-form-urlencoded":
                 sent = request.form.get("csrf_token")  # HTML forms; uploads must use the header
             if not csrf_matches(session, sent):
-                response = jsonify(error=f"missing or wrong CSRF token: send the {CSRF_HEADER} header")
-                response.status_code = 403
-                return response
+                return refusal(403, f"missing or wrong CSRF token: send the {CSRF_HEADER} header", "csrf_token_invalid")
         g.principal, g.via_cookie = "owner", True
         return None
     if request.blueprint == "ui" and request.method in SAFE_METHODS and prefers_html():
         here = request.script_root + request.full_path.rstrip("?")
         return redirect(f"{request.script_root}/login?{urlencode({'next': here})}")
-    return unauthorized("authentication required: send the portal token as 'Authorization: Bearer <token>'")
+    return unauthorized("authentication required: send the portal token as 'Authorization: Bearer <token>'",
+                        "missing_api_key")
 
 
 def prefers_html() -> bool:

@@ -176,6 +176,8 @@ def test_reconciler_metrics(portal, service):
 HOOK_COST_SCRIPT = r"""
 import json, time
 from portal import metrics
+from portal.proxy import recording
+from portal.proxy.usage import usage_reader
 
 ROUNDS = 3000
 answer = json.dumps({"id": "x", "choices": [{"message": {"content": "tok " * 50}}],
@@ -186,28 +188,33 @@ usage_event = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":12,"comple
 done = b"data: [DONE]\n\n"
 plain_body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 stream_body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
-json_headers = ("application/json", "", str(len(answer)))
-sse_headers = ("text/event-stream", "", None)
-inst = metrics.instruments()
+json_headers = ("application/json", False, "", str(len(answer)))  # content type, event stream?, encoding, length
+sse_headers = ("text/event-stream", True, "", None)
+
+def relay(body, headers, chunks):  # the hooks of portal/proxy/relay.py's Relay.forward, in its order
+    record = recording.start("abc123", "m")
+    usage = usage_reader("POST", "/v1/chat/completions", record.count_tokens)
+    body = usage.ask(body)
+    record.answered("proxy.gateway", 200, headers[1])
+    if not usage.expect(200, *headers):
+        usage = None
+    first = True
+    for chunk in chunks:
+        if first:
+            first = False
+            record.first_byte()
+        if usage is not None:
+            chunk = usage.pass_on(chunk)
+    if usage is not None:
+        usage.remainder()
+        usage.finish()
+    record.finish()
 
 def plain():
-    inst.count_request("proxy.gateway", 200)
-    watch = metrics.watch_proxy("abc123", "m", "POST", "/v1/chat/completions")
-    watch.prepare(plain_body)
-    watch.answered(200, *json_headers)
-    watch.pass_on(answer)
-    watch.remainder()
-    watch.finish()
+    relay(plain_body, json_headers, [answer])
 
 def streamed():
-    inst.count_request("proxy.gateway", 200)
-    watch = metrics.watch_proxy("abc123", "m", "POST", "/v1/chat/completions")
-    watch.prepare(stream_body)
-    watch.answered(200, *sse_headers)
-    for event in events + [usage_event, done]:
-        watch.pass_on(event)
-    watch.remainder()
-    watch.finish()
+    relay(stream_body, sse_headers, events + [usage_event, done])
 
 def passthrough(chunks):
     for _ in chunks:

@@ -166,6 +166,44 @@ def test_without_the_token_is_401(portal):
     assert requests.get(portal.url + "/v1/models", timeout=10).status_code == 401
 
 
+def test_refusals_on_v1_come_in_the_openai_error_shape(portal, chat_service):
+    """A wrong or missing credential on /v1/... is answered as OpenAI answers it, so OpenAI clients show the
+    portal's words; the portal's own paths and the per-service paths keep {"error": "<message>"}."""
+    wrong = {"message": "invalid token or API key", "type": "authentication_error", "param": None,
+             "code": "invalid_api_key"}
+    stranger = openai.OpenAI(base_url=portal.url + "/v1", api_key="not-the-token", max_retries=0)
+    calls = {"/v1/chat/completions": lambda: stranger.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1),
+        "/v1/models": lambda: stranger.models.list()}
+    for path, call in calls.items():
+        with pytest.raises(openai.AuthenticationError) as err:
+            call()
+        assert err.value.status_code == 401, path
+        assert err.value.message == "Error code: 401 - invalid token or API key", path
+        assert err.value.body == wrong, path
+        assert err.value.code == "invalid_api_key" and err.value.type == "authentication_error", path
+        assert err.value.response.headers["WWW-Authenticate"] == 'Bearer realm="pilotfish"'
+    prefix = f"/node/127.0.0.1/{portal.port}"
+    for path in ("/v1/chat/completions", prefix + "/v1/chat/completions", "/v1/audio/transcriptions"):
+        bare = requests.post(portal.url + path, json={"model": MODEL, "messages": []}, timeout=10)
+        assert bare.status_code == 401, path
+        error = bare.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}, path
+        assert error["code"] == "missing_api_key" and error["type"] == "authentication_error"
+        assert "Authorization: Bearer <token>" in error["message"]
+    # A login cookie without its CSRF token: 403, which the openai client raises as PermissionDeniedError.
+    browser = requests.Session()
+    browser.post(portal.url + prefix + "/login", json={"token": portal.token}, timeout=10)
+    refused = browser.post(portal.url + prefix + "/v1/chat/completions", json={"model": MODEL, "messages": []},
+                           timeout=10)
+    assert refused.status_code == 403
+    assert refused.json()["error"]["type"] == "permission_error" and "CSRF" in refused.json()["error"]["message"]
+    # Elsewhere the error stays a string.
+    for path in ("/api/services", f"/services/{chat_service['id']}/v1/models", "/metrics"):
+        other = requests.get(portal.url + path, headers={"Authorization": "Bearer wrong"}, timeout=10)
+        assert other.status_code == 401 and other.json() == {"error": "invalid token or API key"}, path
+
+
 def test_service_is_protected_by_its_own_key(chat_service):
     host, port = chat_service["endpoint"]["host"], chat_service["endpoint"]["port"]
     direct = requests.post(f"http://{host}:{port}/v1/chat/completions", json={"model": MODEL, "messages": []},

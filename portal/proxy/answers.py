@@ -1,0 +1,70 @@
+"""The answers the portal makes itself on the proxied paths, in the shape OpenAI clients parse.
+
+An Answer is a status, a body and its headers, sent by the relay as one message; openai_error builds the
+`{"error": {"message", "type", "param", "code"}}` body the openai client turns into its exceptions (with
+Retry-After when retrying helps), and not_running says why a service cannot answer (not found, still starting,
+UNHEALTHY, or ended and why). The Flask blueprint serves GET /v1/models, the models of RUNNING services
+(running_models, also used for GET /v1/models/<id> by the gateway).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from flask import Blueprint, current_app, jsonify
+
+from ..models import State
+from .directory import Route
+
+bp = Blueprint("proxy", __name__)
+
+STARTING = (State.SUBMITTED, State.PENDING, State.STARTING)
+
+
+@dataclass
+class Answer:
+    status: int
+    body: bytes
+    headers: List[Tuple[bytes, bytes]]
+
+
+def json_answer(status: int, payload, headers: Optional[list] = None) -> Answer:
+    body = json.dumps(payload).encode()
+    return Answer(status, body, [(b"content-type", b"application/json"),
+                                 (b"content-length", str(len(body)).encode())] + (headers or []))
+
+
+def openai_error(status: int, message: str, type_: str, code: Optional[str] = None, param: Optional[str] = None,
+                 retry_after: Optional[int] = None, **extra) -> Answer:
+    """An error in the shape the openai client parses: {"error": {"message", "type", "param", "code"}}."""
+    return json_answer(status, {"error": {"message": message, "type": type_, "param": param, "code": code, **extra}},
+                       [(b"retry-after", str(retry_after).encode())] if retry_after is not None else None)
+
+
+def running_models(routes: Dict[str, Route]) -> List[dict]:
+    seen = {}
+    for route in routes.values():
+        if route.state == State.RUNNING and route.model not in seen:
+            seen[route.model] = {"id": route.model, "object": "model", "created": 0, "owned_by": "pilotfish"}
+    return list(seen.values())
+
+
+@bp.get("/v1/models")
+def gateway_models():
+    return jsonify(object="list", data=running_models(current_app.extensions["pilotfish.directory"].routes()))
+
+
+def not_running(service_id: str, state: Optional[str], reason: Optional[str] = None) -> Answer:
+    if state is None:
+        return openai_error(404, f"no service {service_id!r}", "not_found_error", "service_not_found")
+    if state in STARTING:
+        return openai_error(503, f"service {service_id} is {state}: it is not answering yet, retry shortly",
+                            "service_unavailable", "service_not_running", state=state, retry_after=5)
+    if state == State.UNHEALTHY:
+        return openai_error(503, f"service {service_id} is UNHEALTHY", "service_unavailable", "service_not_running",
+                            state=state, retry_after=5)
+    reason = (reason or "").split("; last log lines:")[0]  # the log is one call away (GET .../logs)
+    because = f" ({reason})" if reason else ""
+    return openai_error(503, f"service {service_id} is {state}{because}: it has ended, launch it again",
+                        "service_unavailable", "service_not_running", state=state)

@@ -1,0 +1,161 @@
+"""Where the services answer: the service directory each worker routes on, and what is stored about a service.
+
+ServiceDirectory caches the live services (id, state, model, kind, host, port, key) for DIRECTORY_TTL so the hot
+path does not query the database; the reconciler calls routes_changed after committing a state change, which
+touches ROUTES_CHANGED_FILE in the portal's home, and every worker's next request then reloads before it routes.
+The directory also counts requests in flight per service (the gateway picks the least busy) and notes each
+service's last activity, written to the database at most every ACTIVITY_FLUSH_SECONDS. stored_state and
+last_ended read what the database says of a service or model that is not routable, for the answers.
+Database work needs an app context and runs off the event loop (the relay's in_thread).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from ..db import db
+from ..models import Service, State, utcnow
+
+log = logging.getLogger(__name__)
+
+ROUTABLE = (State.RUNNING, State.UNHEALTHY)
+DIRECTORY_TTL = 1.0
+ROUTES_CHANGED_FILE = "routes.changed"  # touched after every committed state change (routes_changed)
+ACTIVITY_FLUSH_SECONDS = 10.0
+
+
+@dataclass
+class Route:
+    id: str
+    state: str
+    model: str
+    kind: str
+    host: Optional[str]
+    port: Optional[int]
+    api_key: str
+
+
+def routes_changed(home) -> None:
+    """Tell every worker's directory that a service's route changed (the reconciler calls it after committing a
+    state change): their next request reloads before it routes, instead of using the cached directory."""
+    path = Path(home) / ROUTES_CHANGED_FILE
+    try:
+        with open(path, "a"):
+            os.utime(path)
+    except OSError:
+        log.exception("could not mark the service directory changed")
+
+
+class ServiceDirectory:
+    """Where each live service answers, cached for a second so the hot path does not query the database; a state
+    change the reconciler commits (routes_changed) makes the next request reload first."""
+
+    def __init__(self, home=None):
+        self._routes: Dict[str, Route] = {}
+        self._loaded = 0.0
+        self._changed_file = str(Path(home) / ROUTES_CHANGED_FILE) if home is not None else None
+        self._seen_change = self._change_mark()
+        self._lock = threading.Lock()  # counters and activity: held for microseconds on the hot path
+        self._refresh_lock = threading.Lock()  # reloading from the database: never blocks the counters
+        self.in_flight: Dict[str, int] = {}
+        self._activity: Dict[str, float] = {}
+        self._flushed: Dict[str, float] = {}
+
+    @property
+    def cached(self) -> Dict[str, Route]:
+        return self._routes
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded > 0
+
+    @property
+    def stale(self) -> bool:
+        return time.monotonic() - self._loaded > DIRECTORY_TTL
+
+    def _change_mark(self) -> int:
+        if self._changed_file is None:
+            return 0
+        try:
+            return os.stat(self._changed_file).st_mtime_ns
+        except OSError:
+            return 0
+
+    @property
+    def changed(self) -> bool:
+        """A state change was committed since the last load: the cache must not be routed on."""
+        return self._change_mark() != self._seen_change
+
+    def routes(self, fresh: bool = False) -> Dict[str, Route]:
+        """The live services (needs an app context); `fresh` reloads now (so a just-launched service is found)."""
+        if fresh or self.stale or self.changed:
+            with self._refresh_lock:
+                if fresh or self.stale or self.changed:
+                    mark = self._change_mark()  # read before the rows: a change committed after it reloads again
+                    rows = db.session.query(Service.id, Service.state, Service.model, Service.kind, Service.host,
+                                            Service.port, Service.api_key).filter(
+                        Service.state.in_(State.LIVE)).all()
+                    db.session.remove()
+                    self._routes = {row.id: Route(*row) for row in rows}
+                    self._loaded = time.monotonic()
+                    self._seen_change = mark
+        return self._routes
+
+    def begin(self, service_id: str) -> None:
+        with self._lock:
+            self.in_flight[service_id] = self.in_flight.get(service_id, 0) + 1
+
+    def end(self, service_id: str) -> bool:
+        """A request finished: count it out and note the activity; True when it is due to be written down."""
+        now = time.time()
+        with self._lock:
+            self.in_flight[service_id] = max(0, self.in_flight.get(service_id, 1) - 1)
+            self._activity[service_id] = now
+            due = now - self._flushed.get(service_id, 0) >= ACTIVITY_FLUSH_SECONDS
+            if due:
+                self._flushed[service_id] = now
+        return due
+
+    @staticmethod
+    def record_activity(service_id: str) -> None:
+        """Write a service's last activity (needs an app context; best effort)."""
+        try:
+            Service.query.filter_by(id=service_id).update({"last_activity": utcnow()})
+            db.session.commit()
+        except Exception:  # activity is best effort; never fail a request over it
+            db.session.rollback()
+            log.exception("could not record activity of %s", service_id)
+        finally:
+            db.session.remove()
+
+
+
+def stored_state(service_id: str) -> Tuple[Optional[str], Optional[str]]:
+    """(state, reason) of a service as stored, (None, None) for no such service (needs an app context)."""
+    try:
+        row = db.session.query(Service.state, Service.reason).filter_by(id=service_id).first() \
+            if len(service_id) <= 16 else None
+        return (row.state, row.reason) if row else (None, None)
+    finally:
+        db.session.remove()
+
+
+def last_ended(model: str) -> str:
+    """', its last service 3fa2... FAILED (the server crashed: ...)' for a model whose service ended in the last hour,
+    else '' (needs an app context)."""
+    try:
+        row = db.session.query(Service.id, Service.state, Service.reason).filter(
+            Service.model == model, Service.state.in_(State.TERMINAL),
+            Service.ended_at >= utcnow() - timedelta(hours=1)).order_by(Service.ended_at.desc()).first()
+    finally:
+        db.session.remove()
+    if row is None:
+        return ""
+    reason = (row.reason or "").split("; last log lines:")[0]
+    return f": its last service {row.id} {row.state}" + (f" ({reason})" if reason else "")

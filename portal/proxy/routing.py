@@ -1,0 +1,159 @@
+"""Where a proxied request goes: a service by its id (/services/<id>/...), or by the body's model (/v1/...).
+
+Proxy, one per worker (portal/asgi.py hands it the requests to those paths), first says whether it takes a request
+at all (a valid bearer credential or login cookie; anything else goes on to Flask, which refuses it). A request
+for a service goes to that service if it is RUNNING or UNHEALTHY, else gets an answer saying why not. A /v1
+request's `model` is read from its JSON body or from the form fields of a multipart upload (spooled, then sent on
+as it was), and it goes to a RUNNING service of that model, the one with the fewest requests in flight (an
+UNHEALTHY one if none is RUNNING); otherwise the answer says the model is starting, or lists what is served.
+Sending it and relaying the answer is the Relay's work (relay.py).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from typing import Optional, Tuple
+
+from werkzeug.formparser import MultiPartParser
+from werkzeug.http import parse_options_header
+
+from ..auth import CSRF_HEADER, NEEDS_LOOKUP, bearer_from_header, principal_from_bearer, principal_from_cookie
+from ..models import State
+from .answers import json_answer, not_running, openai_error, running_models
+from .directory import ROUTABLE, last_ended, stored_state
+from .incoming import BodyTooLarge, Incoming, SpooledBody, raw_tail
+from .recording import GATEWAY_ENDPOINT, SERVICE_ENDPOINT
+from .relay import Relay
+from .usage import USAGE_BODY_LIMIT, wants_json_body
+
+SERVICE_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+GATEWAY_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+MAX_JSON_BODY = 32 * 1024 * 1024
+SPOOL_IN_MEMORY = 1024 * 1024
+SMALL_BODY = 64 * 1024  # request bodies up to this size are read whole: sent in one write, and sent again if need be
+
+
+class Proxy(Relay):
+    """The proxy and gateway of one worker: who is asking, which service a request goes to (the rest: Relay)."""
+
+    # who is asking
+    async def principal(self, incoming: Incoming) -> Optional[str]:
+        """The caller ("owner" or "key:<name>") if the proxy can accept the request; None lets Flask answer it."""
+        authorization = incoming.header(b"authorization")
+        if authorization is not None:
+            token = bearer_from_header(authorization.decode("latin-1"))
+            if token is not None:
+                principal = principal_from_bearer(token, self.app, cached_only=True)
+                if principal is NEEDS_LOOKUP:
+                    principal = await self.in_thread(principal_from_bearer, token)
+                return principal
+        cookie = incoming.header(b"cookie")
+        if cookie is not None:
+            csrf = incoming.header(CSRF_HEADER.lower().encode())
+            return principal_from_cookie(self.app, cookie.decode("latin-1"), incoming.method,
+                                         csrf.decode("latin-1") if csrf is not None else None)
+        return None
+
+    async def service(self, incoming: Incoming, service_id: str, path: str, skip: int) -> Tuple[int, int]:
+        """/services/<id>/<path>: to that service, whatever it is."""
+        routes = await self.routes()
+        route = routes.get(service_id)
+        if route is None or route.state not in ROUTABLE or not route.port:
+            route = (await self.routes(fresh=True)).get(service_id)
+        if route is None or route.state not in ROUTABLE or not route.port:
+            state, reason = (route.state, None) if route is not None else await self.in_thread(stored_state, service_id)
+            return await self.reply(incoming, not_running(service_id, state, reason), SERVICE_ENDPOINT)
+        body = None
+        if path.endswith("completions") and wants_json_body(incoming.method, incoming.mimetype, incoming.length):
+            body = await incoming.read(USAGE_BODY_LIMIT)  # so a stream can ask for usage (usage.UsageReader.ask)
+        elif incoming.length is not None and 0 < incoming.length <= SMALL_BODY:
+            body = await incoming.read(SMALL_BODY)
+        return await self.forward(incoming, route, raw_tail(incoming.scope, skip), body, None, SERVICE_ENDPOINT)
+
+    async def gateway(self, incoming: Incoming, path: str, skip: int) -> Tuple[int, int]:
+        """/v1/<path>: to a running service of the body's `model` (the one with the fewest requests in flight)."""
+        model, payload, body, error = await self.model_of(incoming)
+        if error is not None:
+            return await self.reply(incoming, error, GATEWAY_ENDPOINT)
+        routes = await self.routes()
+        if path.startswith("models/") and incoming.method == "GET":
+            model = path[len("models/"):]
+            found = [entry for entry in running_models(routes) if entry["id"] == model]
+            if found:
+                return await self.reply(incoming, json_answer(200, found[0]), GATEWAY_ENDPOINT)
+        if not model or not isinstance(model, str):
+            return await self.reply(incoming, openai_error(
+                400, "model: required, to choose the service (GET /v1/models lists them)", "invalid_request_error",
+                "model_required", param="model"), GATEWAY_ENDPOINT)
+        candidates = [route for route in routes.values() if route.model == model]
+        if not any(route.state == State.RUNNING for route in candidates):
+            routes = await self.routes(fresh=True)
+            candidates = [route for route in routes.values() if route.model == model]
+        ready = [route for route in candidates if route.state == State.RUNNING and route.port]
+        if not ready:
+            ready = [route for route in candidates if route.state == State.UNHEALTHY and route.port]
+        if not ready:
+            if candidates:
+                states = sorted({route.state for route in candidates})
+                answer = openai_error(503, f"model {model!r} is not ready yet ({', '.join(states)}): retry shortly",
+                                      "service_unavailable", "model_not_ready", param="model", retry_after=5)
+            else:
+                available = sorted(entry["id"] for entry in running_models(routes))
+                ended = await self.in_thread(last_ended, model)
+                answer = openai_error(404, f"model {model!r} is not served here{ended}; available: "
+                                           f"{', '.join(available) if available else 'none (launch a service first)'}",
+                                      "not_found_error", "model_not_found", param="model")
+            return await self.reply(incoming, answer, GATEWAY_ENDPOINT)
+        in_flight = self.directory.in_flight
+        route = min(ready, key=lambda r: in_flight.get(r.id, 0))
+        return await self.forward(incoming, route, raw_tail(incoming.scope, skip), body, payload, GATEWAY_ENDPOINT)
+
+    async def model_of(self, incoming: Incoming):
+        """(model, decoded JSON or None, body to send on or None, error Answer or None) of a /v1 request."""
+        mimetype = incoming.mimetype
+        if mimetype == "application/json" or (mimetype == "" and (incoming.length or incoming.chunked)):
+            if incoming.length and incoming.length > MAX_JSON_BODY:
+                return None, None, None, openai_error(413, "request body too large", "invalid_request_error")
+            try:
+                raw = await incoming.read(MAX_JSON_BODY)
+            except BodyTooLarge:
+                return None, None, None, openai_error(413, "request body too large", "invalid_request_error")
+            try:
+                payload = json.loads(raw or b"{}")
+                model = payload.get("model")
+            except (ValueError, AttributeError):
+                return None, None, None, openai_error(400, "the body is not a JSON object", "invalid_request_error")
+            return model, payload, raw, None
+        if mimetype == "multipart/form-data":
+            # Spool the upload (memory up to 1 MB, then disk), read only the form fields, then send it on as it was.
+            spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+            size = 0
+            async for data in incoming.blocks():
+                spool.write(data)
+                size += len(data)
+            _, params = parse_options_header(incoming.content_type.decode("latin-1"))
+            try:
+                model = await self.in_thread(_form_model, spool, params.get("boundary", ""), size)
+            except ValueError:
+                spool.close()
+                return None, None, None, openai_error(400, "malformed multipart body", "invalid_request_error")
+            return model, None, SpooledBody(spool, size), None
+        return None, None, None, None
+
+
+class _Discard:
+    def write(self, data):
+        return len(data)
+
+    def seek(self, *args):
+        return 0
+
+    def read(self, *args):
+        return b""
+
+
+def _form_model(spool, boundary: str, size: int):
+    """The `model` field of a spooled multipart body (ValueError if it is malformed)."""
+    spool.seek(0)
+    form, _ = MultiPartParser(stream_factory=lambda *a, **k: _Discard()).parse(spool, boundary.encode(), size)
+    return form.get("model")
