@@ -15,7 +15,15 @@ from .exit_codes import describe_exit
 from .scheduler import JobState
 
 
-class State(enum.StrEnum):
+try:
+    StrEnum = enum.StrEnum
+except AttributeError:  # Python before 3.11 (a notebook's Python may be older than the portal's)
+    class StrEnum(str, enum.Enum):
+        __str__ = str.__str__
+        __format__ = str.__format__
+
+
+class State(StrEnum):
     """A service's state. A str enum: the database and the JSON hold the same plain strings as before."""
     SUBMITTED = "SUBMITTED"  # recorded, its job handed to the scheduler
     PENDING = "PENDING"  # the job waits in the queue

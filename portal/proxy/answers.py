@@ -19,7 +19,7 @@ from .directory import Route
 
 bp = Blueprint("proxy", __name__)
 
-STARTING = (State.SUBMITTED, State.PENDING, State.STARTING)
+STARTING = State.COMING_UP
 
 
 @dataclass

@@ -24,7 +24,7 @@ from ..models import Service, State, utcnow
 
 log = logging.getLogger(__name__)
 
-ROUTABLE = (State.RUNNING, State.UNHEALTHY)
+ROUTABLE = State.ROUTABLE
 DIRECTORY_TTL = 1.0
 ROUTES_CHANGED_FILE = "routes.changed"  # touched after every committed state change (routes_changed)
 ACTIVITY_FLUSH_SECONDS = 10.0
