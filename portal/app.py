@@ -14,14 +14,18 @@ log = logging.getLogger(__name__)
 
 
 def create_app(config: Optional[Mapping[str, Any]] = None) -> Flask:
-    """Build the portal. `config` overrides settings (see portal.config.load_config); tests pass `home` etc."""
+    """Build the portal. `config` overrides settings (see portal.config.load_config); tests pass `home` etc.
+
+    The resolved site (portal.site) is app.extensions["pilotfish.site"]; a site config it cannot use raises
+    SiteError (a ConfigError) before anything is created."""
     from .auth import init_auth
     from .config import ensure_token, load_config, prepare_home
     from .db import init_db
     from .errors import PortalError
-    from .scheduler import make_scheduler
+    from .site import build_site
 
     settings = load_config(config)
+    site = build_site(settings)  # what the site config means: a bad entry stops the portal here, in one line
     prepare_home(settings)
 
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
@@ -33,7 +37,8 @@ def create_app(config: Optional[Mapping[str, Any]] = None) -> Flask:
     )
     app.json.sort_keys = False
     init_db(app)
-    app.extensions["pilotfish.scheduler"] = make_scheduler(settings)
+    app.extensions["pilotfish.site"] = site
+    app.extensions["pilotfish.scheduler"] = site.scheduler
     init_auth(app)
 
     from .api import bp as api_bp

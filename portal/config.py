@@ -1,4 +1,6 @@
-"""Portal settings: environment variables, the site config file and defaults, validated once at start."""
+"""Portal settings: environment variables, the site config file and defaults, each checked for its shape (type,
+range) when read. What the site's settings mean (runtimes, engines, exporters, tiers) is checked by portal/site.py,
+which builds the site from these settings once at start."""
 from __future__ import annotations
 
 import os
@@ -31,9 +33,10 @@ class Config:
     cache_dir: Optional[Path] = None  # site-wide, read-only for users: models/, images/, resource_specs.yaml
     home_dir: Optional[Path] = None  # the user's own models/ and images/ (default: PILOTFISH_HOME)
     resource_specs: Optional[Path] = None  # default: cache_dir/resource_specs.yaml
-    runtimes: dict = field(default_factory=dict)
-    engines: dict = field(default_factory=dict)  # model format -> engine name (see catalog.kinds)
-    exporters: dict = field(default_factory=dict)  # monitoring exporters started in service jobs (see monitoring)
+    # Read as written; their meaning is portal/site.py's (a bad entry stops the portal at start there).
+    runtimes: dict = field(default_factory=dict)  # engine or service kind -> how its server runs
+    engines: dict = field(default_factory=dict)  # model format -> engine name
+    exporters: dict = field(default_factory=dict)  # exporter name -> what service jobs start for monitoring
     scheduler_timeout: float = 30.0
     health_timeout: float = 3.0
     health_concurrency: int = 16
@@ -124,10 +127,10 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
     engines = pick("engines", None, {}) or {}
     if not isinstance(engines, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in engines.items()):
         raise ConfigError("engines: expected a mapping of model format to engine, e.g. {gguf: llama-cpp}")
-    from .catalog.kinds import ENGINES  # noqa: E402 (kinds imports this module)
-    for model_format, engine in engines.items():
-        if engine not in ENGINES:
-            raise ConfigError(f"engines.{model_format}: unknown engine {engine!r} (known: {', '.join(ENGINES)})")
+    exporters = pick("exporters", None, {})
+    exporters = {} if exporters in (None, "") else exporters
+    if not isinstance(exporters, dict):
+        raise ConfigError("exporters: expected a mapping of exporter name to {command: ...}")
     home_dir = pick("home_dir", "PILOTFISH_HOME_DIR", None)
     specs = pick("resource_specs", "PILOTFISH_RESOURCE_SPECS", None)
     deadline = pick("job_deadline", "PILOTFISH_JOB_DEADLINE", None)
@@ -145,7 +148,7 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         resource_specs=Path(specs).expanduser() if specs else None,
         runtimes=runtimes,
         engines=engines,
-        exporters=_site_exporters(pick("exporters", None, {})),
+        exporters=exporters,
         scheduler_timeout=_number("scheduler_timeout", pick("scheduler_timeout", None, 30.0), 1),
         health_timeout=_number("health_timeout", pick("health_timeout", None, 3.0), 0.1),
         health_concurrency=int(_number("health_concurrency", pick("health_concurrency", None, 16), 1)),
@@ -159,12 +162,6 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
     if overrides:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(overrides))}")
     return config
-
-
-def _site_exporters(value) -> dict:
-    from .monitoring import parse_exporters  # noqa: E402 (monitoring imports this module)
-
-    return parse_exporters(value)
 
 
 def prepare_home(config: Config) -> None:

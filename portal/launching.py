@@ -1,4 +1,5 @@
-"""Launch requests: field-by-field validation, and the plan (model snapshot, tier, resources, runtime, job script)."""
+"""Launch requests: field-by-field validation, and the plan (model snapshot, tier, resources, runtime, job script),
+made from the resolved site (portal/site.py)."""
 from __future__ import annotations
 
 import re
@@ -9,18 +10,17 @@ from pathlib import Path
 from typing import List, Optional
 
 import jinja2
+from flask import current_app, has_app_context
 
-from .catalog.gguf import chat_format_for
-from .catalog.images import ImageFile, find_image, pins_from_runtimes
-from .catalog.kinds import KINDS, Runtime, check_engine_args, engine_for, get_kind, runtime_for
+from .catalog.images import ImageFile, find_image
+from .catalog.kinds import KINDS, get_kind
 from .catalog.models import ModelRevision, find_revision, validate_repo_id, validate_revision
-from .catalog.tiers import (ResourceSpecs, Tier, TierSpecError, check_model_fits, check_time, load_site_specs,
-                            recommend, resolve_tier, tier_resources)
+from .catalog.tiers import (ResourceSpecs, Tier, TierSpecError, check_model_fits, check_time, recommend, resolve_tier,
+                            tier_resources)
 from .errors import UnavailableError, ValidationError, check_fields
 from .models import Service
-from .monitoring import exporters_for
 from .scheduler import Resources
-from .scheduler.slurm import sbatch_arguments
+from .site import Runtime, Site, build_site
 
 LAUNCH_FIELDS = {"kind", "model", "revision", "tier", "name", "time", "resources", "engine_args", "force", "image"}
 RESOURCE_FIELDS = {"partition", "account", "cpus", "memory_gb", "gpus", "gpu_type", "gres", "constraint"}
@@ -54,13 +54,14 @@ class LaunchPlan:
     arguments: List[str]
     image: Optional[ImageFile] = None
     exporters: List[dict] = field(default_factory=list)  # monitoring exporters the job starts (site config)
+    scheduler_arguments: List[str] = field(default_factory=list)  # what the scheduler is asked (a dry run shows it)
 
     def to_dict(self) -> dict:
         return {"kind": self.request.kind, "model": self.model.repo_id, "revision": self.model.revision,
                 "model_path": str(self.model.path), "location": self.model.location,
                 "size_gb": round(self.model.size_gb, 3), "tier": self.tier.ref if self.tier else None,
                 "tier_reason": self.tier_reason, "resources": resources_dict(self.resources),
-                "sbatch": sbatch_arguments(Path("<job dir>"), "<job name>", self.resources),
+                "sbatch": self.scheduler_arguments,
                 "engine": self.runtime.engine.name, "runtime": self.runtime.runtime,
                 "image": str(self.image.path) if self.image else None,
                 "arguments": self.arguments}
@@ -169,24 +170,38 @@ def parse_launch_request(body) -> LaunchRequest:
                          force=force, image=image)
 
 
-def site_specs(config) -> ResourceSpecs:
-    """The site's resource tiers; a broken specs file is a 503 naming the file, the place and the problem."""
+def resolved_site(settings) -> Site:
+    """The site of `settings`: a Site as it is; the portal's settings (a Config) give the site its app built at start;
+    other settings are resolved now (as the portal would at start)."""
+    if isinstance(settings, Site):
+        return settings
+    if has_app_context() and current_app.config.get("PILOTFISH") is settings:
+        return current_app.extensions["pilotfish.site"]
+    return build_site(settings)
+
+
+def site_specs(site) -> ResourceSpecs:
+    """The site's resource tiers, read now; a broken specs file is a 503 naming the file, the place and the problem."""
     try:
-        return load_site_specs(config.cache_dir, config.resource_specs)
+        return resolved_site(site).tiers()
     except TierSpecError as exc:
         raise UnavailableError(f"the site's resource tiers cannot be used: {exc}")
 
 
-def plan_launch(request: LaunchRequest, config) -> LaunchPlan:
-    """Decide model snapshot, tier, resources, runtime and server arguments, with a clear error for each refusal."""
+def plan_launch(request: LaunchRequest, site) -> LaunchPlan:
+    """Decide model snapshot, tier, resources, runtime and server arguments, with a clear error for each refusal.
+
+    `site` is the resolved site (or the portal's settings, see resolved_site)."""
+    site = resolved_site(site)
+    config = site.config
     kind = get_kind(request.kind)
     model = find_revision(request.model, request.revision, cache_dir=config.cache_dir, home_dir=config.home_dir)
     if model.kind and model.kind != kind.name:
         raise ValidationError("model", f"{model.repo_id} is a {model.kind} model, not {kind.name}: "
                                        f"launch it as {model.kind}")
-    runtime = runtime_for(config, kind, engine_for(config, kind, model.meta.get("format")))
-    check_engine_args(runtime, request.engine_args)
-    specs = site_specs(config)
+    runtime = site.runtime(kind, site.engine_for(kind, model.meta.get("format")))
+    runtime.check_args(request.engine_args)
+    specs = site_specs(site)
     if request.tier:
         tier = resolve_tier(specs, request.tier)
         reason = "chosen at launch"
@@ -213,17 +228,13 @@ def plan_launch(request: LaunchRequest, config) -> LaunchPlan:
     image = None
     if runtime.runtime == "apptainer":
         image = find_image(runtime.config_key or kind.name, cache_dir=config.cache_dir, home_dir=config.home_dir,
-                           image=request.image, pins=pins_from_runtimes(config.runtimes))
+                           image=request.image, pins=site.image_pins)
     model_file = str(model.path / model.meta["model_file"]) if model.meta.get("model_file") else None
-    arguments = runtime.engine.server_arguments(str(model.path), model.repo_id, resources.gpus,
-                                                cpus=resources.cpus or 1, model_file=model_file)
-    if runtime.engine.name == "llama-cpp" and model_file and "--chat_format" not in request.engine_args:
-        chat_format = chat_format_for(Path(model_file))
-        if chat_format:  # the file has no chat template of its own: chats would come back empty
-            arguments += ["--chat_format", chat_format]
-    arguments += request.engine_args
+    arguments = runtime.engine.launch_arguments(str(model.path), model.repo_id, resources.gpus, resources.cpus or 1,
+                                                model_file, request.engine_args)
     return LaunchPlan(request, runtime, model, tier, reason, resources, arguments, image,
-                      exporters=exporters_for(config, resources.gpus))
+                      exporters=site.exporters_for(resources.gpus),
+                      scheduler_arguments=site.arguments(resources, Path("<job dir>"), "<job name>"))
 
 
 # --- the job script -----------------------------------------------------------------------------------

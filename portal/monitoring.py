@@ -1,8 +1,8 @@
 """Monitoring targets for a site Prometheus: file-based service discovery files in PILOTFISH_HOME/prometheus/.
 
 `service-<id>.json` exists while a service is RUNNING (or UNHEALTHY): its engine's own /metrics on the node, and
-the exporters its job started (node, DCGM, ... from the site config's `exporters`, listed by the job in
-exporters.json). `portal.json` names the portal's /metrics (which needs the portal token or an API key).
+the exporters its job started (node, DCGM, ... from the site config's `exporters`, see portal/site.py, listed by
+the job in exporters.json). `portal.json` names the portal's /metrics (which needs the portal token or an API key).
 The reconciler rewrites a file only when its content changes and removes the files of services that ended.
 """
 from __future__ import annotations
@@ -10,66 +10,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 from urllib.parse import urlsplit
 
 from . import metrics
-from .config import ConfigError
+from .connection import portal_url
 from .db import db
 from .models import Service, State
+from .site import EXPORTER_NAME, METRICS_PATH
 
 log = logging.getLogger(__name__)
 
 FOLDER = "prometheus"
 EXPORTERS_FILE = "exporters.json"  # written by the job script (templates/jobs/base.sh.j2)
-EXPORTER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
-METRICS_PATH = re.compile(r"^/[A-Za-z0-9_./-]{0,200}$")
-EXPORTER_WHEN = ("always", "gpus")
-
-
-# --- the site config's exporters --------------------------------------------------------------------------
-
-def parse_exporters(value) -> Dict[str, dict]:
-    """The `exporters` section of the site config: name -> {command, metrics_path, when}.
-
-    `command` is the admin's shell words, run in the background by every service job (the port to listen on is
-    in $PILOTFISH_EXPORTER_PORT); `when: gpus` starts it only in jobs that have GPUs (DCGM).
-    """
-    if value in (None, ""):
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError("exporters: expected a mapping of exporter name to {command: ...}")
-    parsed = {}
-    for name, spec in value.items():
-        where = f"exporters.{name}"
-        if not isinstance(name, str) or not EXPORTER_NAME.match(name):
-            raise ConfigError(f"exporters: names are lower-case letters, digits and _ (such as node or dcgm), "
-                              f"got {name!r}")
-        if not isinstance(spec, dict):
-            raise ConfigError(f"{where}: expected a mapping with `command`")
-        unknown = set(spec) - {"command", "metrics_path", "when"}
-        if unknown:
-            raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(map(str, unknown)))}")
-        command = spec.get("command")
-        if not isinstance(command, str) or not command.strip() or "\n" in command:
-            raise ConfigError(f"{where}.command: expected one command line using $PILOTFISH_EXPORTER_PORT")
-        path = spec.get("metrics_path", "/metrics")
-        if not isinstance(path, str) or not METRICS_PATH.match(path):
-            raise ConfigError(f"{where}.metrics_path: expected a path such as /metrics, got {path!r}")
-        when = spec.get("when", "always")
-        if when not in EXPORTER_WHEN:
-            raise ConfigError(f"{where}.when: expected one of {', '.join(EXPORTER_WHEN)}, got {when!r}")
-        parsed[name] = {"name": name, "command": command.strip(), "metrics_path": path, "when": when}
-    return parsed
-
-
-def exporters_for(config, gpus: int) -> List[dict]:
-    """The exporters a job with `gpus` GPUs starts."""
-    return [spec for spec in (getattr(config, "exporters", None) or {}).values()
-            if spec["when"] == "always" or gpus > 0]
 
 
 # --- discovery files -------------------------------------------------------------------------------------
@@ -174,11 +129,13 @@ class DiscoveryFiles:
 
 def write_portal_target(home: Path) -> Optional[Path]:
     """prometheus/portal.json: the portal's own /metrics, at the address in connection.json."""
+    url = portal_url(home)
+    if url is None:
+        return None
     try:
-        url = json.loads((Path(home) / "connection.json").read_text())["url"]
         parts = urlsplit(url)
         address = parts.netloc
-    except (OSError, ValueError, KeyError, TypeError):
+    except ValueError:
         return None
     if not address:
         return None

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import requests
 
 from .catalog.inventory import refresh_in_background
-from .catalog.kinds import KINDS, runtime_for
+from .site import KINDS, runtime_for
 from .db import db
 from .models import Condition, Service, State, utcnow
 from .monitoring import CycleMonitor, serving_targets, write_portal_target

@@ -9,6 +9,7 @@ from portal.catalog.images import pinned_images, sif_name
 from portal.config import load_config
 from portal.launching import parse_launch_request, plan_launch, render_job_script
 from portal.models import Service
+from portal.site import build_site
 from tests.conftest import write_site_config
 
 HOSTILE = ["--chat-template", "$(touch /tmp/pilotfish-pwned-1)", "--seed", "; touch /tmp/pilotfish-pwned-2 #",
@@ -28,7 +29,7 @@ def render(tmp_path, kind, model, runtime, gpus, engine_args=()):
     body = {"kind": kind, "model": model, "engine_args": list(engine_args)}
     if gpus:
         body.update(tier="gpu.Small", resources={"gpus": gpus})
-    plan = plan_launch(parse_launch_request(body), config)
+    plan = plan_launch(parse_launch_request(body), build_site(config))
     service = Service(id="0123456789ab", kind=kind, model=model, revision=plan.model.revision,
                       job_dir=str(tmp_path / "job"))
     path = tmp_path / f"{kind}-{runtime}-{gpus}.sh"

@@ -12,6 +12,7 @@ import yaml
 from portal.app import create_app
 from portal.config import ConfigError, load_config
 from portal.monitoring import DiscoveryFiles, ServiceTarget
+from portal.site import build_site
 from tests.conftest import REPO, free_port, port_open, wait_for, write_site_config
 
 EXPORTER_SCRIPT = '''\
@@ -63,8 +64,8 @@ def site_exporters(command):
 def test_bad_exporter_settings_name_the_setting(tmp_path, exporters, message):
     site = tmp_path / "site.yaml"
     site.write_text(yaml.safe_dump({"exporters": exporters}))
-    with pytest.raises(ConfigError) as err:
-        load_config({"home": tmp_path / "home", "site_config_path": site})
+    with pytest.raises(ConfigError) as err:  # the shape when the settings are read, the meaning when the site is built
+        build_site(load_config({"home": tmp_path / "home", "site_config_path": site}))
     assert str(err.value).startswith(message), str(err.value)
 
 

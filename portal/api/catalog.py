@@ -16,10 +16,16 @@ def _config():
     return current_app.config["PILOTFISH"]
 
 
+def _arguments():
+    """How the portal's scheduler is asked for a tier's resources (shown with each tier)."""
+    return current_app.extensions["pilotfish.scheduler"].arguments
+
+
 @bp.get("/api/tiers")
 def tiers():
     specs = site_specs(_config())
-    return jsonify(tiers=tiers_as_dicts(specs), time={"default": specs.time_default, "max": specs.time_max},
+    return jsonify(tiers=tiers_as_dicts(specs, _arguments()),
+                   time={"default": specs.time_default, "max": specs.time_max},
                    default_partition=specs.default_partition, source=str(specs.source))
 
 
@@ -36,7 +42,7 @@ def recommend_tier():
     if partition is not None and partition not in specs.partitions:
         raise ValidationError("partition", f"unknown partition {partition!r}; available: {', '.join(specs.partitions)}")
     choice = recommend(specs, found.repo_id, found.size_gb, partition)
-    tier = next((t for t in tiers_as_dicts(specs) if choice.tier and t["ref"] == choice.tier.ref), None)
+    tier = next((t for t in tiers_as_dicts(specs, _arguments()) if choice.tier and t["ref"] == choice.tier.ref), None)
     return jsonify(model=found.repo_id, revision=found.revision, size_gb=round(found.size_gb, 3), kind=found.kind,
                    tier=tier, reason=choice.reason)
 

@@ -1,4 +1,5 @@
-"""The key-value metadata at the start of a GGUF file (architecture, name, chat template), without loading tensors.
+"""The key-value metadata at the start of a GGUF file (architecture, name, chat template), without loading tensors
+(portal/engines/llama_cpp.py reads it for the chat format a file needs).
 
 Layout (GGUF v2/v3, little-endian): b"GGUF", u32 version, u64 tensor count, u64 key-value count, then each pair:
 a string key (u64 length + UTF-8), a u32 value type and the value. Arrays (token lists of 100k+ strings) are
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import BinaryIO, Dict, Optional, Union
+from typing import BinaryIO, Dict, Union
 
 SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 STRING, ARRAY = 8, 9
@@ -91,17 +92,3 @@ def read_metadata(path: Path) -> Dict[str, Value]:
             out[key] = _value(handle, value_type)
         return out
 
-
-# llama-cpp-python's chat formats for architectures whose GGUF files often carry no chat template.
-CHAT_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "qwen2": "chatml", "qwen3": "chatml"}
-
-
-def chat_format_for(path: Path) -> Optional[str]:
-    """The --chat_format llama.cpp needs for this file: None when it carries its own chat template (or is unknown)."""
-    try:
-        metadata = read_metadata(path)
-    except (OSError, GGUFError):
-        return None
-    if isinstance(metadata.get("tokenizer.chat_template"), str):
-        return None
-    return CHAT_FORMATS.get(str(metadata.get("general.architecture", "")))

@@ -5,13 +5,14 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import yaml
 
 from ..config import ConfigError
 from ..errors import ValidationError
 from ..scheduler import Resources
+from ..scheduler.sbatch import resource_options
 
 SPECS_FILE = "resource_specs.yaml"
 MAX_FILE_BYTES = 1024 * 1024
@@ -394,15 +395,13 @@ def resources_for(specs: ResourceSpecs, tier_ref: str, time_minutes: Optional[in
     return tier_resources(resolve_tier(specs, tier_ref), check_time(specs, time_minutes))
 
 
-def sbatch_options(resources: Resources) -> List[str]:
-    """The sbatch options these resources become (the scheduler's own code), e.g. ["--time=30", "--partition=gpu"]."""
-    from ..scheduler.slurm import sbatch_arguments
-    job_only = ("--parsable", "--no-requeue", "--job-name=", "--chdir=", "--output=")
-    return [arg for arg in sbatch_arguments(Path("."), "x", resources) if not arg.startswith(job_only)]
+sbatch_options = resource_options  # the sbatch options of a tier's resources, as the Open OnDemand form shows them
 
 
-def tiers_as_dicts(specs: ResourceSpecs) -> List[dict]:
-    """Every tier as a plain dict for the API, with the resources (and sbatch options) it becomes."""
+def tiers_as_dicts(specs: ResourceSpecs, arguments: Optional[Callable[[Resources], List[str]]] = None) -> List[dict]:
+    """Every tier as a plain dict for the API, with the resources it becomes and the scheduler's `arguments` for
+    them (a Scheduler's `arguments`; by default sbatch's options, which both schedulers show)."""
+    arguments = arguments or sbatch_options
     out = []
     for tier in all_tiers(specs):
         resources = tier_resources(tier, specs.time_default)
@@ -412,6 +411,6 @@ def tiers_as_dicts(specs: ResourceSpecs) -> List[dict]:
             "max_model_size_gb": tier.max_model_size_gb, "gpu_count": tier.gpu_count, "gpu_type": tier.gpu_type,
             "cpu_cores": tier.cpu_cores, "memory_gb": tier.memory_gb, "slurm": dict(tier.slurm),
             "resources": {key: value for key, value in asdict(resources).items() if key not in ("account", "extra")},
-            "sbatch": sbatch_options(resources),
+            "sbatch": arguments(resources),
         })
     return out

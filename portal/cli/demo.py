@@ -82,7 +82,7 @@ def demo(host: str, port: int, scheduler: str, speech: bool):
     Example: pilotfish demo --port 8765
     """
     from ..engines import installer
-    from ..engines.site import slurm_default_partition, write_site
+    from ..engines.demo_site import slurm_default_partition, write_site
 
     try:
         config = load_config()

@@ -38,13 +38,14 @@ def doctor(engines: bool):
 def _checks(engines: bool = False):
     """(ok, message) for each check, in the order a site admin would fix them."""
     from ..catalog.images import find_image, pins_from_runtimes
-    from ..catalog.kinds import KINDS as KIND_TABLE, runtime_for
     from ..catalog.models import scan_models
     from ..catalog.tiers import all_tiers, load_site_specs
     from ..errors import PortalError
+    from ..site import KINDS as KIND_TABLE, build_site, runtime_for
 
     try:
         config = load_config()
+        build_site(config)  # what the portal checks at start: the same one line when it would not start
     except ConfigError as exc:
         yield False, f"site config: {exc}"
         return
@@ -132,9 +133,9 @@ def _checks(engines: bool = False):
 def _engine_checks(config):
     """Each engine the site config names (under `runtimes`, by engine or by kind), started with a small real model
     and asked one question, as the installer checks its own installs (portal.engines.check)."""
-    from ..catalog.kinds import ENGINES, KINDS as KIND_TABLE, runtime_for
     from ..engines import installer
     from ..engines.check import EngineCheckFailed, check_engine
+    from ..site import ENGINES, KINDS as KIND_TABLE, runtime_for
 
     named = []
     for key in config.runtimes:
@@ -187,7 +188,7 @@ def _vllm_check_model(command: str):
 
 
 def _uses_apptainer(config) -> bool:
-    from ..catalog.kinds import KINDS as KIND_TABLE, runtime_for
+    from ..site import KINDS as KIND_TABLE, runtime_for
 
     for kind in KIND_TABLE.values():
         try:

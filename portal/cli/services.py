@@ -9,11 +9,10 @@ import time
 
 import click
 
-from ood_app.connection import write_connection
-
 from . import Failure, KINDS, age, emit_json, fail, main, portal_of, progress_line, table
 from ..client import ENDED_STATES, ServiceEnded, WaitTimeout
 from ..config import ConfigError, ensure_token, load_config, prepare_home
+from ..connection import write_connection
 
 
 @main.command()
@@ -29,8 +28,11 @@ def start(host: str, port: int, workers: int):
 
     Example: pilotfish start --host 0.0.0.0 --port 8765
     """
+    from ..site import build_site  # the catalog and the engines: imported only for the commands that use them
+
     try:
         config = load_config()
+        build_site(config)  # what the site config means: a bad entry stops here, in one line, before any worker
         prepare_home(config)
         token = ensure_token(config)  # before forking workers, so they all read the same token
     except ConfigError as exc:

@@ -1,1 +1,2 @@
-"""Model servers Pilotfish runs (vLLM, llama.cpp, Whisper): installing them, and the small servers of its own."""
+"""Model servers Pilotfish runs: one module per engine (vllm.py, llama_cpp.py, whisper.py, on base.py), installing
+them (installer.py, staging.py), checking that they answer (check.py), and the small servers of its own."""

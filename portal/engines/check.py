@@ -77,9 +77,7 @@ def check_engine(engine_name: str, command: str, model: CheckModel, log: Path, s
     key = secrets.token_urlsafe(24)
     arguments = engine.server_arguments(str(model.path), model.repo_id, gpus=0, cpus=os.cpu_count() or 1,
                                         model_file=str(model.path / model.model_file) if model.model_file else None)
-    if engine_name == "vllm":
-        arguments += ["--max-model-len", "256"]
-    arguments += ["--host", "127.0.0.1", "--port", str(port)]
+    arguments += list(engine.check_arguments) + ["--host", "127.0.0.1", "--port", str(port)]
     script = (setup + "\n" if setup else "") + f"exec {command} {shlex.join(arguments)}\n"
     server_env = dict(os.environ, **(env or {}), HF_HUB_OFFLINE="1", PILOTFISH_API_KEY=key, PILOTFISH_PORT=str(port))
     for name in engine.key_env:
@@ -111,7 +109,7 @@ def check_engine(engine_name: str, command: str, model: CheckModel, log: Path, s
             time.sleep(0.5)
         ready = time.monotonic() - started
         try:
-            if engine_name == "whisper":
+            if engine.kinds[0] == "speech-recognition":  # its check model is a Whisper model: a transcription
                 response = session.post(base + "/v1/audio/transcriptions", headers=headers, timeout=timeout,
                                         files={"file": ("silence.wav", silent_wav(), "audio/wav")},
                                         data={"model": model.repo_id})

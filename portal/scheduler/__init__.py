@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 
 class JobState(enum.Enum):
@@ -68,9 +68,14 @@ class SubmissionRejected(SchedulerError):
 
 
 class Scheduler:
-    """One small interface: submit a job script, query many jobs in one call, cancel."""
+    """One small interface: how resources are asked for, submit a job script, query many jobs in one call, cancel."""
 
     name = "abstract"
+
+    def arguments(self, resources: Resources, job_dir: Optional[Path] = None, name: Optional[str] = None) -> List[str]:
+        """What this scheduler is asked for a job with `resources`, in its own words: the resources alone (a tier's
+        display), or, given the job's folder and name, everything `submit` passes besides the script (a dry run)."""
+        raise NotImplementedError
 
     def submit(self, script: Path, job_dir: Path, name: str, resources: Resources) -> str:
         """Submit `script` to run in `job_dir`; return the job id. Output goes to job_dir/job.log."""

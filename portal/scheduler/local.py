@@ -9,13 +9,14 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterable
+from typing import Dict, Iterable, List, Optional
 
 import psutil
 
 from . import (LOG_NAME, JobInfo, JobQuery, JobState, Resources, Scheduler, SubmissionRejected,
                scrubbed_environment)
 from .job_files import END_MARK_FILE, state_from_job_files
+from .sbatch import resource_options, sbatch_arguments
 
 RECORD_FILE = "local_job.json"
 KILL_GRACE_SECONDS = 10
@@ -28,6 +29,12 @@ class LocalScheduler(Scheduler):
         self._children: Dict[int, subprocess.Popen] = {}  # reaped on query so no zombies linger
         self._lock = threading.Lock()
         self.calls = 0
+
+    def arguments(self, resources: Resources, job_dir: Optional[Path] = None, name: Optional[str] = None) -> List[str]:
+        """The resources in sbatch's words, as Slurm would be asked for them: this scheduler keeps only the time limit
+        (a job runs as a process of this host, or of the Open OnDemand session's own allocation, whose sbatch options
+        the app's form shows in the same words), so tiers and dry runs read the same on both schedulers."""
+        return resource_options(resources) if job_dir is None else sbatch_arguments(job_dir, name or "", resources)
 
     def submit(self, script: Path, job_dir: Path, name: str, resources: Resources) -> str:
         job_dir = Path(job_dir)

@@ -10,9 +10,10 @@ from datetime import timedelta, timezone
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-from . import (LOG_NAME, JobInfo, JobQuery, JobState, Resources, Scheduler, SchedulerUnreachable,
-               SubmissionRejected, scrubbed_environment)
+from . import (JobInfo, JobQuery, JobState, Resources, Scheduler, SchedulerUnreachable, SubmissionRejected,
+               scrubbed_environment)
 from .job_files import state_from_job_files
+from .sbatch import resource_options, sbatch_arguments
 
 log = logging.getLogger(__name__)
 
@@ -58,36 +59,6 @@ STATE_MAP = {
 }
 
 
-def sbatch_arguments(job_dir: Path, name: str, resources: Resources) -> List[str]:
-    """The sbatch options for a job (without the script), so a dry run can show exactly what is submitted."""
-    args = [
-        "--parsable",
-        "--no-requeue",  # a service whose node fails ends (FAILED, "node down"); requeued, it would wait unseen
-        f"--job-name={name}",
-        f"--chdir={job_dir}",
-        f"--output={job_dir / LOG_NAME}",
-        f"--time={resources.time}",
-    ]
-    if resources.partition:
-        args.append(f"--partition={resources.partition}")
-    if resources.account:
-        args.append(f"--account={resources.account}")
-    if resources.cpus:
-        args.append(f"--cpus-per-task={resources.cpus}")
-    if resources.memory_gb:
-        args.append(f"--mem={int(round(resources.memory_gb * 1024))}M")
-    if resources.gres:
-        args.append(f"--gres={resources.gres}")
-    elif resources.gpus:
-        gpu = f"gpu:{resources.gpu_type}:{resources.gpus}" if resources.gpu_type else f"gpu:{resources.gpus}"
-        args.append(f"--gres={gpu}")
-    if resources.constraint:
-        args.append(f"--constraint={resources.constraint}")
-    for key, value in sorted(resources.extra.items()):
-        args.append(f"--{key}={value}")
-    return args
-
-
 def _clean_message(stderr: str) -> str:
     """Slurm's error lines without the command prefixes, joined: 'invalid partition specified: x; ...'."""
     kept = []
@@ -131,8 +102,12 @@ class SlurmScheduler(Scheduler):
             raise SchedulerUnreachable(f"Slurm controller unreachable ({command}: {message})")
         raise SubmissionRejected(message)
 
+    def arguments(self, resources: Resources, job_dir: Optional[Path] = None, name: Optional[str] = None) -> List[str]:
+        """sbatch's options: for the resources alone, or (with the job's folder and name) all that submit passes."""
+        return resource_options(resources) if job_dir is None else sbatch_arguments(job_dir, name or "", resources)
+
     def submit(self, script: Path, job_dir: Path, name: str, resources: Resources) -> str:
-        result = self._run(["sbatch", *sbatch_arguments(job_dir, name, resources), str(script)])
+        result = self._run(["sbatch", *self.arguments(resources, job_dir, name), str(script)])
         self._check(result, "sbatch")
         job_id = result.stdout.strip().split(";")[0]
         if not job_id.isdigit():

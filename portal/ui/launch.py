@@ -68,7 +68,8 @@ def launch():
     tiers, time_limits, specs_problem = [], None, None
     try:
         specs = site_specs(config)
-        tiers, time_limits = tiers_as_dicts(specs), {"default": specs.time_default, "max": specs.time_max}
+        tiers = tiers_as_dicts(specs, current_app.extensions["pilotfish.scheduler"].arguments)
+        time_limits = {"default": specs.time_default, "max": specs.time_max}
     except UnavailableError as exc:
         specs_problem = exc.message
     # A form shown again with its problems is a page like any other (200), as browsers expect of forms.

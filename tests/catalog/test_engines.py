@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from portal.catalog import gguf
-from portal.catalog.kinds import ENGINES, KINDS, engine_for, runtime_for
+from portal.catalog.kinds import ENGINES, KINDS
 from portal.catalog.models import choose_gguf, gguf_variants
 from portal.config import ConfigError, load_config
+from portal.engines import llama_cpp
 from portal.errors import ValidationError
+from portal.site import build_site
 
 
 def gguf_bytes(pairs: dict, version: int = 3) -> bytes:
@@ -37,31 +39,32 @@ def gguf_bytes(pairs: dict, version: int = 3) -> bytes:
 
 
 def config(tmp_path, **site):
+    """The resolved site of a site config holding `site`."""
     import yaml
 
     path = tmp_path / "site.yaml"
     path.write_text(yaml.safe_dump(site))
-    return load_config({"home": tmp_path / "home", "site_config_path": path})
+    return build_site(load_config({"home": tmp_path / "home", "site_config_path": path}))
 
 
 def test_engine_follows_the_model_format(tmp_path):
-    cfg = config(tmp_path)
+    site = config(tmp_path)
     text, speech = KINDS["text-generation"], KINDS["speech-recognition"]
-    assert engine_for(cfg, text, "safetensors").name == "vllm"
-    assert engine_for(cfg, text, "gguf").name == "llama-cpp"
-    assert engine_for(cfg, text, None).name == "vllm"
-    assert engine_for(cfg, speech, "ctranslate2").name == "whisper"
-    assert engine_for(cfg, speech, "safetensors").name == "vllm"  # vLLM serves transformers Whisper models
-    assert engine_for(cfg, speech, "gguf").name == "whisper"  # llama.cpp does no speech: the kind's default
+    assert site.engine_for(text, "safetensors").name == "vllm"
+    assert site.engine_for(text, "gguf").name == "llama-cpp"
+    assert site.engine_for(text, None).name == "vllm"
+    assert site.engine_for(speech, "ctranslate2").name == "whisper"
+    assert site.engine_for(speech, "safetensors").name == "vllm"  # vLLM serves transformers Whisper models
+    assert site.engine_for(speech, "gguf").name == "whisper"  # llama.cpp does no speech: the kind's default
     assert text.engines == ["vllm", "llama-cpp"] and speech.engines == ["vllm", "whisper"]
 
 
 def test_site_overrides_the_engine_of_a_format(tmp_path):
-    cfg = config(tmp_path, engines={"gguf": "vllm", "ctranslate2": "llama-cpp"})
-    assert engine_for(cfg, KINDS["text-generation"], "gguf").name == "vllm"
+    site = config(tmp_path, engines={"gguf": "vllm", "ctranslate2": "llama-cpp"})
+    assert site.engine_for(KINDS["text-generation"], "gguf").name == "vllm"
     with pytest.raises(ValidationError, match="the site serves ctranslate2 models with llama-cpp, which does not "
                                               "serve speech-recognition"):
-        engine_for(cfg, KINDS["speech-recognition"], "ctranslate2")
+        site.engine_for(KINDS["speech-recognition"], "ctranslate2")
     with pytest.raises(ConfigError, match=r"engines.gguf: unknown engine 'ollama' \(known: vllm, llama-cpp, whisper\)"):
         config(tmp_path, engines={"gguf": "ollama"})
     with pytest.raises(ConfigError, match="engines: expected a mapping of model format to engine"):
@@ -69,14 +72,14 @@ def test_site_overrides_the_engine_of_a_format(tmp_path):
 
 
 def test_runtime_entry_of_the_engine_wins_over_the_kind(tmp_path):
-    cfg = config(tmp_path, runtimes={"text-generation": {"command": "kind-wide"}, "llama-cpp": {"command": "llama"}})
+    site = config(tmp_path, runtimes={"text-generation": {"command": "kind-wide"}, "llama-cpp": {"command": "llama"}})
     text = KINDS["text-generation"]
-    llama = runtime_for(cfg, text, ENGINES["llama-cpp"])
+    llama = site.runtime(text, ENGINES["llama-cpp"])
     assert (llama.command, llama.config_key, llama.health_path, llama.engine.key_env) == (
         "llama", "llama-cpp", "/v1/models", ("API_KEY",))
-    vllm = runtime_for(cfg, text, ENGINES["vllm"])
+    vllm = site.runtime(text, ENGINES["vllm"])
     assert (vllm.command, vllm.config_key, vllm.health_path) == ("kind-wide", "text-generation", "/health")
-    bare = runtime_for(config(tmp_path), KINDS["speech-recognition"])
+    bare = config(tmp_path).runtime(KINDS["speech-recognition"])
     assert (bare.engine.name, bare.command, bare.config_key) == ("whisper", "python -m portal.engines.whisper_server", "")
 
 
@@ -98,13 +101,13 @@ def test_gguf_metadata_and_chat_format(tmp_path):
     meta = gguf.read_metadata(plain)
     assert (meta["general.architecture"], meta["gemma3.block_count"], meta["tokenizer.ggml.tokens"].length,
             meta["general.good"], meta["rope"]) == ("gemma3", 18, 3000, True, 0.5)
-    assert gguf.chat_format_for(plain) == "gemma"
+    assert llama_cpp.chat_format_for(plain) == "gemma"
     templated = tmp_path / "templated.gguf"
     templated.write_bytes(gguf_bytes({"general.architecture": "gemma3", "tokenizer.chat_template": "{{ x }}"}))
-    assert gguf.chat_format_for(templated) is None  # its own template wins
+    assert llama_cpp.chat_format_for(templated) is None  # its own template wins
     unknown = tmp_path / "unknown.gguf"
     unknown.write_bytes(gguf_bytes({"general.architecture": "mamba"}))
-    assert gguf.chat_format_for(unknown) is None
+    assert llama_cpp.chat_format_for(unknown) is None
 
 
 @pytest.mark.parametrize("data, message", [
@@ -119,7 +122,7 @@ def test_broken_gguf_files_raise_one_error(tmp_path, data, message):
     path.write_bytes(data)
     with pytest.raises(gguf.GGUFError, match=message):
         gguf.read_metadata(path)
-    assert gguf.chat_format_for(path) is None
+    assert llama_cpp.chat_format_for(path) is None
 
 
 def test_gguf_variants_and_the_one_a_launch_loads():

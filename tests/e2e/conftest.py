@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from portal.engines import installer
-from portal.engines.site import slurm_default_partition, write_site
+from portal.engines.demo_site import slurm_default_partition, write_site
 from tests.conftest import PortalProcess, wait_for
 
 TINY_LLAMA = installer.TINY_LLAMA_REPO_ID

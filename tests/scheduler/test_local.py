@@ -70,3 +70,19 @@ def test_cancel_of_an_ended_job_is_quiet(tmp_path):
     wait_for(lambda: state(scheduler, job).state.finished, timeout=15, what="exit")
     scheduler.cancel(job.job_id, job.job_dir)
     assert state(scheduler, job).state is JobState.COMPLETED
+
+
+def test_resources_are_shown_in_sbatch_words_as_on_slurm(tmp_path):
+    from portal.scheduler.sbatch import sbatch_arguments
+    from portal.scheduler.slurm import SlurmScheduler
+
+    resources = Resources(time=30, partition="gpu", cpus=4, memory_gb=16, gpus=1, gpu_type="a100", constraint="ib")
+    words = ["--time=30", "--partition=gpu", "--cpus-per-task=4", "--mem=16384M", "--gres=gpu:a100:1",
+             "--constraint=ib"]
+    local, slurm = LocalScheduler(), SlurmScheduler(user="someone")
+    assert local.arguments(resources) == slurm.arguments(resources) == words
+    job = local.arguments(resources, tmp_path, "pilotfish-x")
+    assert job == slurm.arguments(resources, tmp_path, "pilotfish-x") == sbatch_arguments(tmp_path, "pilotfish-x",
+                                                                                           resources)
+    assert job[:5] == ["--parsable", "--no-requeue", "--job-name=pilotfish-x", f"--chdir={tmp_path}",
+                       f"--output={tmp_path}/job.log"] and job[5:] == words

@@ -1,0 +1,92 @@
+"""What every engine module (vllm.py, llama_cpp.py, whisper.py) defines: an Engine (what it serves, how its server
+starts, which flags a user may add, how its key reaches it) and how it is installed, with the install steps' error
+and runner shared by the installer and the model staging."""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence
+
+Progress = Callable[[str], None]
+
+
+class InstallError(Exception):
+    """An engine or model could not be installed; the message says which step failed and how to see why."""
+
+
+@dataclass(frozen=True)
+class EngineInstall:
+    """How the installer puts an engine into its own virtualenv (portal/engines/installer.py)."""
+    name: str
+    title: str
+    packages: List[str]
+    size_note: str
+    module: str  # what `python -m` runs (and what the install checks imports)
+    remove: List[str] = field(default_factory=list)  # packages to uninstall afterwards (they break imports)
+    script: Optional[str] = None  # the server is a file of this checkout (run by path: the venv has no Pilotfish)
+    env: Dict[str, str] = field(default_factory=dict)  # environment the server needs
+    build: str = ""  # how it is built (stamped: an install made another way is replaced)
+    recipe_extra: Optional[Callable[[], dict]] = None  # more of what the install is made of, read when it is stamped
+    builder: Optional[Callable[[Path, Path, Progress, Path], None]] = None  # (python, folder, progress, log): installs
+    # the packages itself (from source) instead of `pip install packages`
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A model server: what it serves, how it is started, which flags a user may add, how its key reaches it."""
+    name: str  # vllm, llama-cpp, whisper: also the key of its entry in the site config's `runtimes`
+    title: str
+    kinds: tuple  # the service kinds it serves; the first is the one its check asks (a chat or a transcription)
+    formats: tuple  # the model formats it serves unless the site's `engines` says otherwise
+    health_path: str
+    native_command: str  # the program a native runtime runs when the site names none
+    container_command: str  # the program inside the engine's container image
+    allowed_flags: FrozenSet[str]
+    install: EngineInstall
+    key_env: tuple = ()  # variables the server reads its API key from (never a command-line flag)
+    check_arguments: tuple = ()  # added when the installer or the doctor checks that it answers
+
+    def server_arguments(self, model_path: str, served_name: str, gpus: int, cpus: int = 1,
+                         model_file: Optional[str] = None) -> List[str]:
+        """The arguments every server of this engine gets: the model and the name it answers to.
+
+        The job script adds `--host 0.0.0.0 --port "$PILOTFISH_PORT"` itself, once the port is chosen.
+        """
+        return ["--model", model_path, "--served-model-name", served_name]
+
+    def model_arguments(self, model_file: Optional[Path], engine_args: Sequence[str]) -> List[str]:
+        """Arguments this model file needs that the user did not give (none for most engines)."""
+        return []
+
+    def launch_arguments(self, model_path: str, served_name: str, gpus: int, cpus: int,
+                         model_file: Optional[str], engine_args: Sequence[str]) -> List[str]:
+        """Everything after the program in a job script: the server's arguments, the model's, then the user's."""
+        return (self.server_arguments(model_path, served_name, gpus, cpus=cpus, model_file=model_file)
+                + self.model_arguments(Path(model_file) if model_file else None, engine_args) + list(engine_args))
+
+
+def say(line: str) -> None:
+    """The default progress: a line on stderr."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_step(command: List[str], step: str, progress: Progress, log: Path, env: Optional[dict] = None) -> None:
+    """Run one install step, its output appended to `log`; a heartbeat line every 30 s while it is quiet."""
+    started = time.monotonic()
+    with open(log, "ab") as out:
+        out.write(f"\n$ {shlex.join(command)}\n".encode())
+        out.flush()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        last = started
+        while process.poll() is None:
+            time.sleep(0.5)
+            if time.monotonic() - last >= 30:
+                last = time.monotonic()
+                progress(f"  … {step}: {int(last - started)} s so far (log: {log})")
+    if process.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+        raise InstallError(f"{step} failed (exit {process.returncode}); the end of {log}:\n" + "\n".join(tail))

