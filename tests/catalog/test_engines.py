@@ -135,23 +135,6 @@ def test_gguf_variants_and_the_one_a_launch_loads():
     assert choose_gguf(gguf_variants([Path("b.gguf"), Path("a.gguf")])) == "a"
 
 
-def test_a_database_from_before_engines_gains_the_columns(tmp_path):
-    from portal.app import create_app
-
-    home = tmp_path / "home"
-    home.mkdir()
-    db = sqlite3.connect(home / "pilotfish.db")
-    db.execute("CREATE TABLE services (id VARCHAR(16) PRIMARY KEY, name VARCHAR(100) NOT NULL, kind VARCHAR(40) NOT NULL,"
-               " model VARCHAR(300) NOT NULL)")
-    db.execute("INSERT INTO services VALUES ('abc', 'old', 'text-generation', 'org/m')")
-    db.commit()
-    db.close()
-    create_app({"home": home, "testing": True})
-    columns = {row[1] for row in sqlite3.connect(home / "pilotfish.db").execute("PRAGMA table_info(services)")}
-    assert {"engine", "health_path"} <= columns
-    assert sqlite3.connect(home / "pilotfish.db").execute("SELECT name, engine FROM services").fetchall() == [("old", None)]
-
-
 def test_a_gguf_launch_plans_llama_cpp_with_the_key_in_the_environment(tmp_path):
     import subprocess
 
