@@ -9,7 +9,6 @@ scancel, walltime: Slurm sends SIGTERM, then SIGKILL after KillWait) every servi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from typing import Optional
 
 import requests
 
-from ood_app.connection import FILE_NAME, remove_connection, write_connection
+from portal.connection import connection_path, portal_url, remove_connection, write_connection  # standard library only
 
 PLACEMENTS = {"separate_jobs": "slurm", "this_allocation": "local"}
 GUNICORN_STOP_SECONDS = 4  # within Slurm's KillWait (30 s by default): the portal's own cleanup comes first
@@ -62,11 +61,12 @@ def job_deadline(job_id: Optional[str], env: dict) -> Optional[float]:
 
 def other_portal(home: Path) -> Optional[str]:
     """The URL of another live portal of this user (its connection.json answers /health), if there is one."""
+    url = portal_url(home)
+    if url is None:
+        return None
     try:
-        data = json.loads((home / FILE_NAME).read_text())
-        url = data["url"]
         answered = requests.get(f"{url}/health", timeout=3).status_code == 200
-    except (OSError, ValueError, KeyError, TypeError, requests.RequestException):
+    except requests.RequestException:
         return None
     return url if answered else None
 
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         env["PILOTFISH_HOME"] = os.environ["PILOTFISH_HOME"] = str(config.home)
         already = other_portal(config.home)
         if already:
-            say(f"a Pilotfish portal of yours already runs at {already} (see {config.home / FILE_NAME}): "
+            say(f"a Pilotfish portal of yours already runs at {already} (see {connection_path(config.home)}): "
                 f"stop that session first; two portals would share, and cancel, the same services")
             return 1
         app = create_app()  # for the cleanup at the end, ready before anything can end
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         write_connection(config.home, args.host, args.port, token, prefix)
         ends = f", services end by {datetime.fromtimestamp(deadline):%Y-%m-%d %H:%M}" if deadline else ""
         say(f"portal at http://{args.host}:{args.port}{prefix}/ (services: {args.placement.replace('_', ' ')}"
-            f"{ends}); notebooks read {config.home / FILE_NAME}")
+            f"{ends}); notebooks read {connection_path(config.home)}")
         gunicorn = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", "python:portal.gunicorn_conf",
                                      "--bind", f"0.0.0.0:{args.port}"], env=env, stdin=subprocess.DEVNULL)
         code = gunicorn.wait()

@@ -1,41 +1,53 @@
-"""Authentication: the portal token (Bearer or the /login session cookie), named API keys, CSRF for cookie requests."""
+"""Who is asking: one rule for every request, whether Flask answers it (the `authenticate` hook) or the proxy does
+(portal.proxy.routing asks `caller_of_headers` on its event loop).
+
+The rule (`caller`): a bearer credential decides alone: the portal token is "owner", a live API key (portal.keys) is
+"key:<name>", anything else is refused. Without one, a login session cookie of this portal's current token is
+"owner", and a state-changing method also needs the session's CSRF token. Otherwise the request is refused.
+The login pages that set the cookie are portal/ui/login.py; the key routes are portal/api/keys.py.
+"""
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
-import threading
-import time
-from typing import Optional
-from urllib.parse import urlencode, urlsplit
+from typing import Callable, Mapping, NamedTuple, Optional
+from urllib.parse import urlencode
 
-from flask import Blueprint, current_app, g, jsonify, redirect, render_template, request, session
+from flask import current_app, g, jsonify, redirect, request, session
 from flask.sessions import SecureCookieSessionInterface
 from itsdangerous import BadSignature
 from werkzeug.http import parse_cookie
 
-from .db import db
-from .errors import NotFoundError, PortalError, ValidationError
-from .models import ApiKey, utcnow
-
-bp = Blueprint("auth", __name__)
+from .errors import PortalError
+from .keys import KEY_PREFIX, NEEDS_LOOKUP, init_keys, key_cache
 
 PUBLIC_ENDPOINTS = {"api.health", "auth.login", "auth.login_form"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
-KEY_PREFIX = "pf_"
-KEY_CACHE_SECONDS = 5.0  # how long a verified key is trusted before the database is asked again (revocation delay)
 CSRF_HEADER = "X-CSRF-Token"
+CSRF_FIELD = "csrf_token"  # HTML forms send the CSRF token as this field (uploads must use the header)
+SESSION_COOKIE = "pilotfish_session"
+_CSRF_HEADER_KEY = CSRF_HEADER.lower().encode()  # as the proxy sees header names
 
 
 class ForbiddenError(PortalError):
     status = 403
 
 
-# --- presented credentials ------------------------------------------------------------------------------
+class Refusal(NamedTuple):
+    """Why a request is refused: the status, the message and the OpenAI-style error code of the answer."""
+    status: int
+    message: str
+    code: str
 
-def _bearer_token() -> Optional[str]:
-    return bearer_from_header(request.headers.get("Authorization", ""))
 
+WRONG_CREDENTIAL = Refusal(401, "invalid token or API key", "invalid_api_key")
+NO_CREDENTIAL = Refusal(401, "authentication required: send the portal token as 'Authorization: Bearer <token>'",
+                        "missing_api_key")
+WRONG_CSRF = Refusal(403, f"missing or wrong CSRF token: send the {CSRF_HEADER} header", "csrf_token_invalid")
+
+
+# --- the rule ---------------------------------------------------------------------------------------------
 
 def bearer_from_header(header: str) -> Optional[str]:
     """The credential of an `Authorization: Bearer <credential>` header, or None."""
@@ -52,44 +64,9 @@ def token_matches(candidate: Optional[str], app=None) -> bool:
     return hmac.compare_digest(candidate.encode(), (app or current_app).config["PILOTFISH_TOKEN"].encode())
 
 
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-NEEDS_LOOKUP = object()  # principal_from_bearer(..., cached_only=True): the answer needs the database
-
-
-class KeyCache:
-    """Verified API keys, so the hot path hashes once and skips the database for a few seconds."""
-
-    def __init__(self):
-        self._entries: dict = {}
-        self._lock = threading.Lock()
-
-    def peek(self, key: str):
-        """The key's name if it was verified lately, else NEEDS_LOOKUP (never touches the database)."""
-        entry = self._entries.get(hash_key(key))
-        if entry and time.monotonic() - entry[1] < KEY_CACHE_SECONDS:
-            return entry[0]
-        return NEEDS_LOOKUP
-
-    def lookup(self, key: str) -> Optional[str]:
-        digest = hash_key(key)
-        now = time.monotonic()
-        entry = self._entries.get(digest)
-        if entry and now - entry[1] < KEY_CACHE_SECONDS:
-            return entry[0]
-        row = ApiKey.query.filter_by(key_hash=digest, revoked_at=None).first()
-        with self._lock:
-            if row is None:
-                self._entries.pop(digest, None)
-                return None
-            self._entries[digest] = (row.name, now)
-        return row.name
-
-    def forget(self) -> None:
-        with self._lock:
-            self._entries.clear()
+def token_id(token: str) -> str:
+    """A fingerprint of the portal token, kept in the login session: a new token logs every browser out."""
+    return hashlib.sha256(b"pilotfish-session:" + token.encode()).hexdigest()[:16]
 
 
 def principal_from_bearer(token: str, app=None, cached_only: bool = False):
@@ -101,7 +78,7 @@ def principal_from_bearer(token: str, app=None, cached_only: bool = False):
     if token_matches(token, app):
         return "owner"
     if token.startswith(KEY_PREFIX):
-        keys = app.extensions["pilotfish.keys"]
+        keys = key_cache(app)
         name = keys.peek(token) if cached_only else keys.lookup(token)
         if name is NEEDS_LOOKUP:
             return NEEDS_LOOKUP
@@ -113,18 +90,50 @@ def principal_from_bearer(token: str, app=None, cached_only: bool = False):
 def session_is_valid(data, app=None) -> bool:
     """A login session of this portal's current token."""
     return bool(data.get("auth")) and hmac.compare_digest(
-        data.get("token_id", ""), _token_id((app or current_app).config["PILOTFISH_TOKEN"]))
+        data.get("token_id", ""), token_id((app or current_app).config["PILOTFISH_TOKEN"]))
 
 
 def csrf_matches(data, sent: Optional[str]) -> bool:
     return bool(sent) and hmac.compare_digest(sent, data.get("csrf", ""))
 
 
-def principal_from_cookie(app, cookie_header: str, method: str, csrf_sent: Optional[str]) -> Optional[str]:
-    """"owner" for a valid login session cookie (with the CSRF header on state-changing methods), else None.
+def caller(app, method: str, bearer: Optional[str], session_data: Optional[Callable[[], Optional[Mapping]]] = None,
+           csrf_sent: Optional[Callable[[], Optional[str]]] = None, cached_only: bool = False):
+    """Who is asking: "owner" or "key:<name>", else the Refusal that answers the request.
 
-    The proxy's check, outside Flask's request handling; the same rules as `authenticate`."""
-    value = parse_cookie(cookie_header).get(app.config["SESSION_COOKIE_NAME"])
+    `bearer` is the Authorization header's bearer credential (or None); `session_data()` the login session (None
+    without one) and `csrf_sent()` the CSRF token sent, each asked only when the rule needs it: never when there is
+    a bearer credential (they may be left out then). With `cached_only` (the proxy's event loop), NEEDS_LOOKUP when
+    an API key has to be looked up in the database.
+    """
+    if bearer is not None:
+        principal = principal_from_bearer(bearer, app, cached_only)
+        return WRONG_CREDENTIAL if principal is None else principal
+    data = session_data()
+    if data is not None and session_is_valid(data, app):
+        if method not in SAFE_METHODS and not csrf_matches(data, csrf_sent()):
+            return WRONG_CSRF
+        return "owner"
+    return NO_CREDENTIAL
+
+
+# --- the proxy's requests (outside Flask) -----------------------------------------------------------------
+
+def caller_of_headers(app, method: str, header: Callable[[bytes], Optional[bytes]], cached_only: bool = False):
+    """`caller` for a request the proxy reads: `header(name)` is a raw header's value (lower-case bytes name)."""
+    authorization = header(b"authorization")
+    bearer = bearer_from_header(authorization.decode("latin-1")) if authorization is not None else None
+    if bearer is not None:  # the hot path: the credential decides alone, the cookie is not read
+        return caller(app, method, bearer, cached_only=cached_only)
+    return caller(app, method, None, lambda: session_from_cookie(app, header(b"cookie")),
+                  lambda: _decoded(header(_CSRF_HEADER_KEY)), cached_only)
+
+
+def session_from_cookie(app, cookie_header: Optional[bytes]) -> Optional[dict]:
+    """The login session in a Cookie header, read as Flask's session interface reads it; None without a valid one."""
+    if cookie_header is None:
+        return None
+    value = parse_cookie(cookie_header.decode("latin-1")).get(app.config["SESSION_COOKIE_NAME"])
     if not value:
         return None
     serializer = app.session_interface.get_signing_serializer(app)
@@ -132,22 +141,39 @@ def principal_from_cookie(app, cookie_header: str, method: str, csrf_sent: Optio
         data = serializer.loads(value, max_age=int(app.permanent_session_lifetime.total_seconds()))
     except BadSignature:
         return None
-    if not isinstance(data, dict) or not session_is_valid(data, app):
+    return data if isinstance(data, dict) else None
+
+
+def _decoded(value: Optional[bytes]) -> Optional[str]:
+    return value.decode("latin-1") if value is not None else None
+
+
+# --- Flask's requests -------------------------------------------------------------------------------------
+
+def authenticate():
+    """before_request hook: every route but the public ones needs the token, an API key or a login session."""
+    if request.endpoint in PUBLIC_ENDPOINTS:
         return None
-    if method not in SAFE_METHODS and not csrf_matches(data, csrf_sent):
+    bearer = bearer_from_header(request.headers.get("Authorization", ""))
+    who = caller(current_app, request.method, bearer, _flask_session, _csrf_sent)
+    if not isinstance(who, Refusal):
+        g.principal, g.via_cookie = who, bearer is None
         return None
-    return "owner"
+    if who is NO_CREDENTIAL and request.blueprint == "ui" and request.method in SAFE_METHODS and prefers_html():
+        here = request.script_root + request.full_path.rstrip("?")
+        return redirect(f"{request.script_root}/login?{urlencode({'next': here})}")
+    return refusal(*who)
 
 
-def _token_id(token: str) -> str:
-    """A fingerprint of the portal token: a new token logs every browser out."""
-    return hashlib.sha256(b"pilotfish-session:" + token.encode()).hexdigest()[:16]
+def _flask_session():
+    return session
 
 
-def csrf_token() -> str:
-    if "csrf" not in session:
-        session["csrf"] = secrets.token_urlsafe(24)
-    return session["csrf"]
+def _csrf_sent() -> Optional[str]:
+    sent = request.headers.get(CSRF_HEADER)
+    if not sent and request.mimetype == "application/x-www-form-urlencoded":
+        sent = request.form.get(CSRF_FIELD)  # HTML forms; uploads must use the header
+    return sent
 
 
 def refusal(status: int, message: str, code: str):
@@ -168,33 +194,6 @@ def unauthorized(message: str, code: str = "invalid_api_key"):
     return refusal(401, message, code)
 
 
-def authenticate():
-    """before_request hook: every route but the public ones needs the token, an API key or a login session."""
-    if request.endpoint in PUBLIC_ENDPOINTS:
-        return None
-    bearer = _bearer_token()
-    if bearer is not None:
-        principal = principal_from_bearer(bearer)
-        if principal is None:
-            return unauthorized("invalid token or API key")
-        g.principal, g.via_cookie = principal, False
-        return None
-    if session_is_valid(session):
-        if request.method not in SAFE_METHODS:
-            sent = request.headers.get(CSRF_HEADER)
-            if not sent and request.mimetype == "application/x-www-form-urlencoded":
-                sent = request.form.get("csrf_token")  # HTML forms; uploads must use the header
-            if not csrf_matches(session, sent):
-                return refusal(403, f"missing or wrong CSRF token: send the {CSRF_HEADER} header", "csrf_token_invalid")
-        g.principal, g.via_cookie = "owner", True
-        return None
-    if request.blueprint == "ui" and request.method in SAFE_METHODS and prefers_html():
-        here = request.script_root + request.full_path.rstrip("?")
-        return redirect(f"{request.script_root}/login?{urlencode({'next': here})}")
-    return unauthorized("authentication required: send the portal token as 'Authorization: Bearer <token>'",
-                        "missing_api_key")
-
-
 def prefers_html() -> bool:
     """A browser asking for a page (scripts and API clients get the 401 JSON)."""
     return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
@@ -205,7 +204,7 @@ def require_owner() -> None:
         raise ForbiddenError("only the portal owner (the portal token) can manage API keys")
 
 
-# --- browser login ----------------------------------------------------------------------------------------
+# --- the login session cookie -----------------------------------------------------------------------------
 
 class PrefixedSessionInterface(SecureCookieSessionInterface):
     """Scope the session cookie to the prefix the portal was reached by (/node/<host>/<port>/)."""
@@ -217,107 +216,20 @@ class PrefixedSessionInterface(SecureCookieSessionInterface):
         return request.is_secure or request.headers.get("X-Forwarded-Proto", "") == "https"
 
 
-def _safe_next(target: Optional[str]) -> str:
-    root = (request.script_root or "") + "/"
-    if not target:
-        return root
-    parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith(root) or "\\" in target:
-        return root  # never redirect off the portal
-    return target
-
-
-@bp.get("/login")
-def login_form():
-    return render_template("ui/login.html", error=None, next=request.args.get("next", ""))
-
-
-@bp.post("/login")
-def login():
-    token = request.form.get("token") or (request.get_json(silent=True) or {}).get("token")
-    if not token_matches(token):
-        if request.is_json:
-            return unauthorized("wrong token")
-        return render_template("ui/login.html", error="That token is not this portal's token.",
-                               next=request.form.get("next", "")), 401
-    session.clear()
-    session["auth"] = True
-    session["token_id"] = _token_id(current_app.config["PILOTFISH_TOKEN"])
-    session.permanent = False
-    csrf_token()
-    if request.is_json:
-        return jsonify(ok=True, csrf_token=session["csrf"])
-    return redirect(_safe_next(request.form.get("next")), code=303)
-
-
-@bp.post("/logout")
-def logout():
-    session.clear()
-    if request.is_json or request.accept_mimetypes.best == "application/json":
-        return jsonify(ok=True)
-    return redirect((request.script_root or "") + "/login", code=303)
-
-
-# --- API keys --------------------------------------------------------------------------------------------
-
-@bp.get("/api/keys")
-def list_keys():
-    require_owner()
-    return jsonify(keys=[key.to_dict() for key in list_api_keys()])
-
-
-@bp.post("/api/keys")
-def create_key():
-    require_owner()
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ValidationError("body", "expected a JSON object such as {\"name\": \"laptop\"}")
-    key, secret = create_api_key(body.get("name"))
-    return jsonify({**key.to_dict(), "key": secret, "note": "shown once: store it now"}), 201
-
-
-@bp.delete("/api/keys/<key_id>")
-def revoke_key(key_id):
-    require_owner()
-    revoke_api_key(key_id)
-    return jsonify(revoked=key_id)
-
-
-def list_api_keys() -> list:
-    """The keys in use (not revoked), oldest first."""
-    return ApiKey.query.filter_by(revoked_at=None).order_by(ApiKey.created_at).all()
-
-
-def create_api_key(name) -> tuple:
-    """Create a named key; returns (row, secret). Only the hash is stored."""
-    if not isinstance(name, str) or not name.strip() or len(name) > 60 or any(ord(c) < 32 for c in name):
-        raise ValidationError("name", "expected a name of 1 to 60 characters")
-    name = name.strip()
-    if ApiKey.query.filter_by(name=name, revoked_at=None).first():
-        raise ValidationError("name", f"a key named {name!r} already exists")
-    secret = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(id=secrets.token_hex(4), name=name, key_hash=hash_key(secret), hint=secret[:7] + "…")
-    db.session.add(row)
-    db.session.commit()
-    return row, secret
-
-
-def revoke_api_key(key_id: str) -> None:
-    row = db.session.get(ApiKey, key_id) if isinstance(key_id, str) else None
-    if row is None or row.revoked_at is not None:
-        raise NotFoundError(f"no API key {key_id!r}")
-    row.revoked_at = utcnow()
-    db.session.commit()
-    current_app.extensions["pilotfish.keys"].forget()
+def csrf_token() -> str:
+    """The session's CSRF token (made on first use); pages put it in their forms and scripts."""
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_urlsafe(24)
+    return session["csrf"]
 
 
 def init_auth(app) -> None:
+    """The session cookie (signed with a key derived from the portal token), the key cache and the rule's hook."""
     app.secret_key = hmac.new(app.config["PILOTFISH_TOKEN"].encode(), b"pilotfish-session-signing",
                               hashlib.sha256).digest()
-    app.config.update(SESSION_COOKIE_NAME="pilotfish_session", SESSION_COOKIE_HTTPONLY=True,
+    app.config.update(SESSION_COOKIE_NAME=SESSION_COOKIE, SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Lax")
     app.session_interface = PrefixedSessionInterface()
-    app.extensions["pilotfish.keys"] = KeyCache()
+    init_keys(app)
     app.before_request(authenticate)
-    app.register_blueprint(bp)
     app.jinja_env.globals["csrf_token"] = csrf_token

@@ -27,6 +27,7 @@ from flask import current_app
 
 from . import ROOT
 from .benchmark import APIS, CREDENTIAL_ENV, LoadSpec
+from .connection import portal_url
 from .db import db
 from .errors import ConflictError, NotFoundError, ValidationError, check_fields
 from .models import BenchmarkRun, Service, State, utcnow
@@ -149,10 +150,7 @@ def run_dir(run_id: str) -> Path:
 
 def _portal_url(fallback_url: str) -> str:
     """The portal's own address (connection.json), which the benchmark process calls directly."""
-    try:
-        return json.loads((_home() / "connection.json").read_text())["url"].rstrip("/")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return fallback_url.rstrip("/")
+    return (portal_url(_home()) or fallback_url).rstrip("/")
 
 
 def start(body, fallback_url: str) -> BenchmarkRun:

@@ -13,15 +13,14 @@ Needs only `requests` (and `openai` for the .openai() helpers).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
-from pathlib import Path
 from typing import Callable, List, Optional
 
 import requests
 
+from .connection import connection_path, read_connection  # standard library only, like states
 from .states import State  # plain Python: the client still needs only requests
 
 
@@ -51,10 +50,6 @@ class WaitTimeout(PortalClientError):
     """A service did not become RUNNING in time (it keeps running: stop it or wait again)."""
 
 
-def _home(home: Optional[str]) -> Path:
-    return Path(home or os.environ.get("PILOTFISH_HOME") or Path.home() / ".pilotfish").expanduser()
-
-
 def connect(url: Optional[str] = None, token: Optional[str] = None, home: Optional[str] = None,
             timeout: float = 10.0) -> "Portal":
     """The running portal: from `url` and `token` (or PILOTFISH_URL and PILOTFISH_TOKEN), else from
@@ -62,16 +57,14 @@ def connect(url: Optional[str] = None, token: Optional[str] = None, home: Option
     url = url or os.environ.get("PILOTFISH_URL") or None
     token = token or os.environ.get("PILOTFISH_TOKEN") or None
     if not (url and token):
-        path = _home(home) / "connection.json"
+        path = connection_path(home)
         try:
-            data = json.loads(path.read_text())
+            data = read_connection(home)
         except FileNotFoundError:
             raise PortalNotRunning(f"no portal is running (no {path}): start one from the Pilotfish tile in "
                                    "Open OnDemand, or with `pilotfish start`") from None
         except (OSError, ValueError) as exc:
             raise PortalClientError(f"cannot read {path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise PortalClientError(f"cannot read {path}: expected a JSON object")
         url, token = url or data.get("url"), token or data.get("token")
     portal = Portal(url, token, timeout=timeout)
     try:

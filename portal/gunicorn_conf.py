@@ -39,10 +39,8 @@ def child_exit(server, worker):
 
 def on_exit(server):
     """The portal stopped: remove connection.json so notebooks get a clear "no portal" instead of a dead URL."""
-    from pathlib import Path
-
-    from ood_app.connection import remove_connection
+    from portal.connection import remove_connection
 
     home = os.environ.get("PILOTFISH_HOME")
     if home:
-        remove_connection(Path(home), os.getpid())
+        remove_connection(home, os.getpid())

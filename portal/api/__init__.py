@@ -1,4 +1,6 @@
-"""The JSON REST API: services, catalog, health; errors as {"error": ...} with a fitting status."""
+"""The JSON REST API: services, catalog, cluster, API keys, benchmarks, metrics, health; errors as {"error": ...} with
+a fitting status. Routes only: they call the domain modules (portal.services, portal.cluster, portal.keys, ...), as the
+pages (portal.ui) do."""
 from __future__ import annotations
 
 from flask import Blueprint, request
@@ -16,4 +18,4 @@ def json_body():
     return body
 
 
-from . import benchmarks, catalog, cluster, metrics, services  # noqa: E402,F401  (registers the routes)
+from . import benchmarks, catalog, cluster, keys, metrics, services  # noqa: E402,F401  (registers the routes)

@@ -1,27 +1,10 @@
 """REST route for the cluster as its user sees it: partitions, free nodes and GPUs, the user's queue."""
 from __future__ import annotations
 
-from flask import current_app, jsonify
+from flask import jsonify
 
-from .. import services
-from ..errors import UnavailableError
-from ..models import Service, State
-from ..scheduler import SchedulerUnreachable
+from ..cluster import cluster_overview
 from . import bp
-
-
-def cluster_overview() -> dict:
-    """The scheduler's overview, each job of the queue linked to the service it runs (service_id) if any."""
-    scheduler = current_app.extensions["pilotfish.scheduler"]
-    live = Service.query.filter(Service.state.in_(State.LIVE), Service.job_id.isnot(None)).all()
-    try:
-        overview = scheduler.overview(services.job_query(service) for service in live)
-    except SchedulerUnreachable as exc:
-        raise UnavailableError(f"the scheduler does not answer: {exc}")
-    by_job = {(service.job_id, services.job_name(service)): service.id for service in live}
-    for job in overview["queue"]:
-        job["service_id"] = by_job.get((job["job_id"], job["name"]))
-    return {"scheduler": scheduler.name, **overview}
 
 
 @bp.get("/api/cluster")

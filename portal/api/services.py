@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import current_app, jsonify, request
 
 from .. import services
+from ..connection import portal_links
 from ..errors import ValidationError
 from ..reconciler import conditions
 from . import bp, json_body
@@ -20,10 +21,7 @@ def health():
 @bp.get("/api")
 def index():
     """What this portal offers, for a person or a script that lands on its root."""
-    root = request.script_root
-    return jsonify(portal="pilotfish", links={
-        "services": f"{root}/api/services", "status": f"{root}/api/status", "keys": f"{root}/api/keys",
-        "openai_base_url": f"{root}/v1", "service_base_url": f"{root}/services/<id>/v1"})
+    return jsonify(portal_links(request.script_root))
 
 
 @bp.get("/api/status")

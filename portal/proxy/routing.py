@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 from werkzeug.formparser import MultiPartParser
 from werkzeug.http import parse_options_header
 
-from ..auth import CSRF_HEADER, NEEDS_LOOKUP, bearer_from_header, principal_from_bearer, principal_from_cookie
+from ..auth import NEEDS_LOOKUP, Refusal, caller_of_headers
 from ..models import State
 from .answers import json_answer, not_running, openai_error, running_models
 from .directory import ROUTABLE, last_ended, stored_state
@@ -38,21 +38,12 @@ class Proxy(Relay):
 
     # who is asking
     async def principal(self, incoming: Incoming) -> Optional[str]:
-        """The caller ("owner" or "key:<name>") if the proxy can accept the request; None lets Flask answer it."""
-        authorization = incoming.header(b"authorization")
-        if authorization is not None:
-            token = bearer_from_header(authorization.decode("latin-1"))
-            if token is not None:
-                principal = principal_from_bearer(token, self.app, cached_only=True)
-                if principal is NEEDS_LOOKUP:
-                    principal = await self.in_thread(principal_from_bearer, token)
-                return principal
-        cookie = incoming.header(b"cookie")
-        if cookie is not None:
-            csrf = incoming.header(CSRF_HEADER.lower().encode())
-            return principal_from_cookie(self.app, cookie.decode("latin-1"), incoming.method,
-                                         csrf.decode("latin-1") if csrf is not None else None)
-        return None
+        """The caller ("owner" or "key:<name>") if the proxy can accept the request; None lets Flask answer it (the
+        same rule, portal.auth.caller, then refuses it)."""
+        who = caller_of_headers(self.app, incoming.method, incoming.header, True)  # never the database
+        if who is NEEDS_LOOKUP:
+            who = await self.in_thread(caller_of_headers, self.app, incoming.method, incoming.header, False)
+        return None if isinstance(who, Refusal) else who
 
     async def service(self, incoming: Incoming, service_id: str, path: str, skip: int) -> Tuple[int, int]:
         """/services/<id>/<path>: to that service, whatever it is."""

@@ -1,6 +1,6 @@
-"""The web pages: server-rendered Jinja (templates/ui/) over the API's own functions, plain JavaScript (static/js/)
-for live updates. Every URL is built from the request's script root, so the pages work under Open OnDemand's
-/node/<host>/<port>/ prefix and at bare paths alike."""
+"""The web pages: server-rendered Jinja (templates/ui/) over the domain functions the API calls too (never the API's
+modules), plain JavaScript (static/js/) for live updates, and the login pages (login.py). Every URL is built from the
+request's script root, so the pages work under Open OnDemand's /node/<host>/<port>/ prefix and at bare paths alike."""
 from __future__ import annotations
 
 import os
@@ -105,4 +105,10 @@ def http_error(exc: HTTPException):
     return render_template("ui/error.html", title=exc.name, status=exc.code, message=message), exc.code or 500
 
 
-from . import benchmarks, catalog, launch, services  # noqa: E402,F401  (registers the pages)
+from . import benchmarks, catalog, launch, login, services  # noqa: E402,F401  (registers the pages)
+
+
+@bp.record_once
+def _register_login(state) -> None:
+    """The login pages are a blueprint of their own ("auth", see login.py), registered with the pages."""
+    state.app.register_blueprint(login.bp)

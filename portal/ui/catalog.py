@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from flask import current_app, render_template
 
-from ..api.cluster import cluster_overview
-from ..auth import list_api_keys, require_owner
+from ..auth import require_owner
 from ..catalog import inventory
 from ..catalog.images import list_images, pins_from_runtimes
+from ..cluster import cluster_overview
 from ..errors import UnavailableError
+from ..keys import list_api_keys
 from . import bp
 
 

@@ -1,13 +1,11 @@
 """Pages for services: the dashboard, one service (timeline, endpoints, log, job script) and its playground."""
 from __future__ import annotations
 
-import json
-
-from flask import current_app, render_template, request
+from flask import current_app, jsonify, render_template, request
 
 from .. import services
-from ..api.services import index as api_index
 from ..auth import prefers_html
+from ..connection import portal_links, portal_url
 from ..errors import UnavailableError
 from ..launching import site_specs
 from ..reconciler import conditions
@@ -29,18 +27,14 @@ def specs_problem():
 
 def notebook_url():
     """The portal URL notebooks on the cluster use (from connection.json), or None when it is not known."""
-    try:
-        url = json.loads((_config().home / "connection.json").read_text()).get("url")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return url if isinstance(url, str) else None
+    return portal_url(_config().home)
 
 
 @bp.get("/")
 def dashboard():
-    """The user's services with live updates; scripts asking for JSON get the API's index instead."""
+    """The user's services with live updates; scripts asking for JSON get the API's index (GET /api) instead."""
     if not prefers_html():
-        return api_index()
+        return jsonify(portal_links(request.script_root))
     data = {"services": [service.to_dict() for service in services.list_services()], "conditions": conditions()}
     return render_template("ui/dashboard.html", title="Dashboard", data=data, specs_problem=specs_problem())
 
