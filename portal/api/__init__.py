@@ -3,19 +3,5 @@ a fitting status. Routes only: they call the domain modules (portal.services, po
 pages (portal.ui) do."""
 from __future__ import annotations
 
-from flask import Blueprint, request
-
-from ..errors import ValidationError
-
-bp = Blueprint("api", __name__)
-
-
-def json_body():
-    """The request's JSON body; anything else is a 400 naming what was expected."""
-    body = request.get_json(silent=True)
-    if body is None:
-        raise ValidationError("body", "expected a JSON object (Content-Type: application/json)")
-    return body
-
-
-from . import benchmarks, catalog, cluster, keys, metrics, services  # noqa: E402,F401  (registers the routes)
+from . import benchmarks, catalog, cluster, keys, metrics, services  # noqa: F401  (registers the routes)
+from .blueprint import bp, json_body  # noqa: F401

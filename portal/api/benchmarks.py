@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import jsonify, request
 
 from .. import benchmark_runs
-from . import bp, json_body
+from .blueprint import bp, json_body
 
 
 @bp.post("/api/benchmarks")

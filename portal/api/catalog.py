@@ -9,7 +9,7 @@ from ..catalog.models import delete_model, find_revision
 from ..catalog.tiers import recommend, tiers_as_dicts
 from ..errors import ValidationError
 from ..launching import site_specs
-from . import bp
+from .blueprint import bp
 
 
 def _config():

@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import jsonify
 
 from ..cluster import cluster_overview
-from . import bp
+from .blueprint import bp
 
 
 @bp.get("/api/cluster")

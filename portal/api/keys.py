@@ -6,7 +6,7 @@ from flask import jsonify, request
 from ..auth import require_owner
 from ..errors import ValidationError
 from ..keys import create_api_key, list_api_keys, revoke_api_key
-from . import bp
+from .blueprint import bp
 
 
 @bp.get("/api/keys")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Response, request
 
 from .. import metrics
-from . import bp
+from .blueprint import bp
 
 
 @bp.get("/metrics")

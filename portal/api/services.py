@@ -7,7 +7,7 @@ from .. import services
 from ..connection import portal_links
 from ..errors import ValidationError
 from ..reconciler import conditions
-from . import bp, json_body
+from .blueprint import bp, json_body
 
 
 

@@ -5,7 +5,7 @@ import time
 
 import click
 
-from . import Failure, emit_json, main, note, portal_of, progress_line, table
+from .command import Failure, emit_json, main, note, portal_of, progress_line, table
 from ..client import ENDED_STATES, PortalClientError, ServiceEnded, WaitTimeout
 
 

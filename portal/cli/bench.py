@@ -5,7 +5,7 @@ import time
 
 import click
 
-from . import Failure, age, emit_json, main, note, portal_of, table
+from .command import Failure, age, emit_json, main, note, portal_of, table
 
 
 def _client_counts(text):

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from . import Failure, emit_json, human_size, main, note, portal_of, table
+from .command import Failure, emit_json, human_size, main, note, portal_of, table
 
 
 @main.group()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from . import emit_json, main, portal_of, table
+from .command import emit_json, main, portal_of, table
 
 
 @main.command()

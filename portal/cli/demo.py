@@ -13,7 +13,7 @@ import requests
 
 from ..client import ENDED_STATES, PortalClientError, ServiceEnded, connect
 from ..config import ConfigError, load_config, prepare_home
-from . import Failure, main, note
+from .command import Failure, main, note
 
 TEXT_MODEL_NOTE = "SmolLM2 135M Instruct on llama.cpp"
 SPEECH_MODEL_NOTE = "Whisper tiny.en on faster-whisper"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from . import fail, main
+from .command import fail, main
 from ..config import ConfigError, load_config
 
 

@@ -9,7 +9,7 @@ import time
 
 import click
 
-from . import Failure, KINDS, age, emit_json, fail, main, portal_of, progress_line, table
+from .command import Failure, KINDS, age, emit_json, fail, main, portal_of, progress_line, table
 from ..client import ENDED_STATES, ServiceEnded, WaitTimeout
 from ..config import ConfigError, ensure_token, load_config, prepare_home
 from ..connection import write_connection

@@ -11,7 +11,7 @@ from flask import redirect, render_template, request, url_for
 from .. import benchmark_runs, services
 from ..errors import ConflictError, NotFoundError, PortalError, ValidationError
 from ..models import State
-from . import bp, place_problem
+from .blueprint import bp, place_problem
 
 FORM_FIELDS = ("service", "mode", "clients", "requests", "prompt_len", "max_tokens", "stream", "sweep", "ttft_target",
                "api", "target")

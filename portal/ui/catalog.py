@@ -9,7 +9,7 @@ from ..catalog.images import list_images, pins_from_runtimes
 from ..cluster import cluster_overview
 from ..errors import UnavailableError
 from ..keys import list_api_keys
-from . import bp
+from .blueprint import bp
 
 
 def _config():

@@ -11,7 +11,7 @@ from ..catalog.kinds import KINDS
 from ..catalog.tiers import tiers_as_dicts
 from ..errors import PortalError, RejectedError, UnavailableError, ValidationError
 from ..launching import site_specs
-from . import bp, place_problem
+from .blueprint import bp, place_problem
 
 FORM_FIELDS = ("kind", "model", "revision", "tier", "recommended_tier", "time", "name", "engine_args", "account",
                "force")

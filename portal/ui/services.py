@@ -9,7 +9,7 @@ from ..connection import portal_links, portal_url
 from ..errors import UnavailableError
 from ..launching import site_specs
 from ..reconciler import conditions
-from . import bp
+from .blueprint import bp
 
 
 def _config():

@@ -1,0 +1,130 @@
+"""The `pilotfish` command group and what every command shares: errors as one `pilotfish: ...` line with an exit code,
+finding the portal, JSON and table output."""
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+
+import click
+
+from ..client import PortalClientError, connect
+
+KINDS = ("text-generation", "speech-recognition")
+
+
+class Failure(Exception):
+    """An operation failed: one line on stderr, exit 1 (2 for bad usage)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"pilotfish: {message}", err=True)
+    sys.exit(code)
+
+
+def note(message: str) -> None:
+    """A progress or warning line, on stderr so stdout stays for results."""
+    click.echo(f"pilotfish: {message}", err=True)
+
+
+class Commands(click.Group):
+    """Turns the errors of every command into one line on stderr and an exit code, never a traceback."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False  # usage errors as one `pilotfish: ...` line too, not click's block
+        try:
+            code = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:  # `pilotfish keys` alone
+                click.echo(exc.ctx.get_help(), err=True)
+                sys.exit(2)
+            hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            fail(exc.format_message() + hint, 2)
+        except click.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            fail("aborted", 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PortalClientError as exc:
+            fail(exc.message, 2 if exc.status == 400 else 1)
+        except Failure as exc:
+            fail(str(exc), exc.code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+
+def portal_of(ctx: click.Context):
+    """The portal named by --url/--token (PILOTFISH_URL/PILOTFISH_TOKEN), else by connection.json."""
+    obj = ctx.find_root().obj
+    if "portal" not in obj:
+        obj["portal"] = connect(url=obj.get("url"), token=obj.get("token"))
+    return obj["portal"]
+
+
+def emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def table(rows, headers) -> None:
+    """A plain text table for people (columns padded, no borders)."""
+    rows = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    for row in [list(headers)] + rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def human_size(count) -> str:
+    if count is None:
+        return ""
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""
+
+
+def age(iso_time) -> str:
+    if not iso_time:
+        return ""
+    try:
+        then = datetime.fromisoformat(str(iso_time).replace("Z", "+00:00"))
+    except ValueError:
+        return str(iso_time)
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=timezone.utc)
+    seconds = int((datetime.now(timezone.utc) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+def progress_line(service_id: str):
+    """on_change callback: one stderr line per state change."""
+    def show(old, new):
+        before = f"{old['state']} -> " if old else ""
+        note(f"{service_id[:12]} {before}{new['state']}: {new.get('reason') or ''}".rstrip(": "))
+    return show
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--url", envvar="PILOTFISH_URL", help="Portal URL (default: from PILOTFISH_HOME/connection.json).")
+@click.option("--token", envvar="PILOTFISH_TOKEN", help="Portal token or API key (default: from connection.json).")
+@click.pass_context
+def main(ctx, url, token):
+    """Pilotfish: run AI model services on your cluster behind one authenticated, OpenAI-compatible URL.
+
+    Commands other than `start` and `doctor` talk to the running portal, found through
+    PILOTFISH_HOME/connection.json (or --url and --token). Add --json to listing commands for scripts.
+
+    Example: pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --wait
+    """
+    ctx.obj = {"url": url, "token": token}
