@@ -6,13 +6,13 @@
    of the tiny test service through a real portal (target p95 < 2 s).
 
 Run: .venv/bin/python benchmarks/reconcile.py [--sizes 1,10,100,1000] [--launches 20]
-Needs the test cluster (tests/cluster/start.sh). Cancels every job it submits.
+Needs the test cluster (tests/cluster/start.sh). Cancels every job it submits. Percentiles are nearest-rank
+(portal/distribution.py); portals are started by the tests' helpers (tests/support/portal_process.py).
 """
 from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from portal.app import create_app  # noqa: E402
 from portal.db import db  # noqa: E402
+from portal.distribution import percentile  # noqa: E402
 from portal.models import Service, State, utcnow  # noqa: E402
 from portal.reconciler import Reconciler  # noqa: E402
 
@@ -52,7 +53,7 @@ def seed(n: int, home: Path) -> list:
 
 
 def measure_cycles(sizes, cycles=5):
-    print("services  live  scheduler_calls/cycle  cycle_ms(median)  cycle_ms(max)")
+    print("services  live  scheduler_calls/cycle  cycle_ms(p50)  cycle_ms(max)")
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             app = create_app({"home": Path(tmp) / "home", "scheduler": "slurm"})
@@ -67,12 +68,11 @@ def measure_cycles(sizes, cycles=5):
                 calls = {report.scheduler_calls for report in reports}
                 times = [report.seconds * 1000 for report in reports]
                 print(f"{n:8d}  {len(job_ids):4d}  {','.join(map(str, sorted(calls))):>21}  "
-                      f"{statistics.median(times):16.1f}  {max(times):13.1f}")
+                      f"{percentile(times, 50):13.1f}  {max(times):13.1f}")
 
 
 def measure_ready_delay(launches: int):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tests.conftest import PortalFactory
+    from tests.support.portal_process import PortalFactory
 
     delays = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,10 +93,8 @@ def measure_ready_delay(launches: int):
                 portal.request("POST", f"/api/services/{service['id']}/stop")
         finally:
             factory.close()
-    delays.sort()
-    p95 = delays[min(len(delays) - 1, int(round(0.95 * (len(delays) - 1))))]
     print(f"health answered -> RUNNING in the API, {len(delays)} launches: "
-          f"p50 {statistics.median(delays):.2f} s, p95 {p95:.2f} s, max {max(delays):.2f} s")
+          f"p50 {percentile(delays, 50):.2f} s, p95 {percentile(delays, 95):.2f} s, max {max(delays):.2f} s")
 
 
 def main():

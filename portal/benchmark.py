@@ -3,405 +3,33 @@ last one ended, measuring time to first token, inter-token latency, end-to-end l
 tokens/s (tokens received over wall time), requests/s and errors by kind; a sweep over client counts finds the
 highest load that meets a time-to-first-token target.
 
-`run_load` is the load generator: one asyncio task and one keep-alive connection per client, with a small
-incremental HTTP/1.1 parser, so the concurrency is the one asked for; the most requests seen in flight at once is
-measured and reported. (Measured against threads with a urllib3 pool: at 64 clients asyncio used a third of the
-CPU, and at 256 clients threads saturated a core at 280 requests/s where asyncio kept 470 with a 10 ms TTFT.) `python -m portal.benchmark RUN_DIR` runs a stored benchmark (spec.json in, progress.json and
-result.json out) in a process of its own, so the client never competes with the portal's workers.
+`run_load` is the load generator: one asyncio task and one keep-alive connection per client (each request and its
+answer: portal/benchmark_requests.py, on the HTTP/1.1 client connection the proxy uses, portal/http1.py), so the
+concurrency is the one asked for; the most requests seen in flight at once is measured and reported. (Measured
+against threads with a urllib3 pool: at 64 clients asyncio used a third of the CPU, and at 256 clients threads
+saturated a core at 280 requests/s where asyncio kept 470 with a 10 ms TTFT.) Distributions are summarized with
+nearest-rank percentiles (portal/distribution.py). `python -m portal.benchmark RUN_DIR` runs a stored benchmark
+(spec.json in, progress.json and result.json out) in a process of its own (portal/benchmark_runs.py starts it), so
+the client never competes with the portal's workers.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
-import math
 import os
-import ssl
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
-from urllib.parse import urlsplit
+from typing import Callable, Dict, List, Optional
 
-APIS = ("completions", "chat")
+from .benchmark_requests import LoadSpec, Sample, Target, send
+from .distribution import distribution
+
 CREDENTIAL_ENV = "PILOTFISH_BENCH_CREDENTIAL"
-CONNECT_TIMEOUT = 10.0
-PERCENTILES = (50, 90, 95, 99)
 SWEEP_PERCENTILE = 95  # the sweep's TTFT target applies to this percentile
-PROMPT_WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
-                "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango")
 perf = time.perf_counter
-
-
-@dataclass
-class LoadSpec:
-    """One load: `clients` at once sending `requests` in all to the OpenAI API at `base_url`."""
-    base_url: str  # e.g. http://host:port/services/<id>/v1
-    model: str
-    clients: int
-    requests: int
-    prompt_len: int = 128  # words per prompt (about a token each), varied per request so no two prompts match
-    max_tokens: int = 64
-    stream: bool = True
-    api: str = "completions"  # /v1/completions, or "chat" for /v1/chat/completions
-    ignore_eos: bool = True  # vLLM: generate max_tokens every time, so runs compare
-    timeout: float = 300.0  # seconds to wait for each answer's next byte
-
-
-@dataclass
-class Sample:
-    """One request as the client saw it; times in seconds, `start` from the beginning of the load."""
-    start: float
-    latency: float = 0.0
-    ttft: Optional[float] = None
-    output_tokens: int = 0
-    prompt_tokens: Optional[int] = None
-    from_usage: bool = False
-    gaps: List[float] = field(default_factory=list)  # between consecutive content events
-    error: Optional[str] = None
-    error_message: Optional[str] = None  # what the server said, for an HTTP error
-
-
-# --- one request ------------------------------------------------------------------------------------------
-
-def prompt_for(index: int, words: int) -> str:
-    return f"{index}: " + " ".join(PROMPT_WORDS[(index + i) % len(PROMPT_WORDS)] for i in range(max(words - 1, 0)))
-
-
-def request_body(spec: LoadSpec, index: int) -> bytes:
-    body: dict = {"model": spec.model, "max_tokens": spec.max_tokens, "stream": spec.stream}
-    prompt = prompt_for(index, spec.prompt_len)
-    if spec.api == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
-    else:
-        body["prompt"] = prompt
-    if spec.stream:
-        body["stream_options"] = {"include_usage": True}
-    if spec.ignore_eos:
-        body["ignore_eos"] = True
-    return json.dumps(body).encode()
-
-
-def _has_content(event: dict) -> bool:
-    for choice in event.get("choices") or ():
-        if not isinstance(choice, dict):
-            continue
-        if choice.get("text"):
-            return True
-        delta = choice.get("delta")
-        if isinstance(delta, dict) and (delta.get("content") or delta.get("reasoning_content")):
-            return True
-    return False
-
-
-def _usage_tokens(usage) -> tuple:
-    """(completion tokens, prompt tokens) of a usage object, None where absent."""
-    if not isinstance(usage, dict):
-        return None, None
-    completion, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
-    return (completion if isinstance(completion, int) else None, prompt if isinstance(prompt, int) else None)
-
-
-class _EventStream:
-    """An answer's body as server-sent events, fed as bytes arrive: content events (tokens) and their times."""
-
-    def __init__(self, sample: Sample, sent: float):
-        self.sample, self.sent = sample, sent
-        self.buffer = b""
-        self.last: Optional[float] = None
-        self.content_events = 0
-        self.usage = None
-        self.done = False
-
-    def feed(self, data: bytes, now: float) -> None:
-        self.buffer += data.replace(b"\r\n", b"\n") if b"\r" in data else data
-        while True:
-            cut = self.buffer.find(b"\n\n")
-            if cut < 0:
-                return
-            event, self.buffer = self.buffer[:cut], self.buffer[cut + 2:]
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    self._event(line[5:].strip(), now)
-
-    def _event(self, payload: bytes, now: float) -> None:
-        if payload == b"[DONE]":
-            self.done = True
-            return
-        parsed = json.loads(payload)
-        if not isinstance(parsed, dict):
-            return
-        if parsed.get("usage"):
-            self.usage = parsed["usage"]
-        if _has_content(parsed):
-            self.content_events += 1
-            if self.last is None:
-                self.sample.ttft = now - self.sent
-            else:
-                self.sample.gaps.append(now - self.last)
-            self.last = now
-
-    def finish(self) -> None:
-        completion, prompt = _usage_tokens(self.usage)
-        self.sample.from_usage = completion is not None
-        self.sample.output_tokens = completion if completion is not None else self.content_events
-        self.sample.prompt_tokens = prompt
-        if not self.done:
-            self.sample.error = "incomplete_stream"
-
-
-class _JsonAnswer:
-    """A whole JSON answer (not streamed): only its usage counts."""
-
-    def __init__(self, sample: Sample, sent: float):
-        self.sample = sample
-        self.parts: List[bytes] = []
-
-    def feed(self, data: bytes, now: float) -> None:
-        self.parts.append(data)
-
-    def finish(self) -> None:
-        answer = json.loads(b"".join(self.parts))
-        completion, prompt = _usage_tokens(answer.get("usage") if isinstance(answer, dict) else None)
-        self.sample.from_usage = completion is not None
-        self.sample.output_tokens = completion or 0
-        self.sample.prompt_tokens = prompt
-
-
-class _ErrorAnswer:
-    """An error answer: its message is kept (the first of each kind is reported)."""
-
-    LIMIT = 4096
-
-    def __init__(self, sample: Sample):
-        self.sample = sample
-        self.data = b""
-
-    def feed(self, data: bytes, now: float) -> None:
-        if len(self.data) < self.LIMIT:
-            self.data += data[:self.LIMIT - len(self.data)]
-
-    def finish(self) -> None:
-        text = self.data.decode("utf-8", "replace")
-        try:
-            answer = json.loads(text)
-            error = answer.get("error", answer) if isinstance(answer, dict) else answer
-            text = error.get("message") or text if isinstance(error, dict) else str(error)
-        except ValueError:
-            pass
-        self.sample.error_message = " ".join(str(text).split())[:300] or None
-
-
-class _ExchangeFailed(Exception):
-    def __init__(self, kind: str):
-        super().__init__(kind)
-        self.kind = kind
-
-
-HEAD, SIZE, DATA, DATA_END, TRAILER, LENGTH, UNTIL_EOF, COMPLETE = range(8)
-
-
-class _Exchange:
-    """One HTTP/1.1 response, parsed as its bytes arrive (chunked, Content-Length or until the connection closes);
-    the body goes to the sink chosen once the status is known."""
-
-    def __init__(self, future: asyncio.Future, make_sink: Callable[[int], object]):
-        self.future = future
-        self.make_sink = make_sink
-        self.sink = None
-        self.buffer = b""
-        self.state = HEAD
-        self.remaining = 0
-        self.keep_alive = True
-        self.last_data = perf()
-
-    def feed(self, data: bytes) -> None:
-        now = self.last_data = perf()
-        self.buffer += data
-        try:
-            self._advance(now)
-        except _ExchangeFailed as exc:
-            self._fail(exc.kind)
-        except (ValueError, UnicodeDecodeError):
-            self._fail("bad_response")
-
-    def _advance(self, now: float) -> None:
-        while self.buffer and self.state != COMPLETE:
-            if self.state == HEAD:
-                end = self.buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    return
-                head, self.buffer = self.buffer[:end].decode("latin-1"), self.buffer[end + 4:]
-                self._start(head)
-            elif self.state == SIZE:
-                end = self.buffer.find(b"\r\n")
-                if end < 0:
-                    return
-                size = int(self.buffer[:end].split(b";")[0].strip() or b"0", 16)
-                self.buffer = self.buffer[end + 2:]
-                self.state, self.remaining = (DATA, size) if size else (TRAILER, 0)
-            elif self.state in (DATA, LENGTH):
-                take = self.buffer[:self.remaining]
-                self.buffer = self.buffer[len(take):]
-                self.remaining -= len(take)
-                self.sink.feed(take, now)
-                if not self.remaining:
-                    if self.state == DATA:
-                        self.state = DATA_END
-                    else:
-                        self._complete()
-            elif self.state == DATA_END:
-                if len(self.buffer) < 2:
-                    return
-                self.buffer = self.buffer[2:]
-                self.state = SIZE
-            elif self.state == TRAILER:
-                end = self.buffer.find(b"\r\n")
-                if end < 0:
-                    return
-                line, self.buffer = self.buffer[:end], self.buffer[end + 2:]
-                if not line:
-                    self._complete()
-            elif self.state == UNTIL_EOF:
-                data, self.buffer = self.buffer, b""
-                self.sink.feed(data, now)
-
-    def _start(self, head: str) -> None:
-        lines = head.split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        status = int(rest.split(" ", 1)[0])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip().lower()
-        connection = headers.get("connection", "")
-        self.keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
-        self.sink = self.make_sink(status)
-        if "chunked" in headers.get("transfer-encoding", ""):
-            self.state = SIZE
-        elif "content-length" in headers:
-            self.remaining = int(headers["content-length"])
-            self.state = LENGTH
-            if not self.remaining:
-                self._complete()
-        else:
-            self.state, self.keep_alive = UNTIL_EOF, False
-
-    def _complete(self) -> None:
-        self.state = COMPLETE
-        try:
-            self.sink.finish()
-        except (ValueError, UnicodeDecodeError):
-            self._fail("bad_response")
-            return
-        if not self.future.done():
-            self.future.set_result(self.keep_alive)
-
-    def _fail(self, kind: str) -> None:
-        self.state = COMPLETE
-        if not self.future.done():
-            self.future.set_exception(_ExchangeFailed(kind))
-
-    def closed(self) -> None:
-        if self.state == UNTIL_EOF:
-            self.keep_alive = False
-            self._complete()
-        elif self.state != COMPLETE:
-            self._fail("connection")
-
-
-class _Connection(asyncio.Protocol):
-    """One client's keep-alive connection."""
-
-    def __init__(self):
-        self.transport = None
-        self.exchange: Optional[_Exchange] = None
-        self.lost = False
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange.feed(data)
-
-    def connection_lost(self, exc) -> None:
-        self.lost = True
-        if self.exchange is not None:
-            self.exchange.closed()
-
-
-class _Target:
-    """Where the requests go, and the bytes of each one."""
-
-    def __init__(self, spec: LoadSpec, credential: str):
-        url = urlsplit(spec.base_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"base_url: expected an http(s) URL, got {spec.base_url!r}")
-        self.spec = spec
-        self.host = url.hostname
-        self.port = url.port or (443 if url.scheme == "https" else 80)
-        self.ssl = ssl.create_default_context() if url.scheme == "https" else None
-        path = url.path.rstrip("/") + ("/chat/completions" if spec.api == "chat" else "/completions")
-        accept = "text/event-stream" if spec.stream else "application/json"
-        self.head = (f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {credential}\r\n"
-                     f"Content-Type: application/json\r\nAccept: {accept}\r\nUser-Agent: pilotfish-bench\r\n")
-
-    def request(self, index: int) -> bytes:
-        body = request_body(self.spec, index)
-        return (self.head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-
-    def sink_for(self, sample: Sample, sent: float) -> Callable[[int], object]:
-        def choose(status: int):
-            if status != 200:
-                sample.error = f"http_{status}"
-                return _ErrorAnswer(sample)
-            return _EventStream(sample, sent) if self.spec.stream else _JsonAnswer(sample, sent)
-        return choose
-
-
-async def _connect(target: _Target) -> _Connection:
-    loop = asyncio.get_running_loop()
-    try:
-        _, connection = await asyncio.wait_for(
-            loop.create_connection(_Connection, target.host, target.port, ssl=target.ssl), CONNECT_TIMEOUT)
-    except asyncio.TimeoutError:
-        raise _ExchangeFailed("timeout")
-    except ConnectionRefusedError:
-        raise _ExchangeFailed("refused")
-    except OSError:
-        raise _ExchangeFailed("connection")
-    return connection
-
-
-async def _send(target: _Target, connection: Optional[_Connection], index: int,
-                origin: float) -> Tuple[Sample, Optional[_Connection]]:
-    """One request on the client's connection (opened, or opened again, as needed); the connection to reuse."""
-    sent = perf()
-    sample = Sample(start=sent - origin)
-    try:
-        if connection is None or connection.lost:
-            connection = await _connect(target)
-        future = asyncio.get_running_loop().create_future()
-        exchange = connection.exchange = _Exchange(future, target.sink_for(sample, sent))
-        connection.transport.write(target.request(index))
-        while not future.done():
-            idle = perf() - exchange.last_data
-            if idle >= target.spec.timeout:
-                raise _ExchangeFailed("timeout")
-            await asyncio.wait((future,), timeout=target.spec.timeout - idle)
-        if not future.result():  # the server closes the connection after this answer
-            connection.transport.close()
-            connection = None
-    except _ExchangeFailed as exc:
-        if sample.error is None or exc.kind != "connection":
-            sample.error = exc.kind
-        if connection is not None:
-            connection.transport.close()
-        connection = None
-    sample.latency = perf() - sent
-    return sample, connection
 
 
 # --- a load -----------------------------------------------------------------------------------------------
@@ -413,7 +41,7 @@ def run_load(spec: LoadSpec, credential: str, on_progress: Optional[Callable[[in
 
 
 async def _run_load(spec: LoadSpec, credential: str, on_progress) -> dict:
-    target = _Target(spec, credential)
+    target = Target(spec, credential)
     samples: List[Optional[Sample]] = [None] * spec.requests
     next_index = itertools.count().__next__
     counts = {"in_flight": 0, "max_in_flight": 0, "done": 0}
@@ -428,11 +56,11 @@ async def _run_load(spec: LoadSpec, credential: str, on_progress) -> dict:
             counts["in_flight"] += 1
             if counts["in_flight"] > counts["max_in_flight"]:
                 counts["max_in_flight"] = counts["in_flight"]
-            samples[index], connection = await _send(target, connection, index, origin)
+            samples[index], connection = await send(target, connection, index, origin)
             counts["in_flight"] -= 1
             counts["done"] += 1
         if connection is not None:
-            connection.transport.close()
+            connection.close()
 
     async def report():
         while True:
@@ -450,22 +78,6 @@ async def _run_load(spec: LoadSpec, credential: str, on_progress) -> dict:
     done = [sample for sample in samples if sample is not None]
     wall = max((sample.start + sample.latency for sample in done), default=0.0)
     return summarize(spec, done, wall, counts["max_in_flight"], cpu)
-
-
-def percentile(values: List[float], q: float) -> Optional[float]:
-    """Nearest-rank percentile (a value that was measured), None without values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-def distribution(values: List[float]) -> dict:
-    figures = {"count": len(values), "mean": _round(sum(values) / len(values)) if values else None}
-    for q in PERCENTILES:
-        figures[f"p{q}"] = _round(percentile(values, q))
-    figures["max"] = _round(max(values)) if values else None
-    return figures
 
 
 def _round(value: Optional[float], digits: int = 6) -> Optional[float]:

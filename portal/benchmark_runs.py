@@ -3,35 +3,34 @@
 all go through these functions.
 
 A run's files live in PILOTFISH_HOME/benchmarks/<id>/: spec.json (what to run, no credential: that goes through
-the environment), progress.json, result.json and bench.log. Any worker can finish a run's record: the one that
-started it as soon as the process exits, any other when the run is read.
+the environment), progress.json, result.json and bench.log, and the process's own record and end mark: the process
+is a tracked child (portal/scheduler/processes.py, as the local scheduler runs jobs), so any worker can tell from
+these files whether it still runs, stop it, and finish the run's record: the one that started it as soon as the
+process exits, any other when the run is read.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional
 
-import psutil
 from flask import current_app
 
 from . import ROOT
-from .benchmark import APIS, CREDENTIAL_ENV, LoadSpec
+from .benchmark import CREDENTIAL_ENV
+from .benchmark_requests import APIS, LoadSpec
 from .connection import portal_url
 from .db import db
 from .errors import ConflictError, NotFoundError, ValidationError, check_fields
 from .models import BenchmarkRun, Service, State, utcnow
-from .scheduler import scrubbed_environment
+from .scheduler import processes, scrubbed_environment
 from .services import get_service
 
 RUNNING, DONE, FAILED, CANCELLED = "RUNNING", "DONE", "FAILED", "CANCELLED"
@@ -42,6 +41,7 @@ MAX_CLIENTS = 1024
 MAX_REQUESTS = 20000
 MAX_TOKENS = 32768
 MAX_SWEEP_POINTS = 12
+LOG_NAME = "bench.log"
 
 
 @dataclass
@@ -181,25 +181,19 @@ def start(body, fallback_url: str) -> BenchmarkRun:
     (folder / "spec.json").write_text(json.dumps({"load": asdict(load), "sweep": wanted.sweep,
                                                   "ttft_target": wanted.ttft_target}))
     env = {**scrubbed_environment(), CREDENTIAL_ENV: credential}
-    with open(folder / "bench.log", "ab") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "portal.benchmark", str(folder)], cwd=str(ROOT), env=env,
-                                   stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    run.pid = process.pid
-    try:
-        run.pid_started = psutil.Process(process.pid).create_time()
-    except psutil.Error:
-        run.pid_started = None
+    child = processes.start([sys.executable, "-m", "portal.benchmark", str(folder)], folder, LOG_NAME, env, cwd=ROOT,
+                            name=f"benchmark-{run.id}")
+    run.pid, run.pid_started = child.pid, child.record["create_time"]
     db.session.add(run)
     db.session.commit()
     app = current_app._get_current_object()
-    threading.Thread(target=_finish_when_done, args=(app, process, run.id), name=f"benchmark-{run.id}",
+    threading.Thread(target=_finish_when_done, args=(app, child, run.id), name=f"benchmark-{run.id}",
                      daemon=True).start()
     return run
 
 
-def _finish_when_done(app, process: subprocess.Popen, run_id: str) -> None:
-    process.wait()
+def _finish_when_done(app, child: processes.Child, run_id: str) -> None:
+    child.wait()
     with app.app_context():
         try:
             run = db.session.get(BenchmarkRun, run_id)
@@ -210,15 +204,13 @@ def _finish_when_done(app, process: subprocess.Popen, run_id: str) -> None:
 
 
 def _alive(run: BenchmarkRun) -> bool:
-    if not run.pid:
-        return False
-    try:
-        process = psutil.Process(run.pid)
-        if run.pid_started is not None and abs(process.create_time() - run.pid_started) > 1:
-            return False
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    """Whether the run's process still runs: its record in the run's folder (or, for a run started before there
+    were records, the pid and start time stored with it)."""
+    processes.reap()
+    record = processes.read_record(run_dir(run.id))
+    if record is None and run.pid:
+        record = {"pid": run.pid, "create_time": run.pid_started}
+    return processes.alive(record)
 
 
 def summary_of(result: dict) -> dict:
@@ -253,7 +245,7 @@ def refresh(run: BenchmarkRun) -> BenchmarkRun:
     if _alive(run):
         return run
     try:
-        log_tail = (folder / "bench.log").read_text(errors="replace").strip().splitlines()[-3:]
+        log_tail = (folder / LOG_NAME).read_text(errors="replace").strip().splitlines()[-3:]
     except OSError:
         log_tail = []
     return _end(run, FAILED, error="the benchmark process ended without a result"
@@ -297,13 +289,8 @@ def list_runs(service: Optional[str] = None, model: Optional[str] = None) -> Lis
 def cancel_or_delete(run: BenchmarkRun) -> str:
     """Cancel a running benchmark (its process is stopped), or delete an ended one with its files."""
     if run.state == RUNNING:
-        pid = run.pid if _alive(run) else None
         _end(run, CANCELLED, error="cancelled")  # first, so the process ending is not taken for a failure
-        if pid:
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
+        processes.stop(run_dir(run.id), "cancelled")
         return "cancelled"
     shutil.rmtree(run_dir(run.id), ignore_errors=True)
     db.session.delete(run)

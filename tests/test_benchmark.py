@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from portal.benchmark import LoadSpec, run_load
+from portal.scheduler import processes
 from tests.conftest import REPO, free_port, wait_for
 from tests.support.benchmark_checks import check_load_figures, run_benchmark
 from tests.support.prometheus_scrape import delta, scrape
@@ -156,6 +157,8 @@ def test_cancel_stops_the_benchmark_process(portal, service):
     assert portal.request("GET", f"/api/benchmarks/{run['id']}").json()["state"] == "CANCELLED"
     wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
              timeout=10, what="the benchmark process to stop")
+    folder = portal.home / "benchmarks" / run["id"]  # a tracked child: its record and why it ended, in its folder
+    assert processes.read_record(folder)["pid"] == pid and processes.end_mark(folder) == "cancelled"
     assert portal.request("DELETE", f"/api/benchmarks/{run['id']}").json() == {"deleted": run["id"]}
     assert portal.request("GET", f"/api/benchmarks/{run['id']}").status_code == 404
 

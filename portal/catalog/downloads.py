@@ -1,4 +1,8 @@
-"""Model downloads from the Hugging Face Hub (or a mirror) into home_dir, in a child process that cancel can stop."""
+"""Model downloads from the Hugging Face Hub (or a mirror) into home_dir, each in a child process that cancel can
+stop: a tracked child (portal/scheduler/processes.py, as the local scheduler runs jobs) with a folder of its own
+outside the models' disk: request.json in (the token goes through the environment), plan.json (the file list),
+result.json (the snapshot's path, or what went wrong) and download.log out.
+"""
 from __future__ import annotations
 
 import errno
@@ -6,21 +10,22 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import ConflictError, NotFoundError, ValidationError
+from ..scheduler import processes
 from .models import human_bytes, repo_folder, validate_repo_id, validate_revision
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 STATES_LIVE = ("queued", "running")
-_MARK = "@@pilotfish "
+TOKEN_ENV = "PILOTFISH_HF_TOKEN"  # the token, for the download process only
+LOG_NAME = "download.log"
+POLL_SECONDS = 0.1  # how often the file list is looked for while the download runs
 
 
 # --- downloads -----------------------------------------------------------------------------------------
@@ -82,7 +87,8 @@ class DownloadTask:
         self.error_code: Optional[str] = None
         self.created_at, self.started_at, self.ended_at = time.time(), None, None
         self.cancel_requested = False
-        self._proc: Optional[subprocess.Popen] = None
+        self.folder: Optional[Path] = None  # the download process's own files, while it runs
+        self._child: Optional[processes.Child] = None
         self._lock = threading.Lock()
         self._finished = threading.Event()
 
@@ -123,12 +129,15 @@ class DownloadTask:
 
 
 class DownloadManager:
-    """The download tasks of this process, kept in memory: start, look up, cancel."""
+    """The download tasks of this process, kept in memory: start, look up, cancel. Each download process gets a
+    folder under `work_dir` (by default a private temporary folder), removed when it ends."""
 
     def __init__(self, home_dir: Path, cache_dir: Optional[Path] = None, endpoint: Optional[str] = None,
-                 token: Optional[str] = None, max_workers: int = 8):
+                 token: Optional[str] = None, max_workers: int = 8, work_dir: Optional[Path] = None):
         self.home_dir, self.cache_dir = Path(home_dir), Path(cache_dir) if cache_dir else None
         self.endpoint, self.token, self.max_workers = endpoint, token, max_workers
+        self.work_dir = Path(work_dir) if work_dir else None
+        self._own_work_dir: Optional[Path] = None
         self._tasks: Dict[str, DownloadTask] = {}
         self._lock = threading.Lock()
 
@@ -152,9 +161,11 @@ class DownloadManager:
                 if other.state in STATES_LIVE and (other.repo_id, other.root) == (repo_id, task.root):
                     raise ConflictError(f"model: {repo_id} is already downloading to {task.root} (task {other.id})")
             self._tasks[task.id] = task
-        args = {"repo_id": repo_id, "revision": revision, "root": str(task.root), "endpoint": task.endpoint,
-                "token": self.token or os.environ.get("HF_TOKEN") or None, "max_workers": self.max_workers}
-        threading.Thread(target=self._run, args=(task, args), name=f"download-{task.id}", daemon=True).start()
+        request = {"repo_id": repo_id, "revision": revision, "root": str(task.root), "endpoint": task.endpoint,
+                   "max_workers": self.max_workers}
+        token = self.token or os.environ.get("HF_TOKEN") or None
+        threading.Thread(target=self._run, args=(task, request, token), name=f"download-{task.id}",
+                         daemon=True).start()
         return task
 
     def get(self, task_id: str) -> DownloadTask:
@@ -173,12 +184,9 @@ class DownloadManager:
         task = self.get(task_id)
         with task._lock:
             task.cancel_requested = task.state in STATES_LIVE
-            proc = task._proc
-        if task.cancel_requested and proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            folder = task.folder if task._child is not None else None
+        if task.cancel_requested and folder is not None:
+            processes.stop(folder, "cancelled", grace=0)  # the whole group at once: no byte more is fetched
         task.wait(timeout)
         return task
 
@@ -188,40 +196,72 @@ class DownloadManager:
             if task.state in STATES_LIVE:
                 self.cancel(task.id)
 
-    def _run(self, task: DownloadTask, args: dict) -> None:
-        code, facts, tail = -1, {}, deque(maxlen=20)
+    def _folder(self, task: DownloadTask) -> Path:
+        """A new folder for the task's process: under work_dir, else under a private temporary folder."""
+        with self._lock:
+            base = self.work_dir
+            if base is None:
+                if self._own_work_dir is None or not self._own_work_dir.is_dir():
+                    self._own_work_dir = Path(tempfile.mkdtemp(prefix="pilotfish-downloads-"))
+                base = self._own_work_dir
+            folder = base / task.id
+            folder.mkdir(parents=True, mode=0o700)
+            return folder
+
+    def _forget_folder(self, folder: Path) -> None:
+        with self._lock:
+            shutil.rmtree(folder, ignore_errors=True)
+            if self._own_work_dir is not None and folder.parent == self._own_work_dir:
+                try:
+                    self._own_work_dir.rmdir()  # only once no other download uses it
+                    self._own_work_dir = None
+                except OSError:
+                    pass
+
+    def _run(self, task: DownloadTask, request: dict, token: Optional[str]) -> None:
+        code, facts, folder = -1, {}, None
         env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                            os.environ.get("PYTHONPATH")])))
+        env.pop(TOKEN_ENV, None)
+        if token:
+            env[TOKEN_ENV] = token
         try:
             with task._lock:
                 if task.cancel_requested:
                     return
+                folder = task.folder = self._folder(task)
+                (folder / "request.json").write_text(json.dumps(request))
                 task.state, task.started_at = "running", time.time()
-                task._proc = subprocess.Popen([sys.executable, "-m", "portal.catalog.downloads"], stdin=subprocess.PIPE,
-                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                              start_new_session=True)  # its own group: cancel kills it whole
-            task._proc.stdin.write(json.dumps(args).encode())
-            task._proc.stdin.close()
-            for raw in task._proc.stdout:
-                line = raw.decode("utf-8", "replace").rstrip()
-                if not line.startswith(_MARK):
-                    tail.append(line)
-                    continue
-                message = json.loads(line[len(_MARK):])
-                if "plan" in message:
-                    task.commit, task.files = message["commit"], [tuple(f) for f in message["plan"]]
-                    sizes = [size for _name, size, _blob in task.files]
-                    task.bytes_total = None if None in sizes else sum(sizes)
-                task.path = message.get("path", task.path)
-                facts = message.get("error", facts)
-            code = task._proc.wait()
+                task._child = processes.start([sys.executable, "-m", "portal.catalog.downloads", str(folder)],
+                                              folder, LOG_NAME, env, cwd=Path.cwd(), name=f"download-{task.id}")
+            while True:
+                code = task._child.wait(POLL_SECONDS)
+                self._read_reports(task, folder)
+                if code is not None:
+                    break
+            facts = _read_json(folder / "result.json").get("error", {})
         except (OSError, ValueError) as exc:
             facts = {"types": [type(exc).__name__], "message": str(exc), "errno": getattr(exc, "errno", None)}
         finally:
-            self._finish(task, code, facts, tail)
+            tail = _last_line(folder / LOG_NAME) if folder is not None else ""
+            self._finish(task, code if code is not None else -1, facts, tail)
+            if folder is not None:
+                self._forget_folder(folder)
 
-    def _finish(self, task: DownloadTask, code: int, facts: dict, tail) -> None:
+    @staticmethod
+    def _read_reports(task: DownloadTask, folder: Path) -> None:
+        """What the download process reported so far: its file list (once), the snapshot's path at the end."""
+        if task.commit is None:
+            plan = _read_json(folder / "plan.json")
+            if "plan" in plan:
+                task.files = [tuple(f) for f in plan["plan"]]
+                sizes = [size for _name, size, _blob in task.files]
+                task.bytes_total = None if None in sizes else sum(sizes)
+                task.commit = plan["commit"]
+        task.path = _read_json(folder / "result.json").get("path", task.path)
+
+    def _finish(self, task: DownloadTask, code: int, facts: dict, tail: str) -> None:
         succeeded = code == 0 and bool(task.path)  # a cancel that came too late does not undo a download
         if not succeeded:
             for blob in {blob for _name, _size, blob in task.files}:
@@ -242,28 +282,49 @@ class DownloadManager:
                                                                      task.endpoint, task.root)
                 else:
                     task.error_code = "failed"
-                    task.error = f"the download process exited with {code}: {tail[-1] if tail else 'no output'}"
+                    task.error = f"the download process exited with {code}: {tail or 'no output'}"
             task.ended_at = time.time()
+            task.folder, task._child = None, None
         task._finished.set()
 
 
-def _emit(**message) -> None:
-    print(_MARK + json.dumps(message), flush=True)
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
-def _download_child() -> None:
-    """The download process: read its arguments as JSON on stdin, report plan/path/error as marked JSON lines."""
-    args = json.load(sys.stdin)
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1].rstrip() if lines else ""
+
+
+def _report(folder: Path, name: str, **message) -> None:
+    tmp = folder / f".{name}.tmp"
+    tmp.write_text(json.dumps(message))
+    os.replace(tmp, folder / name)
+
+
+def _download_child(folder: Path) -> None:
+    """The download process: its request in folder/request.json (the token in TOKEN_ENV); it reports the file list
+    in plan.json, then the snapshot's path or the error's facts in result.json."""
+    args = json.loads((folder / "request.json").read_text())
+    token = os.environ.pop(TOKEN_ENV, None) or None
     try:
         from huggingface_hub import HfApi, snapshot_download
-        api = HfApi(endpoint=args["endpoint"], token=args["token"])
+        api = HfApi(endpoint=args["endpoint"], token=token)
         info = api.model_info(args["repo_id"], revision=args["revision"], files_metadata=True)
         def blob_name(sibling):  # what hf_hub_download names the blob: the LFS sha256, else the git blob id
             lfs = sibling.lfs
             sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)  # dict before 0.2x
             return sha or sibling.blob_id
         plan = [(s.rfilename, s.size, blob_name(s)) for s in info.siblings or []]
-        _emit(plan=plan, commit=info.sha)
+        _report(folder, "plan.json", plan=plan, commit=info.sha)
         blobs = Path(args["root"]) / repo_folder(args["repo_id"]) / "blobs"
         needed = sum(size or 0 for _name, size, blob in plan if not (blobs / blob).exists())
         probe = Path(args["root"])
@@ -273,8 +334,8 @@ def _download_child() -> None:
         if needed > free:
             raise OSError(errno.ENOSPC, f"the download needs {human_bytes(needed)}, {human_bytes(free)} is free")
         path = snapshot_download(args["repo_id"], revision=args["revision"], cache_dir=args["root"],
-                                 endpoint=args["endpoint"], token=args["token"], max_workers=args["max_workers"])
-        _emit(path=path)
+                                 endpoint=args["endpoint"], token=token, max_workers=args["max_workers"])
+        _report(folder, "result.json", path=path)
     except BaseException as exc:  # reported to the parent, which words it
         chain, cause = [], exc
         while cause is not None and len(chain) < 5:
@@ -282,11 +343,12 @@ def _download_child() -> None:
             cause = cause.__cause__ or cause.__context__
         response = getattr(exc, "response", None)
         number = next((c.errno for c in chain if isinstance(getattr(c, "errno", None), int)), None)
-        _emit(error={"types": [cls.__name__ for c in chain for cls in type(c).__mro__], "type": type(exc).__name__,
-                     "message": str(exc)[:2000], "status": getattr(response, "status_code", None), "errno": number,
-                     "detail": exc.strerror if isinstance(exc, OSError) and number == errno.ENOSPC else None})
+        _report(folder, "result.json", error={
+            "types": [cls.__name__ for c in chain for cls in type(c).__mro__], "type": type(exc).__name__,
+            "message": str(exc)[:2000], "status": getattr(response, "status_code", None), "errno": number,
+            "detail": exc.strerror if isinstance(exc, OSError) and number == errno.ENOSPC else None})
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    _download_child()
+    _download_child(Path(sys.argv[1]))

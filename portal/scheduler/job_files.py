@@ -5,9 +5,9 @@ import re
 from pathlib import Path
 
 from . import LOG_NAME, JobInfo, JobQuery, JobState
+from .processes import END_MARK_FILE  # written by the local scheduler: "cancelled" or "timeout"
 
 EXIT_CODE_FILE = "exit_code"  # written by the job script when the server exits by itself
-END_MARK_FILE = "end_mark"  # written by the local scheduler: "cancelled" or "timeout"
 STEPD_TIMEOUT = re.compile(r"\*\*\* JOB \S+ ON \S+ CANCELLED AT \S+ DUE TO TIME LIMIT")
 STEPD_CANCELLED = re.compile(r"\*\*\* JOB \S+ ON \S+ CANCELLED AT")
 

@@ -1,33 +1,27 @@
-"""Local scheduler: runs job scripts as process groups on this host (a laptop, or inside the portal's own allocation)."""
+"""Local scheduler: runs job scripts as process groups on this host (a laptop, or inside the portal's own allocation),
+as tracked children (processes.py: a record and an end mark in the job folder), with the same states as Slurm."""
 from __future__ import annotations
 
-import json
 import os
-import signal
 import socket
-import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 import psutil
 
-from . import (LOG_NAME, JobInfo, JobQuery, JobState, Resources, Scheduler, SubmissionRejected,
+from . import (LOG_NAME, JobInfo, JobQuery, JobState, Resources, Scheduler, SubmissionRejected, processes,
                scrubbed_environment)
-from .job_files import END_MARK_FILE, state_from_job_files
+from .job_files import state_from_job_files
 from .sbatch import resource_options, sbatch_arguments
 
 RECORD_FILE = "local_job.json"
-KILL_GRACE_SECONDS = 10
 
 
 class LocalScheduler(Scheduler):
     name = "local"
 
     def __init__(self):
-        self._children: Dict[int, subprocess.Popen] = {}  # reaped on query so no zombies linger
-        self._lock = threading.Lock()
         self.calls = 0
 
     def arguments(self, resources: Resources, job_dir: Optional[Path] = None, name: Optional[str] = None) -> List[str]:
@@ -37,74 +31,27 @@ class LocalScheduler(Scheduler):
         return resource_options(resources) if job_dir is None else sbatch_arguments(job_dir, name or "", resources)
 
     def submit(self, script: Path, job_dir: Path, name: str, resources: Resources) -> str:
-        job_dir = Path(job_dir)
         env = scrubbed_environment()
         env["PILOTFISH_JOB_NAME"] = name
         try:
-            with open(job_dir / LOG_NAME, "ab") as log_file:
-                proc = subprocess.Popen(["bash", str(script)], cwd=job_dir, stdout=log_file, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            child = processes.start(["bash", str(script)], Path(job_dir), LOG_NAME, env, name=name,
+                                    deadline=time.time() + resources.time * 60, record_name=RECORD_FILE)
         except OSError as exc:
             raise SubmissionRejected(f"cannot start the job script: {exc.strerror}")
-        with self._lock:
-            self._children[proc.pid] = proc
-        record = {"pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(),
-                  "deadline": time.time() + resources.time * 60, "name": name}
-        (job_dir / RECORD_FILE).write_text(json.dumps(record))
-        return str(proc.pid)
-
-    def _reap(self) -> None:
-        with self._lock:
-            for pid, proc in list(self._children.items()):
-                if proc.poll() is not None:
-                    del self._children[pid]
-
-    @staticmethod
-    def _alive(record: dict) -> bool:
-        try:
-            proc = psutil.Process(record["pid"])
-            return abs(proc.create_time() - record["create_time"]) < 1 and proc.status() != psutil.STATUS_ZOMBIE
-        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
-            return False
-
-    def _end(self, job_dir: Path, record: dict, mark: str) -> None:
-        """Write why the job ends, then stop its process group: TERM now, KILL after a grace period."""
-        (job_dir / END_MARK_FILE).write_text(mark)
-        pid = record["pid"]
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-
-        def kill_later():
-            deadline = time.time() + KILL_GRACE_SECONDS
-            while time.time() < deadline:
-                self._reap()
-                if not self._alive(record):
-                    return
-                time.sleep(0.2)
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._reap()
-
-        threading.Thread(target=kill_later, daemon=True).start()
+        return str(child.pid)
 
     def query(self, jobs: Iterable[JobQuery]) -> Dict[str, JobInfo]:
         self.calls += 1
-        self._reap()
+        processes.reap()
         found: Dict[str, JobInfo] = {}
         for job in jobs:
             job_dir = Path(job.job_dir)
-            try:
-                record = json.loads((job_dir / RECORD_FILE).read_text())
-            except (FileNotFoundError, ValueError):
+            record = processes.read_record(job_dir, RECORD_FILE)
+            if record is None:
                 found[job.job_id] = state_from_job_files(job)
-                continue
-            if self._alive(record):
-                if time.time() > record["deadline"] and not (job_dir / END_MARK_FILE).exists():
-                    self._end(job_dir, record, "timeout")
+            elif processes.alive(record):
+                if processes.past_deadline(record) and not processes.end_mark(job_dir):
+                    processes.stop(job_dir, "timeout", RECORD_FILE)
                 found[job.job_id] = JobInfo(job.job_id, JobState.RUNNING, node=socket.gethostname(), detail="RUNNING")
             else:
                 info = state_from_job_files(job)
@@ -133,9 +80,4 @@ class LocalScheduler(Scheduler):
         return {"partitions": [partition], "nodes": [node], "queue": queue}
 
     def cancel(self, job_id: str, job_dir: Path) -> None:
-        try:
-            record = json.loads((Path(job_dir) / RECORD_FILE).read_text())
-        except (FileNotFoundError, ValueError):
-            return
-        if self._alive(record):
-            self._end(Path(job_dir), record, "cancelled")
+        processes.stop(Path(job_dir), "cancelled", RECORD_FILE)

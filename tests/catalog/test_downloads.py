@@ -1,6 +1,7 @@
 """Model downloads with huggingface_hub against a local stand-in for the Hub (tests/support/fake_hub.py)."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 from portal.catalog import downloads as models
 from portal.catalog.models import find_model, find_revision, scan_models
 from portal.errors import ConflictError, NotFoundError, ValidationError
+from portal.scheduler import processes
 from tests.support.model_builders import LLAMA_PARAMS, sharded_big, tiny_llama, tiny_whisper
 from tests.conftest import wait_for
 from tests.support.fake_hub import FakeHub
@@ -285,3 +287,22 @@ def test_unwritable_home(dirs, hub):
         else:
             os.chmod(target, 0o755)
     assert (task.state, task.error_code, task.error) == ("failed", "permission", f"cannot write to {target}: {expected}")
+
+
+def test_the_download_process_is_a_tracked_child_with_a_folder_of_its_own(dirs, tmp_path):
+    cache, home = dirs
+    work = tmp_path / "work"
+    with FakeHub(throttle=200_000) as hub:
+        hub.add_repo("org/big", sharded_big(shards=2, shard_bytes=256 * 1024))
+        mgr = models.DownloadManager(home_dir=home, endpoint=hub.url, token="hf_secret", max_workers=1, work_dir=work)
+        task = mgr.start("org/big")
+        wait_for(lambda: task.bytes_total, timeout=20, what="the file list")
+        folder = work / task.id
+        record = processes.read_record(folder)
+        assert processes.alive(record) and record["name"] == f"download-{task.id}"
+        assert "hf_secret" not in (folder / "request.json").read_text()  # the token goes through the environment
+        assert json.loads((folder / "plan.json").read_text())["commit"] == task.commit
+        mgr.cancel(task.id)
+        assert task.state == "cancelled" and not processes.alive(record)
+        assert not folder.exists()  # the task keeps what it needs: its folder goes when it ends
+        assert ("HEAD", "Bearer hf_secret") in {(m, auth) for m, path, auth in hub.requests if "/resolve/" in path}

@@ -37,7 +37,7 @@ class Scrape:
 
 
 def scrape(portal, path: str = "/metrics") -> Scrape:
-    """GET `path` from a tests.conftest.PortalProcess with its token and parse it."""
+    """GET `path` from a tests.support.portal_process.PortalProcess with its token and parse it."""
     response = portal.request("GET", path)
     assert response.status_code == 200, response.text[:500]
     assert response.headers["Content-Type"].startswith("text/plain"), response.headers["Content-Type"]
