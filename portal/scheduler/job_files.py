@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from . import LOG_NAME, JobInfo, JobQuery, JobState
+from .base import LOG_NAME, JobInfo, JobQuery, JobState
 from .processes import END_MARK_FILE  # written by the local scheduler: "cancelled" or "timeout"
 
 EXIT_CODE_FILE = "exit_code"  # written by the job script when the server exits by itself

@@ -10,8 +10,9 @@ from typing import Dict, Iterable, List, Optional
 
 import psutil
 
-from . import (LOG_NAME, JobInfo, JobQuery, JobState, Resources, Scheduler, SubmissionRejected, processes,
-               scrubbed_environment)
+from . import processes
+from .base import (LOG_NAME, JobInfo, JobQuery, JobState, Resources, Scheduler, SubmissionRejected,
+                   scrubbed_environment)
 from .job_files import state_from_job_files
 from .sbatch import resource_options, sbatch_arguments
 

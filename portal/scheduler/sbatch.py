@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
-from . import LOG_NAME, Resources
+from .base import LOG_NAME, Resources
 
 JOB_OPTIONS = ("--parsable", "--no-requeue", "--job-name=", "--chdir=", "--output=")  # the job's, not its resources'
 

@@ -10,8 +10,8 @@ from datetime import timedelta, timezone
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-from . import (JobInfo, JobQuery, JobState, Resources, Scheduler, SchedulerUnreachable, SubmissionRejected,
-               scrubbed_environment)
+from .base import (JobInfo, JobQuery, JobState, Resources, Scheduler, SchedulerUnreachable, SubmissionRejected,
+                   scrubbed_environment)
 from .job_files import state_from_job_files
 from .sbatch import resource_options, sbatch_arguments
 
