@@ -56,7 +56,6 @@ def test_errors_carry_the_api_message(client):
 def test_the_client_needs_only_requests(portal, tmp_path):
     """A notebook's Python with requests and without Flask imports the client and talks to a real portal."""
     import subprocess
-    import sys
     import venv
 
     from tests.conftest import REPO

@@ -13,6 +13,7 @@ import requests
 
 from ..client import ENDED_STATES, PortalClientError, ServiceEnded, connect
 from ..config import ConfigError, load_config, prepare_home
+from ..scheduler.processes import end_group
 from .command import Failure, main, note
 
 TEXT_MODEL_NOTE = "SmolLM2 135M Instruct on llama.cpp"
@@ -194,12 +195,7 @@ def demo(host: str, port: int, scheduler: str, speech: bool):
             except Exception as exc:  # keep stopping the rest; the portal's stop below cancels what is left
                 if not failed:
                     note(f"service {handle.id}: {getattr(exc, 'message', exc)}")
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        end_group(process)
         if not failed:
             note("stopped")
 

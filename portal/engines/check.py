@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shlex
-import signal
 import socket
 import subprocess
 import time
@@ -25,6 +24,7 @@ import requests
 
 from ..catalog.kinds import ENGINES
 from ..exit_codes import describe_exit
+from ..scheduler.processes import end_group
 
 CHECK_QUESTION = "What is 2 + 2?"
 
@@ -134,10 +134,4 @@ def check_engine(engine_name: str, command: str, model: CheckModel, log: Path, s
         return f"{engine.title} answered in {time.monotonic() - started - ready:.1f} s (ready after {ready:.0f} s): {shown}"
     finally:
         session.close()
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        end_group(process)

@@ -139,6 +139,21 @@ def stop(folder: Path, mark: str, record_name: str = RECORD_FILE, grace: float =
     return True
 
 
+def end_group(process: subprocess.Popen, grace: float = 30) -> None:
+    """End a child the caller started and waits on (its own process group): SIGTERM the group, SIGKILL it after
+    `grace` seconds, and reap it. Nothing happens if it has already ended."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        process.wait()
+
+
 def _kill_later(record: dict, grace: float) -> None:
     deadline = time.time() + grace
     while time.time() < deadline:

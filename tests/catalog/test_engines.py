@@ -1,7 +1,6 @@
 """Engines: chosen from the model format (site-overridable), their runtimes, GGUF metadata, launch arguments."""
 from __future__ import annotations
 
-import sqlite3
 import struct
 from pathlib import Path
 
