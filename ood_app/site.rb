@@ -288,7 +288,7 @@ module PilotfishSite
 
   # --- what a job asks of Slurm --------------------------------------------------------------------------
 
-  # The sbatch options of a job with these resources, in the portal's order (slurm.sbatch_arguments).
+  # The sbatch options of a job with these resources, in the portal's order (portal/scheduler/sbatch.py).
   def sbatch_options(minutes:, partition: nil, cpus: nil, memory_gb: nil, gpus: 0, gpu_type: nil, gres: nil,
                      constraint: nil)
     args = ["--time=#{minutes}"]

@@ -1,1 +1,2 @@
-"""What can run: service kinds and their runtimes (tiers, models and images join here)."""
+"""What can run: service kinds and the engines for each model format, resource tiers, models and their metadata, images,
+the model inventory and downloads."""
