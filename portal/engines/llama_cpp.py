@@ -125,7 +125,7 @@ def build(python: Path, base: Path, progress: Progress, log: Path) -> None:
 INSTALL = EngineInstall(
     name="llama-cpp", title="llama.cpp server (llama-cpp-python)",
     packages=[f"llama-cpp-python[server]=={LLAMA_CPP_VERSION}"],
-    size_note="compiles llama.cpp from source, one CPU back end per x86-64 level: about 12 minutes on 2 cores",
+    size_note="compiles llama.cpp from source, one CPU back end per x86-64 level: about 9 minutes on 2 cores",
     module="llama_cpp.server",
     build="portable-cpu-variants",
     recipe_extra=lambda: {"cpu_variants": list(cpu_variants())},
