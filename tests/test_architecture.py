@@ -14,11 +14,9 @@ ALLOWED_CYCLES = [{"portal.db", "portal.models"}]  # the database handle and its
 
 
 def modules():
-    """Module name -> file, for every Python file of the portal (revisions excluded: they are data)."""
+    """Module name -> file, for every Python file of the portal (migration revisions included)."""
     found = {}
     for path in sorted(PORTAL.rglob("*.py")):
-        if "versions" in path.parts:
-            continue
         parts = list(path.relative_to(REPO).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
