@@ -52,6 +52,20 @@ def read_endpoint(job_dir: str) -> Optional[tuple]:
     return host, port
 
 
+def _refused(exc: BaseException) -> bool:
+    """Whether a failed request met a closed port (nothing listens): ConnectionRefusedError somewhere in its causes
+    (requests wraps urllib3's MaxRetryError, whose `reason` was raised from it)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        nested = getattr(exc, "reason", None) or (exc.args[0] if exc.args and isinstance(exc.args[0], BaseException)
+                                                  else None)
+        exc = nested or exc.__cause__ or exc.__context__
+    return False
+
+
 def set_condition(name: str, ok: bool, message: Optional[str]) -> None:
     now = utcnow()
     condition = db.session.get(Condition, name)
@@ -226,8 +240,7 @@ class Reconciler:
             response = self._probe_session.get(url, headers={"Authorization": f"Bearer {key}"},
                                                timeout=self.config.health_timeout)
         except requests.ConnectionError as exc:
-            refused = "refused" in str(exc).lower() and not isinstance(exc, requests.ConnectTimeout)
-            return False, "connection refused" if refused else type(exc).__name__
+            return False, "connection refused" if _refused(exc) else type(exc).__name__
         except requests.RequestException as exc:
             return False, type(exc).__name__
         response.close()
