@@ -128,6 +128,11 @@ FAILURE_REASON = "{what} (job {job_id}: {detail})"
 LOG_LINES = "; last log lines: {excerpt}"
 
 
+def without_log_lines(reason: Optional[str]) -> str:
+    """A reason without the job log lines an ended service's reason quotes (for answers that point to the log)."""
+    return (reason or "").split(LOG_LINES.split("{")[0])[0]
+
+
 def after_job(service_state: str, job: JobFacts) -> Optional[Tuple[State, str]]:
     """The (state, reason) a service in `service_state` moves to for its job's news, or None to stay."""
     if job.state in ALIVE_JOB:

@@ -14,6 +14,7 @@ import requests
 from ..client import ENDED_STATES, PortalClientError, ServiceEnded, connect
 from ..config import ConfigError, load_config, prepare_home
 from ..scheduler.processes import end_group
+from ..states import without_log_lines
 from .command import Failure, main, note
 
 TEXT_MODEL_NOTE = "SmolLM2 135M Instruct on llama.cpp"
@@ -206,7 +207,7 @@ def _job_log(config, service_id: str) -> Path:
 
 def _first_clause(reason) -> str:
     """A failure reason without the log lines it quotes (the log's path is given instead)."""
-    return (reason or "no reason given").split("; last log lines:")[0]
+    return without_log_lines(reason) or "no reason given"
 
 
 def _first_answer(portal, handle, model: str, config) -> str:

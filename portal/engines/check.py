@@ -24,6 +24,7 @@ import requests
 
 from ..catalog.kinds import ENGINES
 from ..exit_codes import describe_exit
+from ..scheduler.job_files import read_tail
 from ..scheduler.processes import end_group
 
 CHECK_QUESTION = "What is 2 + 2?"
@@ -61,10 +62,8 @@ def silent_wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
 
 
 def _tail(log: Path, lines: int = 12) -> str:
-    try:
-        kept = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
+    """The last non-empty lines of the server's log (read from its end: an engine's log can be long)."""
+    kept = [line for line in read_tail(log, 8192).splitlines() if line.strip()]
     return "\n".join(kept[-lines:])
 
 

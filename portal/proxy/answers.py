@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 from flask import Blueprint, current_app, jsonify
 
 from ..models import State
+from ..states import without_log_lines
 from .directory import Route
 
 bp = Blueprint("proxy", __name__)
@@ -64,7 +65,7 @@ def not_running(service_id: str, state: Optional[str], reason: Optional[str] = N
     if state == State.UNHEALTHY:
         return openai_error(503, f"service {service_id} is UNHEALTHY", "service_unavailable", "service_not_running",
                             state=state, retry_after=5)
-    reason = (reason or "").split("; last log lines:")[0]  # the log is one call away (GET .../logs)
+    reason = without_log_lines(reason)  # the log is one call away (GET .../logs)
     because = f" ({reason})" if reason else ""
     return openai_error(503, f"service {service_id} is {state}{because}: it has ended, launch it again",
                         "service_unavailable", "service_not_running", state=state)

@@ -21,6 +21,7 @@ from typing import Dict, Optional, Tuple
 
 from ..db import db
 from ..models import Service, State, utcnow
+from ..states import without_log_lines
 
 log = logging.getLogger(__name__)
 
@@ -160,5 +161,5 @@ def last_ended(model: str) -> str:
         db.session.remove()
     if row is None:
         return ""
-    reason = (row.reason or "").split("; last log lines:")[0]
+    reason = without_log_lines(row.reason)
     return f": its last service {row.id} {row.state}" + (f" ({reason})" if reason else "")
