@@ -36,6 +36,7 @@ class Service(db.Model):
     engine_args_json = db.Column(db.Text, nullable=False, default="[]")
     time_limit = db.Column(db.Integer, nullable=False)  # minutes
     api_key = db.Column(db.String(100), nullable=False)
+    tls_fingerprint = db.Column(db.String(64))  # SHA-256 of the service's certificate (portal/service_tls.py)
     host = db.Column(db.String(255))
     port = db.Column(db.Integer)
     node = db.Column(db.String(255))
