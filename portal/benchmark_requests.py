@@ -17,6 +17,7 @@ from typing import Callable, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from .http1 import RequestFailed, TimedConnection, connect
+from .service_tls import WrongCertificate, check_peer, client_context
 
 APIS = ("completions", "chat")
 CONNECT_TIMEOUT = 10.0
@@ -38,6 +39,7 @@ class LoadSpec:
     api: str = "completions"  # /v1/completions, or "chat" for /v1/chat/completions
     ignore_eos: bool = True  # vLLM: generate max_tokens every time, so runs compare
     timeout: float = 300.0  # seconds to wait for each answer's next byte
+    tls_pin: Optional[str] = None  # an https service's certificate fingerprint (portal/service_tls.py), checked
 
 
 @dataclass
@@ -197,7 +199,11 @@ class Target:
         self.spec = spec
         self.host = url.hostname
         self.port = url.port or (443 if url.scheme == "https" else 80)
-        self.ssl = ssl.create_default_context() if url.scheme == "https" else None
+        self.pin = spec.tls_pin
+        if url.scheme != "https":
+            self.ssl = None
+        else:
+            self.ssl = client_context() if self.pin else ssl.create_default_context()
         path = url.path.rstrip("/") + ("/chat/completions" if spec.api == "chat" else "/completions")
         accept = "text/event-stream" if spec.stream else "application/json"
         self.head = (f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {credential}\r\n"
@@ -218,11 +224,18 @@ class Target:
 
 async def _connect(target: Target) -> TimedConnection:
     try:
-        return await connect(TimedConnection, target.host, target.port, CONNECT_TIMEOUT, target.ssl)
+        connection = await connect(TimedConnection, target.host, target.port, CONNECT_TIMEOUT, target.ssl)
     except RequestFailed as failed:
         if failed.kind == "connect_timeout":
             raise RequestFailed("timeout") from None
         raise RequestFailed("refused" if failed.detail == "ConnectionRefusedError" else "connection") from None
+    if target.pin:
+        try:
+            check_peer(connection.transport.get_extra_info("ssl_object"), target.pin)
+        except WrongCertificate:
+            connection.close()
+            raise RequestFailed("connection") from None
+    return connection
 
 
 async def send(target: Target, connection: Optional[TimedConnection], index: int,

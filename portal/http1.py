@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl as ssl_module
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -40,12 +41,15 @@ class RequestFailed(Exception):
 
 async def connect(factory: Callable[[], "ClientConnection"], host: str, port: int, timeout: float,
                   ssl=None) -> "ClientConnection":
-    """A new connection made by `factory`; RequestFailed("connect_timeout"), or "refused" with the error's name."""
+    """A new connection made by `factory` (TLS with the `ssl` context); RequestFailed("connect_timeout"), "impostor"
+    when the TLS handshake fails, or "refused" with the error's name."""
     loop = asyncio.get_running_loop()
     try:
         _, conn = await asyncio.wait_for(loop.create_connection(factory, host, port, ssl=ssl), timeout)
     except asyncio.TimeoutError:
         raise RequestFailed("connect_timeout") from None
+    except ssl_module.SSLError as exc:  # the peer does not speak TLS, or not as a service does
+        raise RequestFailed("impostor", f"TLS handshake failed: {exc.reason or type(exc).__name__}") from None
     except OSError as exc:
         raise RequestFailed("refused", type(exc).__name__) from None
     return conn
@@ -149,8 +153,10 @@ class ClientConnection(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
+        """Drop the connection now: nothing more is sent or awaited (over TLS, no closing handshake either, which
+        would keep the connection open while the server goes on writing)."""
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
         self.lost = True
         self._wake()
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import requests
+import urllib3
 
 from .catalog.inventory import refresh_in_background
 from .site import KINDS, runtime_for
@@ -23,7 +23,8 @@ from .proxy import routes_changed
 from .scheduler import JobInfo, JobState, SchedulerUnreachable
 from .scheduler.job_files import read_exit_code
 from .services import SUBMISSION_GRACE, job_query, log_excerpt, transition
-from .states import JobFacts, after_job, after_probe
+from .service_tls import client_context
+from .states import IMPOSTOR, REFUSED, JobFacts, after_job, after_probe
 
 log = logging.getLogger(__name__)
 SCHEDULER_CONDITION = "scheduler"
@@ -54,7 +55,7 @@ def read_endpoint(job_dir: str) -> Optional[tuple]:
 
 def _refused(exc: BaseException) -> bool:
     """Whether a failed request met a closed port (nothing listens): ConnectionRefusedError somewhere in its causes
-    (requests wraps urllib3's MaxRetryError, whose `reason` was raised from it)."""
+    (urllib3 raises NewConnectionError from it)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -99,11 +100,9 @@ class Reconciler:
         self._health_paths = {name: runtime_for(self.config, kind).health_path for name, kind in KINDS.items()}
         self._probe_pool = ThreadPoolExecutor(max_workers=self.config.health_concurrency,
                                               thread_name_prefix="pilotfish-probe")
-        self._probe_session = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=self.config.health_concurrency,
-                                                pool_maxsize=self.config.health_concurrency)
-        self._probe_session.mount("http://", adapter)
-        self._probe_session.trust_env = False  # health probes go straight to the node, never through a proxy
+        # Health probes go straight to the node, never through a proxy; TLS services are checked against their pin.
+        self._probe_http = urllib3.PoolManager(num_pools=max(64, 4 * self.config.health_concurrency), maxsize=1,
+                                               retries=False)
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -230,21 +229,27 @@ class Reconciler:
         return changed
 
     def _probe_all(self, services: List[Service]) -> List[tuple]:
-        targets = [(f"http://{service.host}:{service.port}"
-                     f"{service.health_path or self._health_paths.get(service.kind, '/health')}", service.api_key)
-                    for service in services]
+        targets = [(service.host, service.port, service.health_path or self._health_paths.get(service.kind, "/health"),
+                    service.api_key, service.tls_fingerprint) for service in services]
         return list(self._probe_pool.map(lambda target: self._probe(*target), targets))
 
-    def _probe(self, url: str, key: str) -> tuple:
+    def _probe(self, host: str, port: int, path: str, key: str, pin: Optional[str]) -> tuple:
+        """(healthy, detail) of one GET of the health path with the service's key; over TLS when the service has a
+        certificate, and only if the peer presents that one (else the detail is states.IMPOSTOR)."""
+        scheme = "https" if pin else "http"
+        pool_kwargs = {"assert_fingerprint": pin, "cert_reqs": "CERT_NONE", "ssl_context": client_context()} \
+            if pin else None
         try:
-            response = self._probe_session.get(url, headers={"Authorization": f"Bearer {key}"},
-                                               timeout=self.config.health_timeout)
-        except requests.ConnectionError as exc:
-            return False, "connection refused" if _refused(exc) else type(exc).__name__
-        except requests.RequestException as exc:
-            return False, type(exc).__name__
-        response.close()
-        return response.status_code == 200, f"HTTP {response.status_code}"
+            pool = self._probe_http.connection_from_host(host, port, scheme, pool_kwargs=pool_kwargs)
+            response = pool.urlopen("GET", path, headers={"Authorization": f"Bearer {key}"}, retries=False,
+                                    timeout=self.config.health_timeout, redirect=False)
+        except urllib3.exceptions.SSLError:
+            return False, IMPOSTOR
+        except urllib3.exceptions.HTTPError as exc:
+            return False, REFUSED if _refused(exc) else type(exc).__name__
+        except OSError as exc:
+            return False, REFUSED if _refused(exc) else type(exc).__name__
+        return response.status == 200, f"HTTP {response.status}"
 
     def _apply_probe(self, service: Service, ok: bool, detail: str) -> int:
         """Count the probe's failure or success and move the service (the rules: portal.states.after_probe)."""

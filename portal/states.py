@@ -174,6 +174,9 @@ PROBE_OK: Dict[State, Tuple[State, str]] = {
 # and only a RUNNING one moves, to UNHEALTHY: at once when nothing listens any more, else after enough failures.
 REFUSED = "connection refused"  # the probe's detail when nothing listens on the port
 PROBE_REFUSED = (State.UNHEALTHY, "the server no longer accepts connections (connection refused)")
+IMPOSTOR = "not the service's certificate"  # the probe's detail when something else answers on the port
+PROBE_IMPOSTOR = (State.UNHEALTHY, "another program answers on the server's port (not the service's TLS "
+                                   "certificate): the server is no longer there")
 PROBE_FAILED = (State.UNHEALTHY, "health check failed {failures} times in a row ({detail})")
 
 
@@ -195,6 +198,8 @@ def after_probe(service_state: str, ok: bool, detail: str, failures: int, unheal
         return ProbeStep(failures)
     if detail == REFUSED:
         return ProbeStep(failures, PROBE_REFUSED)
+    if detail == IMPOSTOR:
+        return ProbeStep(failures, PROBE_IMPOSTOR)
     if failures >= unhealthy_after:
         to_state, reason = PROBE_FAILED
         return ProbeStep(failures, (to_state, reason.format(failures=failures, detail=detail)))

@@ -13,26 +13,33 @@ pytestmark = pytest.mark.slurm
 
 
 IMPOSTOR = """
-import sys
-from http.server import BaseHTTPRequestHandler, HTTPServer
-
-class Impostor(BaseHTTPRequestHandler):
-    def do_GET(self):
-        print("GOT", self.path, flush=True)
-        self.send_response(200)
-        self.send_header("Content-Length", "8")
-        self.end_headers()
-        self.wfile.write(b"impostor")
-
-    def log_message(self, *args):
-        pass
-
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 try:
-    server = HTTPServer(("0.0.0.0", int(sys.argv[1])), Impostor)
+    server.bind(("0.0.0.0", int(sys.argv[1])))
 except OSError:
     sys.exit(3)  # still held by the dying server: try again
+server.listen(16)
 print("LISTENING", flush=True)
-server.serve_forever()
+while True:
+    conn, _ = server.accept()
+    conn.settimeout(2)
+    data = b""
+    try:
+        while b"\\r\\n\\r\\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    print("HEARD", data.hex(), flush=True)  # everything that reached it, on one line
+    try:
+        conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 8\\r\\n\\r\\nimpostor")
+    except OSError:
+        pass
+    conn.close()
 """
 
 
@@ -47,6 +54,13 @@ def start_impostor(port: int):
             pytest.fail(f"the impostor could not start ({process.returncode}): {process.stderr.read()}")
         return None
     return process
+
+
+def heard(impostor) -> bytes:
+    """Everything the impostor received, once it is stopped."""
+    impostor.kill()
+    out = impostor.communicate(timeout=10)[0]
+    return b"".join(bytes.fromhex(line[len("HEARD "):]) for line in out.splitlines() if line.startswith("HEARD "))
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +184,30 @@ def test_a_server_that_crashes_fails_in_words_and_is_no_longer_routed_to(portal)
         assert answer.status_code == 503, answer.text
         assert "segmentation fault" in answer.json()["error"]["message"]
     finally:
-        impostor.kill()
-        heard = impostor.communicate(timeout=10)[0]
-    assert "GOT /hello" not in heard, heard
+        received = heard(impostor)
+    assert b"/hello" not in received, received
+
+
+def test_a_port_taken_over_while_the_service_is_routed_to_gets_nothing(portal):
+    """The window before the portal notices that a server is gone: another user of the node holds its port, and the
+    portal still routes there. The portal checks the service's TLS certificate before it sends a byte of the request
+    (nor the service's key); the caller is told what happened."""
+    service = portal.launch(name="taken-over").json()
+    running = portal.wait_state(service["id"], "RUNNING", timeout=60)
+    key = (portal.home / "jobs" / service["id"] / "service.key").read_text().strip()
+    assert portal.request("GET", f"/services/{service['id']}/stop-listening").status_code == 200
+    impostor = wait_for(lambda: start_impostor(running["endpoint"]["port"]), timeout=10,
+                        what="the server's port to be free")
+    try:
+        answer = portal.request("POST", f"/services/{service['id']}/v1/chat/completions",
+                                json={"model": "test/tiny", "messages": [{"role": "user", "content": "secret-prompt"}]})
+        assert answer.status_code == 502, answer.text
+        assert "another program holds its port" in answer.json()["error"]["message"]
+    finally:
+        received = heard(impostor)
+        portal.request("POST", f"/services/{service['id']}/stop")
+    assert received, "the portal did not even try the port (the test proves nothing)"
+    assert b"secret-prompt" not in received and key.encode() not in received and b"HTTP/1.1" not in received
 
 
 def test_a_server_that_stops_accepting_connections_is_unhealthy_at_once(portal):

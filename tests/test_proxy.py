@@ -206,9 +206,12 @@ def test_refusals_on_v1_come_in_the_openai_error_shape(portal, chat_service):
 
 def test_service_is_protected_by_its_own_key(chat_service):
     host, port = chat_service["endpoint"]["host"], chat_service["endpoint"]["port"]
-    direct = requests.post(f"http://{host}:{port}/v1/chat/completions", json={"model": MODEL, "messages": []},
-                           timeout=10)
+    # The service speaks only TLS (with its own certificate), and wants its key behind that.
+    direct = requests.post(f"https://{host}:{port}/v1/chat/completions", json={"model": MODEL, "messages": []},
+                           timeout=10, verify=False)
     assert direct.status_code == 401
+    with pytest.raises(requests.ConnectionError):
+        requests.post(f"http://{host}:{port}/v1/chat/completions", json={"model": MODEL, "messages": []}, timeout=10)
 
 
 def test_unknown_model_is_404_listing_what_is_there(client):
@@ -419,7 +422,7 @@ def test_stopping_the_portal_ends_open_streams_and_the_service_sees_it(start_por
     portal = start_portal("local", runtimes={"text-generation": {"command": UPSTREAM + " --token-delay 0.2"}})
     service = portal.wait_state(portal.launch(model=MODEL).json()["id"], "RUNNING", timeout=30)
     key = (portal.home / "jobs" / service["id"] / "service.key").read_text().strip()
-    stats = f"http://{service['endpoint']['host']}:{service['endpoint']['port']}/stats"
+    stats = f"https://{service['endpoint']['host']}:{service['endpoint']['port']}/stats"
     try:
         stream = portal.request("POST", f"/services/{service['id']}/v1/chat/completions", stream=True,
                                 json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
@@ -433,7 +436,8 @@ def test_stopping_the_portal_ends_open_streams_and_the_service_sees_it(start_por
             for line in lines:
                 assert line != b"data: [DONE]"
         seen = wait_for(lambda: (lambda s: s if s["disconnects"] else None)(
-            requests.get(stats, headers={"Authorization": f"Bearer {key}"}, timeout=10).json()), timeout=10)
+            requests.get(stats, headers={"Authorization": f"Bearer {key}"}, timeout=10,
+                         verify=False).json()), timeout=10)
         assert seen["disconnects"] == 1 and seen["streams_completed"] == 0
         assert "timeout graceful shutdown exceeded" in portal.log_text()  # cancelled by the worker, not killed
     finally:
@@ -464,3 +468,30 @@ def test_every_committed_change_is_seen_even_within_one_clock_tick(tmp_path):
         assert directory.changed
         directory._seen_change = directory._change_mark()  # what a reload records
         assert not directory.changed
+
+
+def test_routes_are_never_older_than_the_bound_after_a_quiet_spell(portal):
+    """A service that ended while the portal was quiet is not routed to on the directory's old word: the first
+    request after the spell waits for a fresh read of the database (here the database says FAILED while the server
+    still answers, so only a stale route could reach it)."""
+    import sqlite3
+
+    from portal.proxy.directory import DIRECTORY_MAX_AGE
+
+    service = portal.wait_state(portal.launch(model=MODEL).json()["id"], "RUNNING", timeout=30)
+    path = f"/services/{service['id']}/v1/models"
+    assert portal.request("GET", path).status_code == 200
+    database = sqlite3.connect(portal.home / "pilotfish.db")
+    try:
+        with database:  # no routes.changed mark: as if the end had not been seen by this worker yet
+            database.execute("UPDATE services SET state = 'FAILED', reason = 'ended during the quiet spell' "
+                             "WHERE id = ?", (service["id"],))
+        time.sleep(DIRECTORY_MAX_AGE + 0.5)
+        answer = portal.request("GET", path)
+        assert answer.status_code == 503, answer.text
+        assert "ended during the quiet spell" in answer.json()["error"]["message"]
+    finally:
+        with database:
+            database.execute("UPDATE services SET state = 'RUNNING' WHERE id = ?", (service["id"],))
+        database.close()
+        portal.request("POST", f"/api/services/{service['id']}/stop")

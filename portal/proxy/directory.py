@@ -26,7 +26,8 @@ from ..states import without_log_lines
 log = logging.getLogger(__name__)
 
 ROUTABLE = State.ROUTABLE
-DIRECTORY_TTL = 1.0
+DIRECTORY_TTL = 1.0  # past this, the next request starts a reload (and is answered from the cache meanwhile)
+DIRECTORY_MAX_AGE = 2.0  # past this, requests wait for the reload: never routed on older information
 ROUTES_CHANGED_FILE = "routes.changed"  # touched after every committed state change (routes_changed)
 ACTIVITY_FLUSH_SECONDS = 10.0
 
@@ -40,6 +41,7 @@ class Route:
     host: Optional[str]
     port: Optional[int]
     api_key: str
+    tls_fingerprint: Optional[str] = None  # its certificate's pin (portal/service_tls.py); None: plain HTTP
 
 
 def routes_changed(home) -> None:
@@ -80,8 +82,13 @@ class ServiceDirectory:
         return self._loaded > 0
 
     @property
+    def age(self) -> float:
+        """Seconds since the routes were loaded."""
+        return time.monotonic() - self._loaded
+
+    @property
     def stale(self) -> bool:
-        return time.monotonic() - self._loaded > DIRECTORY_TTL
+        return self.age > DIRECTORY_TTL
 
     def _change_mark(self) -> tuple:
         if self._changed_file is None:
@@ -104,7 +111,7 @@ class ServiceDirectory:
                 if fresh or self.stale or self.changed:
                     mark = self._change_mark()  # read before the rows: a change committed after it reloads again
                     rows = db.session.query(Service.id, Service.state, Service.model, Service.kind, Service.host,
-                                            Service.port, Service.api_key).filter(
+                                            Service.port, Service.api_key, Service.tls_fingerprint).filter(
                         Service.state.in_(State.LIVE)).all()
                     db.session.remove()
                     self._routes = {row.id: Route(*row) for row in rows}

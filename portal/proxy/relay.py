@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 
 from . import recording
 from .answers import Answer, not_running, openai_error
-from .directory import ROUTABLE, Route, ServiceDirectory, stored_state
+from .directory import DIRECTORY_MAX_AGE, ROUTABLE, Route, ServiceDirectory, stored_state
 from .incoming import ClientGone, Incoming, SpooledBody
 from .upstream import UpstreamFailed, UpstreamPool
 from .usage import usage_reader
@@ -53,14 +53,18 @@ class Relay:
         return await asyncio.get_running_loop().run_in_executor(None, self._in_app, function, *args)
 
     async def routes(self, fresh: bool = False) -> Dict[str, Route]:
-        """The live services: the cached ones, reloaded in a thread when asked to or never loaded; a stale cache is
-        still answered from while a reload runs."""
+        """The live services: the cached ones, reloaded in a thread when asked to or never loaded. A cache past its
+        time (DIRECTORY_TTL) is still answered from while a reload runs, but never one older than DIRECTORY_MAX_AGE:
+        after a quiet spell the request waits for the reload instead of routing to a service that may have ended."""
         directory = self.directory
         if fresh or not directory.loaded or directory.changed:
             return await self.in_thread(directory.routes, True)
-        if directory.stale and self._refreshing is None:
-            self._refreshing = asyncio.ensure_future(self.in_thread(directory.routes, True))
-            self._refreshing.add_done_callback(self._refreshed)
+        if directory.stale:
+            if self._refreshing is None:
+                self._refreshing = asyncio.ensure_future(self.in_thread(directory.routes, True))
+                self._refreshing.add_done_callback(self._refreshed)
+            if directory.age > DIRECTORY_MAX_AGE:
+                return await asyncio.shield(self._refreshing)
         return directory.cached
 
     def _refreshed(self, future: asyncio.Future) -> None:
@@ -175,7 +179,7 @@ class Relay:
         head = b"\r\n".join(lines) + b"\r\n\r\n"
         replayable = streamed is None
         for attempt in (1, 2):
-            conn, reused = await self.pool.connect(route.host, route.port, self.connect_timeout)
+            conn, reused = await self.pool.connect(route.host, route.port, self.connect_timeout, route.tls_fingerprint)
             try:
                 if isinstance(body, bytes):
                     conn.write(head + body)
@@ -219,7 +223,7 @@ class Relay:
         raise AssertionError("unreachable")
 
     async def _failure_answer(self, route: Route, failure: UpstreamFailed) -> Answer:
-        if failure.kind in ("refused", "connection", "connect_timeout"):
+        if failure.kind in ("refused", "connection", "connect_timeout", "impostor"):
             # The service may have just ended (a crash the reconciler has recorded): say so, in its words.
             current = (await self.routes(fresh=True)).get(route.id)
             if current is None or current.state not in ROUTABLE:
@@ -231,6 +235,10 @@ class Relay:
             seconds = self.read_timeout if failure.kind == "timeout" else self.connect_timeout
             return openai_error(504, f"service {route.id} ({route.model}) did not answer within {seconds:g} s",
                                 "upstream_timeout", "upstream_timeout")
+        if failure.kind == "impostor":  # nothing was sent to it: neither the request nor the service's key
+            return openai_error(502, f"service {route.id} ({route.model}) is not answering at {route.host}:{route.port}"
+                                     f": another program holds its port ({failure.detail})",
+                                "upstream_error", "upstream_impostor")
         detail = f" ({failure.detail})" if failure.detail else ""
         verb = "refused the connection" if failure.kind == "refused" else "closed the connection"
         return openai_error(502, f"service {route.id} ({route.model}) {verb} at {route.host}:{route.port}{detail}",

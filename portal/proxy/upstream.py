@@ -10,14 +10,15 @@ and metrics use.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..http1 import READ_BUFFER_LIMIT, ClientConnection, RequestFailed, connect
+from ..service_tls import WrongCertificate, check_peer, client_context
 
 __all__ = ["IDLE_PER_SERVICE", "READ_BUFFER_LIMIT", "UpstreamConnection", "UpstreamFailed", "UpstreamPool"]
 
 IDLE_PER_SERVICE = 256  # keep-alive connections kept per service
-UpstreamFailed = RequestFailed  # kind: refused, connect_timeout, timeout, connection, interrupted
+UpstreamFailed = RequestFailed  # kind: refused, connect_timeout, timeout, connection, interrupted, impostor
 
 
 class UpstreamConnection(ClientConnection):
@@ -39,16 +40,27 @@ class UpstreamPool:
     def __init__(self):
         self.idle: Dict[tuple, List[UpstreamConnection]] = {}
 
-    async def connect(self, host: str, port: int, timeout: float) -> Tuple[UpstreamConnection, bool]:
-        """(connection, reused): an idle connection if there is a live one, else a new one."""
-        key = (host, port)
+    async def connect(self, host: str, port: int, timeout: float,
+                      pin: Optional[str] = None) -> Tuple[UpstreamConnection, bool]:
+        """(connection, reused): an idle connection if there is a live one, else a new one. With `pin` (the service's
+        certificate fingerprint) the connection is TLS, and a peer without that certificate is UpstreamFailed
+        "impostor" before anything is sent to it."""
+        key = (host, port, pin)
         idle = self.idle.get(key)
         while idle:
             conn = idle.pop()
             if not conn.lost:
                 conn.start()
                 return conn, True
-        return await connect(lambda: UpstreamConnection(key, self), host, port, timeout), False
+        conn = await connect(lambda: UpstreamConnection(key, self), host, port, timeout,
+                             client_context() if pin else None)
+        if pin:
+            try:
+                check_peer(conn.transport.get_extra_info("ssl_object"), pin)
+            except WrongCertificate as exc:
+                conn.close()
+                raise UpstreamFailed("impostor", str(exc)) from None
+        return conn, False
 
     def release(self, conn: UpstreamConnection) -> None:
         idle = self.idle.setdefault(conn.key, [])

@@ -9,11 +9,14 @@ import argparse
 import hashlib
 import json
 import os
+import ssl
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+import serving_tls  # beside this file
 
 STATS = {"disconnects": 0, "streams_started": 0, "streams_completed": 0, "requests": 0, "api_requests": 0,
          "dropped": 0}
@@ -211,7 +214,7 @@ class Handler(BaseHTTPRequestHandler):
             self.chunk(b"data: [DONE]\n\n")
             self.chunk(b"")
             bump("streams_completed")
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):  # over TLS a gone peer is an SSL error
             bump("disconnects")
             self.close_connection = True
 
@@ -292,6 +295,7 @@ def main():
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--exit", type=int, default=None)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before listening")
+    serving_tls.add_arguments(parser)
     args, _ = parser.parse_known_args()  # the standard server flags (--model, --port, ...) are not needed here
     if args.exit is not None:
         print(f"openai_upstream: exiting with {args.exit} on purpose", flush=True)
@@ -303,6 +307,7 @@ def main():
     server = ThreadingHTTPServer(("0.0.0.0", int(os.environ["PILOTFISH_PORT"])), Handler)
     server.daemon_threads = True
     server.request_queue_size = 1024
+    serving_tls.serve_tls(server, args)
     print(f"openai_upstream: listening on {server.server_address[1]} at {time.time():.3f}", flush=True)
     server.serve_forever()
 
