@@ -37,6 +37,9 @@ class Config:
     runtimes: dict = field(default_factory=dict)  # engine or service kind -> how its server runs
     engines: dict = field(default_factory=dict)  # model format -> engine name
     exporters: dict = field(default_factory=dict)  # exporter name -> what service jobs start for monitoring
+    # Folders whose files engine flags may name (--chat-template, ...) besides the model's own (default: cache_dir
+    # and home_dir).
+    allowed_paths: list = field(default_factory=list)
     scheduler_timeout: float = 30.0
     health_timeout: float = 3.0
     health_concurrency: int = 16
@@ -132,6 +135,10 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
     if not isinstance(exporters, dict):
         raise ConfigError("exporters: expected a mapping of exporter name to {command: ...}")
     home_dir = pick("home_dir", "PILOTFISH_HOME_DIR", None)
+    allowed_paths = pick("allowed_paths", None, None)
+    if allowed_paths is not None and (not isinstance(allowed_paths, list) or not all(
+            isinstance(entry, str) and entry.strip() for entry in allowed_paths)):
+        raise ConfigError("allowed_paths: expected a list of folders such as [/shared/templates]")
     specs = pick("resource_specs", "PILOTFISH_RESOURCE_SPECS", None)
     deadline = pick("job_deadline", "PILOTFISH_JOB_DEADLINE", None)
 
@@ -149,6 +156,9 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         runtimes=runtimes,
         engines=engines,
         exporters=exporters,
+        allowed_paths=[Path(entry).expanduser() for entry in allowed_paths] if allowed_paths is not None else
+        [path for path in (Path(cache_dir).expanduser() if cache_dir else None,
+                           Path(home_dir).expanduser() if home_dir else home) if path is not None],
         scheduler_timeout=_number("scheduler_timeout", pick("scheduler_timeout", None, 30.0), 1),
         health_timeout=_number("health_timeout", pick("health_timeout", None, 3.0), 0.1),
         health_concurrency=int(_number("health_concurrency", pick("health_concurrency", None, 16), 1)),

@@ -33,6 +33,11 @@ def check_fields(body, allowed) -> dict:
     return body
 
 
+class ForbiddenError(PortalError):
+    """The caller may not do this (e.g. an API key asking for what only the portal owner may)."""
+    status = 403
+
+
 class NotFoundError(PortalError):
     status = 404
 

@@ -2,28 +2,29 @@
 made from the resolved site (portal/site.py)."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Literal, Optional, Union
 
 import jinja2
 from flask import current_app, has_app_context
+from pydantic import Field, field_validator
 
 from .catalog.images import ImageFile, find_image
 from .catalog.kinds import KINDS, get_kind
-from .catalog.models import ModelRevision, find_revision, validate_repo_id, validate_revision
+from .catalog.models import REPO_ID, REVISION, ModelRevision, find_revision, validate_repo_id, validate_revision
 from .catalog.tiers import (ResourceSpecs, Tier, TierSpecError, check_model_fits, check_time, recommend, resolve_tier,
                             tier_resources)
-from .errors import UnavailableError, ValidationError, check_fields
+from .errors import ForbiddenError, UnavailableError, ValidationError
 from .models import Service
 from .scheduler import Resources
 from .site import Runtime, Site, build_site
+from .validation import Strict, validated
 
-LAUNCH_FIELDS = {"kind", "model", "revision", "tier", "name", "time", "resources", "engine_args", "force", "image"}
-RESOURCE_FIELDS = {"partition", "account", "cpus", "memory_gb", "gpus", "gpu_type", "gres", "constraint"}
 SLURM_WORD = re.compile(r"^[A-Za-z0-9_.,:=+\-\[\]|&()*]{1,200}$")
 MAX_ENGINE_ARGS = 100
 
@@ -73,10 +74,10 @@ def parse_time(value) -> int:
         raise ValidationError("time", f"expected minutes or HH:MM:SS, got {value!r}")
     if isinstance(value, int):
         minutes = value
-    elif isinstance(value, str) and re.fullmatch(r"\d+", value.strip()):
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]+", value):
         minutes = int(value)
-    elif isinstance(value, str) and re.fullmatch(r"(\d+-)?\d+(:\d\d){1,2}", value.strip()):
-        text = value.strip()
+    elif isinstance(value, str) and re.fullmatch(r"([0-9]+-)?[0-9]+(:[0-9][0-9]){1,2}", value):
+        text = value
         days = 0
         if "-" in text:
             day_text, text = text.split("-", 1)
@@ -96,78 +97,146 @@ def parse_time(value) -> int:
     return minutes
 
 
-def _optional_str(body: dict, key: str, pattern: re.Pattern, what: str) -> Optional[str]:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not pattern.match(value):
-        raise ValidationError(key, f"expected {what}, got {value!r}")
-    return value
+REPO_ID_SHAPE = REPO_ID.pattern  # JSON Schema's patterns: ^...$ match whole values there (our own checks fullmatch)
+REVISION_SHAPE = REVISION.pattern
+TIME_SHAPE = r"^([0-9]+|([0-9]+-)?[0-9]+(:[0-9][0-9]){1,2})$"
+SlurmWord = Annotated[str, Field(pattern=SLURM_WORD.pattern)]
+A_SLURM_NAME = "a Slurm name"
+
+
+class ResourcesBody(Strict):
+    """Explicit overrides of the tier's resources (they reach sbatch as arguments, never a shell)."""
+    partition: Optional[SlurmWord] = Field(None, description=A_SLURM_NAME)
+    account: Optional[SlurmWord] = Field(None, description=A_SLURM_NAME)
+    cpus: Optional[Annotated[int, Field(ge=1, le=100000)]] = Field(None, description="an integer of at least 1")
+    memory_gb: Optional[Annotated[float, Field(gt=0, le=1e9)]] = Field(None, description="a positive number")
+    gpus: Optional[Annotated[int, Field(ge=0, le=10000)]] = Field(None, description="an integer of at least 0")
+    gpu_type: Optional[SlurmWord] = Field(None, description=A_SLURM_NAME)
+    gres: Optional[SlurmWord] = Field(None, description=A_SLURM_NAME)
+    constraint: Optional[SlurmWord] = Field(None, description=A_SLURM_NAME)
+
+
+class LaunchBody(Strict):
+    """A launch request (POST /api/services, the launch page, `pilotfish run`): what to serve and how."""
+    kind: Literal[tuple(KINDS)] = Field(description=f"one of {', '.join(KINDS)}")
+    model: str = Field(pattern=REPO_ID_SHAPE, description="a Hugging Face repo id such as org/name")
+    revision: Optional[str] = Field(None, pattern=REVISION_SHAPE, description="a branch, tag or commit")
+    tier: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.\- ]{1,100}$",
+                                description="a tier name such as Small or gpu.Small")
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.\- ]{1,100}$",
+                                description="a name of up to 100 letters, digits, spaces, '.', '_' or '-'")
+    time: Optional[Union[Annotated[int, Field(ge=1)], Annotated[str, Field(pattern=TIME_SHAPE)]]] = Field(
+        None, description="minutes, or HH:MM:SS, MM:SS or D-HH:MM")
+    resources: Optional[ResourcesBody] = Field(None, description="an object of resource overrides")
+    engine_args: Optional[List[Annotated[str, Field(pattern="^[^\\x00]*$")]]] = Field(
+        None, max_length=MAX_ENGINE_ARGS,
+        description=f"a list of at most {MAX_ENGINE_ARGS} strings without NUL characters (engine flags and values)")
+    force: bool = Field(False, description="true or false (true: launch on a tier smaller than the model)")
+    image: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.\-/:@]{1,200}$", description="an image file name or tag")
+
+    @field_validator("model")
+    @classmethod
+    def _repo_id(cls, value):
+        return _as_value_error(validate_repo_id, value)
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value):
+        return value if value is None else _as_value_error(validate_revision, value)
+
+    @field_validator("time")
+    @classmethod
+    def _minutes(cls, value):
+        return value if value is None else _as_value_error(parse_time, value)
+
+
+class _ResourcesOnly(Strict):
+    resources: Optional[ResourcesBody] = Field(None, description="an object of resource overrides")
+
+
+def _as_value_error(check, value):
+    """A check of ours inside a pydantic validator: its problem becomes the field's refusal."""
+    try:
+        return check(value)
+    except ValidationError as exc:
+        raise ValueError(exc.problem) from None
 
 
 def parse_resources(value) -> dict:
-    """Explicit resource overrides, checked field by field (they reach sbatch as arguments, never a shell)."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
+    """Explicit resource overrides, checked field by field (ValidationError naming resources.<field>)."""
+    if value is not None and not isinstance(value, dict):
         raise ValidationError("resources", "expected an object")
-    unknown = set(value) - RESOURCE_FIELDS
-    if unknown:
-        raise ValidationError("resources", f"unknown field(s): {', '.join(sorted(unknown))}")
-    out = {}
-    for key in ("partition", "account", "gpu_type", "gres", "constraint"):
-        val = value.get(key)
-        if val is not None:
-            if not isinstance(val, str) or not SLURM_WORD.match(val):
-                raise ValidationError(f"resources.{key}", f"expected a Slurm name, got {val!r}")
-            out[key] = val
-    for key, minimum in (("cpus", 1), ("gpus", 0)):
-        val = value.get(key)
-        if val is not None:
-            if isinstance(val, bool) or not isinstance(val, int) or val < minimum:
-                raise ValidationError(f"resources.{key}", f"expected an integer of at least {minimum}, got {val!r}")
-            out[key] = val
-    memory = value.get("memory_gb")
-    if memory is not None:
-        if isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0:
-            raise ValidationError("resources.memory_gb", f"expected a positive number, got {memory!r}")
-        out["memory_gb"] = float(memory)
-    return out
+    checked = validated(_ResourcesOnly, {"resources": value}).resources
+    return checked.model_dump(exclude_none=True) if checked else {}
 
 
 def parse_launch_request(body) -> LaunchRequest:
-    """Check a launch request field by field; raise ValidationError naming the first bad field."""
-    check_fields(body, LAUNCH_FIELDS)
-    kind = body.get("kind")
-    if kind is None:
-        raise ValidationError("kind", f"required (one of: {', '.join(KINDS)})")
-    if not isinstance(kind, str) or get_kind(kind) is None:
-        raise ValidationError("kind", f"expected one of {', '.join(KINDS)}, got {kind!r}")
-    model = body.get("model")
-    if model is None:
-        raise ValidationError("model", "required (a Hugging Face repo id such as org/name)")
-    if not isinstance(model, str):
-        raise ValidationError("model", f"expected a repo id such as org/name, got {model!r}")
-    validate_repo_id(model)
-    revision = body.get("revision")
-    if revision is not None:
-        validate_revision(revision)
-    tier = _optional_str(body, "tier", re.compile(r"^[A-Za-z0-9_.\- ]{1,100}$"), "a tier name such as Small or gpu.Small")
-    name = _optional_str(body, "name", re.compile(r"^[A-Za-z0-9_.\- ]{1,100}$"),
-                         "a name of up to 100 letters, digits, spaces, '.', '_' or '-'")
-    image = _optional_str(body, "image", re.compile(r"^[A-Za-z0-9_.\-/:@]{1,200}$"), "an image file name or tag")
-    time_limit = parse_time(body["time"]) if body.get("time") is not None else None
-    engine_args = body.get("engine_args") or []
-    if not isinstance(engine_args, list) or not all(isinstance(arg, str) for arg in engine_args):
-        raise ValidationError("engine_args", "expected a list of strings")
-    if len(engine_args) > MAX_ENGINE_ARGS or any("\x00" in arg for arg in engine_args):
-        raise ValidationError("engine_args", f"at most {MAX_ENGINE_ARGS} arguments, without NUL characters")
-    force = body.get("force", False)
-    if not isinstance(force, bool):
-        raise ValidationError("force", f"expected true or false, got {force!r}")
-    return LaunchRequest(kind=kind, model=model, revision=revision, tier=tier, time=time_limit, name=name,
-                         resources=parse_resources(body.get("resources")), engine_args=list(engine_args),
-                         force=force, image=image)
+    """Check a launch request field by field (LaunchBody); raise ValidationError naming the first bad field."""
+    checked = validated(LaunchBody, body)
+    return LaunchRequest(kind=checked.kind, model=checked.model, revision=checked.revision, tier=checked.tier,
+                         time=checked.time, name=checked.name,
+                         resources=checked.resources.model_dump(exclude_none=True) if checked.resources else {},
+                         engine_args=list(checked.engine_args or []), force=checked.force, image=checked.image)
+
+
+# --- flags that run code or read files ------------------------------------------------------------------
+
+# Engine flags that run code from the model's repository or read files on the node: the portal owner's alone (an API
+# key gets 403). Those naming a file or folder ("file", "folder") must name one inside the model's snapshot or the
+# site's allowed folders (`allowed_paths`), for everyone; the words in KEYWORDS name no file.
+OWNER_FLAGS = {"--trust-remote-code": None, "--chat-template": "file", "--chat_template": "file",
+               "--generation-config": "folder", "--tokenizer": "folder", "--hf-config-path": "folder"}
+KEYWORDS = {"--generation-config": {"auto", "vllm"}}
+INLINE_TEMPLATE = set("{}\n")  # vLLM reads a --chat-template holding any of these as the template itself
+
+
+def flags_with_values(args: List[str]):
+    """(flag, value or None) for each flag of `args`: `--flag=value`, or `--flag value` when a value follows."""
+    for index, arg in enumerate(args):
+        if not arg.startswith("-"):
+            continue
+        flag, equals, value = arg.partition("=")
+        if not equals:
+            following = args[index + 1] if index + 1 < len(args) else None
+            value = following if following is not None and not following.startswith("-") else None
+        yield flag, value
+
+
+def check_owner_flags(args: List[str], principal: Optional[str], model: ModelRevision, config) -> None:
+    """Refuse flags that run code or read files to anyone but the owner (403), and files outside the allowed
+    folders to everyone (400); both name engine_args."""
+    for flag, value in flags_with_values(args):
+        what = OWNER_FLAGS.get(flag, "")
+        if what == "":
+            continue
+        if principal != "owner":
+            raise ForbiddenError(f"engine_args: {flag} runs code or reads files on the node: only the portal owner "
+                                 f"may give it (this request comes from {principal or 'an unknown caller'})",
+                                 field="engine_args")
+        if what is None or value is None or value in KEYWORDS.get(flag, ()) or INLINE_TEMPLATE & set(value):
+            continue
+        check_allowed_path(flag, value, what, model, config)
+
+
+def allowed_folders(model: ModelRevision, config) -> List[Path]:
+    """Where files named by engine flags may lie: the model's own folder (its snapshot and the blobs its links point
+    to) and the site's allowed_paths (default: cache_dir and home_dir), symlinks resolved."""
+    folders = [model.path, model.path.parent.parent] + list(getattr(config, "allowed_paths", None) or [])
+    return [Path(os.path.realpath(folder)) for folder in folders]
+
+
+def check_allowed_path(flag: str, value: str, what: str, model: ModelRevision, config) -> None:
+    path = Path(value)
+    if not path.is_absolute():
+        raise ValidationError("engine_args", f"{flag} {value!r}: expected an absolute path (the model's snapshot is "
+                                             f"{model.path})")
+    real = Path(os.path.realpath(path))  # symlinks and '..' resolved before the check
+    folders = allowed_folders(model, config)
+    if not any(real == folder or folder in real.parents for folder in folders):
+        raise ValidationError("engine_args", f"{flag} {value}: outside the model's snapshot and the site's allowed "
+                                             f"folders ({', '.join(map(str, folders))})")
+    if not (real.is_file() if what == "file" else real.is_dir()):
+        raise ValidationError("engine_args", f"{flag} {value}: no such {what}")
 
 
 def resolved_site(settings) -> Site:
@@ -188,10 +257,11 @@ def site_specs(site) -> ResourceSpecs:
         raise UnavailableError(f"the site's resource tiers cannot be used: {exc}")
 
 
-def plan_launch(request: LaunchRequest, site) -> LaunchPlan:
+def plan_launch(request: LaunchRequest, site, principal: Optional[str] = None) -> LaunchPlan:
     """Decide model snapshot, tier, resources, runtime and server arguments, with a clear error for each refusal.
 
-    `site` is the resolved site (or the portal's settings, see resolved_site)."""
+    `site` is the resolved site (or the portal's settings, see resolved_site); `principal` is who asks ("owner" or
+    "key:<name>", as portal.auth names them): flags that run code or read files are the owner's alone."""
     site = resolved_site(site)
     config = site.config
     kind = get_kind(request.kind)
@@ -201,6 +271,7 @@ def plan_launch(request: LaunchRequest, site) -> LaunchPlan:
                                        f"launch it as {model.kind}")
     runtime = site.runtime(kind, site.engine_for(kind, model.meta.get("format")))
     runtime.check_args(request.engine_args)
+    check_owner_flags(request.engine_args, principal, model, config)
     specs = site_specs(site)
     if request.tier:
         tier = resolve_tier(specs, request.tier)

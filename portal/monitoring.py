@@ -64,7 +64,7 @@ def read_exporters(job_dir: str) -> Optional[List[dict]]:
             path = str(entry.get("metrics_path") or "/metrics")
         except (KeyError, TypeError, ValueError):
             continue
-        if EXPORTER_NAME.match(name) and host and 0 < port < 65536 and METRICS_PATH.match(path):
+        if EXPORTER_NAME.fullmatch(name) and host and 0 < port < 65536 and METRICS_PATH.fullmatch(path):
             found.append({"name": name, "host": host, "port": port, "metrics_path": path})
     return found
 

@@ -85,7 +85,7 @@ def parse_recipe(data, default_name: str = "recipe") -> Recipe:
         if unknown:
             raise RecipeError(sorted(unknown)[0], "unknown field (expected name and services, or job)")
         name = data.get("name", _clean_name(default_name))
-        if not isinstance(name, str) or not NAME.match(name):
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise RecipeError("name", f"expected up to 80 letters, digits, '.', '_' or '-', got {name!r}")
         if "services" not in data:
             raise RecipeError("services", "required (a list of services)")
@@ -117,7 +117,7 @@ def _parse_entry(entry, where: str, recipe_name: str, first_index: int) -> List[
     model = entry.get("model")
     if model is None:
         raise RecipeError(f"{where}.model", "required (a Hugging Face repo id such as org/name)")
-    if not isinstance(model, str) or not REPO_ID.match(model):
+    if not isinstance(model, str) or not REPO_ID.fullmatch(model):
         raise RecipeError(f"{where}.model", f"expected a repo id such as org/name, got {model!r}")
     body["model"] = model
     for key in ("revision", "tier"):
@@ -144,7 +144,7 @@ def _parse_entry(entry, where: str, recipe_name: str, first_index: int) -> List[
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
         raise RecipeError(f"{where}.count", f"expected an integer from 1 to {MAX_COUNT}, got {count!r}")
     name = entry.get("name")
-    if name is not None and (not isinstance(name, str) or not NAME.match(name)):
+    if name is not None and (not isinstance(name, str) or not NAME.fullmatch(name)):
         raise RecipeError(f"{where}.name", f"expected up to 80 letters, digits, '.', '_' or '-', got {name!r}")
     out = []
     for k in range(count):
@@ -200,7 +200,7 @@ def _parse_student(data: dict, default_name: str) -> Recipe:
     model = service.get("model")
     if model is None:
         raise RecipeError("job.service.model", "required (a Hugging Face repo id such as org/name)")
-    if not isinstance(model, str) or not REPO_ID.match(model):
+    if not isinstance(model, str) or not REPO_ID.fullmatch(model):
         raise RecipeError("job.service.model", f"expected a Hugging Face repo id such as org/name, got {model!r} "
                                                "(Ollama model names are not served: pick the model's repo on the "
                                                "Hub, e.g. meta-llama/Llama-2-7b-chat-hf)")

@@ -78,19 +78,20 @@ def _wake_reconciler() -> None:
         reconciler.wake()
 
 
-def dry_run(body) -> dict:
-    """What a launch would do, without recording or submitting anything."""
+def dry_run(body, principal: Optional[str]) -> dict:
+    """What a launch would do, without recording or submitting anything. `principal`: who asks (see plan_launch)."""
     config = current_app.config["PILOTFISH"]
-    plan = plan_launch(parse_launch_request(body), config)
+    plan = plan_launch(parse_launch_request(body), config, principal)
     service = Service(id="dryrun000000", kind=plan.request.kind, model=plan.model.repo_id,
                       revision=plan.model.revision, job_dir=str(config.jobs_dir / "<id>"), engine_args_json="[]")
     return {**plan.to_dict(), "job_script": render_job_script(service, plan)}
 
 
-def launch(body) -> Service:
-    """Validate, plan, record, render and submit a service. Raises a PortalError for bad input or a refused job."""
+def launch(body, principal: Optional[str]) -> Service:
+    """Validate, plan, record, render and submit a service. Raises a PortalError for bad input or a refused job.
+    `principal`: who asks ("owner" or "key:<name>"); flags that run code or read files are the owner's alone."""
     config = current_app.config["PILOTFISH"]
-    plan = plan_launch(parse_launch_request(body), config)
+    plan = plan_launch(parse_launch_request(body), config, principal)
     request = plan.request
 
     service_id = secrets.token_hex(6)

@@ -99,7 +99,7 @@ def _runtime_entry(key, spec) -> dict:
     if not isinstance(env, dict):
         raise SiteError(f"{where}.env: expected a mapping of variable to value")
     for name, value in env.items():
-        if not isinstance(name, str) or not ENV_NAME.match(name):
+        if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
             raise SiteError(f"{where}.env: {name!r} is not a variable name (letters, digits and _)")
         if isinstance(value, (dict, list)) or value is None:
             raise SiteError(f"{where}.env.{name}: expected a value such as 1 or /scratch, got {value!r}")
@@ -107,7 +107,7 @@ def _runtime_entry(key, spec) -> dict:
     if not isinstance(extra, list) or not all(isinstance(flag, str) and flag.startswith("--") for flag in extra):
         raise SiteError(f"{where}.allowed_args: expected a list of flags such as --max-model-len")
     health_path = spec.get("health_path")
-    if health_path not in (None, "") and (not isinstance(health_path, str) or not METRICS_PATH.match(health_path)):
+    if health_path not in (None, "") and (not isinstance(health_path, str) or not METRICS_PATH.fullmatch(health_path)):
         raise SiteError(f"{where}.health_path: expected a path such as /health, got {health_path!r}")
     image = spec.get("image")
     if image not in (None, ""):
@@ -180,7 +180,7 @@ def parse_exporters(value) -> Dict[str, dict]:
     parsed = {}
     for name, spec in value.items():
         where = f"exporters.{name}"
-        if not isinstance(name, str) or not EXPORTER_NAME.match(name):
+        if not isinstance(name, str) or not EXPORTER_NAME.fullmatch(name):
             raise SiteError(f"exporters: names are lower-case letters, digits and _ (such as node or dcgm), "
                             f"got {name!r}")
         if not isinstance(spec, dict):
@@ -192,7 +192,7 @@ def parse_exporters(value) -> Dict[str, dict]:
         if not isinstance(command, str) or not command.strip() or "\n" in command:
             raise SiteError(f"{where}.command: expected one command line using $PILOTFISH_EXPORTER_PORT")
         path = spec.get("metrics_path", "/metrics")
-        if not isinstance(path, str) or not METRICS_PATH.match(path):
+        if not isinstance(path, str) or not METRICS_PATH.fullmatch(path):
             raise SiteError(f"{where}.metrics_path: expected a path such as /metrics, got {path!r}")
         when = spec.get("when", "always")
         if when not in EXPORTER_WHEN:

@@ -12,9 +12,9 @@ from portal.models import Service
 from portal.site import build_site
 from tests.conftest import write_site_config
 
-HOSTILE = ["--chat-template", "$(touch /tmp/pilotfish-pwned-1)", "--seed", "; touch /tmp/pilotfish-pwned-2 #",
+HOSTILE = ["--tokenizer-mode", "$(touch /tmp/pilotfish-pwned-1)", "--seed", "; touch /tmp/pilotfish-pwned-2 #",
            "--tool-call-parser", "it's \"quoted\" `touch /tmp/pilotfish-pwned-3`",
-           "--generation-config", "line one\nline two; touch /tmp/pilotfish-pwned-4"]
+           "--reasoning-parser", "line one\nline two; touch /tmp/pilotfish-pwned-4"]
 PWNED = [Path(f"/tmp/pilotfish-pwned-{n}") for n in range(1, 5)]
 
 
@@ -62,7 +62,7 @@ def test_hostile_values_arrive_verbatim_and_never_run(start_portal):
         path.unlink(missing_ok=True)
     portal = start_portal("local", runtimes={"text-generation": {
         "command": f"python3 {Path(__file__).parent / 'support' / 'tiny_service.py'}",
-        "allowed_args": ["--chat-template", "--seed", "--tool-call-parser", "--generation-config"]}})
+        "allowed_args": ["--tokenizer-mode", "--seed", "--tool-call-parser", "--reasoning-parser"]}})
     service = portal.launch(engine_args=HOSTILE).json()
     portal.wait_state(service["id"], "RUNNING", timeout=30)
     argv = json.loads((portal.home / "jobs" / service["id"] / "argv.json").read_text())

@@ -3,5 +3,5 @@ a fitting status. Routes only: they call the domain modules (portal.services, po
 pages (portal.ui) do."""
 from __future__ import annotations
 
-from . import benchmarks, catalog, cluster, keys, metrics, services  # noqa: F401  (registers the routes)
+from . import benchmarks, catalog, cluster, keys, metrics, openapi, services  # noqa: F401  (registers the routes)
 from .blueprint import bp, json_body  # noqa: F401

@@ -4,10 +4,14 @@ from __future__ import annotations
 from flask import jsonify, request
 
 from .. import benchmark_runs
-from .blueprint import bp, json_body
+from . import schemas
+from .blueprint import bp, json_body, query
+from .openapi import described
 
 
 @bp.post("/api/benchmarks")
+@described("Start a load benchmark of a RUNNING service", body=schemas.BenchmarkBody,
+           answers={202: schemas.Benchmark}, errors=(400, 404, 409))
 def start_benchmark():
     """Start a benchmark (it runs in a process of its own); GET /api/benchmarks/<id> follows it."""
     run = benchmark_runs.start(json_body(), fallback_url=request.host_url.rstrip("/") + request.script_root)
@@ -15,13 +19,16 @@ def start_benchmark():
 
 
 @bp.get("/api/benchmarks")
+@described("Benchmark runs, newest first", query=schemas.BenchmarksQuery, answers={200: schemas.Benchmarks})
 def list_benchmarks():
     """Runs, newest first, with their figures (no per-request lists); ?service=<id prefix> or ?model=<repo id>."""
-    runs = benchmark_runs.list_runs(service=request.args.get("service"), model=request.args.get("model"))
+    asked = query(schemas.BenchmarksQuery)
+    runs = benchmark_runs.list_runs(service=asked.service, model=asked.model)
     return jsonify(benchmarks=[run.to_dict() for run in runs])
 
 
 @bp.get("/api/benchmarks/<run_id>")
+@described("One benchmark run with everything", answers={200: schemas.Benchmark}, errors=(404,))
 def get_benchmark(run_id):
     """One run with everything: per-request lists (start, ttft, latency, output_tokens, error), sweep points,
     and while it runs, its progress."""
@@ -30,6 +37,7 @@ def get_benchmark(run_id):
 
 
 @bp.delete("/api/benchmarks/<run_id>")
+@described("Cancel a running benchmark, or delete an ended one", answers={200: None}, errors=(404, 409))
 def delete_benchmark(run_id):
     """Cancel a running benchmark, or delete an ended one."""
     run = benchmark_runs.get_run(run_id)

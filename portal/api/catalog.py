@@ -1,7 +1,7 @@
 """REST routes for what can run: resource tiers and recommendations, the model inventory, downloads, images."""
 from __future__ import annotations
 
-from flask import current_app, jsonify, request
+from flask import current_app, jsonify
 
 from ..catalog import inventory
 from ..catalog.images import list_images, pins_from_runtimes
@@ -9,7 +9,9 @@ from ..catalog.models import delete_model, find_revision
 from ..catalog.tiers import recommend, tiers_as_dicts
 from ..errors import ValidationError
 from ..launching import site_specs
-from .blueprint import bp
+from . import schemas
+from .blueprint import bp, json_body, query
+from .openapi import described
 
 
 def _config():
@@ -22,6 +24,7 @@ def _arguments():
 
 
 @bp.get("/api/tiers")
+@described("The site's resource tiers and time limits", answers={200: schemas.Tiers}, errors=(503,))
 def tiers():
     specs = site_specs(_config())
     return jsonify(tiers=tiers_as_dicts(specs, _arguments()),
@@ -30,15 +33,14 @@ def tiers():
 
 
 @bp.get("/api/tiers/recommend")
+@described("The tier recommended for a model", query=schemas.RecommendQuery, answers={200: schemas.Recommendation},
+           errors=(400, 404, 503))
 def recommend_tier():
-    model = request.args.get("model")
-    if not model:
-        raise ValidationError("model", "required, e.g. ?model=org/name")
+    asked = query(schemas.RecommendQuery)
     config = _config()
-    found = find_revision(model, request.args.get("revision") or None, cache_dir=config.cache_dir,
-                          home_dir=config.home_dir)
+    found = find_revision(asked.model, asked.revision, cache_dir=config.cache_dir, home_dir=config.home_dir)
     specs = site_specs(config)
-    partition = request.args.get("partition") or None
+    partition = asked.partition
     if partition is not None and partition not in specs.partitions:
         raise ValidationError("partition", f"unknown partition {partition!r}; available: {', '.join(specs.partitions)}")
     choice = recommend(specs, found.repo_id, found.size_gb, partition)
@@ -48,10 +50,12 @@ def recommend_tier():
 
 
 @bp.get("/api/models")
+@described("The model inventory (cache_dir and home_dir); ?refresh=true scans again", query=schemas.ModelsQuery,
+           answers={200: schemas.Models}, errors=(400,))
 def models():
     app = current_app._get_current_object()
     refreshed = None
-    if request.args.get("refresh") in ("1", "true", "yes"):
+    if query(schemas.ModelsQuery).refresh:
         refreshed = inventory.refresh_in_background(app, wait=5.0)  # never hold a request longer than that
     return jsonify(models=inventory.list_models(), refreshing=refreshed is False,
                    cache_dir=str(_config().cache_dir) if _config().cache_dir else None,
@@ -59,47 +63,45 @@ def models():
 
 
 @bp.delete("/api/models/<path:repo_id>")
+@described("Delete a model (or one revision) from home_dir", query=schemas.RevisionQuery, answers={200: None},
+           errors=(400, 403, 404, 409))
 def remove_model(repo_id):
     config = _config()
-    result = delete_model(repo_id, request.args.get("revision") or None, cache_dir=config.cache_dir,
+    result = delete_model(repo_id, query(schemas.RevisionQuery).revision, cache_dir=config.cache_dir,
                           home_dir=config.home_dir)
     inventory.refresh_inventory(current_app._get_current_object())
     return jsonify(result)
 
 
 @bp.post("/api/models/downloads")
+@described("Download a model from the Hub (it runs in a process of its own)", body=schemas.DownloadBody,
+           answers={202: schemas.Download}, errors=(400, 409, 503))
 def start_download():
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ValidationError("body", "expected a JSON object such as {\"repo_id\": \"org/name\"}")
-    unknown = set(body) - {"repo_id", "revision", "use_cache"}
-    if unknown:
-        raise ValidationError(sorted(unknown)[0], "unknown field (expected repo_id, revision, use_cache)")
-    if "repo_id" not in body:
-        raise ValidationError("repo_id", "required, e.g. org/name")
-    if not isinstance(body.get("use_cache", False), bool):
-        raise ValidationError("use_cache", "expected true or false")
-    task = inventory.start_download(current_app._get_current_object(), body["repo_id"], body.get("revision"),
-                                    body.get("use_cache", False))
+    body = json_body(schemas.DownloadBody, example='{"repo_id": "org/name"}')
+    task = inventory.start_download(current_app._get_current_object(), body.repo_id, body.revision, body.use_cache)
     return jsonify(task), 202
 
 
 @bp.get("/api/models/downloads")
+@described("Downloads, with their progress", answers={200: schemas.Downloads})
 def downloads():
     return jsonify(downloads=inventory.list_downloads())
 
 
 @bp.get("/api/models/downloads/<task_id>")
+@described("One download", answers={200: schemas.Download}, errors=(404,))
 def download(task_id):
     return jsonify(inventory.get_download(task_id))
 
 
 @bp.delete("/api/models/downloads/<task_id>")
+@described("Cancel a download", answers={200: schemas.Download}, errors=(404, 409))
 def cancel_download(task_id):
     return jsonify(inventory.cancel_download(current_app._get_current_object(), task_id))
 
 
 @bp.get("/api/images")
+@described("Container images staged for the engines", answers={200: schemas.Images})
 def images():
     config = _config()
     return jsonify(images=list_images(cache_dir=config.cache_dir, home_dir=config.home_dir,

@@ -5,8 +5,10 @@ from flask import jsonify
 
 from ..cluster import cluster_overview
 from .blueprint import bp
+from .openapi import described
 
 
 @bp.get("/api/cluster")
+@described("Partitions, free nodes and GPUs, the user's queue", answers={200: None}, errors=(503,))
 def cluster():
     return jsonify(cluster_overview())

@@ -6,9 +6,11 @@ from flask import Response, request
 
 from .. import metrics
 from .blueprint import bp
+from .openapi import described
 
 
 @bp.get("/metrics")
+@described("The portal's metrics (Prometheus text format)", answers={200: "text"})
 def metrics_text():
     body, content_type = metrics.exposition()
     return Response(body, content_type=content_type)

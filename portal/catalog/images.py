@@ -34,7 +34,7 @@ class ImageFile:
 
 def parse_image_ref(ref: str) -> Tuple[str, str]:
     """(name, tag) of an image reference as `apptainer pull` names its file: ghcr.io/org/name:1.2 -> (name, 1.2)."""
-    if not isinstance(ref, str) or not IMAGE_REF.match(ref) or "@" in ref:
+    if not isinstance(ref, str) or not IMAGE_REF.fullmatch(ref) or "@" in ref:
         raise ValidationError("image", f"expected an image such as vllm/vllm-openai:v0.8.4, got {ref!r}")
     path = ref[len("docker://"):] if ref.startswith("docker://") else ref
     last = path.rsplit("/", 1)[-1]
@@ -48,7 +48,7 @@ def sif_name(ref: str) -> str:
     A ref that already is a .sif file name is returned unchanged.
     """
     if isinstance(ref, str) and ref.endswith(".sif"):
-        if not SIF_FILE.match(ref):
+        if not SIF_FILE.fullmatch(ref):
             raise ValidationError("image", f"expected a .sif file name without a folder, got {ref!r}")
         return ref
     name, tag = parse_image_ref(ref)
@@ -90,7 +90,7 @@ def staged_versions(stem: str, cache_dir: Optional[Path], home_dir: Optional[Pat
     found = []
     for location, folder in image_dirs(cache_dir, home_dir):
         for path in sorted(folder.glob(f"{_glob_escape(stem)}_*.sif")) if folder.is_dir() else []:
-            if SIF_FILE.match(path.name) and path.is_file():
+            if SIF_FILE.fullmatch(path.name) and path.is_file():
                 found.append(ImageFile(path.name, location, path, path.stat().st_size))
     return found
 
@@ -127,7 +127,7 @@ def wanted_file(kind: str, image: Optional[str] = None, pins: Optional[Mapping[s
         return sif_name(image), image
     if "/" in image or ":" in image:
         return sif_name(image), image
-    if not TAG.match(image):
+    if not TAG.fullmatch(image):
         raise ValidationError("image", f"expected a .sif file name, a tag or an image reference, got {image!r}")
     if ref.endswith(".sif"):
         return f"{_stem(ref)}_{image}.sif", f"{_stem(ref)}_{image}.sif"

@@ -23,7 +23,7 @@ WHISPER_CT2_FIELDS = {"alignment_heads", "lang_ids", "suppress_ids_begin"}
 
 def validate_repo_id(repo_id) -> str:
     """A Hugging Face repo id, `org/name` of letters, digits, '.', '_' and '-'; ValidationError("model") if not."""
-    if not isinstance(repo_id, str) or not REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id \
+    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id \
             or repo_id.endswith("."):
         raise ValidationError("model", f"expected a Hugging Face repo id such as org/name, got {repo_id!r}")
     return repo_id
@@ -31,7 +31,7 @@ def validate_repo_id(repo_id) -> str:
 
 def validate_revision(revision) -> str:
     """A branch, tag or commit name usable as a path below refs/; ValidationError("revision") if not."""
-    if not isinstance(revision, str) or not REVISION.match(revision) or ".." in revision or "//" in revision \
+    if not isinstance(revision, str) or not REVISION.fullmatch(revision) or ".." in revision or "//" in revision \
             or revision.endswith("/"):
         raise ValidationError("revision", f"expected a branch, tag or commit, got {revision!r}")
     return revision
@@ -136,7 +136,7 @@ def gguf_variants(files: List[Path]) -> Dict[str, List[Path]]:
     """GGUF files grouped into models: name -> files (a split model's parts in order, its first part first)."""
     groups: Dict[str, List[Path]] = {}
     for path in sorted(files):
-        match = GGUF_SPLIT.match(path.name)
+        match = GGUF_SPLIT.fullmatch(path.name)
         groups.setdefault(match["stem"] if match else path.name[:-len(".gguf")], []).append(path)
     return groups
 
@@ -296,7 +296,7 @@ def scan_models(cache_dir: Optional[Path], home_dir: Optional[Path], metadata: b
     for location, root in model_roots(cache_dir, home_dir):
         for repo_dir in sorted(root.glob("models--*--*")) if root.is_dir() else []:
             repo_id = repo_dir.name[len("models--"):].replace("--", "/", 1)
-            if not REPO_ID.match(repo_id) or not repo_dir.is_dir():
+            if not REPO_ID.fullmatch(repo_id) or not repo_dir.is_dir():
                 continue
             try:
                 revisions, size = _revisions(location, repo_dir, repo_id, metadata)

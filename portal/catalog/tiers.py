@@ -133,7 +133,7 @@ class _Reader:
 
     def text(self, path, value, pattern=TEXT, what="a single line of text") -> str:
         """A string matching `pattern`; `what` describes it in the error."""
-        if not isinstance(value, str) or not pattern.match(value):
+        if not isinstance(value, str) or not pattern.fullmatch(value):
             self.fail(path, f"expected {what}, got {_show(value)}")
         return value
 

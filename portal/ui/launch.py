@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shlex
 
-from flask import current_app, redirect, render_template, request, url_for
+from flask import current_app, g, redirect, render_template, request, url_for
 
 from .. import services
 from ..catalog import inventory
@@ -54,9 +54,9 @@ def launch():
         try:
             body = launch_request(request.form)
             if request.form.get("action") == "check":
-                plan = services.dry_run(body)
+                plan = services.dry_run(body, g.principal)
             else:
-                service = services.launch(body)
+                service = services.launch(body, g.principal)
                 return redirect(url_for("ui.service", service_id=service.id), code=303)
         except ValidationError as exc:
             alert = place_problem(exc, FIELD_CONTROLS, errors)

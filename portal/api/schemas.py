@@ -1,0 +1,236 @@
+"""The REST API's request and answer models (pydantic): the routes check requests against them and
+portal/api/openapi.py describes the API from them. The launch request's model is the launch's own
+(portal.launching.LaunchBody), shared with the launch page."""
+from __future__ import annotations
+
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+from ..launching import REPO_ID_SHAPE, REVISION_SHAPE
+from ..validation import Query, Strict
+
+
+def _digits(value):
+    """A whole number written in digits only (no sign, space or underscore), as a query parameter."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError(f"expected a number of lines, got {value!r}")
+    return value
+
+
+Flag = Annotated[bool, Field(description="true or false (also 1/0, yes/no)")]
+
+
+# --- requests ----------------------------------------------------------------------------------------------
+
+class DryRunQuery(Query):
+    dry_run: Flag = False
+
+
+class ServicesQuery(Query):
+    state: Optional[str] = Field(None, description="states, comma-separated: SUBMITTED, PENDING, STARTING, RUNNING, "
+                                                   "UNHEALTHY, STOPPED, FAILED, TIMEOUT, or the groups LIVE, ENDED")
+
+
+class PruneQuery(Query):
+    state: Literal["ENDED", "ended"] = Field(description="ENDED: DELETE /api/services removes ended services only")
+
+
+class LogsQuery(Query):
+    tail: Annotated[int, BeforeValidator(_digits), Field(ge=0, le=1_000_000, description="a number of lines")] = 200
+
+
+class RecommendQuery(Query):
+    model: str = Field(pattern=REPO_ID_SHAPE, description="a Hugging Face repo id such as org/name")
+    revision: Optional[str] = Field(None, pattern=REVISION_SHAPE, description="a branch, tag or commit")
+    partition: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_\-]{1,64}$", description="a partition name")
+
+
+class ModelsQuery(Query):
+    refresh: Flag = False
+
+
+class RevisionQuery(Query):
+    revision: Optional[str] = Field(None, pattern=REVISION_SHAPE, description="a branch, tag or commit")
+
+
+class BenchmarksQuery(Query):
+    service: Optional[str] = Field(None, description="a service id or its prefix")
+    model: Optional[str] = Field(None, description="a model's repo id")
+
+
+class DownloadBody(Strict):
+    repo_id: str = Field(pattern=REPO_ID_SHAPE, description="a Hugging Face repo id such as org/name")
+    revision: Optional[str] = Field(None, pattern=REVISION_SHAPE, description="a branch, tag or commit")
+    use_cache: bool = Field(False, description="true or false (true: into the site's cache_dir)")
+
+
+class KeyBody(Strict):
+    name: str = Field(pattern=r"^[^\x00-\x1f\x7f]{1,60}$", description="a name of 1 to 60 characters")
+
+
+class BenchmarkBody(BaseModel):
+    """A benchmark request; portal/benchmark_runs.py checks its fields."""
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})
+    service: Optional[str] = Field(None, description="the id of a RUNNING service")
+
+
+# --- answers -----------------------------------------------------------------------------------------------
+
+class Answer(BaseModel):
+    """An answer: the fields named are always there; more may come."""
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorAnswer(Answer):
+    error: str = Field(description="what went wrong, starting with the field it is about")
+    field: Optional[str] = Field(None, description="the request's field it is about (a nested one with dots)")
+
+
+class Health(Answer):
+    status: Literal["ok"]
+    scheduler: Literal["ok", "unreachable"]
+
+
+class Status(Answer):
+    scheduler: Dict[str, Any]
+    conditions: Dict[str, Any]
+    reconciler: Dict[str, Optional[int]]
+
+
+class Event(Answer):
+    at: Optional[str]
+    to: str
+    reason: Optional[str]
+
+
+class Service(Answer):
+    id: str
+    name: Optional[str]
+    kind: str
+    engine: Optional[str]
+    model: str
+    revision: Optional[str]
+    tier: Optional[str]
+    state: str
+    reason: Optional[str]
+    endpoint: Optional[Dict[str, Any]]
+    resources: Optional[Dict[str, Any]]
+    engine_args: Optional[List[str]]
+    time_limit: Optional[int]
+    created_at: Optional[str]
+    events: Optional[List[Event]] = None
+
+
+class Services(Answer):
+    services: List[Service]
+    conditions: Dict[str, Any]
+
+
+class DryRun(Answer):
+    kind: str
+    model: str
+    revision: Optional[str]
+    model_path: str
+    tier: Optional[str]
+    resources: Dict[str, Any]
+    sbatch: List[str]
+    engine: str
+    runtime: str
+    arguments: List[str]
+    job_script: str
+
+
+class Log(Answer):
+    id: str
+    log: str
+
+
+class Script(Answer):
+    id: str
+    script: str
+
+
+class Deleted(Answer):
+    deleted: Union[str, List[str]]
+
+
+class Tiers(Answer):
+    tiers: List[Dict[str, Any]]
+    time: Dict[str, Any]
+    default_partition: Optional[str]
+
+
+class Recommendation(Answer):
+    model: str
+    revision: Optional[str]
+    size_gb: float
+    kind: Optional[str]
+    tier: Optional[Dict[str, Any]]
+    reason: str
+
+
+class Models(Answer):
+    models: List[Dict[str, Any]]
+    refreshing: bool
+    cache_dir: Optional[str]
+    home_dir: str
+
+
+class Download(Answer):
+    id: str
+    repo_id: str
+    state: str
+
+
+class Downloads(Answer):
+    downloads: List[Download]
+
+
+class Images(Answer):
+    images: List[Dict[str, Any]]
+
+
+class Key(Answer):
+    id: str
+    name: str
+    hint: str
+    created_at: Optional[str]
+
+
+class Keys(Answer):
+    keys: List[Key]
+
+
+class NewKey(Key):
+    key: str = Field(description="the key itself, shown once")
+
+
+class Revoked(Answer):
+    revoked: str
+
+
+class Benchmark(Answer):
+    id: str
+
+
+class Benchmarks(Answer):
+    benchmarks: List[Benchmark]
+
+
+class OpenAIError(BaseModel):
+    """The gateway's errors, in OpenAI's shape."""
+    model_config = ConfigDict(extra="allow")
+    error: Dict[str, Any] = Field(description="message, type, param, code")
+
+
+class ModelList(Answer):
+    object: Literal["list"]
+    data: List[Dict[str, Any]]
+
+
+class GatewayBody(BaseModel):
+    """A request of OpenAI's API: any JSON object with the `model` to answer it (a RUNNING service's model)."""
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})
+    model: str = Field(description="the model (repo id) of a RUNNING service")
