@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import ConflictError, NotFoundError, ValidationError
-from ..scheduler import processes
+from ..scheduler import job_environment, processes
 from .models import human_bytes, repo_folder, validate_repo_id, validate_revision
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -220,10 +220,10 @@ class DownloadManager:
 
     def _run(self, task: DownloadTask, request: dict, token: Optional[str]) -> None:
         code, facts, folder = -1, {}, None
-        env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1",
+        # Nothing secret but the Hub token, given by name: not the portal's token or settings (job_environment).
+        env = dict(job_environment(), HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                            os.environ.get("PYTHONPATH")])))
-        env.pop(TOKEN_ENV, None)
         if token:
             env[TOKEN_ENV] = token
         try:

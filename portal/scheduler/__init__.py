@@ -2,9 +2,9 @@
 factory choosing one."""
 from __future__ import annotations
 
-from .base import (KEPT_VARIABLES, LOG_NAME, PORTAL_VARIABLES, SCRUBBED_PREFIXES, JobInfo, JobQuery,  # noqa: F401
-                   JobState, Resources, Scheduler, SchedulerError, SchedulerUnreachable, SubmissionRejected,
-                   scrubbed_environment)
+from .base import (KEPT_VARIABLES, LOG_NAME, OWNER_SECRETS, PORTAL_PREFIX, PORTAL_VARIABLES,  # noqa: F401
+                   SCRUBBED_PREFIXES, JobInfo, JobQuery, JobState, Resources, Scheduler, SchedulerError,
+                   SchedulerUnreachable, SubmissionRejected, job_environment, scrubbed_environment)
 
 
 def make_scheduler(config) -> Scheduler:

@@ -108,6 +108,8 @@ LOG_NAME = "job.log"
 SCRUBBED_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_")
 KEPT_VARIABLES = {"SLURM_CONF"}  # names the cluster's config, not the enclosing job
 PORTAL_VARIABLES = {"PROMETHEUS_MULTIPROC_DIR"}  # the portal's own metrics folder (portal.metrics): not the engine's
+PORTAL_PREFIX = "PILOTFISH_"  # the portal's settings and secrets (token, database URL, Hub token, ...)
+OWNER_SECRETS = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"}  # the owner's Hub token: jobs run offline, downloads get theirs
 
 
 def scrubbed_environment(base: Optional[dict] = None) -> dict:
@@ -116,3 +118,12 @@ def scrubbed_environment(base: Optional[dict] = None) -> dict:
     env = dict(os.environ if base is None else base)
     return {key: value for key, value in env.items() if key not in PORTAL_VARIABLES
             and (key in KEPT_VARIABLES or not key.startswith(SCRUBBED_PREFIXES))}
+
+
+def job_environment(base: Optional[dict] = None) -> dict:
+    """What a service job (through sbatch, which exports it, or the local scheduler), a download or an engine check
+    starts with: the scrubbed environment without any PILOTFISH_* variable (the portal's token, its database URL
+    with a password, ...: a job script sets the PILOTFISH_* variables its job needs, the service's own key among
+    them) and without the owner's Hub token (OWNER_SECRETS). A child that needs a secret is given it by name."""
+    return {key: value for key, value in scrubbed_environment(base).items()
+            if not key.startswith(PORTAL_PREFIX) and key not in OWNER_SECRETS}

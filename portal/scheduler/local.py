@@ -12,7 +12,7 @@ import psutil
 
 from . import processes
 from .base import (LOG_NAME, JobInfo, JobQuery, JobState, Resources, Scheduler, SubmissionRejected,
-                   scrubbed_environment)
+                   job_environment)
 from .job_files import state_from_job_files
 from .sbatch import resource_options, sbatch_arguments
 
@@ -32,7 +32,7 @@ class LocalScheduler(Scheduler):
         return resource_options(resources) if job_dir is None else sbatch_arguments(job_dir, name or "", resources)
 
     def submit(self, script: Path, job_dir: Path, name: str, resources: Resources) -> str:
-        env = scrubbed_environment()
+        env = job_environment()  # nothing of the portal's: the job script sets what the job needs
         env["PILOTFISH_JOB_NAME"] = name
         try:
             child = processes.start(["bash", str(script)], Path(job_dir), LOG_NAME, env, name=name,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from .base import (JobInfo, JobQuery, JobState, Resources, Scheduler, SchedulerUnreachable, SubmissionRejected,
-                   scrubbed_environment)
+                   job_environment)
 from .job_files import state_from_job_files
 from .sbatch import resource_options, sbatch_arguments
 
@@ -88,7 +88,7 @@ class SlurmScheduler(Scheduler):
             self.calls += 1
         try:
             return subprocess.run(args, capture_output=True, text=True, timeout=self.timeout,
-                                  env=scrubbed_environment(), stdin=subprocess.DEVNULL)
+                                  env=job_environment(), stdin=subprocess.DEVNULL)  # sbatch exports it to the job
         except FileNotFoundError:
             raise SchedulerUnreachable(f"{args[0]} not found: is Slurm installed on this node?")
         except subprocess.TimeoutExpired:
