@@ -19,6 +19,7 @@ from .catalog.kinds import KINDS, get_kind
 from .catalog.models import REPO_ID, REVISION, ModelRevision, find_revision, validate_repo_id, validate_revision
 from .catalog.tiers import (ResourceSpecs, Tier, TierSpecError, check_model_fits, check_time, recommend, resolve_tier,
                             tier_resources)
+from .engines.base import GUARD_DIR
 from .errors import ForbiddenError, UnavailableError, ValidationError
 from .models import Service
 from .scheduler import Resources
@@ -318,6 +319,7 @@ _jinja = jinja2.Environment(
     lstrip_blocks=True,
 )
 _jinja.filters["q"] = lambda value: shlex.quote(str(value))
+_jinja.globals["guard_dir"] = str(GUARD_DIR)  # the key guard's folder: on the job's PYTHONPATH, bound into containers
 
 
 def render_job_script(service: Service, plan: LaunchPlan) -> str:

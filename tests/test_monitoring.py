@@ -171,16 +171,12 @@ NODE_EXPORTER = ("prometheus-node-exporter --web.listen-address=:$PILOTFISH_EXPO
 
 
 def prometheus_config(portal, key_file, portal_address) -> str:
-    """docs/prometheus.yml for this portal: its home, a key file, a 1 s scrape, and the via-portal job enabled."""
+    """docs/prometheus.yml for this portal: its home, a key file, a 1 s scrape, the portal's address."""
     text = (REPO / "docs" / "prometheus.yml").read_text()
     text = text.replace("/home/USER/.pilotfish", str(portal.home)).replace("/etc/prometheus/pilotfish.key",
                                                                            str(key_file))
     text = text.replace("scrape_interval: 15s", "scrape_interval: 1s\n  scrape_timeout: 1s")
-    lines, enabled = [], False
-    for line in text.splitlines():
-        enabled = enabled or line.startswith("  # - job_name: pilotfish-engines-via-portal")
-        lines.append(line.replace("  # ", "  ", 1) if enabled and line.startswith("  # ") else line)
-    return "\n".join(lines).replace("portal-host.example.edu:8765", portal_address) + "\n"
+    return text.replace("portal-host.example.edu:8765", portal_address)
 
 
 @pytest.fixture
@@ -224,9 +220,9 @@ def query(url, expr) -> list:
 
 
 def test_prometheus_scrapes_what_the_discovery_files_name(start_portal, prometheus, tmp_path):
-    """The shipped example configuration, run by a real Prometheus: the portal (with an API key), the engine on
-    its node and through the portal, the node exporter of the job; targets go when the service ends. Every
-    query of the shipped Grafana dashboard is valid PromQL there."""
+    """The shipped example configuration, run by a real Prometheus: the portal (with an API key), the engine
+    through the portal (its own port needs the service key), the node exporter of the job; targets go when the
+    service ends. Every query of the shipped Grafana dashboard is valid PromQL there."""
     portal = start_portal("local", runtimes={"text-generation": {"command": UPSTREAM},
                                              "speech-recognition": {"command": UPSTREAM}},
                           exporters={"node": {"command": NODE_EXPORTER}})
@@ -237,13 +233,11 @@ def test_prometheus_scrapes_what_the_discovery_files_name(start_portal, promethe
     key_file.chmod(0o600)
     url = prometheus(prometheus_config(portal, key_file, f"127.0.0.1:{portal.port}"))
 
-    expected = {"pilotfish-portal": ["up"], "pilotfish-engines": ["up"], "pilotfish-node": ["up"],
-                "pilotfish-engines-via-portal": ["up"]}
+    expected = {"pilotfish-portal": ["up"], "pilotfish-engines": ["up"], "pilotfish-node": ["up"]}
     wait_for(lambda: active_targets(url) == expected, timeout=60, what=f"targets {expected}")
     wait_for(lambda: query(url, 'pilotfish_services{state="RUNNING"} == 1'), timeout=15, what="portal metrics")
     engines = query(url, 'vllm:num_requests_running{model="test/tiny"}')
-    assert sorted(series["metric"]["job"] for series in engines) == ["pilotfish-engines",
-                                                                     "pilotfish-engines-via-portal"]
+    assert [series["metric"]["job"] for series in engines] == ["pilotfish-engines"]  # through the portal
     assert all(series["metric"]["pilotfish_service"] == service["id"] for series in engines)
     assert query(url, 'node_load1{job="pilotfish-node"}')
 

@@ -71,13 +71,18 @@ def test_bad_requests_get_openai_shaped_errors(server, fields, status, param):
     assert model.calls == []
 
 
-def test_key_is_required_except_for_health(server):
-    _, client = server
-    assert client.get("/health").status_code == 200
+def test_key_is_required_on_every_path(server):
+    model, client = server
     for key in (None, "wrong"):
         response = post(client, key=key)
         assert response.status_code == 401 and response.json["error"]["code"] == "invalid_api_key"
-    assert client.get("/v1/models").status_code == 401
+    headers = {"Authorization": "Bearer wrong"}
+    for path in ("/health", "/v1/models", "/v1/nothing", "/", "/docs", "/metrics"):
+        for method in ("GET", "POST", "DELETE", "OPTIONS"):
+            assert client.open(path, method=method).status_code == 401, (method, path)
+            assert client.open(path, method=method, headers=headers).status_code == 401, (method, path)
+    assert model.calls == []
+    assert client.get("/health", headers={"Authorization": "Bearer k3y"}).status_code == 200
     models = client.get("/v1/models", headers={"Authorization": "Bearer k3y"}).json
     assert [m["id"] for m in models["data"]] == ["org/whisper"]
     assert client.get("/v1/nothing", headers={"Authorization": "Bearer k3y"}).status_code == 404

@@ -3,6 +3,8 @@ starts, which flags a user may add, how its key reaches it) and how it is instal
 and runner shared by the installer and the model staging."""
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -12,6 +14,16 @@ from pathlib import Path
 from typing import Callable, Dict, FrozenSet, List, Optional, Sequence
 
 Progress = Callable[[str], None]
+
+# The key guard (portal/engines/guard/pilotfish_guard.py): one rule for every engine's port, every path needs the
+# service key. Its folder holds only that file; jobs put it on PYTHONPATH (engines' venvs have no Pilotfish).
+GUARD_DIR = Path(__file__).resolve().parent / "guard"
+GUARD_MODULE = "pilotfish_guard"
+
+
+def with_guard_path(env: Dict[str, str]) -> Dict[str, str]:
+    """`env` with the key guard's folder first on PYTHONPATH (as a job script puts it)."""
+    return dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(GUARD_DIR), env.get("PYTHONPATH")])))
 
 
 class InstallError(Exception):
@@ -49,6 +61,18 @@ class Engine:
     install: EngineInstall
     key_env: tuple = ()  # variables the server reads its API key from (never a command-line flag)
     check_arguments: tuple = ()  # added when the installer or the doctor checks that it answers
+    guarded_module: str = ""  # a server without a middleware option: `-m <it>` in its command runs as
+    # `-m pilotfish_guard <it>`, the key guard's launcher (see guarded_command)
+
+    def guarded_command(self, command: str) -> str:
+        """The site's `command` with the key guard in front: `-m <guarded_module>` becomes `-m pilotfish_guard
+        <guarded_module>` (the rest of the admin's shell words untouched); engines that install the guard another
+        way (vLLM's --middleware, our Whisper server itself) run `command` as it is."""
+        if not self.guarded_module:
+            return command
+        pattern = rf"(^|\s)-m\s+{re.escape(self.guarded_module)}(?=\s|$)"
+        return re.sub(pattern, lambda match: f"{match.group(1)}-m {GUARD_MODULE} {self.guarded_module}", command,
+                      count=1)
 
     def server_arguments(self, model_path: str, served_name: str, gpus: int, cpus: int = 1,
                          model_file: Optional[str] = None) -> List[str]:

@@ -25,7 +25,9 @@ import requests
 from ..catalog.kinds import ENGINES
 from ..exit_codes import describe_exit
 from ..scheduler.job_files import read_tail
+from ..scheduler import job_environment
 from ..scheduler.processes import end_group
+from .base import with_guard_path
 
 CHECK_QUESTION = "What is 2 + 2?"
 
@@ -77,8 +79,10 @@ def check_engine(engine_name: str, command: str, model: CheckModel, log: Path, s
     arguments = engine.server_arguments(str(model.path), model.repo_id, gpus=0, cpus=os.cpu_count() or 1,
                                         model_file=str(model.path / model.model_file) if model.model_file else None)
     arguments += list(engine.check_arguments) + ["--host", "127.0.0.1", "--port", str(port)]
-    script = (setup + "\n" if setup else "") + f"exec {command} {shlex.join(arguments)}\n"
-    server_env = dict(os.environ, **(env or {}), HF_HUB_OFFLINE="1", PILOTFISH_API_KEY=key, PILOTFISH_PORT=str(port))
+    script = (setup + "\n" if setup else "") + f"exec {engine.guarded_command(command)} {shlex.join(arguments)}\n"
+    # As a job's: nothing of the portal's (its token, ...), the key guard importable, the key in the environment.
+    server_env = dict(with_guard_path(job_environment()), **(env or {}), HF_HUB_OFFLINE="1", PILOTFISH_API_KEY=key,
+                      PILOTFISH_PORT=str(port))
     for name in engine.key_env:
         server_env[name] = key
     log.parent.mkdir(parents=True, exist_ok=True)

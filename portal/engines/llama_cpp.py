@@ -159,4 +159,6 @@ ENGINE = LlamaCpp(
     native_command="python -m llama_cpp.server",
     container_command="python3 -m llama_cpp.server",
     allowed_flags=FLAGS, install=INSTALL, key_env=("API_KEY",),
+    # Its api_key covers its API routes but not /docs, /openapi.json, /redoc: the key guard's launcher runs it.
+    guarded_module="llama_cpp.server",
 )

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from .base import Engine, EngineInstall
+from .base import GUARD_MODULE, Engine, EngineInstall
 
 # Engine flags a user may add (vLLM's names); everything the portal sets itself (model, port, host, key,
-# served name, tensor parallelism) is deliberately absent.
+# served name, tensor parallelism, middleware) is deliberately absent.
 FLAGS = frozenset({
     "--max-model-len", "--dtype", "--gpu-memory-utilization", "--max-num-seqs", "--max-num-batched-tokens",
     "--enforce-eager", "--quantization", "--kv-cache-dtype", "--enable-prefix-caching", "--no-enable-prefix-caching",
@@ -30,11 +30,17 @@ INSTALL = EngineInstall(
 
 @dataclass(frozen=True)
 class VLLM(Engine):
-    """vLLM's OpenAI server: the model folder, the name it answers to, one tensor-parallel rank per GPU."""
+    """vLLM's OpenAI server: the key guard on every path, the model folder, the name it answers to, one
+    tensor-parallel rank per GPU.
+
+    vLLM's own key check (VLLM_API_KEY) covers only /v1, /v2, /inference and /cohere; /health, /metrics,
+    /tokenize, /pooling, /invocations, /docs, ... would answer anyone reaching the port. The guard, added as vLLM's
+    outermost middleware, refuses every path without the key.
+    """
 
     def server_arguments(self, model_path: str, served_name: str, gpus: int, cpus: int = 1,
                          model_file: Optional[str] = None) -> List[str]:
-        args = ["--model", model_path, "--served-model-name", served_name]
+        args = ["--middleware", f"{GUARD_MODULE}.KeyGuard", "--model", model_path, "--served-model-name", served_name]
         if gpus > 1:
             args += ["--tensor-parallel-size", str(gpus)]
         return args

@@ -4,15 +4,15 @@
         [--compute-type int8] [--beam-size 5] [--language en] [--device cpu] [--cpu-threads N]
 
 Endpoints: POST /v1/audio/transcriptions and /v1/audio/translations (multipart: file, model, language, prompt,
-response_format json|text|verbose_json|srt|vtt, temperature), GET /v1/models, GET /health. Every endpoint but
-/health needs `Authorization: Bearer $PILOTFISH_API_KEY` when that variable is set (the job script sets it; the
-key never appears on the command line). Uploads are spooled to disk, never held in memory whole. Errors have
+response_format json|text|verbose_json|srt|vtt, temperature), GET /v1/models, GET /health. Every path, /health
+included, needs `Authorization: Bearer $PILOTFISH_API_KEY` (the key guard, portal/engines/guard/pilotfish_guard.py;
+the job script sets the key and puts the guard on PYTHONPATH; the key never appears on the command line). Uploads
+are spooled to disk, never held in memory whole. Errors have
 OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
 
 import argparse
-import hmac
 import json
 import logging
 import os
@@ -25,6 +25,11 @@ from typing import List, Optional
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.formparser import parse_form_data
 from werkzeug.wrappers import Request, Response
+
+try:
+    import pilotfish_guard  # on PYTHONPATH in a service job (the engine's virtualenv has no Pilotfish)
+except ImportError:  # imported from a Pilotfish checkout
+    from portal.engines.guard import pilotfish_guard
 
 log = logging.getLogger("pilotfish.whisper")
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
@@ -65,16 +70,20 @@ class WhisperServer:
 
     def __init__(self, model, served_name: str, api_key: Optional[str], beam_size: int = 5,
                  language: Optional[str] = None, max_upload_bytes: int = 2 << 30):
+        """`api_key`: the key every request must send (None: $PILOTFISH_API_KEY; no key at all refuses to start)."""
         self.model = model
         self.served_name = served_name
-        self.api_key = api_key
         self.beam_size = beam_size
         self.language = language
         self.max_upload_bytes = max_upload_bytes
         self.lock = threading.Lock()
         self.created = int(time.time())
+        self.guarded = pilotfish_guard.WsgiKeyGuard(self.answer, api_key)  # every path needs the key
 
     def __call__(self, environ, start_response):
+        return self.guarded(environ, start_response)
+
+    def answer(self, environ, start_response):
         request = Request(environ)
         try:
             response = self.dispatch(request)
@@ -89,20 +98,10 @@ class WhisperServer:
             response = ApiError(500, "internal error: see the server log", kind="server_error").response()
         return response(environ, start_response)
 
-    def check_key(self, request: Request) -> None:
-        if not self.api_key:
-            return
-        header = request.headers.get("Authorization", "")
-        sent = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(sent.encode(), self.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key",
-                           kind="authentication_error")
-
     def dispatch(self, request: Request) -> Response:
         path = request.path.rstrip("/") or "/"
         if path == "/health":
             return Response("", status=200)
-        self.check_key(request)
         if path == "/v1/models":
             if request.method != "GET":
                 raise ApiError(405, "use GET")

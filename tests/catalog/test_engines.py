@@ -11,6 +11,7 @@ from portal.catalog.kinds import ENGINES, KINDS
 from portal.catalog.models import choose_gguf, gguf_variants
 from portal.config import ConfigError, load_config
 from portal.engines import llama_cpp
+from portal.engines.base import GUARD_DIR
 from portal.errors import ValidationError
 from portal.site import build_site
 
@@ -89,6 +90,7 @@ def test_llama_cpp_arguments():
     assert ENGINES["llama-cpp"].server_arguments("/snap", "org/m", gpus=1, model_file="/snap/m.gguf")[-2:] == [
         "--n_gpu_layers", "-1"]
     assert ENGINES["vllm"].server_arguments("/snap", "org/m", gpus=2) == [
+        "--middleware", "pilotfish_guard.KeyGuard",  # the key guard on every path (vLLM's own check covers /v1)
         "--model", "/snap", "--served-model-name", "org/m", "--tensor-parallel-size", "2"]
 
 
@@ -162,7 +164,9 @@ def test_a_gguf_launch_plans_llama_cpp_with_the_key_in_the_environment(tmp_path)
     assert args[args.index("--model") + 1].endswith("/gem-Q4_K_M.gguf")
     assert args[args.index("--chat_format") + 1] == "gemma" and args[args.index("--model_alias") + 1] == "org/gem"
     script = body["job_script"]
-    assert 'export API_KEY="$PILOTFISH_API_KEY"' in script and "/opt/llama/bin/python -m llama_cpp.server" in script
+    assert 'export API_KEY="$PILOTFISH_API_KEY"' in script
+    assert "/opt/llama/bin/python -m pilotfish_guard llama_cpp.server " in script  # the key guard's launcher
+    assert f"export PYTHONPATH={GUARD_DIR}" in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     mine = client.post("/api/services?dry_run=1", headers=auth, json={
         "kind": "text-generation", "model": "org/gem", "engine_args": ["--chat_format", "chatml", "--n_ctx", "4096"]})

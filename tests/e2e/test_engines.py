@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from tests.conftest import squeue_ids, wait_for
+from portal.catalog.kinds import ENGINES
 from portal.engines import installer
 from tests.e2e.conftest import GEMMA, SMOLLM, TINY_LLAMA, WHISPER
 from tests.support.benchmark_checks import check_load_figures, run_benchmark
@@ -153,6 +154,60 @@ def test_every_service_needs_a_key(running, name):
     assert servers, f"no process has --port {port} on its command line"
     assert not any(key in " ".join(p.info["cmdline"]) for p in servers)
     assert all(key in p.environ().values() for p in servers)
+
+
+# Paths the guard must close whether or not a server has them: it answers 401 before any routing (never a 404 that
+# tells what exists). vLLM's own key check covers only /v1, /v2, /inference and /cohere; llama.cpp's, its API routes.
+PROBED_PATHS = ["/", "/health", "/ping", "/metrics", "/version", "/docs", "/redoc", "/docs/oauth2-redirect",
+                "/openapi.json", "/invocations", "/tokenize", "/detokenize", "/pooling", "/score", "/rerank",
+                "/server_info", "/load", "/no-such-path", "/v1/no-such-path", "/extras/tokenize", "/v1/models"]
+WHISPER_ROUTES = {"/health": ["get"], "/v1/models": ["get"], "/v1/audio/transcriptions": ["post"],
+                  "/v1/audio/translations": ["post"]}  # our server publishes no OpenAPI document
+
+
+def direct(running, name):
+    """(base URL, key, session) of a service's own port, from its job folder (endpoint.json, service.key)."""
+    job_dir = running.portal.home / "jobs" / running.services[name]["id"]
+    endpoint = json.loads((job_dir / "endpoint.json").read_text())
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = False  # a service serving TLS has its own self-signed certificate
+    base = f"https://{endpoint['host']}:{endpoint['port']}"
+    try:
+        session.get(base + "/health", timeout=30)
+    except requests.exceptions.SSLError:  # it serves plain HTTP
+        base = f"http://{endpoint['host']}:{endpoint['port']}"
+    return base, (job_dir / "service.key").read_text().strip(), session
+
+
+@pytest.mark.parametrize("name", ["vllm", "llama-cpp", "whisper"])
+def test_every_route_of_every_engine_refuses_a_caller_without_the_key(running, name):
+    """Each server's real route list (its /openapi.json, fetched with the key), every path and method, then a
+    handful of paths it may not have: no key and a wrong key both get 401 from the port itself."""
+    base, key, session = direct(running, name)
+    if name == "whisper":
+        routes = WHISPER_ROUTES
+    else:
+        document = session.get(base + "/openapi.json", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert document.status_code == 200, document.text[:300]
+        routes = {path: [method for method in operations if method in ("get", "post", "put", "delete", "patch")]
+                  for path, operations in document.json()["paths"].items()}
+        assert len(routes) >= (20 if name == "vllm" else 7), sorted(routes)
+    probes = [(method.upper(), re.sub(r"\{[^}]+\}", "dummy", path)) for path, methods in routes.items()
+              for method in methods]
+    probes += [(method, path) for path in PROBED_PATHS for method in ("GET", "POST")]
+    probes += [("OPTIONS", "/health"), ("HEAD", "/health"), ("DELETE", "/v1/models")]
+    answered = {}
+    for method, path in probes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {key}"}):
+            response = session.request(method, base + path, headers=headers, json={} if method == "POST" else None,
+                                       timeout=30)
+            if response.status_code != 401:
+                answered[f"{method} {path} {sorted(headers)}"] = response.status_code
+    assert not answered, f"{name} answered without the key: {answered}"
+    engine_health = ENGINES[running.services[name]["engine"]].health_path  # what the portal's probe asks, with the key
+    assert session.get(base + engine_health, headers={"Authorization": f"Bearer {key}"}, timeout=30).status_code == 200
+    print(f"{name}: {len(probes)} requests x 3 credentials refused, {len(routes)} published routes")
 
 
 def test_metrics_count_exactly_the_real_vllm_traffic(running):

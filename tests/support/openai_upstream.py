@@ -1,9 +1,10 @@
 """An OpenAI-shaped test server standing in for vLLM/Whisper behind the proxy (run as a service's command).
 
-Serves on $PILOTFISH_PORT, requires $PILOTFISH_API_KEY on everything but /health, answers as $PILOTFISH_MODEL.
+Serves on $PILOTFISH_PORT, requires $PILOTFISH_API_KEY on every path (as the engines behind the key guard), answers
+as $PILOTFISH_MODEL.
 Options: --token-delay S (pause between streamed tokens), --delay S (before listening), --exit CODE.
 Extra routes for tests: /echo (what arrived), /status/<code>, /slow?seconds=N, /stats (streams, disconnects);
-/metrics answers Prometheus text without the key, as vLLM's does.
+/metrics answers Prometheus text (with the key, as vLLM's behind the key guard).
 """
 import argparse
 import hashlib
@@ -106,9 +107,11 @@ class Handler(BaseHTTPRequestHandler):
             return None
         bump("requests")
         url = urlsplit(self.path)
+        if url.path in ("/health", "/metrics") and not self.authorized():  # the key guard: every path needs the key
+            return None
         if url.path == "/health":
             return self.send_json(200, {"status": "ok"})
-        if url.path == "/metrics":  # as vLLM's: Prometheus text, without the API key
+        if url.path == "/metrics":  # as vLLM's: Prometheus text
             return self.send_metrics()
         bump("api_requests")  # all but the health and metrics probes
         if not self.authorized():

@@ -1,10 +1,12 @@
-"""A tiny HTTP service for lifecycle tests: serves /health on $PILOTFISH_PORT, requiring $PILOTFISH_API_KEY.
+"""A tiny HTTP service for lifecycle tests: serves /health on $PILOTFISH_PORT, requiring $PILOTFISH_API_KEY on every
+path and method (as the real engines behind the key guard).
 
 Options (as engine args): --delay S (wait before listening), --exit CODE (print a message and exit),
 --sick-file PATH (answer 503 on /health while PATH exists). GET /stop-listening closes the listening socket and
 keeps the process alive (a server that no longer accepts connections while its job runs on).
 """
 import argparse
+import hmac
 import json
 import os
 import sys
@@ -29,9 +31,22 @@ def main():
     key = os.environ["PILOTFISH_API_KEY"]
 
     class Handler(BaseHTTPRequestHandler):
+        def _refused(self):
+            sent = self.headers.get("Authorization") or ""
+            if hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+                return False
+            self._send(401, {"error": "bad key"})
+            return True
+
+        def do_other(self):
+            if not self._refused():
+                self._send(405, {"error": f"{self.command} not served"})
+
+        do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = do_other
+
         def do_GET(self):
-            if self.headers.get("Authorization") != f"Bearer {key}":
-                return self._send(401, {"error": "bad key"})
+            if self._refused():
+                return None
             if self.path == "/health":
                 if args.sick_file and os.path.exists(args.sick_file):
                     return self._send(503, {"status": "sick"})
