@@ -20,4 +20,8 @@ tests/cluster/start.sh                    # the real two-node Slurm (idempotent)
 # The model servers the end-to-end tests run, each in its own virtualenv under ~/.cache/pilotfish/engines:
 # installed once per machine (about 4 GB; llama.cpp compiles for several minutes), a no-op afterwards.
 "${PILOTFISH_VENV:-$root/.venv}/bin/python" -m portal.engines.installer
+# Schemathesis checks the API's description (/api/openapi.json) against a live portal (tests/test_openapi_fuzz.py):
+# a test extra, installed here too when a virtualenv made before it lacks it.
+"${PILOTFISH_VENV:-$root/.venv}/bin/python" -c "import schemathesis" 2> /dev/null \
+  || "${PILOTFISH_VENV:-$root/.venv}/bin/python" -m pip install --quiet --disable-pip-version-check "schemathesis>=4.0"
 exec "${PILOTFISH_VENV:-$root/.venv}/bin/python" -m pytest "$@"

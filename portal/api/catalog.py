@@ -62,10 +62,11 @@ def models():
                    home_dir=str(_config().home_dir))
 
 
-@bp.delete("/api/models/<path:repo_id>")
-@described("Delete a model (or one revision) from home_dir", query=schemas.RevisionQuery, answers={200: None},
-           errors=(400, 403, 404, 409))
-def remove_model(repo_id):
+@bp.delete("/api/models/<org>/<name>")
+@described("Delete a model org/name (or one revision) from home_dir", query=schemas.RevisionQuery, answers={200: None},
+           errors=(400, 403, 404, 409), path_patterns={"org": schemas.REPO_PART, "name": schemas.REPO_PART})
+def remove_model(org, name):
+    repo_id = f"{org}/{name}"
     config = _config()
     result = delete_model(repo_id, query(schemas.RevisionQuery).revision, cache_dir=config.cache_dir,
                           home_dir=config.home_dir)

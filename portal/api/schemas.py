@@ -19,6 +19,9 @@ def _digits(value):
     return value
 
 
+REPO_PART = REPO_ID_SHAPE.split("/")[1]  # one side of org/name, anchored at its end (JSON Schema's patterns)
+if not REPO_PART.startswith("^"):
+    REPO_PART = "^" + REPO_PART
 Flag = Annotated[bool, Field(description="true or false (also 1/0, yes/no)")]
 
 
@@ -38,7 +41,8 @@ class PruneQuery(Query):
 
 
 class LogsQuery(Query):
-    tail: Annotated[int, BeforeValidator(_digits), Field(ge=0, le=1_000_000, description="a number of lines")] = 200
+    tail: Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_digits)] = Field(
+        200, description="a number of lines")
 
 
 class RecommendQuery(Query):
