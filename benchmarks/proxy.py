@@ -166,8 +166,26 @@ class Bench:
             raise RuntimeError(f"the service endpoint {host} resolves to {address}, not loopback: refusing to send "
                                "load there (this benchmark only loads 127.0.0.1)")
         self.upstream_port = int(port)
+        plain_port = job_dir / "plain_port"  # the upstream's plain HTTP port, beside its TLS one (the service's)
+        if plain_port.exists():
+            self.upstream_port = int(plain_port.read_text())
+            if self.args.service_plain:
+                self.route_plain(service_id)
         self.service_key = (job_dir / "service.key").read_text().strip()
         self.log(f"service {service_id} RUNNING at {host}:{port} (upstream pids {[p.pid for p in self.upstream_procs()]})")
+
+    def route_plain(self, service_id: str) -> None:
+        """--service-plain: the portals reach the service on the upstream's plain port, without TLS (only to
+        measure what TLS costs the portal: the service's record is changed, and every worker told to reload)."""
+        import sqlite3
+
+        home = self.tmp / "home"
+        with contextlib.closing(sqlite3.connect(home / "pilotfish.db")) as database, database:
+            database.execute("UPDATE services SET port = ?, tls_fingerprint = NULL WHERE id = ?",
+                             (self.upstream_port, service_id))
+        with open(home / "routes.changed", "ab") as mark:
+            mark.write(b".")
+        self.notes.append("--service-plain: portal to service over plain HTTP (no TLS)")
 
     def setup(self, configs: List[dict]) -> None:
         args = self.args
@@ -383,6 +401,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="time bound of one streaming phase, seconds (default 120)")
     parser.add_argument("--nginx-workers", type=int, default=2, help="nginx worker processes (default 2)")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
+    parser.add_argument("--service-plain", action="store_true",
+                        help="the portals reach the service over plain HTTP instead of TLS with its pinned "
+                             "certificate (as every service is reached): to measure TLS's cost")
     parser.add_argument("--batches", type=int, default=None,
                         help="scenario 1 runs in this many batches, alternating the targets (default 5, quick 2)")
     parser.add_argument("--poll-interval", type=float, default=5.0,

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import time
 from typing import List, Optional
 
@@ -24,6 +25,9 @@ def serve_upstream(argv: List[str]) -> None:
     parser.add_argument("--chunks", type=int, default=40, help="SSE events per stream (before [DONE])")
     parser.add_argument("--stream-seconds", type=float, default=2.0, help="how long a stream lasts")
     parser.add_argument("--bind", default=LOOPBACK, help="address to listen on (the job's --host is ignored)")
+    parser.add_argument("--ssl-keyfile", help="serve TLS on PILOTFISH_PORT with this key (the job passes it)")
+    parser.add_argument("--ssl-certfile", help="... and this certificate; then a plain HTTP port is opened too, "
+                                               "its number in ./plain_port, for the direct and nginx targets")
     args, _ = parser.parse_known_args(argv)  # the job script adds --model, --host, --port ...: not needed here
     port = int(os.environ["PILOTFISH_PORT"])
     key = os.environ.get("PILOTFISH_API_KEY", "")
@@ -148,14 +152,22 @@ def serve_upstream(argv: List[str]) -> None:
                 if not keep:
                     await writer.drain()
                     return
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             return
         finally:
             writer.close()
 
     async def main():
-        server = await asyncio.start_server(handle, args.bind, port, backlog=4096)
-        print(f"bench upstream: listening on {args.bind}:{port} pid {os.getpid()} "
+        context = None
+        if args.ssl_keyfile and args.ssl_certfile:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+            plain = await asyncio.start_server(handle, args.bind, 0, backlog=4096)
+            with open("plain_port.tmp", "w") as out:
+                out.write(str(plain.sockets[0].getsockname()[1]))
+            os.replace("plain_port.tmp", "plain_port")
+        server = await asyncio.start_server(handle, args.bind, port, backlog=4096, ssl=context)
+        print(f"bench upstream: listening on {args.bind}:{port}{' (TLS)' if context else ''} pid {os.getpid()} "
               f"({args.chunks} chunks / {args.stream_seconds:g} s per stream)", flush=True)
         async with server:
             await server.serve_forever()

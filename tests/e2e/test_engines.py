@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -144,9 +145,16 @@ def test_every_service_needs_a_key(running, name):
     with pytest.raises(openai.AuthenticationError):
         client(running, name, token="wrong").models.list()
     service = running.portal.service(running.services[name]["id"])
-    direct = f"http://{service['endpoint']['host']}:{service['endpoint']['port']}/v1/models"
-    assert requests.get(direct, timeout=30).status_code == 401
-    assert requests.get(direct, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    host, port = service["endpoint"]["host"], service["endpoint"]["port"]
+    # The server speaks TLS with the certificate the portal made for it (and pins), and nothing in clear text.
+    served = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((host, port), timeout=30))
+    made = ssl.PEM_cert_to_DER_cert((running.portal.home / "jobs" / service["id"] / "service.crt").read_text())
+    assert served == made
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://{host}:{port}/v1/models", timeout=30)
+    direct = f"https://{host}:{port}/v1/models"
+    assert requests.get(direct, timeout=30, verify=False).status_code == 401
+    assert requests.get(direct, headers={"Authorization": "Bearer wrong"}, timeout=30, verify=False).status_code == 401
     # The key reaches the server through its environment, never on a command line `ps` shows to other users.
     key = (running.portal.home / "jobs" / service["id"] / "service.key").read_text().strip()
     port = str(service["endpoint"]["port"])
