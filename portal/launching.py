@@ -23,6 +23,7 @@ from .engines.base import GUARD_DIR
 from .errors import ForbiddenError, UnavailableError, ValidationError
 from .models import Service
 from .scheduler import Resources
+from .service_tls import tls_files
 from .site import Runtime, Site, build_site
 from .validation import Strict, validated
 
@@ -328,7 +329,8 @@ def render_job_script(service: Service, plan: LaunchPlan) -> str:
     return _jinja.get_template(f"{plan.runtime.runtime}.sh.j2").render(
         service=service, runtime=plan.runtime, job_dir=service.job_dir, model_path=str(plan.model.path),
         model_root=str(model_root), arguments=plan.arguments, gpus=plan.resources.gpus,
-        image_path=str(plan.image.path) if plan.image else "", exporters=plan.exporters)
+        image_path=str(plan.image.path) if plan.image else "", exporters=plan.exporters,
+        tls_arguments=plan.runtime.engine.tls_arguments(*tls_files(service.job_dir)))
 
 
 def resources_dict(resources: Resources) -> dict:

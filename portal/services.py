@@ -18,6 +18,7 @@ from .launching import parse_launch_request, plan_launch, render_job_script, res
 from .models import Event, Service, State, utcnow
 from .scheduler import JobQuery, SchedulerUnreachable, SubmissionRejected
 from .scheduler.job_files import read_tail
+from .service_tls import make_certificate
 from .states import check_move
 
 SUBMISSION_GRACE = timedelta(minutes=2)
@@ -116,6 +117,7 @@ def launch(body, principal: Optional[str]) -> Service:
     )
     job_dir.mkdir(parents=True, mode=0o700)
     _write_private(job_dir / "service.key", service.api_key)
+    service.tls_fingerprint = make_certificate(job_dir, service_id)
     script = job_dir / "job.sh"
     _write_private(script, render_job_script(service, plan), 0o700)
     db.session.add(service)

@@ -66,6 +66,6 @@ def test_hostile_values_arrive_verbatim_and_never_run(start_portal):
     service = portal.launch(engine_args=HOSTILE).json()
     portal.wait_state(service["id"], "RUNNING", timeout=30)
     argv = json.loads((portal.home / "jobs" / service["id"] / "argv.json").read_text())
-    assert argv[-(len(HOSTILE) + 4):-4] == HOSTILE  # before the --host/--port the script adds
+    assert argv[-(len(HOSTILE) + 8):-8] == HOSTILE  # before the TLS files and the --host/--port the script adds
     assert not any(path.exists() for path in PWNED)
     portal.request("POST", f"/api/services/{service['id']}/stop")

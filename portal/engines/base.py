@@ -63,6 +63,12 @@ class Engine:
     check_arguments: tuple = ()  # added when the installer or the doctor checks that it answers
     guarded_module: str = ""  # a server without a middleware option: `-m <it>` in its command runs as
     # `-m pilotfish_guard <it>`, the key guard's launcher (see guarded_command)
+    tls_flags: tuple = ("--ssl-keyfile", "--ssl-certfile")  # how its server is given a TLS key and certificate
+
+    def tls_arguments(self, key_file: str, cert_file: str) -> List[str]:
+        """The server's arguments to serve TLS with the service's key and certificate (portal/service_tls.py)."""
+        key_flag, cert_flag = self.tls_flags
+        return [key_flag, key_file, cert_flag, cert_file]
 
     def guarded_command(self, command: str) -> str:
         """The site's `command` with the key guard in front: `-m <guarded_module>` becomes `-m pilotfish_guard

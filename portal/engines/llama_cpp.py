@@ -161,4 +161,5 @@ ENGINE = LlamaCpp(
     allowed_flags=FLAGS, install=INSTALL, key_env=("API_KEY",),
     # Its api_key covers its API routes but not /docs, /openapi.json, /redoc: the key guard's launcher runs it.
     guarded_module="llama_cpp.server",
+    tls_flags=("--ssl_keyfile", "--ssl_certfile"),  # the server's settings, spelt as its command line takes them
 )

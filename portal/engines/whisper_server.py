@@ -176,6 +176,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--served-model-name", help="the name clients send as `model` (default: the directory)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--ssl-keyfile", help="serve TLS with this private key (and --ssl-certfile)")
+    parser.add_argument("--ssl-certfile", help="serve TLS with this certificate (and --ssl-keyfile)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--compute-type", default="default", help="int8, float16, ... (default: the model's)")
     parser.add_argument("--beam-size", type=int, default=5)
@@ -207,6 +209,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "threads": args.threads, "timeout": 0, "graceful_timeout": 10, "accesslog": "-",
                         "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms',
                         "control_socket_disable": True}  # one per server, not ~/.gunicorn/gunicorn.ctl for all
+            if args.ssl_keyfile and args.ssl_certfile:
+                settings.update(keyfile=args.ssl_keyfile, certfile=args.ssl_certfile)
             for key, value in settings.items():
                 if key in self.cfg.settings:  # older gunicorn has no control socket
                     self.cfg.set(key, value)

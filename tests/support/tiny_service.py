@@ -14,6 +14,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import serving_tls  # beside this file
+
 
 def main():
     parser = argparse.ArgumentParser()
@@ -21,6 +23,7 @@ def main():
     parser.add_argument("--exit", type=int, default=None)
     parser.add_argument("--sick-file", default=None)
     parser.add_argument("--bind", default="0.0.0.0")  # e.g. 127.0.0.1: a server only its own node can reach
+    serving_tls.add_arguments(parser)
     args, _ = parser.parse_known_args()  # the standard server flags (--model, --port, ...) are not needed here
     with open("argv.json", "w") as handle:  # in the job directory: what the job script really passed
         json.dump(sys.argv[1:], handle)
@@ -69,6 +72,7 @@ def main():
             pass
 
     server = ThreadingHTTPServer((args.bind, int(os.environ["PILOTFISH_PORT"])), Handler)
+    serving_tls.serve_tls(server, args)
     print(f"tiny_service: listening on {server.server_address[1]} at {time.time():.3f}", flush=True)
     server.serve_forever()
     server.server_close()
