@@ -19,11 +19,12 @@ def create_app(config: Optional[Mapping[str, Any]] = None) -> Flask:
     The resolved site (portal.site) is app.extensions["pilotfish.site"]; a site config it cannot use raises
     SiteError (a ConfigError) before anything is created."""
     from .auth import init_auth
-    from .config import ensure_token, load_config, prepare_home
+    from .config import MAX_REQUEST_BODY, ensure_token, load_config, prepare_home, use_private_umask
     from .db import init_db
     from .errors import PortalError
     from .site import build_site
 
+    use_private_umask()  # before anything is created: the database (-wal, -shm), job folders, logs, the spool
     settings = load_config(config)
     site = build_site(settings)  # what the site config means: a bad entry stops the portal here, in one line
     prepare_home(settings)
@@ -34,6 +35,7 @@ def create_app(config: Optional[Mapping[str, Any]] = None) -> Flask:
         PILOTFISH_TOKEN=ensure_token(settings),
         SQLALCHEMY_DATABASE_URI=settings.database_url,
         TESTING=settings.testing,
+        MAX_CONTENT_LENGTH=MAX_REQUEST_BODY,  # portal/asgi.py refuses larger bodies before Flask sees them
     )
     app.json.sort_keys = False
     init_db(app)

@@ -14,6 +14,8 @@ import yaml
 
 SCHEDULER_KINDS = ("slurm", "local")
 DEFAULT_SITE_CONFIG = Path("/etc/pilotfish/site.yml")
+PRIVATE_UMASK = 0o077  # every file the portal (and what it starts) creates is its user's alone
+MAX_REQUEST_BODY = 1024 * 1024  # pages, login and the REST API: JSON and forms, never uploads
 
 
 class ConfigError(Exception):
@@ -47,6 +49,9 @@ class Config:
     proxy_connect_timeout: float = 5.0
     proxy_read_timeout: float = 600.0  # seconds to wait for an answer's first byte (long generations)
     url_prefix: str = ""  # e.g. /node/<host>/<port> behind Open OnDemand
+    max_upload_mb: float = 100.0  # a proxied request's body (/services/..., /v1/...): audio, batch files
+    spool_limit_mb: float = 1024.0  # what one worker's gateway uploads may hold at once in PILOTFISH_HOME/spool
+    client_read_timeout: float = 30.0  # seconds for a request's head, and a page's or API call's body, to arrive
     job_deadline: Optional[float] = None  # epoch seconds the portal's own job ends: child jobs must end by then
     testing: bool = False
 
@@ -61,6 +66,10 @@ class Config:
     @property
     def reconciler_lock(self) -> Path:
         return self.home / "reconciler.lock"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
 
 
 def _read_site_config(path: Path) -> dict:
@@ -166,6 +175,9 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         proxy_connect_timeout=_number("proxy_connect_timeout", pick("proxy_connect_timeout", None, 5.0), 0.1),
         proxy_read_timeout=_number("proxy_read_timeout", pick("proxy_read_timeout", None, 600.0), 0.1),
         url_prefix=_prefix(pick("url_prefix", "PILOTFISH_URL_PREFIX", "")),
+        max_upload_mb=_number("max_upload_mb", pick("max_upload_mb", "PILOTFISH_MAX_UPLOAD_MB", 100.0), 0.001),
+        spool_limit_mb=_number("spool_limit_mb", pick("spool_limit_mb", None, 1024.0), 1),
+        client_read_timeout=_number("client_read_timeout", pick("client_read_timeout", None, 30.0), 1),
         job_deadline=_number("job_deadline", deadline, 0) if deadline not in (None, "") else None,
         testing=bool(overrides.pop("testing", False)),
     )
@@ -174,11 +186,18 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
     return config
 
 
+def use_private_umask() -> None:
+    """From now on this process and its children create files for their user alone (0600, folders 0700)."""
+    os.umask(PRIVATE_UMASK)
+
+
 def prepare_home(config: Config) -> None:
-    """Create PILOTFISH_HOME (private to the user) and its jobs folder."""
+    """Create PILOTFISH_HOME (private to the user), its jobs folder and the upload spool (0700)."""
     try:
         config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         config.jobs_dir.mkdir(exist_ok=True, mode=0o700)
+        config.spool_dir.mkdir(exist_ok=True, mode=0o700)
+        os.chmod(config.spool_dir, 0o700)
     except OSError as exc:
         raise ConfigError(f"PILOTFISH_HOME {config.home}: cannot create: {exc.strerror}")
 

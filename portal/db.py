@@ -44,7 +44,9 @@ def init_db(app) -> None:
         if path and path != ":memory:":
             # Created 0600 before SQLite writes a byte (it holds service API keys); -wal and -shm get the same mode.
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-            os.chmod(path, 0o600)
+            for name in (path, path + "-wal", path + "-shm", path + "-journal"):  # left by an older portal: made private
+                if os.path.exists(name):
+                    os.chmod(name, 0o600)
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
             engine.dispose()  # connections made before the listener get the pragmas too

@@ -10,6 +10,10 @@ stalls a stream.
 import os
 import sys
 
+from portal.config import PRIVATE_UMASK, use_private_umask
+
+use_private_umask()  # before the master creates anything (worker files, the metrics folder) and workers fork
+umask = PRIVATE_UMASK
 wsgi_app = "portal.asgi:make_app()"  # built in each worker
 worker_class = "portal.worker.PortalWorker"
 if os.environ.get("PILOTFISH_WORKER_CLASS", "uvicorn") not in ("", "uvicorn"):
@@ -18,7 +22,8 @@ if os.environ.get("PILOTFISH_WORKER_CLASS", "uvicorn") not in ("", "uvicorn"):
 workers = int(os.environ.get("PILOTFISH_WORKERS", "2"))
 timeout = 0  # no worker timeout at all: a stream of any length is never cut (and no heartbeat kills workers)
 graceful_timeout = 10  # on stop, streams still open get a second less (portal/worker.py), then are cancelled
-keepalive = 75
+keepalive = 75  # uvicorn's timeout_keep_alive: an idle kept-alive connection closes after it (a request's head
+# must arrive within client_read_timeout: portal/http_server.py)
 backlog = 4096
 control_socket_disable = True  # gunicorn >= 27 would share one ~/.gunicorn/gunicorn.ctl between all servers of a user
 accesslog = "-"  # written by portal/asgi.py: request lines only, never headers or query strings

@@ -1,15 +1,18 @@
-"""The gunicorn worker class of the portal: uvicorn's, on uvloop with the httptools parser.
+"""The gunicorn worker class of the portal: uvicorn's, on uvloop with the httptools parser (with limits on request
+heads: portal/http_server.py).
 
 Kept apart from portal/asgi.py because gunicorn's master imports the worker class, and the application must only
 be built in the workers (each runs its own reconciler thread and proxy connection pools).
 """
 from uvicorn_worker import UvicornWorker
 
+from .http_server import PortalHttpProtocol
+
 
 class PortalWorker(UvicornWorker):
     CONFIG_KWARGS = {
         "loop": "uvloop",
-        "http": "httptools",
+        "http": PortalHttpProtocol,
         "ws": "none",
         "lifespan": "off",
         "access_log": False,  # portal/asgi.py writes the access log: request lines only, never query strings

@@ -28,7 +28,7 @@ def portal(start_module_portal):
     portal = start_module_portal("local", runtimes={
         "text-generation": {"command": UPSTREAM + " --token-delay 0.2"},
         "speech-recognition": {"command": UPSTREAM},
-    }, proxy_read_timeout=5)
+    }, proxy_read_timeout=5, max_upload_mb=200)  # the large upload test sends 120 MB
     return portal
 
 

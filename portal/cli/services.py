@@ -11,7 +11,7 @@ import click
 
 from .command import Failure, KINDS, age, emit_json, fail, main, portal_of, progress_line, table
 from ..client import ENDED_STATES, ServiceEnded, WaitTimeout
-from ..config import ConfigError, ensure_token, load_config, prepare_home
+from ..config import ConfigError, ensure_token, load_config, prepare_home, use_private_umask
 from ..connection import write_connection
 
 
@@ -30,6 +30,7 @@ def start(host: str, port: int, workers: int):
     """
     from ..site import build_site  # the catalog and the engines: imported only for the commands that use them
 
+    use_private_umask()  # the token, connection.json and what gunicorn and the workers create: the user's alone
     try:
         config = load_config()
         build_site(config)  # what the site config means: a bad entry stops here, in one line, before any worker

@@ -16,7 +16,7 @@ from __future__ import annotations
 from .answers import Answer, bp, json_answer, not_running, openai_error, running_models
 from .directory import (ACTIVITY_FLUSH_SECONDS, DIRECTORY_TTL, ROUTABLE, ROUTES_CHANGED_FILE, Route,
                         ServiceDirectory, routes_changed)
-from .incoming import BodyTooLarge, ClientGone, Incoming, SpooledBody
+from .incoming import BodyTooLarge, ClientGone, Incoming, Spool, SpooledBody, SpoolFull
 from .recording import GATEWAY_ENDPOINT, SERVICE_ENDPOINT
 from .relay import Relay
 from .routing import GATEWAY_METHODS, SERVICE_METHODS, Proxy
@@ -24,9 +24,9 @@ from .upstream import UpstreamConnection, UpstreamFailed, UpstreamPool
 
 __all__ = ["ACTIVITY_FLUSH_SECONDS", "Answer", "BodyTooLarge", "ClientGone", "DIRECTORY_TTL", "GATEWAY_ENDPOINT",
            "GATEWAY_METHODS", "Incoming", "Proxy", "ROUTABLE", "ROUTES_CHANGED_FILE", "Relay", "Route",
-           "SERVICE_ENDPOINT", "SERVICE_METHODS", "ServiceDirectory", "SpooledBody", "UpstreamConnection",
-           "UpstreamFailed", "UpstreamPool", "bp", "init_proxy", "json_answer", "not_running", "openai_error",
-           "routes_changed", "running_models"]
+           "SERVICE_ENDPOINT", "SERVICE_METHODS", "ServiceDirectory", "Spool", "SpoolFull", "SpooledBody",
+           "UpstreamConnection", "UpstreamFailed", "UpstreamPool", "bp", "init_proxy", "json_answer", "not_running",
+           "openai_error", "routes_changed", "running_models"]
 
 
 def init_proxy(app) -> None:

@@ -3,12 +3,16 @@
 Incoming wraps one ASGI request (scope, receive, send) with what the relay needs: method, headers, length or
 chunked, content type, the body read whole (up to a limit) or block by block as it arrives, and, once the body is
 read, a watch for the caller going away that closes the connection to the service (the engine then aborts).
-SpooledBody is an upload the gateway kept (memory, then disk) to read its form fields before sending it on.
-ClientGone and BodyTooLarge are how reading it fails.
+SpooledBody is an upload the gateway kept (memory, then disk) to read its form fields before sending it on: in
+the worker's Spool (a private folder of PILOTFISH_HOME, with a cap on what all its uploads hold at once). Every
+read counts the body against the request's limit (max_upload_mb), chunked bodies included. ClientGone,
+BodyTooLarge and SpoolFull are how reading it fails.
 """
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
 if TYPE_CHECKING:
@@ -23,14 +27,23 @@ class BodyTooLarge(Exception):
     pass
 
 
+class SpoolFull(Exception):
+    pass
+
+
+SPOOL_IN_MEMORY = 1024 * 1024
+UNLIMITED = 1 << 62
+
+
 class Incoming:
     """The caller's request as the ASGI server hands it over (scope, receive, send), with what the proxy needs."""
 
     __slots__ = ("scope", "receive", "send", "method", "headers", "length", "chunked", "content_type", "gone",
-                 "body_read", "started", "_watcher")
+                 "body_read", "started", "_watcher", "limit", "spool", "received")
 
-    def __init__(self, scope, receive, send):
+    def __init__(self, scope, receive, send, limit: int = UNLIMITED, spool: Optional[Spool] = None):
         self.scope, self.receive, self.send = scope, receive, send
+        self.limit, self.spool, self.received = limit, spool, 0
         self.method: str = scope["method"]
         self.headers: List[Tuple[bytes, bytes]] = scope["headers"]
         self.length: Optional[int] = None
@@ -59,22 +72,23 @@ class Incoming:
         return self.content_type.partition(b";")[0].strip().lower().decode("latin-1")
 
     async def read(self, limit: int) -> bytes:
-        """The whole body (BodyTooLarge past `limit` bytes)."""
-        parts, size = [], 0
+        """The whole body (BodyTooLarge past `limit` bytes, or past the request's limit)."""
+        parts = []
+        limit = min(limit, self.limit)
         while not self.body_read:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 raise ClientGone()
             data = message.get("body", b"")
-            size += len(data)
-            if size > limit:
+            self.received += len(data)
+            if self.received > limit:
                 raise BodyTooLarge()
             parts.append(data)
             self.body_read = not message.get("more_body", False)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def blocks(self):
-        """The body as it arrives."""
+        """The body as it arrives (BodyTooLarge once past the request's limit)."""
         while not self.body_read:
             message = await self.receive()
             if message["type"] == "http.disconnect":
@@ -82,7 +96,23 @@ class Incoming:
             self.body_read = not message.get("more_body", False)
             data = message.get("body", b"")
             if data:
+                self.received += len(data)
+                if self.received > self.limit:
+                    raise BodyTooLarge()
                 yield data
+
+    async def spooled(self) -> SpooledBody:
+        """The whole body kept in the worker's spool (memory up to 1 MB, then a file of its private folder)."""
+        spool = self.spool or Spool(None, UNLIMITED)
+        body = SpooledBody(tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=spool.folder), 0, spool)
+        try:
+            async for data in self.blocks():
+                spool.take(body, len(data))
+                body.spool.write(data)
+        except BaseException:
+            body.close()
+            raise
+        return body
 
     def watch_disconnect(self, conn: UpstreamConnection) -> None:
         """Once the body is read: a caller that goes away closes the upstream connection (the engine aborts)."""
@@ -106,8 +136,28 @@ class Incoming:
 class SpooledBody:
     """A request body kept in a temporary file (the gateway read its form fields), sent on from there."""
 
-    def __init__(self, spool, size: int):
-        self.spool, self.size = spool, size
+    def __init__(self, spool, size: int, budget: Optional[Spool] = None):
+        self.spool, self.size, self.budget = spool, size, budget
+
+    def close(self) -> None:
+        self.spool.close()
+        if self.budget is not None:
+            self.budget.held -= self.size
+            self.budget = None
+
+
+class Spool:
+    """Where one worker keeps uploads it reads before sending them on: a folder (None: the system's temporary
+    folder) and a cap on the bytes all of them hold at once (SpoolFull past it)."""
+
+    def __init__(self, folder: Optional[Path], cap: int):
+        self.folder, self.cap, self.held = folder, cap, 0
+
+    def take(self, body: SpooledBody, size: int) -> None:
+        if self.held + size > self.cap:
+            raise SpoolFull()
+        self.held += size
+        body.size += size
 
 
 def raw_tail(scope, skip: int) -> bytes:

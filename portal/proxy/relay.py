@@ -143,7 +143,7 @@ class Relay:
                 else:
                     conn.close()
             if isinstance(body, SpooledBody):
-                body.spool.close()
+                body.close()
             if usage is not None:
                 usage.finish()
             record.finish()

@@ -11,17 +11,17 @@ Sending it and relaying the answer is the Relay's work (relay.py).
 from __future__ import annotations
 
 import json
-import tempfile
 from typing import Optional, Tuple
 
 from werkzeug.formparser import MultiPartParser
 from werkzeug.http import parse_options_header
 
 from ..auth import NEEDS_LOOKUP, Refusal, caller_of_headers
+from ..json_facts import JsonFacts
 from ..models import State
 from .answers import json_answer, not_running, openai_error, running_models
 from .directory import ROUTABLE, last_ended, stored_state
-from .incoming import BodyTooLarge, Incoming, SpooledBody, raw_tail
+from .incoming import BodyTooLarge, Incoming, raw_tail
 from .recording import GATEWAY_ENDPOINT, SERVICE_ENDPOINT
 from .relay import Relay
 from .usage import USAGE_BODY_LIMIT, wants_json_body
@@ -29,12 +29,16 @@ from .usage import USAGE_BODY_LIMIT, wants_json_body
 SERVICE_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 GATEWAY_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 MAX_JSON_BODY = 32 * 1024 * 1024
-SPOOL_IN_MEMORY = 1024 * 1024
+LARGE_JSON = 256 * 1024  # larger JSON bodies are decoded in a helper process (portal/json_facts.py), off the loop
 SMALL_BODY = 64 * 1024  # request bodies up to this size are read whole: sent in one write, and sent again if need be
 
 
 class Proxy(Relay):
     """The proxy and gateway of one worker: who is asking, which service a request goes to (the rest: Relay)."""
+
+    def __init__(self, app):
+        super().__init__(app)
+        self.json_facts = JsonFacts()
 
     # who is asking
     async def principal(self, incoming: Incoming) -> Optional[str]:
@@ -110,25 +114,25 @@ class Proxy(Relay):
             except BodyTooLarge:
                 return None, None, None, openai_error(413, "request body too large", "invalid_request_error")
             try:
-                payload = json.loads(raw or b"{}")
+                if len(raw) > LARGE_JSON:  # only the fields routing and usage read, decoded in the helper
+                    payload = await self.json_facts.facts(raw)
+                else:
+                    payload = json.loads(raw or b"{}")
                 model = payload.get("model")
             except (ValueError, AttributeError):
                 return None, None, None, openai_error(400, "the body is not a JSON object", "invalid_request_error")
             return model, payload, raw, None
         if mimetype == "multipart/form-data":
-            # Spool the upload (memory up to 1 MB, then disk), read only the form fields, then send it on as it was.
-            spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
-            size = 0
-            async for data in incoming.blocks():
-                spool.write(data)
-                size += len(data)
+            # Spool the upload (memory up to 1 MB, then the worker's spool folder), read only the form fields, then
+            # send it on as it was.
+            body = await incoming.spooled()
             _, params = parse_options_header(incoming.content_type.decode("latin-1"))
             try:
-                model = await self.in_thread(_form_model, spool, params.get("boundary", ""), size)
+                model = await self.in_thread(_form_model, body.spool, params.get("boundary", ""), body.size)
             except ValueError:
-                spool.close()
+                body.close()
                 return None, None, None, openai_error(400, "malformed multipart body", "invalid_request_error")
-            return model, None, SpooledBody(spool, size), None
+            return model, None, body, None
         return None, None, None, None
 
 
