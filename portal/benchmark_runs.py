@@ -2,8 +2,13 @@
 (`python -m portal.benchmark RUN_DIR`), follow it, list runs, cancel or delete them. The API, the CLI and the UI
 all go through these functions.
 
-A run's files live in PILOTFISH_HOME/benchmarks/<id>/: spec.json (what to run, no credential: that goes through
-the environment), progress.json, result.json and bench.log, and the process's own record and end mark: the process
+Where the load goes, and with which credential: never to an address taken from the request's headers. Through the
+portal ("portal"), to the address the request reached this worker at (its own socket's, `own_address`), with a
+named API key made for the run alone and revoked when it ends (never the owner's token); straight to the service
+("direct"), with the service's own key and its certificate's pin. The credential goes through the child's
+environment (readable by its user alone), never its command line (which `ps` shows to everyone).
+
+A run's files live in PILOTFISH_HOME/benchmarks/<id>/: spec.json (what to run, no credential), progress.json, result.json and bench.log, and the process's own record and end mark: the process
 is a tracked child (portal/scheduler/processes.py, as the local scheduler runs jobs), so any worker can tell from
 these files whether it still runs, stop it, and finish the run's record: the one that started it as soon as the
 process exits, any other when the run is read.
@@ -15,6 +20,7 @@ import math
 import re
 import secrets
 import shutil
+import socket
 import sys
 import threading
 from dataclasses import asdict, dataclass
@@ -26,10 +32,10 @@ from flask import current_app
 from . import ROOT
 from .benchmark import CREDENTIAL_ENV
 from .benchmark_requests import APIS, LoadSpec
-from .connection import portal_url
 from .db import db
-from .errors import ConflictError, NotFoundError, ValidationError, check_fields
-from .models import BenchmarkRun, Service, State, utcnow
+from .errors import ConflictError, NotFoundError, UnavailableError, ValidationError, check_fields
+from .keys import create_api_key, key_cache
+from .models import ApiKey, BenchmarkRun, Service, State, utcnow
 from .scheduler import processes, scrubbed_environment
 from .services import get_service
 
@@ -148,30 +154,61 @@ def run_dir(run_id: str) -> Path:
     return _home() / "benchmarks" / run_id
 
 
-def _portal_url(fallback_url: str) -> str:
-    """The portal's own address (connection.json), which the benchmark process calls directly."""
-    return (portal_url(_home()) or fallback_url).rstrip("/")
+def own_address(environ) -> Optional[tuple]:
+    """(host, port) this worker accepted the request on: its listening socket's own address (the WSGI bridge takes
+    SERVER_NAME and SERVER_PORT from the connection, never from a Host header), or None when it is not an IP one."""
+    host, port = environ.get("SERVER_NAME") or "", environ.get("SERVER_PORT") or ""
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return host, int(port)
+    except (OSError, ValueError):
+        return None
 
 
-def start(body, fallback_url: str) -> BenchmarkRun:
-    """Validate, record and start a benchmark. `fallback_url` is the portal's URL as this request reached it,
-    used when connection.json does not say."""
+def _portal_base(address: Optional[tuple]) -> str:
+    if address is None:
+        raise UnavailableError("the portal cannot tell its own address here: benchmark with target \"direct\"")
+    host, port = address
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def credential_name(run_id: str) -> str:
+    """The name of the API key a run through the portal uses (revoked when the run ends)."""
+    return f"benchmark {run_id}"
+
+
+def _revoke_credential(run_id: str) -> None:
+    revoked = ApiKey.query.filter_by(name=credential_name(run_id), revoked_at=None).update(
+        {"revoked_at": utcnow()}, synchronize_session=False)
+    db.session.commit()
+    if revoked:
+        key_cache().forget()
+
+
+def start(body, address: Optional[tuple]) -> BenchmarkRun:
+    """Validate, record and start a benchmark. `address` is the portal's own (host, port) (`own_address`), which a
+    run through the portal sends its load to."""
     wanted = parse_benchmark_request(body)
     service = resolve_service(wanted.service)
     for other in BenchmarkRun.query.filter_by(service_id=service.id, state=RUNNING).all():
         if refresh(other).state == RUNNING:
             raise ConflictError(f"benchmark {other.id} is still running against service {service.id}: wait for it "
                                 "or cancel it (two loads at once would measure neither)")
+    run_id = secrets.token_hex(6)
+    pin = None
     if wanted.target == "portal":
-        base_url = f"{_portal_url(fallback_url)}/services/{service.id}/v1"
-        credential = current_app.config["PILOTFISH_TOKEN"]
+        base_url = f"{_portal_base(address)}/services/{service.id}/v1"
+        credential = None  # made below, once the run is known to start
     else:
-        base_url = f"http://{service.host}:{service.port}/v1"
-        credential = service.api_key
+        scheme = "https" if service.tls_fingerprint else "http"
+        base_url = f"{scheme}://{service.host}:{service.port}/v1"
+        credential, pin = service.api_key, service.tls_fingerprint
     load = LoadSpec(base_url=base_url, model=service.model, clients=wanted.clients, requests=wanted.requests,
                     prompt_len=wanted.prompt_len, max_tokens=wanted.max_tokens, stream=wanted.stream,
-                    api=wanted.api, ignore_eos=wanted.ignore_eos, timeout=wanted.timeout)
-    run = BenchmarkRun(id=secrets.token_hex(6), service_id=service.id, service_name=service.name, kind=service.kind,
+                    api=wanted.api, ignore_eos=wanted.ignore_eos, timeout=wanted.timeout, tls_pin=pin)
+    run = BenchmarkRun(id=run_id, service_id=service.id, service_name=service.name, kind=service.kind,
                        model=service.model, tier=service.tier, state=RUNNING,
                        mode="sweep" if wanted.sweep else "load", target=wanted.target,
                        params_json=json.dumps({key: value for key, value in asdict(wanted).items()
@@ -180,9 +217,15 @@ def start(body, fallback_url: str) -> BenchmarkRun:
     folder.mkdir(parents=True, mode=0o700)
     (folder / "spec.json").write_text(json.dumps({"load": asdict(load), "sweep": wanted.sweep,
                                                   "ttft_target": wanted.ttft_target}))
-    env = {**scrubbed_environment(), CREDENTIAL_ENV: credential}
-    child = processes.start([sys.executable, "-m", "portal.benchmark", str(folder)], folder, LOG_NAME, env, cwd=ROOT,
-                            name=f"benchmark-{run.id}")
+    try:
+        if credential is None:
+            credential = create_api_key(credential_name(run.id))[1]
+        env = {**scrubbed_environment(), CREDENTIAL_ENV: credential}
+        child = processes.start([sys.executable, "-m", "portal.benchmark", str(folder)], folder, LOG_NAME, env,
+                                cwd=ROOT, name=f"benchmark-{run.id}")
+    except BaseException:
+        _revoke_credential(run.id)
+        raise
     run.pid, run.pid_started = child.pid, child.record["create_time"]
     db.session.add(run)
     db.session.commit()
@@ -223,9 +266,11 @@ def summary_of(result: dict) -> dict:
 
 def _end(run: BenchmarkRun, state: str, **fields) -> BenchmarkRun:
     """Record the end of a run once, whichever worker gets there first."""
-    BenchmarkRun.query.filter_by(id=run.id, state=RUNNING).update({"state": state, "finished_at": utcnow(), **fields},
+    run_id = run.id
+    BenchmarkRun.query.filter_by(id=run_id, state=RUNNING).update({"state": state, "finished_at": utcnow(), **fields},
                                                                   synchronize_session=False)
     db.session.commit()  # expires `run`: it is read again, as whoever ended it left it
+    _revoke_credential(run_id)
     return run
 
 

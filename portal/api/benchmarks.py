@@ -14,7 +14,7 @@ from .openapi import described
            answers={202: schemas.Benchmark}, errors=(400, 404, 409))
 def start_benchmark():
     """Start a benchmark (it runs in a process of its own); GET /api/benchmarks/<id> follows it."""
-    run = benchmark_runs.start(json_body(), fallback_url=request.host_url.rstrip("/") + request.script_root)
+    run = benchmark_runs.start(json_body(), benchmark_runs.own_address(request.environ))
     return jsonify(run.to_dict()), 202
 
 

@@ -86,7 +86,7 @@ def benchmarks():
         values = {key: request.form.get(key, "") for key in FORM_FIELDS}
         try:
             run = benchmark_runs.start(benchmark_request(request.form),
-                                       fallback_url=request.host_url.rstrip("/") + request.script_root)
+                                       benchmark_runs.own_address(request.environ))
             return redirect(url_for("ui.benchmark", run_id=run.id), code=303)
         except ValidationError as exc:
             alert = place_problem(exc, FORM_CONTROLS, errors)
