@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     env.update(PILOTFISH_URL_PREFIX=prefix, PILOTFISH_SCHEDULER=PLACEMENTS[args.placement], PILOTFISH_TOKEN=token)
     deadline = job_deadline(job_id, env)
     if deadline is not None:
-        env["PILOTFISH_JOB_DEADLINE"] = f"{deadline:.0f}"
+        # Services end by then, and so do the browser's login sessions (a cookie outliving the job is worth nothing).
+        env["PILOTFISH_JOB_DEADLINE"] = env["PILOTFISH_SESSION_END"] = f"{deadline:.0f}"
     if args.workers:
         env["PILOTFISH_WORKERS"] = str(args.workers)
     os.environ.clear()

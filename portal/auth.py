@@ -2,25 +2,28 @@
 (portal.proxy.routing asks `caller_of_headers` on its event loop).
 
 The rule (`caller`): a bearer credential decides alone: the portal token is "owner", a live API key (portal.keys) is
-"key:<name>", anything else is refused. Without one, a login session cookie of this portal's current token is
-"owner", and a state-changing method also needs the session's CSRF token. Otherwise the request is refused.
+"key:<name>", anything else is refused. Without one, the cookie of a valid login session (portal.sessions: kept on the
+server, opened with this portal's current token, not logged out, idle or past its end) is "owner", and a
+state-changing method also needs the session's CSRF token. Otherwise the request is refused.
 The login pages that set the cookie are portal/ui/login.py; the key routes are portal/api/keys.py.
+
+Under a prefix (Open OnDemand's /node/<host>/<port>, an origin every app of every user shares) no page carries the
+CSRF token: the login hands it to the tab that signed in (portal/ui/login.py), so another app's page that can read
+this portal's pages with the cookie still cannot change anything (docs/security.md).
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
-from typing import Callable, Mapping, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 from urllib.parse import urlencode
 
-from flask import current_app, g, jsonify, redirect, request, session
-from flask.sessions import SecureCookieSessionInterface
-from itsdangerous import BadSignature
+from flask import current_app, g, jsonify, redirect, request
 from werkzeug.http import parse_cookie
 
 from .errors import PortalError
 from .keys import KEY_PREFIX, NEEDS_LOOKUP, init_keys, key_cache
+from .sessions import Session, init_sessions, session_cache
 
 PUBLIC_ENDPOINTS = {"api.health", "auth.login", "auth.login_form"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
@@ -87,30 +90,27 @@ def principal_from_bearer(token: str, app=None, cached_only: bool = False):
     return None
 
 
-def session_is_valid(data, app=None) -> bool:
-    """A login session of this portal's current token."""
-    return bool(data.get("auth")) and hmac.compare_digest(
-        data.get("token_id", ""), token_id((app or current_app).config["PILOTFISH_TOKEN"]))
+def csrf_matches(data: Session, sent: Optional[str]) -> bool:
+    return bool(sent) and hmac.compare_digest(sent.encode("latin-1", "replace"), data.csrf.encode())
 
 
-def csrf_matches(data, sent: Optional[str]) -> bool:
-    return bool(sent) and hmac.compare_digest(sent, data.get("csrf", ""))
-
-
-def caller(app, method: str, bearer: Optional[str], session_data: Optional[Callable[[], Optional[Mapping]]] = None,
+def caller(app, method: str, bearer: Optional[str], session_data: Optional[Callable[[], Optional[Session]]] = None,
            csrf_sent: Optional[Callable[[], Optional[str]]] = None, cached_only: bool = False):
     """Who is asking: "owner" or "key:<name>", else the Refusal that answers the request.
 
-    `bearer` is the Authorization header's bearer credential (or None); `session_data()` the login session (None
-    without one) and `csrf_sent()` the CSRF token sent, each asked only when the rule needs it: never when there is
-    a bearer credential (they may be left out then). With `cached_only` (the proxy's event loop), NEEDS_LOOKUP when
-    an API key has to be looked up in the database.
+    `bearer` is the Authorization header's bearer credential (or None); `session_data()` the valid login session
+    (None without one, NEEDS_LOOKUP when only the database can tell) and `csrf_sent()` the CSRF token sent, each
+    asked only when the rule needs it: never when there is a bearer credential (they may be left out then). With
+    `cached_only` (the proxy's event loop), NEEDS_LOOKUP when an API key or a session has to be looked up in the
+    database.
     """
     if bearer is not None:
         principal = principal_from_bearer(bearer, app, cached_only)
         return WRONG_CREDENTIAL if principal is None else principal
     data = session_data()
-    if data is not None and session_is_valid(data, app):
+    if data is NEEDS_LOOKUP:
+        return NEEDS_LOOKUP
+    if data is not None:
         if method not in SAFE_METHODS and not csrf_matches(data, csrf_sent()):
             return WRONG_CSRF
         return "owner"
@@ -125,23 +125,25 @@ def caller_of_headers(app, method: str, header: Callable[[bytes], Optional[bytes
     bearer = bearer_from_header(authorization.decode("latin-1")) if authorization is not None else None
     if bearer is not None:  # the hot path: the credential decides alone, the cookie is not read
         return caller(app, method, bearer, cached_only=cached_only)
-    return caller(app, method, None, lambda: session_from_cookie(app, header(b"cookie")),
+    return caller(app, method, None, lambda: session_from_cookie(app, header(b"cookie"), cached_only),
                   lambda: _decoded(header(_CSRF_HEADER_KEY)), cached_only)
 
 
-def session_from_cookie(app, cookie_header: Optional[bytes]) -> Optional[dict]:
-    """The login session in a Cookie header, read as Flask's session interface reads it; None without a valid one."""
+def session_from_cookie(app, cookie_header: Optional[bytes], cached_only: bool = False):
+    """The valid login session of a Cookie header, or None. `cached_only` never queries the database: NEEDS_LOOKUP
+    when that would be needed."""
     if cookie_header is None:
         return None
-    value = parse_cookie(cookie_header.decode("latin-1")).get(app.config["SESSION_COOKIE_NAME"])
-    if not value:
+    value = parse_cookie(cookie_header.decode("latin-1")).get(SESSION_COOKIE)
+    return session_of(app, value, cached_only)
+
+
+def session_of(app, value: Optional[str], cached_only: bool = False):
+    """The valid login session of a cookie's value, or None (NEEDS_LOOKUP: see session_from_cookie)."""
+    if not value or len(value) > 100:
         return None
-    serializer = app.session_interface.get_signing_serializer(app)
-    try:
-        data = serializer.loads(value, max_age=int(app.permanent_session_lifetime.total_seconds()))
-    except BadSignature:
-        return None
-    return data if isinstance(data, dict) else None
+    sessions = session_cache(app)
+    return sessions.peek(value) if cached_only else sessions.lookup(value)
 
 
 def _decoded(value: Optional[bytes]) -> Optional[str]:
@@ -165,8 +167,9 @@ def authenticate():
     return refusal(*who)
 
 
-def _flask_session():
-    return session
+def _flask_session() -> Optional[Session]:
+    g.login_session = session_of(current_app, request.cookies.get(SESSION_COOKIE))
+    return g.login_session
 
 
 def _csrf_sent() -> Optional[str]:
@@ -206,30 +209,49 @@ def require_owner() -> None:
 
 # --- the login session cookie -----------------------------------------------------------------------------
 
-class PrefixedSessionInterface(SecureCookieSessionInterface):
-    """Scope the session cookie to the prefix the portal was reached by (/node/<host>/<port>/)."""
-
-    def get_cookie_path(self, app):
-        return (request.script_root or "") + "/"
-
-    def get_cookie_secure(self, app):
-        return request.is_secure or request.headers.get("X-Forwarded-Proto", "") == "https"
+def shared_origin() -> bool:
+    """Whether the portal was reached under a prefix (Open OnDemand's /node/<host>/<port>): an origin every app of
+    every user shares, whose pages can read this portal's pages with its cookie."""
+    return bool(request.script_root)
 
 
 def csrf_token() -> str:
-    """The session's CSRF token (made on first use); pages put it in their forms and scripts."""
-    if "csrf" not in session:
-        session["csrf"] = secrets.token_urlsafe(24)
-    return session["csrf"]
+    """The CSRF token pages put in their forms and scripts: the session's, except under a shared origin, where no
+    page carries it (the tab that signed in has it from the login; static/js/pilotfish.js fills it in)."""
+    login_session = getattr(g, "login_session", None)
+    if login_session is None or shared_origin():
+        return ""
+    return login_session.csrf
+
+
+def set_session_cookie(response, value: str) -> None:
+    """The cookie of a login session: only its random id, HttpOnly, SameSite=Strict, Secure under https, and scoped
+    to the prefix the portal was reached by (/node/<host>/<port>/)."""
+    response.set_cookie(SESSION_COOKIE, value, path=(request.script_root or "") + "/", httponly=True,
+                        samesite="Strict", secure=_secure())
+
+
+def clear_session_cookie(response) -> None:
+    response.delete_cookie(SESSION_COOKIE, path=(request.script_root or "") + "/", httponly=True, samesite="Strict",
+                           secure=_secure())
+
+
+def _secure() -> bool:
+    return request.is_secure or request.headers.get("X-Forwarded-Proto", "") == "https"
+
+
+def no_store(response):
+    """after_request hook: the portal's own answers (pages, API, login) are never cached by the browser or a proxy
+    between; the static files keep their own caching."""
+    if request.endpoint != "static":
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response
 
 
 def init_auth(app) -> None:
-    """The session cookie (signed with a key derived from the portal token), the key cache and the rule's hook."""
-    app.secret_key = hmac.new(app.config["PILOTFISH_TOKEN"].encode(), b"pilotfish-session-signing",
-                              hashlib.sha256).digest()
-    app.config.update(SESSION_COOKIE_NAME=SESSION_COOKIE, SESSION_COOKIE_HTTPONLY=True,
-                      SESSION_COOKIE_SAMESITE="Lax")
-    app.session_interface = PrefixedSessionInterface()
+    """Login sessions (portal.sessions), the key cache and the rule's hook."""
+    init_sessions(app, token_id(app.config["PILOTFISH_TOKEN"]))
     init_keys(app)
     app.before_request(authenticate)
+    app.after_request(no_store)
     app.jinja_env.globals["csrf_token"] = csrf_token

@@ -53,6 +53,11 @@ class Config:
     spool_limit_mb: float = 1024.0  # what one worker's gateway uploads may hold at once in PILOTFISH_HOME/spool
     client_read_timeout: float = 30.0  # seconds for a request's head, and a page's or API call's body, to arrive
     job_deadline: Optional[float] = None  # epoch seconds the portal's own job ends: child jobs must end by then
+    # Login sessions (portal/sessions.py): they end after this long unused, this long after the login at the latest,
+    # and by session_end (epoch seconds: the Open OnDemand job's end) if set.
+    session_idle: float = 8 * 3600.0
+    session_max: float = 7 * 86400.0
+    session_end: Optional[float] = None
     testing: bool = False
 
     @property
@@ -150,6 +155,7 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         raise ConfigError("allowed_paths: expected a list of folders such as [/shared/templates]")
     specs = pick("resource_specs", "PILOTFISH_RESOURCE_SPECS", None)
     deadline = pick("job_deadline", "PILOTFISH_JOB_DEADLINE", None)
+    session_end = pick("session_end", "PILOTFISH_SESSION_END", None)
 
     config = Config(
         home=home,
@@ -179,6 +185,9 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         spool_limit_mb=_number("spool_limit_mb", pick("spool_limit_mb", None, 1024.0), 1),
         client_read_timeout=_number("client_read_timeout", pick("client_read_timeout", None, 30.0), 1),
         job_deadline=_number("job_deadline", deadline, 0) if deadline not in (None, "") else None,
+        session_idle=_number("session_idle", pick("session_idle", "PILOTFISH_SESSION_IDLE", 8 * 3600.0), 1),
+        session_max=_number("session_max", pick("session_max", "PILOTFISH_SESSION_MAX", 7 * 86400.0), 60),
+        session_end=_number("session_end", session_end, 0) if session_end not in (None, "") else None,
         testing=bool(overrides.pop("testing", False)),
     )
     if overrides:

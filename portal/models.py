@@ -1,4 +1,5 @@
-"""Database tables: services, their state events, and portal-wide conditions."""
+"""Database tables: services, their state events, portal-wide conditions, API keys, login sessions, the model
+inventory, downloads and benchmark runs."""
 from __future__ import annotations
 
 import json
@@ -148,6 +149,20 @@ class ApiKey(db.Model):
 
     def to_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "hint": self.hint, "created_at": iso(self.created_at)}
+
+
+class LoginSession(db.Model):
+    """A browser's login session (portal/sessions.py): the cookie holds a random id, this table its SHA-256, so
+    logging out, idling or a new portal token ends it on the server."""
+    __tablename__ = "sessions"
+
+    id = db.Column(db.String(64), primary_key=True)  # SHA-256 of the cookie's value
+    csrf = db.Column(db.String(64), nullable=False)  # the session's CSRF token
+    token_id = db.Column(db.String(16), nullable=False)  # the portal token it was opened with (auth.token_id)
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    last_seen = db.Column(db.DateTime, nullable=False, default=utcnow)  # written at most once a minute
+    expires_at = db.Column(db.DateTime, nullable=False)  # the absolute end (a week, or the Open OnDemand job's end)
+    revoked_at = db.Column(db.DateTime)  # logged out
 
 
 class ModelRecord(db.Model):

@@ -44,7 +44,7 @@ def service(service_id):
     found = services.get_service(service_id)
     return render_template("ui/service.html", title=f"{found.name}", service=found.to_dict(with_events=True),
                            job_script=services.read_job_script(found), notebook_url=notebook_url(),
-                           browser_url=request.host_url.rstrip("/") + request.script_root)
+                           browser_url=request.script_root)  # a path: the page adds its own origin
 
 
 @bp.get("/ui/services/<service_id>/playground")

@@ -2,9 +2,23 @@
 // Shared by every page: the portal's base URL and CSRF token (both from the page), JSON calls, formatting,
 // the confirmation dialog and small DOM helpers. Data from the portal only ever reaches the page as text.
 
+// The CSRF token: in the page at bare paths; under Open OnDemand's prefix (an origin every app of every user shares,
+// whose pages can read this portal's pages with its cookie) no page carries it: the login's redirect hands it to the
+// tab that signed in (#pf-csrf=...), which keeps it in its own sessionStorage (docs/security.md).
+function tabCsrf() {
+  const key = "pilotfish-csrf:" + (document.body.dataset.baseUrl || "");
+  const handed = new URLSearchParams(window.location.hash.slice(1)).get("pf-csrf");
+  if (handed) {
+    window.sessionStorage.setItem(key, handed);
+    window.history.replaceState(window.history.state, "", window.location.pathname + window.location.search);
+  }
+  const meta = document.querySelector('meta[name="csrf-token"]');
+  return (meta && meta.content) || window.sessionStorage.getItem(key) || "";
+}
+
 const PF = (() => {
   const base = document.body.dataset.baseUrl || "";
-  const csrf = document.querySelector('meta[name="csrf-token"]').content;
+  const csrf = tabCsrf();
   const LIVE = ["SUBMITTED", "PENDING", "STARTING", "RUNNING", "UNHEALTHY"];
   const BADGES = {
     SUBMITTED: "text-bg-secondary", PENDING: "text-bg-info", STARTING: "text-bg-primary", RUNNING: "text-bg-success",
@@ -44,7 +58,13 @@ const PF = (() => {
   // A call to the portal's JSON API; throws ApiError with the API's own message (and the field, for bad input).
   async function api(method, path, body) {
     const options = {method, headers: {Accept: "application/json"}, credentials: "same-origin"};
-    if (method !== "GET") options.headers["X-CSRF-Token"] = csrf;
+    if (method !== "GET") {
+      if (!csrf) { // a tab that did not sign in itself (under Open OnDemand): it may read, not change anything
+        signIn();
+        throw new ApiError("this tab is not signed in: sign in again", 403);
+      }
+      options.headers["X-CSRF-Token"] = csrf;
+    }
     if (body !== undefined) {
       options.headers["Content-Type"] = "application/json";
       options.body = JSON.stringify(body);
@@ -263,7 +283,22 @@ const PF = (() => {
     return url(`/ui/services/${encodeURIComponent(id)}${page ? "/" + page : ""}`);
   }
 
-  document.addEventListener("DOMContentLoaded", () => copyButtons());
+  document.addEventListener("DOMContentLoaded", () => {
+    // Addresses the portal writes as paths (it never builds a URL from a request's Host header): this page's origin.
+    for (const input of document.querySelectorAll("input[data-from-origin]")) {
+      input.value = window.location.origin + input.value;
+    }
+    copyButtons();
+  });
+  // HTML forms (sign out, launch, benchmarks) send the token as a hidden field, which a page under a shared origin
+  // leaves empty: it is filled in from this tab's copy as the form is sent. Signing out forgets the copy.
+  document.addEventListener("submit", (event) => {
+    const form = event.target;
+    for (const field of form.querySelectorAll('input[name="csrf_token"]')) field.value = csrf;
+    if (/\/logout$/.test(form.getAttribute("action") || "")) {
+      window.sessionStorage.removeItem("pilotfish-csrf:" + base);
+    }
+  }, true);
 
   return {
     base, csrf, LIVE, ApiError, url, api, errorMessage, poll, now, duration, since, when, bytes, isLive, timeLeft,
