@@ -258,3 +258,13 @@ def test_under_the_shared_origin_nothing_readable_with_the_cookie_alone_lets_a_p
     made = signed_in.post(f"{portal.url}{prefix}/api/keys", json={"name": "mine"}, headers={"X-CSRF-Token": csrf},
                           timeout=10)
     assert made.status_code == 201 and made.headers.get("Cache-Control") == "no-store"
+
+
+def test_a_malformed_login_body_is_a_4xx_never_a_500(start_portal):
+    portal = start_portal("local")
+    for body in (b"[]", b"1", b'"token"', b"null", b'{"token": 5}', b'{"token": NaN}', b"{not json", b"\xff\xfe"):
+        answer = requests.post(portal.url + "/login", data=body, headers={"Content-Type": "application/json"},
+                               timeout=10)
+        assert 400 <= answer.status_code < 500, (body, answer.status_code, answer.text)
+        assert isinstance(answer.json()["error"], str)
+        assert "set-cookie" not in {name.lower() for name in answer.headers}

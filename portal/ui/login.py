@@ -15,6 +15,7 @@ from flask import Blueprint, current_app, jsonify, redirect, render_template, re
 from ..auth import (SESSION_COOKIE, clear_session_cookie, session_of, set_session_cookie, token_matches,
                     unauthorized)
 from ..sessions import session_cache
+from ..validation import parse_json_object
 
 bp = Blueprint("auth", __name__)
 CSRF_FRAGMENT = "pf-csrf"  # the login's redirect hands the tab its CSRF token as #pf-csrf=<token>
@@ -51,7 +52,10 @@ def login():
     keep working; else a new one). A script gets the CSRF token in JSON; a browser is sent to `next` with the CSRF
     token in the URL's fragment, which never reaches a server or a log and which the page's script keeps for this tab
     (static/js/pilotfish.js): under Open OnDemand no page carries it (portal.auth.csrf_token)."""
-    token = request.form.get("token") or (request.get_json(silent=True) or {}).get("token")
+    if request.is_json:  # a script: one JSON object {"token": "..."}, anything else is a 400 naming the body
+        token = parse_json_object(request.get_data(), '{"token": "<portal token>"}').get("token")
+    else:
+        token = request.form.get("token")
     if not isinstance(token, str) or not token_matches(token):
         if request.is_json:
             return unauthorized("wrong token")
