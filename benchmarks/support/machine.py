@@ -198,6 +198,35 @@ http {{
                 self.proc.wait(timeout=10)
 
 
+class TlsNginx(Nginx):
+    """nginx in front of a service as the portal reaches it: TLS to the service (its self-signed certificate not
+    checked: the portal pins it instead; sessions reused), keep-alive upstream connections, nothing buffered, and the
+    service's key set by nginx itself on every request (the caller sends none). The key is in the config file only
+    (the temp dir is private), never on a command line."""
+
+    def __init__(self, binary: str, workdir: Path, upstream_port: int, port: int, workers: int, service_key: str,
+                 upstream_host: str = LOOPBACK):
+        super().__init__(binary, workdir, upstream_port, port, workers)
+        self.service_key, self.upstream_host = service_key, upstream_host
+
+    def config(self) -> str:
+        if any(c in self.service_key for c in '"\\;{}$') or not self.service_key.isprintable():
+            raise ValueError("the service key has characters an nginx config cannot hold as they are")
+        text = super().config()
+        text = text.replace(f"server {LOOPBACK}:{self.upstream_port};", f"server {self.upstream_host}:{self.upstream_port};")
+        return text.replace("proxy_pass http://service;", f"""proxy_pass https://service;
+            proxy_ssl_verify off;
+            proxy_ssl_session_reuse on;
+            proxy_set_header Authorization "Bearer {self.service_key}";""")
+
+    def start(self) -> "TlsNginx":
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.dir, 0o700)
+        super().start()
+        os.chmod(self.dir / "nginx.conf", 0o600)
+        return self
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
