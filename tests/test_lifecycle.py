@@ -95,9 +95,9 @@ def test_service_runs_is_stopped_and_deleted(portal, time_limited):
     host, port = running["endpoint"]["host"], running["endpoint"]["port"]
     assert port_open(host, port)
 
-    # The service itself refuses callers without its key.
+    # The service itself (TLS only) refuses callers without its key.
     import requests
-    assert requests.get(f"http://{host}:{port}/health", timeout=5).status_code == 401
+    assert requests.get(f"https://{host}:{port}/health", timeout=5, verify=False).status_code == 401
 
     # Deleting a live service is refused: it must be stopped first.
     assert portal.request("DELETE", f"/api/services/{created['id']}").status_code == 409
