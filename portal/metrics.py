@@ -104,14 +104,15 @@ class Instruments:
         return found
 
     def record_cycle(self, seconds: float, scheduler_calls: int, scheduler_ok: bool,
-                     states: Dict[str, int]) -> None:
-        """One reconcile cycle: its duration, the scheduler commands it ran, and services by state afterwards."""
+                     states: Optional[Dict[str, int]]) -> None:
+        """One reconcile cycle: its duration, the scheduler commands it ran, and services by state afterwards (None:
+        unchanged since the last count)."""
         self.cycle_seconds.observe(seconds)
         if scheduler_calls:
             self.scheduler_calls.inc(scheduler_calls)
         if not scheduler_ok:
             self.scheduler_failures.inc()
-        for state, child in self._state_children.items():
+        for state, child in ([] if states is None else self._state_children.items()):
             child.set(states.get(state, 0))
 
 

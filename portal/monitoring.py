@@ -98,17 +98,23 @@ class DiscoveryFiles:
         self.folder = Path(home) / FOLDER
         self._written: Optional[Dict[str, str]] = None  # None: files on disk not known yet (first sync, an error)
         self._exporters: Dict[str, List[dict]] = {}  # exporters.json is written once, before the server starts
+        self._texts: Dict[ServiceTarget, str] = {}  # each target's file content, made once
 
     def path_of(self, service_id: str) -> Path:
         return self.folder / f"service-{service_id}.json"
 
     def sync(self, targets: Iterable[ServiceTarget]) -> None:
         wanted: Dict[str, str] = {}
+        texts: Dict[ServiceTarget, str] = {}
         for target in targets:
-            exporters = self._exporters.get(target.id)
-            if exporters is None:  # read once: a serving job wrote the file (if at all) before its server started
-                exporters = self._exporters[target.id] = read_exporters(target.job_dir) or []
-            wanted[self.path_of(target.id).name] = json.dumps(discovery_groups(target, exporters), indent=2)
+            text = self._texts.get(target)
+            if text is None:
+                exporters = self._exporters.get(target.id)
+                if exporters is None:  # read once: a serving job wrote the file (if at all) before its server started
+                    exporters = self._exporters[target.id] = read_exporters(target.job_dir) or []
+                text = json.dumps(discovery_groups(target, exporters), indent=2)
+            wanted[f"service-{target.id}.json"] = texts[target] = text
+        self._texts = texts
         try:
             self.folder.mkdir(mode=0o755, exist_ok=True)
             for name, text in wanted.items():
@@ -158,7 +164,11 @@ class CycleMonitor:
     def __init__(self, home: Path):
         self.discovery = DiscoveryFiles(home)
 
-    def after_cycle(self, report, served: List[ServiceTarget]) -> None:
+    def after_cycle(self, report, served: List[ServiceTarget], recount: bool = True) -> None:
+        """Sync the discovery files and record the cycle; services are counted by state only when `recount` (the
+        reconciler knows when they may have changed)."""
         self.discovery.sync(served)
-        states = dict(db.session.query(Service.state, db.func.count(Service.id)).group_by(Service.state).all())
+        states = None
+        if recount:
+            states = dict(db.session.query(Service.state, db.func.count(Service.id)).group_by(Service.state).all())
         metrics.instruments().record_cycle(report.seconds, report.scheduler_calls, report.scheduler_ok, states)

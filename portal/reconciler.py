@@ -1,4 +1,11 @@
-"""The background loop that moves services through their states: one scheduler query per cycle, concurrent health probes."""
+"""The background loop that moves services through their states: one scheduler query per cycle, concurrent health probes.
+
+It cycles only while something can change: every poll_interval while a service is live (fast_poll_interval while
+one comes up or is unwell), so a job's end is seen within poll_interval; with no live service it waits until a
+launch or a stop wakes it (in this worker at once; in the other worker through the wake mark, seen within
+fast_poll_interval), with a cycle every IDLE_CYCLE_SECONDS for housekeeping. A cycle in which nothing changed
+writes nothing: no database row, no discovery file.
+"""
 from __future__ import annotations
 
 import fcntl
@@ -9,10 +16,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import urllib3
+from sqlalchemy import select
 
 from .catalog.inventory import refresh_in_background
 from .site import KINDS, runtime_for
@@ -28,6 +37,11 @@ from .states import IMPOSTOR, REFUSED, JobFacts, after_job, after_probe
 
 log = logging.getLogger(__name__)
 SCHEDULER_CONDITION = "scheduler"
+WAKE_MARK = "reconciler.wake"  # in PILOTFISH_HOME: grows by a byte when a worker that does not lead wakes the reconciler
+IDLE_CYCLE_SECONDS = 60.0  # with no live service, a cycle this often though nothing woke the reconciler
+LOCK_RETRY_SECONDS = 2.0  # a worker that does not lead tries the lock this often (takes over when the leader goes)
+CONDITION_REFRESH = timedelta(seconds=60)  # an unchanged condition's checked_at is rewritten at most this often
+LIVE_SERVICES = select(Service).where(Service.state.in_(State.LIVE))  # built once: a cycle only runs it
 
 
 @dataclass
@@ -67,24 +81,50 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
-def set_condition(name: str, ok: bool, message: Optional[str]) -> None:
+def set_condition(name: str, ok: bool, message: Optional[str]) -> datetime:
+    """Record a condition; an unchanged one only has its checked_at renewed, at most every CONDITION_REFRESH (so a
+    quiet cycle writes nothing). Returns its checked_at."""
     now = utcnow()
     condition = db.session.get(Condition, name)
     if condition is None:
         condition = Condition(name=name, ok=ok, message=message, since=now, checked_at=now)
         db.session.add(condition)
-    else:
+    elif condition.ok != ok or condition.message != message or not condition.checked_at \
+            or now - condition.checked_at >= CONDITION_REFRESH:
         if condition.ok != ok:
             condition.since = now
         condition.ok, condition.message, condition.checked_at = ok, message, now
+    return condition.checked_at
 
 
 def conditions() -> Dict[str, dict]:
     return {condition.name: condition.to_dict() for condition in Condition.query.all()}
 
 
+def wake_mark(home: Path) -> Optional[tuple]:
+    """The wake mark's state (None while it does not exist); it differs after every `touch_wake_mark`."""
+    try:
+        stat = os.stat(Path(home) / WAKE_MARK)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def touch_wake_mark(home: Path) -> None:
+    """Move the wake mark, so the reconciler of whichever worker leads cycles within fast_poll_interval."""
+    try:
+        # One byte more each time: the size changes even when two wakes fall in one tick of the file clock.
+        with open(Path(home) / WAKE_MARK, "ab") as mark:
+            if mark.tell() >= 4096:
+                mark.truncate(0)
+            mark.write(b".")
+    except OSError:
+        log.exception("could not wake the reconciler")
+
+
 class Reconciler:
-    """Runs `cycle()` every few seconds in one worker of the portal (the one holding the lock file)."""
+    """Runs `cycle()` in one worker of the portal (the one holding the lock file): every poll_interval while a
+    service is live, else when woken (see the module's description)."""
 
     def __init__(self, app):
         self.app = app
@@ -95,6 +135,10 @@ class Reconciler:
         self._thread: Optional[threading.Thread] = None
         self._lock_fd: Optional[int] = None
         self._monitor = CycleMonitor(self.config.home)
+        self.cycles = 0  # cycles run by this worker
+        self._live: Optional[frozenset] = None  # (id, state) of the live services after the last cycle
+        self._counted_at = float("-inf")  # when the services-by-state metric was last counted (monotonic)
+        self._conditions: Dict[str, tuple] = {}  # name: (ok, message, monotonic time) of what this worker last wrote
         # Health paths are fixed once the site config is read; probes share one bounded pool for the portal's life.
         # For services recorded without their own health path.
         self._health_paths = {name: runtime_for(self.config, kind).health_path for name, kind in KINDS.items()}
@@ -121,7 +165,11 @@ class Reconciler:
             self._lock_fd = None
 
     def wake(self) -> None:
+        """Cycle now: something changed (a launch, a stop, a deletion). In a worker that does not lead, through the
+        wake mark, which the leader checks every fast_poll_interval."""
         self._wake.set()
+        if not self.is_leader:
+            touch_wake_mark(self.config.home)
 
     @property
     def is_leader(self) -> bool:
@@ -145,39 +193,60 @@ class Reconciler:
     def _run(self) -> None:
         while not self._stop.is_set():
             if not self.is_leader and not self._try_lock():
-                self._stop.wait(2.0)  # another worker reconciles; take over if it goes away
+                self._stop.wait(LOCK_RETRY_SECONDS)  # another worker reconciles; take over if it goes away
                 continue
-            busy = False
+            woken = self._wake.is_set()
+            self._wake.clear()
+            mark = wake_mark(self.config.home)  # read before the cycle: a wake during it is not lost
+            report = None
             try:
                 with self.app.app_context():
-                    busy = self.cycle().busy
+                    report = self.cycle(recount=woken)
             except Exception:  # the loop must survive anything one cycle meets
                 log.exception("reconcile cycle failed")
-            interval = self.config.fast_poll_interval if busy else self.config.poll_interval
-            self._wake.wait(interval)
-            self._wake.clear()
+                self._conditions.clear()  # what it wrote may not have been committed
+            if report is None or report.services:
+                interval = self.config.fast_poll_interval if report and report.busy else self.config.poll_interval
+            else:
+                interval = IDLE_CYCLE_SECONDS  # nothing live: nothing changes until a launch wakes us
+            self._sleep(interval, mark)
+
+    def _sleep(self, seconds: float, mark: Optional[tuple]) -> None:
+        """Until `seconds` have passed, wake() is called in this worker, or the wake mark moves (another worker's
+        wake(), checked every fast_poll_interval: a stat, nothing more)."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or self._wake.wait(min(self.config.fast_poll_interval, left)):
+                return
+            if wake_mark(self.config.home) != mark:
+                self._wake.set()
+                return
 
     # --- one cycle ------------------------------------------------------------------------------------
 
-    def cycle(self) -> CycleReport:
-        """Bring every live service up to date. Must run inside an app context."""
+    def cycle(self, recount: bool = True) -> CycleReport:
+        """Bring every live service up to date. Must run inside an app context. The services-by-state metric is
+        counted again when `recount`, when a service moved, when the live services differ from the last cycle's, and
+        at least every IDLE_CYCLE_SECONDS."""
         started = time.monotonic()
+        self.cycles += 1
         report = CycleReport()
         calls_before = getattr(self.scheduler, "calls", 0)
-        services = Service.query.filter(Service.state.in_(State.LIVE)).all()
+        services = db.session.scalars(LIVE_SERVICES).all()
         report.services = len(services)
         tracked = [service for service in services if service.job_id]
         infos: Dict[str, JobInfo] = {}
         if tracked:
             try:
                 infos = self.scheduler.query(job_query(service) for service in tracked)
-                set_condition(SCHEDULER_CONDITION, True, None)
+                self._set_condition(SCHEDULER_CONDITION, True, None)
             except SchedulerUnreachable as exc:
                 report.scheduler_ok = False
-                set_condition(SCHEDULER_CONDITION, False, str(exc))
+                self._set_condition(SCHEDULER_CONDITION, False, str(exc))
                 log.warning("scheduler unreachable: %s", exc)
-        elif db.session.get(Condition, SCHEDULER_CONDITION) is None:
-            set_condition(SCHEDULER_CONDITION, True, None)
+        elif SCHEDULER_CONDITION not in self._conditions and db.session.get(Condition, SCHEDULER_CONDITION) is None:
+            self._set_condition(SCHEDULER_CONDITION, True, None)
 
         now = utcnow()
         for service in services:
@@ -198,14 +267,30 @@ class Reconciler:
             for service, (ok, detail) in zip(to_probe, results):
                 report.transitions += self._apply_probe(service, ok, detail)
         served = serving_targets(services)  # read before the commit expires the rows
-        db.session.commit()
+        live = frozenset((service.id, service.state) for service in services)
+        report.busy = any(service.state in State.FAST_POLL for service in services)
+        db.session.commit()  # writes only what changed (an unchanged cycle flushes nothing)
         if report.transitions:
             routes_changed(self.config.home)  # every worker's proxy reloads before its next request
-        report.busy = any(service.state in State.FAST_POLL for service in services)
         report.scheduler_calls = getattr(self.scheduler, "calls", 0) - calls_before
         report.seconds = time.monotonic() - started
-        self._monitor.after_cycle(report, served)
+        recount = recount or bool(report.transitions) or live != self._live \
+            or time.monotonic() - self._counted_at >= IDLE_CYCLE_SECONDS
+        self._live = live
+        if recount:
+            self._counted_at = time.monotonic()
+        self._monitor.after_cycle(report, served, recount)
         return report
+
+    def _set_condition(self, name: str, ok: bool, message: Optional[str]) -> None:
+        """set_condition, without even reading the row while it is what this worker wrote under CONDITION_REFRESH
+        ago (only the leading worker writes conditions)."""
+        known = self._conditions.get(name)
+        now = time.monotonic()
+        if known and known[:2] == (ok, message) and now - known[2] < CONDITION_REFRESH.total_seconds():
+            return
+        checked_at = set_condition(name, ok, message)
+        self._conditions[name] = (ok, message, now - max(0.0, (utcnow() - checked_at).total_seconds()))
 
     def _apply(self, service: Service, info: JobInfo) -> int:
         """Follow the job's news (the rules: portal.states.after_job); a running job also tells where it runs."""
@@ -231,6 +316,8 @@ class Reconciler:
     def _probe_all(self, services: List[Service]) -> List[tuple]:
         targets = [(service.host, service.port, service.health_path or self._health_paths.get(service.kind, "/health"),
                     service.api_key, service.tls_fingerprint) for service in services]
+        if len(targets) == 1:  # one service: probed on this thread, without waking a pool thread
+            return [self._probe(*targets[0])]
         return list(self._probe_pool.map(lambda target: self._probe(*target), targets))
 
     def _probe(self, host: str, port: int, path: str, key: str, pin: Optional[str]) -> tuple:
@@ -254,5 +341,6 @@ class Reconciler:
     def _apply_probe(self, service: Service, ok: bool, detail: str) -> int:
         """Count the probe's failure or success and move the service (the rules: portal.states.after_probe)."""
         step = after_probe(service.state, ok, detail, service.health_failures, self.config.unhealthy_after)
-        service.health_failures = step.failures
+        if service.health_failures != step.failures:  # an unchanged row stays clean: the commit has nothing to flush
+            service.health_failures = step.failures
         return transition(service, *step.move) if step.move else 0

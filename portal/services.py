@@ -130,11 +130,13 @@ def launch(body, principal: Optional[str]) -> Service:
         service.state = None  # the first event records the refusal
         transition(service, State.FAILED, f"{config.scheduler} rejected the job: {exc}")
         db.session.commit()
+        _wake_reconciler()  # services by state changed
         raise RejectedError(f"{config.scheduler} rejected the job: {exc}", service=service.to_dict())
     except SchedulerUnreachable as exc:
         service.state = None
         transition(service, State.FAILED, f"could not submit: {exc}")
         db.session.commit()
+        _wake_reconciler()
         raise UnavailableError(f"could not submit: {exc}", service=service.to_dict())
     service.job_id = job_id
     service.submitted_at = utcnow()
@@ -182,6 +184,7 @@ def stop(service: Service) -> Service:
     if not service.job_id:
         transition(service, State.STOPPED, "stopped by user before its job was submitted")
         db.session.commit()
+        _wake_reconciler()
         return service
     try:
         _scheduler().cancel(service.job_id, Path(service.job_dir))
@@ -202,6 +205,7 @@ def delete(service: Service) -> None:
     shutil.rmtree(service.job_dir, ignore_errors=True)
     db.session.delete(service)
     db.session.commit()
+    _wake_reconciler()  # services by state changed
 
 
 def prune() -> List[str]:
@@ -212,6 +216,8 @@ def prune() -> List[str]:
         db.session.delete(service)
         removed.append(service.id)
     db.session.commit()
+    if removed:
+        _wake_reconciler()
     return removed
 
 

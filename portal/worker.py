@@ -3,10 +3,50 @@ heads: portal/http_server.py).
 
 Kept apart from portal/asgi.py because gunicorn's master imports the worker class, and the application must only
 be built in the workers (each runs its own reconciler thread and proxy connection pools).
+
+uvicorn's server wakes ten times a second for its housekeeping (the Date header, gunicorn's heartbeat, the stop
+flag), which is most of what an idle worker costs; PortalServer does it once a second, and a stop signal still
+wakes it at once.
 """
+import asyncio
+import sys
+
+from gunicorn.arbiter import Arbiter
+from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from .http_server import PortalHttpProtocol
+
+TICK_SECONDS = 1.0  # how often an idle worker refreshes its Date header and heartbeat (uvicorn: every 0.1 s)
+
+
+def _release(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class PortalServer(Server):
+    """uvicorn's Server with its main loop ticking once a second (the Date header, the heartbeat and the request
+    limit are all it does per tick), woken at once by a stop signal."""
+
+    _waiter = None
+
+    async def main_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not await self.on_tick(0):  # tick 0: uvicorn's once-a-second work, on every tick
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(TICK_SECONDS, _release, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        waiter = self._waiter
+        if waiter is not None:  # in the main thread, from a signal handler: wake the loop, never block it
+            waiter.get_loop().call_soon_threadsafe(_release, waiter)
 
 
 class PortalWorker(UvicornWorker):
@@ -25,3 +65,12 @@ class PortalWorker(UvicornWorker):
         # On stop, open streams get a second less than gunicorn's graceful_timeout: then they are cancelled (each
         # closes its upstream connection, so the engine aborts the request) before the master would kill the worker.
         self.config.timeout_graceful_shutdown = max(1, self.cfg.graceful_timeout - 1)
+
+    async def _serve(self) -> None:
+        """UvicornWorker._serve with PortalServer."""
+        self.config.app = self.wsgi
+        server = PortalServer(config=self.config)
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)

@@ -95,7 +95,8 @@ def alive(record: Optional[dict]) -> bool:
     try:
         proc = psutil.Process(record["pid"])
         created = record.get("create_time")
-        return (created is None or abs(proc.create_time() - created) < 1) and proc.status() != psutil.STATUS_ZOMBIE
+        with proc.oneshot():  # one read of /proc/<pid>/stat for both
+            return (created is None or abs(proc.create_time() - created) < 1) and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError):
         return False
 

@@ -112,8 +112,10 @@ def write_site_config(path: Path, **settings) -> Path:
 class PortalProcess:
     """`pilotfish start` in a subprocess, with helpers to call its API."""
 
-    def __init__(self, home: Path, site_config: Path, workers: int = 1, port: int | None = None):
+    def __init__(self, home: Path, site_config: Path, workers: int = 1, port: int | None = None,
+                 env: dict | None = None):
         self.home, self.site_config, self.workers = home, site_config, workers
+        self.extra_env = dict(env or {})  # e.g. {"PILOTFISH_POLL_INTERVAL": "5"}: the tests poll every second
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = home.parent / f"portal-{self.port}.log"
@@ -122,6 +124,7 @@ class PortalProcess:
     def start(self):
         env = dict(os.environ, PILOTFISH_HOME=str(self.home), PILOTFISH_SITE_CONFIG=str(self.site_config),
                    PILOTFISH_POLL_INTERVAL="1")
+        env.update(self.extra_env)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "portal.cli", "start", "--port", str(self.port),
                                       "--workers", str(self.workers)], env=env, stdout=self.log,
@@ -184,9 +187,9 @@ class PortalFactory:
         self.base = base
         self.portals = []
 
-    def __call__(self, scheduler="slurm", workers=1, home=None, site=None, **settings):
+    def __call__(self, scheduler="slurm", workers=1, home=None, site=None, env=None, **settings):
         site = site or write_site_config(self.base / f"site-{scheduler}.yaml", scheduler=scheduler, **settings)
-        portal = PortalProcess(home or self.base / "home", site, workers=workers).start()
+        portal = PortalProcess(home or self.base / "home", site, workers=workers, env=env).start()
         self.portals.append(portal)
         return portal
 
