@@ -245,9 +245,9 @@ class DownloadManager:
             facts = {"types": [type(exc).__name__], "message": str(exc), "errno": getattr(exc, "errno", None)}
         finally:
             tail = _last_line(folder / LOG_NAME) if folder is not None else ""
-            self._finish(task, code if code is not None else -1, facts, tail)
             if folder is not None:
-                self._forget_folder(folder)
+                self._forget_folder(folder)  # before the task says it ended: whoever waits for it finds it gone
+            self._finish(task, code if code is not None else -1, facts, tail)
 
     @staticmethod
     def _read_reports(task: DownloadTask, folder: Path) -> None:
