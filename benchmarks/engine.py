@@ -62,7 +62,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -74,7 +73,7 @@ import requests  # noqa: E402
 import urllib3  # noqa: E402
 
 from benchmarks.support.machine import (LOOPBACK, TlsNginx, cpu_seconds, ensure_nginx, free_port,  # noqa: E402
-                                        process_tree, reap_children, set_subreaper)
+                                        kill_leftovers, process_tree, reap_children, run_bench, set_subreaper)
 from benchmarks.support.portals import BenchPortal  # noqa: E402
 from portal.engines import installer  # noqa: E402
 from portal.engines.demo_site import write_site  # noqa: E402
@@ -518,15 +517,9 @@ class Bench:
         if self.portal:
             with contextlib.suppress(Exception):
                 self.portal.stop()
-        reap_children()
-        leftovers = [p for p in psutil.process_iter(["pid", "cmdline"])
-                     if p.pid != os.getpid() and str(self.tmp) in " ".join(p.info["cmdline"] or [])]
-        for proc in leftovers:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        if leftovers:
-            log(f"teardown: killed {len(leftovers)} leftover processes")
-        reap_children()
+        killed = kill_leftovers(self.tmp)
+        if killed:
+            log(f"teardown: killed {killed} leftover processes")
         if self.args.keep_temp:
             log(f"kept {self.tmp}")
         else:
@@ -571,28 +564,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     set_subreaper()
 
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: ignored when started with `&`
-        signal.signal(signum, interrupted)
-    bench = Bench(args)
-    code = 0
-    try:
-        results = bench.run()
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2, default=str))
-            print(f"results written to {args.json}")
-    except KeyboardInterrupt:
-        print("\ninterrupted: tearing down", file=sys.stderr)
-        code = 130
-    except Exception:
-        traceback.print_exc()
-        code = 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the teardown short
-        bench.teardown()
-    return code
+    return run_bench(Bench(args), args.json)
 
 
 if __name__ == "__main__":

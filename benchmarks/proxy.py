@@ -54,7 +54,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -67,8 +66,8 @@ if __name__ == "__main__" and "--serve-upstream" in sys.argv:  # the upstream se
     sys.exit(0)
 
 from benchmarks.support.load import build_request, fetch_json, latency_run, latency_summary, streams_run  # noqa: E402
-from benchmarks.support.machine import (CpuMeter, Nginx, ensure_nginx, free_port, process_tree,  # noqa: E402
-                                        reap_children, set_subreaper)
+from benchmarks.support.machine import (CpuMeter, Nginx, ensure_nginx, free_port, kill_leftovers,  # noqa: E402
+                                        process_tree, run_bench, set_subreaper)
 from benchmarks.support.portals import BenchPortal, parse_configs  # noqa: E402
 from benchmarks.support.report import MEASURE_ATTEMPTS, NOISY_FOREIGN_PCT, fmt, merge_counts, report  # noqa: E402
 from benchmarks.support.sse_upstream import MODEL, serve_upstream  # noqa: E402
@@ -335,8 +334,6 @@ class Bench:
 
     # --- teardown -------------------------------------------------------------------------------------
     def teardown(self) -> None:
-        import psutil
-
         if self.nginx:
             with contextlib.suppress(Exception):
                 self.nginx.stop()
@@ -355,15 +352,9 @@ class Bench:
         for portal in self.portals:
             with contextlib.suppress(Exception):
                 portal.stop()
-        reap_children()
-        leftovers = [p for p in psutil.process_iter(["pid", "cmdline"])
-                     if p.pid != os.getpid() and str(self.tmp) in " ".join(p.info["cmdline"] or [])]
-        for proc in leftovers:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        if leftovers:
-            self.log(f"teardown: killed {len(leftovers)} leftover processes")
-        reap_children()
+        killed = kill_leftovers(self.tmp)
+        if killed:
+            self.log(f"teardown: killed {killed} leftover processes")
         if self.args.keep_temp:
             self.log(f"kept {self.tmp}")
         else:
@@ -421,28 +412,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     set_subreaper()
 
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: ignored when started with `&`
-        signal.signal(signum, interrupted)
-    bench = Bench(args)
-    code = 0
-    try:
-        results = bench.run()
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2, default=str))
-            print(f"results written to {args.json}")
-    except KeyboardInterrupt:
-        print("\ninterrupted: tearing down", file=sys.stderr)
-        code = 130
-    except Exception:
-        traceback.print_exc()
-        code = 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the teardown short
-        bench.teardown()
-    return code
+    return run_bench(Bench(args), args.json)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -237,6 +240,44 @@ def set_subreaper() -> None:
     """Orphaned service processes (their portal stopped) become our children, so we reap them at the end."""
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def run_bench(bench, json_path: Optional[str]) -> int:
+    """Run a benchmark (an object with run() and teardown()) to its end: its results to `json_path`, and whatever it
+    started stopped also on Ctrl-C, SIGTERM or SIGHUP. The exit code: 0, 130 when interrupted, 1 on an error."""
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: ignored when started with `&`
+        signal.signal(signum, interrupted)
+    code = 0
+    try:
+        results = bench.run()
+        if json_path:
+            Path(json_path).write_text(json.dumps(results, indent=2, default=str))
+            print(f"results written to {json_path}")
+    except KeyboardInterrupt:
+        print("\ninterrupted: tearing down", file=sys.stderr)
+        code = 130
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the teardown short
+        bench.teardown()
+    return code
+
+
+def kill_leftovers(folder) -> int:
+    """Kill every process (but this one) whose command line names `folder`, reaping them; how many there were."""
+    reap_children()
+    leftovers = [p for p in psutil.process_iter(["pid", "cmdline"])
+                 if p.pid != os.getpid() and str(folder) in " ".join(p.info["cmdline"] or [])]
+    for proc in leftovers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    reap_children()
+    return len(leftovers)
 
 
 def reap_children() -> None:
