@@ -265,6 +265,17 @@ def test_uploads_spool_in_a_private_folder_of_the_home_with_a_cap(portal):
     assert b"retry-after" in data.lower()
 
 
+def test_uploads_refused_after_spooling_give_their_room_back(portal):
+    """An upload spooled and then answered by the portal itself (its model is not served) frees its share of the
+    spool's cap: uploads after it are not refused as if the spool were full."""
+    for _ in range(6):  # 2 MB each, 3 MB cap per worker: a share kept by any of them fills a worker's spool
+        answer = requests.post(f"{portal.url}/v1/audio/transcriptions", data={"model": "nobody/here"},
+                               files={"file": ("a.wav", b"\0" * (2 << 20), "audio/wav")},
+                               headers={"Authorization": f"Bearer {portal.token}"}, timeout=30)
+        assert answer.status_code == 404, answer.text[:300]
+        assert answer.json()["error"]["code"] == "model_not_found"
+
+
 def test_files_under_the_home_are_private(portal):
     """After the portal started, wrote its database (-wal, -shm) and ran a service (job folder, logs): no file or
     folder under PILOTFISH_HOME has a permission bit for group or others."""

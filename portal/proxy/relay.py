@@ -142,8 +142,6 @@ class Relay:
                     self.pool.release(conn)
                 else:
                     conn.close()
-            if isinstance(body, SpooledBody):
-                body.close()
             if usage is not None:
                 usage.finish()
             record.finish()

@@ -21,7 +21,7 @@ from ..json_facts import JsonFacts
 from ..models import State
 from .answers import json_answer, not_running, openai_error, running_models
 from .directory import ROUTABLE, last_ended, stored_state
-from .incoming import BodyTooLarge, Incoming, raw_tail
+from .incoming import BodyTooLarge, Incoming, SpooledBody, raw_tail
 from .recording import GATEWAY_ENDPOINT, SERVICE_ENDPOINT
 from .relay import Relay
 from .usage import USAGE_BODY_LIMIT, wants_json_body
@@ -66,10 +66,18 @@ class Proxy(Relay):
         return await self.forward(incoming, route, raw_tail(incoming.scope, skip), body, None, SERVICE_ENDPOINT)
 
     async def gateway(self, incoming: Incoming, path: str, skip: int) -> Tuple[int, int]:
-        """/v1/<path>: to a running service of the body's `model` (the one with the fewest requests in flight)."""
+        """/v1/<path>: to a running service of the body's `model` (the one with the fewest requests in flight). A
+        spooled upload is given back to the worker's spool once answered, whoever answered it."""
         model, payload, body, error = await self.model_of(incoming)
-        if error is not None:
-            return await self.reply(incoming, error, GATEWAY_ENDPOINT)
+        try:
+            if error is not None:
+                return await self.reply(incoming, error, GATEWAY_ENDPOINT)
+            return await self._by_model(incoming, path, skip, model, payload, body)
+        finally:
+            if isinstance(body, SpooledBody):
+                body.close()
+
+    async def _by_model(self, incoming: Incoming, path: str, skip: int, model, payload, body) -> Tuple[int, int]:
         routes = await self.routes()
         if path.startswith("models/") and incoming.method == "GET":
             model = path[len("models/"):]
