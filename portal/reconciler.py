@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 import urllib3
 from sqlalchemy import select
 
+from . import change_marks
 from .catalog.inventory import refresh_in_background
 from .site import KINDS, runtime_for
 from .db import db
@@ -101,25 +102,14 @@ def conditions() -> Dict[str, dict]:
     return {condition.name: condition.to_dict() for condition in Condition.query.all()}
 
 
-def wake_mark(home: Path) -> Optional[tuple]:
-    """The wake mark's state (None while it does not exist); it differs after every `touch_wake_mark`."""
-    try:
-        stat = os.stat(Path(home) / WAKE_MARK)
-    except OSError:
-        return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+def wake_mark(home: Path) -> tuple:
+    """The wake mark's state; it differs after every `touch_wake_mark`."""
+    return change_marks.state(Path(home) / WAKE_MARK)
 
 
 def touch_wake_mark(home: Path) -> None:
     """Move the wake mark, so the reconciler of whichever worker leads cycles within fast_poll_interval."""
-    try:
-        # One byte more each time: the size changes even when two wakes fall in one tick of the file clock.
-        with open(Path(home) / WAKE_MARK, "ab") as mark:
-            if mark.tell() >= 4096:
-                mark.truncate(0)
-            mark.write(b".")
-    except OSError:
-        log.exception("could not wake the reconciler")
+    change_marks.move(Path(home) / WAKE_MARK)
 
 
 class Reconciler:
@@ -211,7 +201,7 @@ class Reconciler:
                 interval = IDLE_CYCLE_SECONDS  # nothing live: nothing changes until a launch wakes us
             self._sleep(interval, mark)
 
-    def _sleep(self, seconds: float, mark: Optional[tuple]) -> None:
+    def _sleep(self, seconds: float, mark: tuple) -> None:
         """Until `seconds` have passed, wake() is called in this worker, or the wake mark moves (another worker's
         wake(), checked every fast_poll_interval: a stat, nothing more)."""
         deadline = time.monotonic() + seconds

@@ -14,8 +14,6 @@ about a second. Verified entries are re-read after CACHE_SECONDS anyway. `last_s
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
 import secrets
 import threading
 import time
@@ -24,6 +22,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
 
+from . import change_marks
 from .db import db
 from .keys import NEEDS_LOOKUP
 from .models import LoginSession, utcnow
@@ -32,7 +31,6 @@ CHANGED_FILE = "sessions.changed"  # touched after every logout (sessions_change
 MARK_CHECK_SECONDS = 0.25  # how often a worker looks at the mark
 CACHE_SECONDS = 30.0  # how long a verified session is trusted before the database is read again
 EXTENSION = "pilotfish.sessions"  # app.extensions[EXTENSION]: the app's SessionCache
-log = logging.getLogger(__name__)
 
 __all__ = ["NEEDS_LOOKUP", "Session", "SessionCache", "session_cache", "init_sessions"]
 
@@ -67,7 +65,7 @@ class SessionCache:
         self.token_id = token_id
         self.idle, self.max_age, self.end = idle, max_age, end
         self.touch_interval = min(60.0, idle / 4)
-        self._mark_file = str(Path(home) / CHANGED_FILE)
+        self._mark_file = Path(home) / CHANGED_FILE
         self._entries: dict = {}
         self._lock = threading.Lock()
         self._mark = self._read_mark()
@@ -76,11 +74,7 @@ class SessionCache:
     # --- the mark every logout moves --------------------------------------------------------------------------
 
     def _read_mark(self) -> tuple:
-        try:
-            stat = os.stat(self._mark_file)
-        except OSError:
-            return ()
-        return stat.st_mtime_ns, stat.st_size
+        return change_marks.state(self._mark_file)
 
     def _follow_mark(self) -> None:
         now = time.monotonic()
@@ -97,13 +91,7 @@ class SessionCache:
         """Tell every worker (this one at once) to forget the sessions it verified."""
         with self._lock:
             self._entries.clear()
-        try:
-            with open(self._mark_file, "ab") as mark:  # one byte more: the size moves even within a clock tick
-                if mark.tell() >= 4096:
-                    mark.truncate(0)
-                mark.write(b".")
-        except OSError:
-            log.exception("could not mark the sessions changed")
+        change_marks.move(self._mark_file)
 
     # --- reading ---------------------------------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ Database work needs an app context and runs off the event loop (the relay's in_t
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+from .. import change_marks
 from ..db import db
 from ..models import Service, State, utcnow
 from ..states import without_log_lines
@@ -47,15 +47,7 @@ class Route:
 def routes_changed(home) -> None:
     """Tell every worker's directory that a service's route changed (the reconciler calls it after committing a
     state change): their next request reloads before it routes, instead of using the cached directory."""
-    path = Path(home) / ROUTES_CHANGED_FILE
-    try:
-        # One byte more each time: the size changes even when two changes fall in one tick of the file clock.
-        with open(path, "ab") as mark:
-            if mark.tell() >= 4096:
-                mark.truncate(0)
-            mark.write(b".")
-    except OSError:
-        log.exception("could not mark the service directory changed")
+    change_marks.move(Path(home) / ROUTES_CHANGED_FILE)
 
 
 class ServiceDirectory:
@@ -91,13 +83,7 @@ class ServiceDirectory:
         return self.age > DIRECTORY_TTL
 
     def _change_mark(self) -> tuple:
-        if self._changed_file is None:
-            return ()
-        try:
-            stat = os.stat(self._changed_file)
-        except OSError:
-            return ()
-        return stat.st_mtime_ns, stat.st_size
+        return change_marks.state(self._changed_file) if self._changed_file is not None else ()
 
     @property
     def changed(self) -> bool:
