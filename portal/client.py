@@ -9,12 +9,17 @@
     with portal.launch("text-generation", "Qwen/Qwen2.5-0.5B-Instruct", tier="Small", time=60) as svc:
         svc.openai().chat.completions.create(...)   # RUNNING here; stopped when the block ends
 
+    svc = portal.launch("text-generation", "Qwen/Qwen2.5-0.5B-Instruct", lease=600, idle_timeout="30m")
+    # lease: kept while this kernel runs (a heartbeat thread renews it) or the service is used; a crashed or
+    # shut-down kernel lets it lapse and the portal stops the service 10 minutes later.
+
 Needs only `requests` (and `openai` for the .openai() helpers).
 """
 from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from typing import Callable, List, Optional
 
@@ -145,17 +150,25 @@ class Portal:
         return ServiceHandle(self, running[0])
 
     def launch(self, kind: str, model: str, tier: Optional[str] = None, wait: bool = True, timeout: float = 600,
-               on_change: Optional[Callable[[dict, dict], None]] = None, **fields) -> "ServiceHandle":
-        """Launch a service (fields as in POST /api/services: revision, time, name, resources, engine_args, force).
+               on_change: Optional[Callable[[dict, dict], None]] = None, lease=None, **fields) -> "ServiceHandle":
+        """Launch a service (fields as in POST /api/services: revision, time, name, resources, engine_args, force,
+        idle_timeout).
 
+        With `lease` (seconds, or "10m"), the service lives while this process renews its lease (a daemon thread
+        beats every third of it, from the launch on) or the service is used: a crashed, killed or shut-down kernel
+        stops beating and the portal stops the service once the lease lapses. `handle.release()` stops beating.
         With `wait`, return once it is RUNNING; raises ServiceEnded (with the reason) if it ends first,
         WaitTimeout after `timeout` seconds. The handle, used as a context manager, stops the service on exit.
         """
         body = {"kind": kind, "model": model, **{k: v for k, v in fields.items() if v is not None}}
         if tier is not None:
             body["tier"] = tier
+        if lease is not None:
+            body["lease"] = lease
         handle = ServiceHandle(self, self.request("POST", "/api/services", json=body).json())
         self.launched.append(handle)
+        if handle.data.get("lease"):
+            handle.keep_alive()
         if wait:
             handle.wait_ready(timeout, on_change=on_change)
         return handle
@@ -232,6 +245,7 @@ class ServiceHandle:
         self.data = data
         self.id = data["id"]
         self.model = data["model"]
+        self._heartbeat: Optional[Heartbeat] = None
 
     def __repr__(self):
         return f"<Service {self.id} {self.model} {self.data.get('state')}>"
@@ -290,8 +304,29 @@ class ServiceHandle:
     def logs(self, tail: int = 200) -> str:
         return self.portal.request("GET", f"/api/services/{self.id}/logs", params={"tail": tail}).json()["log"]
 
+    def renew_lease(self) -> dict:
+        """Renew the service's lease from now (what the heartbeat does); PortalClientError (409) when it has none or
+        has ended."""
+        self.data = self.portal.request("POST", f"/api/services/{self.id}/lease").json()
+        return self.data
+
+    def keep_alive(self) -> "ServiceHandle":
+        """Renew the lease in a daemon thread every third of its length until the service ends, `release()` or
+        `stop()` is called, or this process exits."""
+        if self._heartbeat is None or not self._heartbeat.is_alive():
+            self._heartbeat = Heartbeat(self, float(self.data["lease"]) / 3)
+            self._heartbeat.start()
+        return self
+
+    def release(self) -> None:
+        """Stop renewing the lease: the service stops once it lapses, unless it is used."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+
     def stop(self, wait: bool = False, timeout: float = 60) -> dict:
-        """Cancel the job; with `wait`, until the scheduler confirms it ended."""
+        """Cancel the job (and stop renewing its lease); with `wait`, until the scheduler confirms it ended."""
+        self.release()
         self.data = self.portal.request("POST", f"/api/services/{self.id}/stop").json()
         if wait and self.data["state"] not in ENDED_STATES:
             return self.wait_ended(timeout)
@@ -305,3 +340,32 @@ class ServiceHandle:
         """An `openai.OpenAI` client for this one service."""
         import openai
         return openai.OpenAI(base_url=self.base_url + "/v1", api_key=self.portal.token, **kwargs)
+
+
+class Heartbeat(threading.Thread):
+    """Renews a service's lease every `interval` seconds (a daemon thread: it ends with its process). It ends when the
+    portal says the service has no lease to renew any more (it ended, or is stopping: 404 or 409), or when
+    cancelled; a portal that does not answer is tried again at the next beat."""
+
+    def __init__(self, handle: ServiceHandle, interval: float):
+        super().__init__(name=f"pilotfish-lease-{handle.id}", daemon=True)
+        self.handle = handle
+        self.interval = interval
+        self.beats = 0
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def run(self) -> None:
+        own = self.handle.portal  # a session of its own: the caller's may be in use on another thread
+        portal, path = Portal(own.url, own.token, timeout=own.timeout), f"/api/services/{self.handle.id}/lease"
+        while not self._cancelled.wait(self.interval):
+            try:
+                portal.request("POST", path, timeout=min(portal.timeout, self.interval))
+                self.beats += 1
+            except PortalNotRunning:
+                continue
+            except PortalClientError as exc:
+                if exc.status in (404, 409):
+                    return

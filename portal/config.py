@@ -12,6 +12,9 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from .errors import ValidationError
+from .lifetimes import parse_idle_timeout
+
 SCHEDULER_KINDS = ("slurm", "local")
 DEFAULT_SITE_CONFIG = Path("/etc/pilotfish/site.yml")
 PRIVATE_UMASK = 0o077  # every file the portal (and what it starts) creates is its user's alone
@@ -58,6 +61,9 @@ class Config:
     session_idle: float = 8 * 3600.0
     session_max: float = 7 * 86400.0
     session_end: Optional[float] = None
+    # The default idle timeout of services (minutes; 0: never; None: no default), under the tiers' own
+    # (portal/lifetimes.py). An Open OnDemand session sets it from its form (PILOTFISH_IDLE_TIMEOUT).
+    idle_timeout: Optional[int] = None
     testing: bool = False
 
     @property
@@ -101,6 +107,16 @@ def _number(name: str, value: Any, minimum: float) -> float:
     if number < minimum:
         raise ConfigError(f"{name}: must be at least {minimum}, got {value!r}")
     return number
+
+
+def _idle_timeout(value: Any) -> Optional[int]:
+    """Minutes of the site's default idle timeout, as a launch writes it (30, "30m", "1h", 0 or "off"); None unset."""
+    if value in (None, ""):
+        return None
+    try:
+        return parse_idle_timeout(value if isinstance(value, int) else str(value).strip())
+    except ValidationError as exc:
+        raise ConfigError(exc.message) from None
 
 
 def _prefix(value: Any) -> str:
@@ -188,6 +204,7 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         session_idle=_number("session_idle", pick("session_idle", "PILOTFISH_SESSION_IDLE", 8 * 3600.0), 1),
         session_max=_number("session_max", pick("session_max", "PILOTFISH_SESSION_MAX", 7 * 86400.0), 60),
         session_end=_number("session_end", session_end, 0) if session_end not in (None, "") else None,
+        idle_timeout=_idle_timeout(pick("idle_timeout", "PILOTFISH_IDLE_TIMEOUT", None)),
         testing=bool(overrides.pop("testing", False)),
     )
     if overrides:

@@ -21,6 +21,8 @@ from .catalog.tiers import (ResourceSpecs, Tier, TierSpecError, check_model_fits
                             tier_resources)
 from .engines.base import GUARD_DIR
 from .errors import ForbiddenError, UnavailableError, ValidationError
+from .lifetimes import (IDLE_TIMEOUT_MAX_MINUTES, IDLE_TIMEOUT_SHAPE, IDLE_TIMEOUT_WORDS, LEASE_MAX_SECONDS,
+                        LEASE_MIN_SECONDS, LEASE_SHAPE, LEASE_WORDS, duration_words, parse_idle_timeout, parse_lease)
 from .models import Service
 from .scheduler import Resources
 from .service_tls import tls_files
@@ -43,6 +45,8 @@ class LaunchRequest:
     engine_args: List[str] = field(default_factory=list)
     force: bool = False  # launch on a tier smaller than the model
     image: Optional[str] = None  # apptainer: another staged image than the pinned one
+    idle_timeout: Optional[int] = None  # minutes without a request before it stops (0: never; None: the default)
+    lease: Optional[int] = None  # seconds it lives without a heartbeat or a request (None: no lease)
 
 
 @dataclass
@@ -58,6 +62,8 @@ class LaunchPlan:
     image: Optional[ImageFile] = None
     exporters: List[dict] = field(default_factory=list)  # monitoring exporters the job starts (site config)
     scheduler_arguments: List[str] = field(default_factory=list)  # what the scheduler is asked (a dry run shows it)
+    idle_timeout: Optional[int] = None  # minutes (None: no idle stop): the request's, else the tier's, else the site's
+    idle_timeout_reason: str = ""  # where it came from, in words
 
     def to_dict(self) -> dict:
         return {"kind": self.request.kind, "model": self.model.repo_id, "revision": self.model.revision,
@@ -67,7 +73,8 @@ class LaunchPlan:
                 "sbatch": self.scheduler_arguments,
                 "engine": self.runtime.engine.name, "runtime": self.runtime.runtime,
                 "image": str(self.image.path) if self.image else None,
-                "arguments": self.arguments}
+                "arguments": self.arguments, "idle_timeout": self.idle_timeout,
+                "idle_timeout_reason": self.idle_timeout_reason, "lease": self.request.lease}
 
 
 def parse_time(value) -> int:
@@ -135,6 +142,13 @@ class LaunchBody(Strict):
         description=f"a list of at most {MAX_ENGINE_ARGS} strings without NUL characters (engine flags and values)")
     force: bool = Field(False, description="true or false (true: launch on a tier smaller than the model)")
     image: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.\-/:@]{1,200}$", description="an image file name or tag")
+    idle_timeout: Optional[Union[Annotated[int, Field(ge=0, le=IDLE_TIMEOUT_MAX_MINUTES)],
+                                 Annotated[str, Field(pattern=IDLE_TIMEOUT_SHAPE)]]] = Field(
+        None, description=f"{IDLE_TIMEOUT_WORDS}; default: the tier's, else the site's, else never")
+    lease: Optional[Union[Annotated[int, Field(ge=LEASE_MIN_SECONDS, le=LEASE_MAX_SECONDS)],
+                          Annotated[str, Field(pattern=LEASE_SHAPE)]]] = Field(
+        None, description=f"{LEASE_WORDS}: stopped once neither renewed (POST /api/services/<id>/lease) nor used "
+                          f"for that long")
 
     @field_validator("model")
     @classmethod
@@ -150,6 +164,16 @@ class LaunchBody(Strict):
     @classmethod
     def _minutes(cls, value):
         return value if value is None else _as_value_error(parse_time, value)
+
+    @field_validator("idle_timeout")
+    @classmethod
+    def _idle_minutes(cls, value):
+        return value if value is None else _as_value_error(parse_idle_timeout, value)
+
+    @field_validator("lease")
+    @classmethod
+    def _lease_seconds(cls, value):
+        return value if value is None else _as_value_error(parse_lease, value)
 
 
 class _ResourcesOnly(Strict):
@@ -178,7 +202,8 @@ def parse_launch_request(body) -> LaunchRequest:
     return LaunchRequest(kind=checked.kind, model=checked.model, revision=checked.revision, tier=checked.tier,
                          time=checked.time, name=checked.name,
                          resources=checked.resources.model_dump(exclude_none=True) if checked.resources else {},
-                         engine_args=list(checked.engine_args or []), force=checked.force, image=checked.image)
+                         engine_args=list(checked.engine_args or []), force=checked.force, image=checked.image,
+                         idle_timeout=checked.idle_timeout, lease=checked.lease)
 
 
 # --- flags that run code or read files ------------------------------------------------------------------
@@ -305,9 +330,24 @@ def plan_launch(request: LaunchRequest, site, principal: Optional[str] = None) -
     model_file = str(model.path / model.meta["model_file"]) if model.meta.get("model_file") else None
     arguments = runtime.engine.launch_arguments(str(model.path), model.repo_id, resources.gpus, resources.cpus or 1,
                                                 model_file, request.engine_args)
+    idle_timeout, idle_reason = choose_idle_timeout(request.idle_timeout, tier, config.idle_timeout)
     return LaunchPlan(request, runtime, model, tier, reason, resources, arguments, image,
                       exporters=site.exporters_for(resources.gpus),
-                      scheduler_arguments=site.arguments(resources, Path("<job dir>"), "<job name>"))
+                      scheduler_arguments=site.arguments(resources, Path("<job dir>"), "<job name>"),
+                      idle_timeout=idle_timeout, idle_timeout_reason=idle_reason)
+
+
+def choose_idle_timeout(requested: Optional[int], tier: Optional[Tier], site_default: Optional[int]) -> tuple:
+    """(minutes or None, where it came from): the launch's own idle timeout, else its tier's, else the site's; 0 at
+    any of them means never."""
+    for minutes, source in ((requested, "asked at launch"), (tier.idle_timeout if tier else None,
+                                                             f"tier {tier.ref if tier else ''}'s default"),
+                            (site_default, "the site's default")):
+        if minutes is not None:
+            if not minutes:
+                return None, f"no idle stop ({source})"
+            return minutes, f"stops after {duration_words(minutes * 60)} without a request ({source})"
+    return None, "no idle stop"
 
 
 # --- the job script -----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 from datetime import datetime, timezone
 
 from .db import db
+from .lifetimes import expected_stop
 from .states import State  # the state machine lives in portal.states; State stays importable from here
 
 
@@ -49,7 +50,13 @@ class Service(db.Model):
     endpoint_at = db.Column(db.DateTime)
     ready_at = db.Column(db.DateTime)
     ended_at = db.Column(db.DateTime)
-    last_activity = db.Column(db.DateTime)
+    last_activity = db.Column(db.DateTime)  # the last proxied request (kept fresh while one is in flight)
+    # How long it lives unused (portal/lifetimes.py): stopped after idle_timeout minutes without a request, or once
+    # its lease (seconds) was neither renewed nor used for that long. stop_reason: why the portal was asked to stop it.
+    idle_timeout = db.Column(db.Integer)
+    lease_seconds = db.Column(db.Integer)
+    lease_renewed_at = db.Column(db.DateTime)
+    stop_reason = db.Column(db.Text)
 
     events = db.relationship("Event", backref="service", cascade="all, delete-orphan",
                              order_by="Event.id", lazy="select")
@@ -102,7 +109,12 @@ class Service(db.Model):
             "ended_at": iso(self.ended_at),
             "last_activity": iso(self.last_activity),
             "phases": self.phase_seconds(),
+            "idle_timeout": self.idle_timeout,
+            "lease": self.lease_seconds,
+            "lease_renewed_at": iso(self.lease_renewed_at),
         }
+        expected = expected_stop(self)
+        data["stops_at"], data["stop_reason_expected"] = (iso(expected[0]), expected[1]) if expected else (None, None)
         if with_events:
             data["events"] = [event.to_dict() for event in self.events]
         return data

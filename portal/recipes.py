@@ -8,7 +8,8 @@ Pilotfish format (YAML or JSON), a list of services or a mapping with `name` and
 
     name: demo
     services:
-      - {kind: text-generation, model: org/name, tier: Small, time: 60, count: 2, engine_args: [--max-model-len, "4096"]}
+      - {kind: text-generation, model: org/name, tier: Small, time: 60, count: 2, engine_args: [--max-model-len, "4096"],
+         idle_timeout: 30m}
       - {kind: speech-recognition, model: org/whisper, resources: {partition: gpu, memory_gb: 16}}
 
 Instance names: the entry's `name` (with `-<k>` when count > 1), else `<recipe name>-<index>` over all instances.
@@ -26,8 +27,10 @@ import yaml
 from .catalog.kinds import KINDS
 from .errors import ValidationError
 from .launching import parse_resources, parse_time
+from .lifetimes import parse_idle_timeout
 
-SERVICE_FIELDS = {"kind", "model", "revision", "tier", "resources", "time", "count", "name", "engine_args", "force"}
+SERVICE_FIELDS = {"kind", "model", "revision", "tier", "resources", "time", "count", "name", "engine_args", "force",
+                  "idle_timeout"}
 NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,80}$")
 MAX_COUNT = 20
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -128,6 +131,8 @@ def _parse_entry(entry, where: str, recipe_name: str, first_index: int) -> List[
             body[key] = value
     if entry.get("time") is not None:
         body["time"] = _checked(f"{where}.time", parse_time, entry["time"])
+    if entry.get("idle_timeout") is not None:  # minutes, or "30m", "1h"; 0 or off: never
+        body["idle_timeout"] = _checked(f"{where}.idle_timeout", parse_idle_timeout, entry["idle_timeout"])
     if entry.get("resources") is not None:
         body["resources"] = _checked(f"{where}.resources", parse_resources, entry["resources"])
     if entry.get("force") is not None:

@@ -4,7 +4,8 @@ It cycles only while something can change: every poll_interval while a service i
 one comes up or is unwell), so a job's end is seen within poll_interval; with no live service it waits until a
 launch or a stop wakes it (in this worker at once; in the other worker through the wake mark, seen within
 fast_poll_interval), with a cycle every IDLE_CYCLE_SECONDS for housekeeping. A cycle in which nothing changed
-writes nothing: no database row, no discovery file.
+writes nothing: no database row, no discovery file. Each cycle also stops, as a user would, the services idle past
+their idle timeout or whose lease lapsed (portal/lifetimes.py decides).
 """
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ from . import change_marks
 from .catalog.inventory import refresh_in_background
 from .site import KINDS, runtime_for
 from .db import db
+from .errors import PortalError
+from .lifetimes import due_stop
 from .models import Condition, Service, State, utcnow
 from .monitoring import CycleMonitor, serving_targets, write_portal_target
 from .proxy import routes_changed
 from .scheduler import JobInfo, JobState, SchedulerUnreachable
 from .scheduler.job_files import read_exit_code
-from .services import SUBMISSION_GRACE, job_query, log_excerpt, transition
+from .services import SUBMISSION_GRACE, job_query, log_excerpt, stop, transition
 from .service_tls import client_context
 from .states import IMPOSTOR, REFUSED, JobFacts, after_job, after_probe
 
@@ -259,7 +262,11 @@ class Reconciler:
         served = serving_targets(services)  # read before the commit expires the rows
         live = frozenset((service.id, service.state) for service in services)
         report.busy = any(service.state in State.FAST_POLL for service in services)
+        moment = utcnow()
+        expired = [(service, reason) for service in services if (reason := due_stop(service, moment))]
         db.session.commit()  # writes only what changed (an unchanged cycle flushes nothing)
+        for service, reason in expired:
+            self._stop_unused(service, reason)
         if report.transitions:
             routes_changed(self.config.home)  # every worker's proxy reloads before its next request
         report.scheduler_calls = getattr(self.scheduler, "calls", 0) - calls_before
@@ -271,6 +278,17 @@ class Reconciler:
             self._counted_at = time.monotonic()
         self._monitor.after_cycle(report, served, recount)
         return report
+
+    def _stop_unused(self, service: Service, reason: str) -> None:
+        """Stop a service idle past its idle timeout or whose lease lapsed, the way its user would (portal.services):
+        its job is cancelled and it ends STOPPED with `reason`; a scheduler that does not answer is tried again next
+        cycle."""
+        log.info("stopping service %s: %s", service.id, reason)
+        try:
+            stop(service, reason)
+        except PortalError as exc:
+            db.session.rollback()
+            log.warning("could not stop service %s (%s): %s", service.id, reason, exc.message)
 
     def _set_condition(self, name: str, ok: bool, message: Optional[str]) -> None:
         """set_condition, without even reading the row while it is what this worker wrote under CONDITION_REFRESH
@@ -287,7 +305,8 @@ class Reconciler:
         if info.state is JobState.RUNNING and info.node and service.node != info.node:
             service.node = info.node
         facts = JobFacts(job_id=service.job_id, state=info.state, detail=info.detail, node=info.node,
-                         known_node=service.node, stop_requested=service.stop_requested, time_limit=service.time_limit)
+                         known_node=service.node, stop_requested=service.stop_requested,
+                         stop_reason=service.stop_reason, time_limit=service.time_limit)
         if info.state.finished:  # a failure's reason names the server's exit code and its last log lines
             facts = replace(facts, exit_code=read_exit_code(Path(service.job_dir)), log_excerpt=log_excerpt(service))
         move = after_job(service.state, facts)

@@ -114,6 +114,8 @@ def launch(body, principal: Optional[str]) -> Service:
         engine_args_json=json.dumps(request.engine_args),
         time_limit=plan.resources.time,
         api_key=secrets.token_urlsafe(32),
+        idle_timeout=plan.idle_timeout,
+        lease_seconds=request.lease,
     )
     job_dir.mkdir(parents=True, mode=0o700)
     _write_private(job_dir / "service.key", service.api_key)
@@ -123,6 +125,10 @@ def launch(body, principal: Optional[str]) -> Service:
     db.session.add(service)
     db.session.commit()
     tier_note = f"tier {service.tier}: {plan.tier_reason}" if plan.tier else "explicit resources"
+    if plan.idle_timeout:
+        tier_note += f"; {plan.idle_timeout_reason}"
+    if request.lease:
+        tier_note += f"; a lease of {request.lease} s"
 
     try:
         job_id = _scheduler().submit(script, job_dir, job_name(service), plan.resources)
@@ -177,12 +183,13 @@ def get_service(id_or_prefix: str) -> Service:
     return matches[0]
 
 
-def stop(service: Service) -> Service:
-    """Cancel the service's job. The reconciler records STOPPED once the scheduler confirms."""
+def stop(service: Service, reason: Optional[str] = None) -> Service:
+    """Cancel the service's job. The reconciler records STOPPED once the scheduler confirms, with `reason` when the
+    portal itself stops it ("idle for 30 min", recorded at once as an event too), else "stopped by user"."""
     if not service.is_live:
         return service
     if not service.job_id:
-        transition(service, State.STOPPED, "stopped by user before its job was submitted")
+        transition(service, State.STOPPED, reason or "stopped by user before its job was submitted")
         db.session.commit()
         _wake_reconciler()
         return service
@@ -192,9 +199,27 @@ def stop(service: Service) -> Service:
         raise UnavailableError(f"could not stop: {exc}")
     except SubmissionRejected as exc:
         raise RejectedError(f"the scheduler refused to cancel job {service.job_id}: {exc}")
+    if reason and not service.stop_requested:
+        db.session.add(Event(service_id=service.id, at=utcnow(), from_state=service.state, to_state=service.state,
+                             reason=f"stopping: {reason}"))
+        service.stop_reason = reason
     service.stop_requested = True
     db.session.commit()
     _wake_reconciler()
+    return service
+
+
+def renew_lease(service: Service) -> Service:
+    """Renew a live service's lease from now (its holder's heartbeat); ConflictError for a service without a lease, or
+    that has ended or is stopping."""
+    if not service.lease_seconds:
+        raise ConflictError(f"service {service.id} has no lease (launch it with a lease to renew one)")
+    if not service.is_live:
+        raise ConflictError(f"service {service.id} has ended ({service.state}: {service.reason or 'no reason given'})")
+    if service.stop_requested:
+        raise ConflictError(f"service {service.id} is stopping ({service.stop_reason or 'stopped by user'})")
+    service.lease_renewed_at = utcnow()
+    db.session.commit()
     return service
 
 

@@ -93,7 +93,8 @@ class JobFacts:
     detail: str = ""  # the scheduler's own words: pending reason, raw state (NODE_FAIL, OUT_OF_MEMORY), exit code
     node: Optional[str] = None  # where the scheduler says the job runs or ran
     known_node: Optional[str] = None  # where the portal last saw it run
-    stop_requested: bool = False  # its user asked the portal to stop it
+    stop_requested: bool = False  # its user (or the portal: idle, lease) asked to stop it
+    stop_reason: Optional[str] = None  # why, when the portal asked ("idle for 30 min"); None: its user asked
     time_limit: int = 0  # minutes
     exit_code: Optional[int] = None  # the server's exit code, as the job script recorded it
     log_excerpt: str = ""  # the last lines of job.log
@@ -105,7 +106,7 @@ ALIVE_JOB: Dict[JobState, Tuple[FrozenSet[State], State, str]] = {
     JobState.RUNNING: (frozenset({State.SUBMITTED, State.PENDING}), State.STARTING, "job {job_id} running on {where}"),
 }
 
-STOPPED_BY_USER = "stopped by user"  # whatever the job's end, once its user asked to stop it
+STOPPED_BY_USER = "stopped by user"  # whatever the job's end, once its user asked to stop it (else: the stop's reason)
 
 # An ended job that was not a failure: job state -> (service state, reason).
 STOPPED_JOB: Dict[JobState, Tuple[State, str]] = {
@@ -146,7 +147,7 @@ def after_job(service_state: str, job: JobFacts) -> Optional[Tuple[State, str]]:
 def job_end(job: JobFacts) -> Tuple[State, str]:
     """The final (state, reason) of a service whose job ended."""
     if job.stop_requested:
-        return State.STOPPED, STOPPED_BY_USER
+        return State.STOPPED, job.stop_reason or STOPPED_BY_USER
     if job.state in STOPPED_JOB:
         to_state, reason = STOPPED_JOB[job.state]
         return to_state, reason.format(job_id=job.job_id, time_limit=job.time_limit)

@@ -124,6 +124,11 @@ class Service(Answer):
     engine_args: Optional[List[str]]
     time_limit: Optional[int]
     created_at: Optional[str]
+    idle_timeout: Optional[int] = Field(None, description="minutes without a request before it stops (null: never)")
+    lease: Optional[int] = Field(None, description="seconds it lives without a heartbeat or a request (null: no lease)")
+    stops_at: Optional[str] = Field(None, description="when the portal stops it if nobody uses it (or renews its "
+                                                      "lease); null: it will not")
+    stop_reason_expected: Optional[str] = Field(None, description="the reason it will stop with at stops_at")
     events: Optional[List[Event]] = None
 
 

@@ -91,6 +91,14 @@ def stop_service(service_id):
     return jsonify(service.to_dict(with_events=True)), 202 if service.is_live else 200
 
 
+@bp.post("/api/services/<service_id>/lease")
+@described("Renew a service's lease from now (a notebook's heartbeat)", answers={200: schemas.Service},
+           errors=(404, 409))
+def renew_lease(service_id):
+    """Renew the lease of a service launched with one: it lives on for the lease's length from now."""
+    return jsonify(services.renew_lease(services.get_service(service_id)).to_dict())
+
+
 @bp.delete("/api/services")
 @described("Remove every ended service (?state=ENDED is required)", query=schemas.PruneQuery,
            answers={200: schemas.Deleted}, errors=(400,))

@@ -11,12 +11,14 @@ import yaml
 
 from ..config import ConfigError
 from ..errors import ValidationError
+from ..lifetimes import parse_idle_timeout
 from ..scheduler import Resources
 from ..scheduler.sbatch import resource_options
 
 SPECS_FILE = "resource_specs.yaml"
 MAX_FILE_BYTES = 1024 * 1024
-TIER_FIELDS = ("name", "description", "max_model_size_gb", "gpu_count", "gpu_type", "cpu_cores", "memory_gb", "slurm")
+TIER_FIELDS = ("name", "description", "max_model_size_gb", "gpu_count", "gpu_type", "cpu_cores", "memory_gb", "slurm",
+               "idle_timeout")
 REQUIRED_TIER_FIELDS = ("name", "description", "max_model_size_gb", "gpu_count", "cpu_cores", "memory_gb")
 SLURM_FIELDS = ("constraint", "gres")
 PARTITION_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -46,6 +48,7 @@ class Tier:
     memory_gb: float
     gpu_type: Optional[str] = None
     slurm: Dict[str, str] = field(default_factory=dict)
+    idle_timeout: Optional[int] = None  # minutes: the default idle timeout of its services (0: never; None: the site's)
 
     @property
     def ref(self) -> str:
@@ -101,8 +104,9 @@ class _Reader:
         """Raise the TierSpecError for `problem` at `path` ("partitions.gpu.tiers[1].gpu_count")."""
         raise TierSpecError(f"{self.source}: {path}: {problem}" if path else f"{self.source}: {problem}")
 
-    def mapping(self, path, value, allowed=None, required=()) -> dict:
-        """`value` as a mapping with only `allowed` keys (None: any) and all `required` ones."""
+    def mapping(self, path, value, allowed=None, required=(), optional=False) -> dict:
+        """`value` as a mapping with only `allowed` keys (None: any) and all `required` ones; `optional`: None is {}."""
+        value = {} if optional and value is None else value
         if not isinstance(value, dict):
             self.fail(path, f"expected a mapping, got {_show(value)}")
         for key in value:
@@ -131,6 +135,14 @@ class _Reader:
             self.fail(path, f"must be {'greater than 0' if positive else 'at least 0'}, got {value}")
         return value
 
+    def checked(self, path, check, value, *args):
+        """What one of the launch's own checks, `check(value, *args)`, returns (None for None); its refusal fails at
+        `path`."""
+        try:
+            return None if value is None else check(value, *args)
+        except ValidationError as exc:
+            self.fail(path, exc.problem)
+
     def text(self, path, value, pattern=TEXT, what="a single line of text") -> str:
         """A string matching `pattern`; `what` describes it in the error."""
         if not isinstance(value, str) or not pattern.fullmatch(value):
@@ -138,14 +150,10 @@ class _Reader:
         return value
 
 
-def _or_empty(value):
-    return {} if value is None else value
-
-
 def _read_tier(r: _Reader, path: str, partition: str, raw) -> Tier:
     raw = r.mapping(path, raw, TIER_FIELDS, REQUIRED_TIER_FIELDS)
     size = raw["max_model_size_gb"]
-    slurm = r.mapping(f"{path}.slurm", _or_empty(raw.get("slurm")), SLURM_FIELDS)
+    slurm = r.mapping(f"{path}.slurm", raw.get("slurm"), SLURM_FIELDS, optional=True)
     gpu_type = raw.get("gpu_type")
     return Tier(
         partition=partition,
@@ -158,6 +166,7 @@ def _read_tier(r: _Reader, path: str, partition: str, raw) -> Tier:
         gpu_type=None if gpu_type is None else r.text(f"{path}.gpu_type", gpu_type, SLURM_VALUE, "a Slurm GPU type"),
         slurm={key: r.text(f"{path}.slurm.{key}", value, SLURM_VALUE, "a Slurm value without spaces")
                for key, value in slurm.items() if value is not None},
+        idle_timeout=r.checked(f"{path}.idle_timeout", parse_idle_timeout, raw.get("idle_timeout")),  # as a launch's
     )
 
 
@@ -166,7 +175,7 @@ def _build(data, source: str) -> ResourceSpecs:
     if data is None:
         r.fail("", "the file is empty (expected a mapping with `partitions`)")
     top = r.mapping("", data, ("time", "partitions", "models"), ("partitions",))
-    time = r.mapping("time", _or_empty(top.get("time")), ("default", "max"))
+    time = r.mapping("time", top.get("time"), ("default", "max"), optional=True)
     time_default = r.integer("time.default", time.get("default", 30), 1)
     time_max = r.integer("time.max", time.get("max", 180), 1)
     if time_default > time_max:
@@ -206,15 +215,12 @@ def _build(data, source: str) -> ResourceSpecs:
 
     specs = ResourceSpecs(time_default, time_max, partitions, defaults[0], {},
                           Path(source) if source else None)
-    models = r.mapping("models", _or_empty(top.get("models")))
+    models = r.mapping("models", top.get("models"), optional=True)
     for repo_id, ref in models.items():
         path = f"models.{_show(repo_id)}"
         r.text(path, repo_id, what="a model repo id (the key)")
         r.text(path, ref, what='a tier, "partition.tier" or "tier"')
-        try:
-            specs.models[repo_id] = resolve_tier(specs, ref)
-        except ValidationError as exc:
-            r.fail(path, exc.message.split(": ", 1)[1])
+        specs.models[repo_id] = r.checked(path, resolve_tier, specs, ref)
     return specs
 
 
@@ -275,10 +281,6 @@ def load_site_specs(cache_dir: Optional[Path] = None, specs_path: Optional[Path]
 
 # --- looking tiers up --------------------------------------------------------------------------------
 
-def _gb(value: float) -> str:
-    return f"{value:g}"
-
-
 def _size(size_gb: float) -> str:
     return f"{size_gb:.2f}" if size_gb < 1 else f"{size_gb:.1f}"
 
@@ -334,7 +336,7 @@ def check_model_fits(tier: Tier, size_gb: Optional[float], model: str = "the mod
     """
     if force or size_gb is None or model_fits(tier, size_gb):
         return
-    raise ValidationError("tier", f"{tier.ref} takes models up to {_gb(tier.max_model_size_gb)} GB and {model} is "
+    raise ValidationError("tier", f"{tier.ref} takes models up to {tier.max_model_size_gb:g} GB and {model} is "
                                   f"{_size(size_gb)} GB: pick a larger tier, or force the launch")
 
 
@@ -361,12 +363,12 @@ def recommend(specs: ResourceSpecs, model_repo_id: Optional[str], size_gb: Optio
         return Recommendation(None, f"size unknown and partition {name} has no catch-all tier: pick a tier")
     for tier in sized:
         if model_fits(tier, size_gb):
-            return Recommendation(tier, f"{_size(size_gb)} GB fits {tier.name} (up to {_gb(tier.max_model_size_gb)} GB)")
+            return Recommendation(tier, f"{_size(size_gb)} GB fits {tier.name} (up to {tier.max_model_size_gb:g} GB)")
     if catch_all is not None:
         return Recommendation(catch_all, f"{_size(size_gb)} GB is larger than every sized tier: catch-all {catch_all.name}")
     largest = sized[-1]
     return Recommendation(None, f"{_size(size_gb)} GB is larger than every tier of partition {name} (the largest, "
-                                f"{largest.name}, takes up to {_gb(largest.max_model_size_gb)} GB) and it has no "
+                                f"{largest.name}, takes up to {largest.max_model_size_gb:g} GB) and it has no "
                                 f"catch-all tier")
 
 
@@ -410,6 +412,7 @@ def tiers_as_dicts(specs: ResourceSpecs, arguments: Optional[Callable[[Resources
             "default_partition": tier.partition == specs.default_partition,
             "max_model_size_gb": tier.max_model_size_gb, "gpu_count": tier.gpu_count, "gpu_type": tier.gpu_type,
             "cpu_cores": tier.cpu_cores, "memory_gb": tier.memory_gb, "slurm": dict(tier.slurm),
+            "idle_timeout": tier.idle_timeout,
             "resources": {key: value for key, value in asdict(resources).items() if key not in ("account", "extra")},
             "sbatch": arguments(resources),
         })

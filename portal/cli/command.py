@@ -92,6 +92,16 @@ def human_size(count) -> str:
 
 
 def age(iso_time) -> str:
+    """How long ago an ISO time was, shortly: "45s", "12m", "3h", "2d"."""
+    return _span(iso_time, since=True)
+
+
+def until(iso_time) -> str:
+    """How long until an ISO time, shortly ("12m"; "0s" once it has passed); "" for none."""
+    return _span(iso_time, since=False)
+
+
+def _span(iso_time, since: bool) -> str:
     if not iso_time:
         return ""
     try:
@@ -100,7 +110,7 @@ def age(iso_time) -> str:
         return str(iso_time)
     if then.tzinfo is None:
         then = then.replace(tzinfo=timezone.utc)
-    seconds = int((datetime.now(timezone.utc) - then).total_seconds())
+    seconds = int((datetime.now(timezone.utc) - then).total_seconds()) * (1 if since else -1)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"

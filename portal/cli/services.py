@@ -9,7 +9,7 @@ import time
 
 import click
 
-from .command import Failure, KINDS, age, emit_json, fail, main, portal_of, progress_line, table
+from .command import Failure, KINDS, age, emit_json, fail, main, portal_of, progress_line, table, until
 from ..client import ENDED_STATES, ServiceEnded, WaitTimeout
 from ..config import ConfigError, ensure_token, load_config, prepare_home, use_private_umask
 from ..connection import write_connection
@@ -82,6 +82,9 @@ def status(ctx, as_json):
 @click.option("--tier", help="Resource tier, e.g. Small or gpu.Small (default: the recommendation; see `pilotfish tiers`).")
 @click.option("--time", "time_limit", help="Time limit: minutes or HH:MM:SS (default: the site's).")
 @click.option("--name", help="A name for the service.")
+@click.option("--idle", "idle_timeout", metavar="DURATION",
+              help="Stop it after this long without a request: minutes or 30m, 1h, 1h30m; 0 or off: never "
+                   "(default: the tier's, else the site's, else never).")
 @click.option("--partition", help="Override the tier's partition.")
 @click.option("--account", help="Slurm account to charge.")
 @click.option("--memory-gb", type=float, help="Override the tier's memory.")
@@ -94,13 +97,14 @@ def status(ctx, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the service (or the dry-run plan) as JSON.")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def run(ctx, kind, model, revision, tier, time_limit, name, partition, account, memory_gb, cpus, gpus, force,
-        dry_run, wait, timeout, as_json, engine_args):
+def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, partition, account, memory_gb, cpus, gpus,
+        force, dry_run, wait, timeout, as_json, engine_args):
     """Launch a service and print its id. Engine flags go after `--`.
 
     \b
     Examples:
       pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --tier Small --time 60
+      pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --idle 30m
       pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --wait -- --max-model-len 4096
       pilotfish run speech-recognition --model Systran/faster-whisper-small --dry-run
     """
@@ -108,7 +112,8 @@ def run(ctx, kind, model, revision, tier, time_limit, name, partition, account, 
     resources = {key: value for key, value in (("partition", partition), ("account", account),
                                                ("memory_gb", memory_gb), ("cpus", cpus), ("gpus", gpus))
                  if value is not None}
-    fields = {"revision": revision, "time": time_limit, "name": name, "resources": resources or None,
+    fields = {"revision": revision, "time": time_limit, "name": name, "idle_timeout": idle_timeout,
+              "resources": resources or None,
               "engine_args": list(engine_args) or None, "force": force or None}
     if dry_run:
         plan = portal.dry_run(kind, model, tier=tier, **fields)
@@ -116,7 +121,8 @@ def run(ctx, kind, model, revision, tier, time_limit, name, partition, account, 
             emit_json(plan)
             return
         click.echo(plan["job_script"].rstrip("\n"))
-        click.echo(f"# --- dry run: nothing submitted; tier {plan.get('tier')}: {plan.get('tier_reason')}")
+        click.echo(f"# --- dry run: nothing submitted; tier {plan.get('tier')}: {plan.get('tier_reason')}; "
+                   f"{plan.get('idle_timeout_reason')}")
         click.echo("# sbatch " + " ".join(shlex.quote(arg) for arg in plan["sbatch"]))
         return
     handle = portal.launch(kind, model, tier=tier, wait=False, **fields)
@@ -143,7 +149,8 @@ def run(ctx, kind, model, revision, tier, time_limit, name, partition, account, 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def list_services(ctx, show_all, state, as_json):
-    """List services, newest first (by default only live ones).
+    """List services, newest first (by default only live ones). STOPS IN: when an unused service stops (its idle
+    timeout or lease), if nobody uses it.
 
     Example: pilotfish ls --state RUNNING --json
     """
@@ -152,8 +159,8 @@ def list_services(ctx, show_all, state, as_json):
         emit_json(services)
         return
     table([[s["id"], s["name"], s["kind"], s["model"], s["tier"] or "", s["state"], s["job_id"] or "",
-            age(s["created_at"])] for s in services],
-          ["ID", "NAME", "KIND", "MODEL", "TIER", "STATE", "JOB", "AGE"])
+            age(s["created_at"]), until(s.get("stops_at"))] for s in services],
+          ["ID", "NAME", "KIND", "MODEL", "TIER", "STATE", "JOB", "AGE", "STOPS IN"])
 
 
 @main.command()
@@ -178,8 +185,13 @@ def details(ctx, service_id, as_json):
                          ("endpoint", f"{endpoint.get('host')}:{endpoint.get('port')}" if endpoint else "-"),
                          ("resources", json.dumps(data.get("resources"), sort_keys=True)),
                          ("engine args", " ".join(data.get("engine_args") or []) or "-"),
-                         ("time limit", f"{data.get('time_limit')} min")):
+                         ("time limit", f"{data.get('time_limit')} min"),
+                         ("idle stop", f"after {data['idle_timeout']} min without a request"
+                          if data.get("idle_timeout") else "never"),
+                         ("lease", f"{data['lease']} s" if data.get("lease") else "none")):
         click.echo(f"{label:<12} {value}")
+    if data.get("stops_at"):
+        click.echo(f"{'stops in':<12} {until(data['stops_at'])} if unused ({data.get('stop_reason_expected')})")
     phases = data.get("phases") or {}
     if phases:
         click.echo("phases       " + ", ".join(f"{k} {'-' if v is None else f'{v:.1f}s'}" for k, v in phases.items()))

@@ -31,5 +31,5 @@ __all__ = ["ACTIVITY_FLUSH_SECONDS", "Answer", "BodyTooLarge", "ClientGone", "DI
 
 def init_proxy(app) -> None:
     """The Flask side: the service directory every request routes on, and GET /v1/models."""
-    app.extensions["pilotfish.directory"] = ServiceDirectory(app.config["PILOTFISH"].home)
+    app.extensions["pilotfish.directory"] = ServiceDirectory(app.config["PILOTFISH"].home, app)
     app.register_blueprint(bp)

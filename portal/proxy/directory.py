@@ -4,19 +4,25 @@ ServiceDirectory caches the live services (id, state, model, kind, host, port, k
 path does not query the database; the reconciler calls routes_changed after committing a state change, which
 touches ROUTES_CHANGED_FILE in the portal's home, and every worker's next request then reloads before it routes.
 The directory also counts requests in flight per service (the gateway picks the least busy) and notes each
-service's last activity, written to the database at most every ACTIVITY_FLUSH_SECONDS. stored_state and
-last_ended read what the database says of a service or model that is not routable, for the answers.
-Database work needs an app context and runs off the event loop (the relay's in_thread).
+service's last activity (what idle stops and leases count from, portal/lifetimes.py), written to the database at
+most every ACTIVITY_FLUSH_SECONDS per service: when a request ends (the relay writes it), and by a timer on the
+event loop that runs only while a request is in flight or an activity is not written yet. It notes a request in
+flight as activity at each of its turns (a 40-minute stream is not idle) and writes what ended since the last write
+once its time comes, so the database holds each service's last request to the second; with nothing in flight and
+nothing to write, no timer is set. stored_state and last_ended read what the database says of a service or model
+that is not routable, for the answers. Database work needs an app context and runs off the event loop (the relay's
+in_thread, or the executor of the loop with the directory's app).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .. import change_marks
 from ..db import db
@@ -54,7 +60,8 @@ class ServiceDirectory:
     """Where each live service answers, cached for a second so the hot path does not query the database; a state
     change the reconciler commits (routes_changed) makes the next request reload first."""
 
-    def __init__(self, home=None):
+    def __init__(self, home=None, app=None):
+        self.app = app  # for the activity timer's database writes (None: only the relay writes activity)
         self._routes: Dict[str, Route] = {}
         self._loaded = 0.0
         self._changed_file = str(Path(home) / ROUTES_CHANGED_FILE) if home is not None else None
@@ -62,8 +69,11 @@ class ServiceDirectory:
         self._lock = threading.Lock()  # counters and activity: held for microseconds on the hot path
         self._refresh_lock = threading.Lock()  # reloading from the database: never blocks the counters
         self.in_flight: Dict[str, int] = {}
-        self._activity: Dict[str, float] = {}
-        self._flushed: Dict[str, float] = {}
+        self._activity: Dict[str, float] = {}  # service id: when it last had a request (epoch seconds)
+        self._flushed: Dict[str, float] = {}  # service id: when its activity was last written
+        self._pending: set = set()  # services whose last activity is not written yet
+        self._busy = 0  # requests in flight, all services together
+        self._timer: Optional[asyncio.TimerHandle] = None  # the activity timer, set only while it has work
 
     @property
     def cached(self) -> Dict[str, Route]:
@@ -106,25 +116,88 @@ class ServiceDirectory:
         return self._routes
 
     def begin(self, service_id: str) -> None:
+        """A request starts: count it in flight (its activity is noted while it lasts, see _tick)."""
         with self._lock:
             self.in_flight[service_id] = self.in_flight.get(service_id, 0) + 1
+            self._busy += 1
+        if self._timer is None:
+            self._set_timer(ACTIVITY_FLUSH_SECONDS)
 
     def end(self, service_id: str) -> bool:
-        """A request finished: count it out and note the activity; True when it is due to be written down."""
+        """A request finished: count it out and note the activity; True when it is due to be written down now (the
+        caller writes it with record_activity); else the activity timer writes it once its time comes."""
         now = time.time()
         with self._lock:
             self.in_flight[service_id] = max(0, self.in_flight.get(service_id, 1) - 1)
+            self._busy = max(0, self._busy - 1)
             self._activity[service_id] = now
             due = now - self._flushed.get(service_id, 0) >= ACTIVITY_FLUSH_SECONDS
             if due:
                 self._flushed[service_id] = now
+                self._pending.discard(service_id)
+            else:
+                self._pending.add(service_id)
+            quiet = not self._busy and not self._pending
+        if quiet and self._timer is not None:  # nothing in flight, nothing to write: no timer
+            self._timer.cancel()
+            self._timer = None
+        elif not due and self._timer is None:
+            self._set_timer(self._flushed[service_id] + ACTIVITY_FLUSH_SECONDS - now)
         return due
 
-    @staticmethod
-    def record_activity(service_id: str) -> None:
-        """Write a service's last activity (needs an app context; best effort)."""
+    def _set_timer(self, delay: float) -> None:
+        """Set the activity timer on this thread's event loop (none outside one, or without an app to write with)."""
+        if self.app is None:
+            return
         try:
-            Service.query.filter_by(id=service_id).update({"last_activity": utcnow()})
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._timer = loop.call_later(max(0.0, delay), self._tick)
+
+    def _tick(self) -> None:
+        """The activity timer: note the services with requests in flight as active now, write every activity whose
+        time has come (in a thread), and set the timer again for the next one, if any."""
+        self._timer = None
+        now = time.time()
+        due: List[Tuple[str, float]] = []
+        next_at = None
+        with self._lock:
+            if self._busy:
+                for service_id, count in self.in_flight.items():
+                    if count:
+                        self._activity[service_id] = now
+                        self._pending.add(service_id)
+            for service_id in list(self._pending):
+                ready = self._flushed.get(service_id, 0) + ACTIVITY_FLUSH_SECONDS
+                if ready <= now:
+                    at = self._activity[service_id]
+                    due.append((service_id, at))
+                    self._flushed[service_id] = now
+                    self._pending.discard(service_id)
+                    if not self.in_flight.get(service_id):
+                        continue  # written: nothing more until its next request
+                    ready = now + ACTIVITY_FLUSH_SECONDS
+                next_at = ready if next_at is None else min(next_at, ready)
+        if due:
+            asyncio.get_running_loop().run_in_executor(None, self._write_in_app, due)
+        if next_at is not None:
+            self._set_timer(next_at - now)
+
+    def _write_in_app(self, activity: List[Tuple[str, float]]) -> None:
+        with self.app.app_context():
+            for service_id, at in activity:
+                self.record_activity(service_id, at)
+
+    @staticmethod
+    def record_activity(service_id: str, at: Optional[float] = None) -> None:
+        """Write a service's last activity (`at`, epoch seconds; default now), never moving it back (needs an app
+        context; best effort)."""
+        moment = datetime.fromtimestamp(at, timezone.utc).replace(tzinfo=None) if at is not None else utcnow()
+        try:
+            Service.query.filter(Service.id == service_id, (Service.last_activity.is_(None)) |
+                                 (Service.last_activity < moment)).update({"last_activity": moment},
+                                                                          synchronize_session=False)
             db.session.commit()
         except Exception:  # activity is best effort; never fail a request over it
             db.session.rollback()

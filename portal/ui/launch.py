@@ -13,11 +13,11 @@ from ..errors import PortalError, RejectedError, UnavailableError, ValidationErr
 from ..launching import site_specs
 from .blueprint import bp, place_problem
 
-FORM_FIELDS = ("kind", "model", "revision", "tier", "recommended_tier", "time", "name", "engine_args", "account",
-               "force")
+FORM_FIELDS = ("kind", "model", "revision", "tier", "recommended_tier", "time", "idle_timeout", "name", "engine_args",
+               "account", "force")
 # Fields of the launch request shown by a control of the form (others are reported above the form).
 FIELD_CONTROLS = {"kind": "kind", "model": "model", "revision": "revision", "tier": "tier", "time": "time",
-                  "name": "name", "engine_args": "engine_args", "resources.account": "account", "force": "force"}
+                  "idle_timeout": "idle_timeout", "name": "name", "engine_args": "engine_args", "resources.account": "account", "force": "force"}
 
 
 def launch_request(form) -> dict:
@@ -26,7 +26,7 @@ def launch_request(form) -> dict:
     The tier is left out when it is the recommended one, so the service records the recommendation's reason.
     """
     body = {"kind": form.get("kind") or None, "model": (form.get("model") or "").strip() or None}
-    for key in ("revision", "name", "time"):
+    for key in ("revision", "name", "time", "idle_timeout"):
         value = (form.get(key) or "").strip()
         if value:
             body[key] = value
@@ -76,4 +76,4 @@ def launch():
     return render_template(
         "ui/launch.html", title="Launch a service", values=values, errors=errors, alert=alert, plan=plan,
         failed=failed, kinds=list(KINDS.values()), models=inventory.list_models(), tiers=tiers,
-        time_limits=time_limits, specs_problem=specs_problem)
+        time_limits=time_limits, specs_problem=specs_problem, idle_default=config.idle_timeout)

@@ -46,6 +46,9 @@
     cells.id = PF.el("div", {class: "small text-body-secondary font-monospace"});
     cells.name.append(cells.link, cells.id);
     cells.reason = PF.el("div", {class: "small text-body-secondary text-truncate", style: "max-width: 22rem"});
+    cells.timeLeft = PF.el("span");
+    cells.stops = PF.el("div", {class: "small text-body-secondary", "data-field": "stops"});  // "stops in 12 min if unused"
+    cells.left.append(cells.timeLeft, cells.stops);
     return {tr, cells, actionsKey: null, state: null};
   }
 
@@ -63,7 +66,8 @@
     PF.setText(cells.tier, service.tier || "explicit resources");
     PF.setText(cells.node, service.node || "—");
     PF.setText(cells.age, PF.since(service.created_at));
-    PF.setText(cells.left, PF.timeLeft(service));
+    PF.setText(cells.timeLeft, PF.timeLeft(service));
+    PF.setText(cells.stops, PF.stopsIn(service));
     const key = actionsKey(service);
     if (row.actionsKey !== key) {
       cells.actions.replaceChildren(...actionButtons(service));

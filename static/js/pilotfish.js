@@ -172,6 +172,13 @@ const PF = (() => {
     return duration(limit - (now() - Date.parse(service.job_started_at)) / 1000);
   }
 
+  // When the portal stops an unused service (its idle timeout or lease: stops_at), if nobody uses it: "" for never.
+  function stopsIn(service) {
+    if (!isLive(service) || !service.stops_at) return "";
+    const reason = service.stop_reason_expected ? ` (${service.stop_reason_expected})` : "";
+    return `stops in ${duration((Date.parse(service.stops_at) - now()) / 1000)} if unused${reason}`;
+  }
+
   // --- DOM ---------------------------------------------------------------------------------------------
 
   // el("a", {href: x, class: "y"}, "text", child): attributes are set as attributes, children as text or nodes.
@@ -301,7 +308,7 @@ const PF = (() => {
   }, true);
 
   return {
-    base, csrf, LIVE, ApiError, url, api, errorMessage, poll, now, duration, since, when, bytes, isLive, timeLeft,
+    base, csrf, LIVE, ApiError, url, api, errorMessage, poll, now, duration, since, when, bytes, isLive, timeLeft, stopsIn,
     el, setText, badge, alert, initial, confirm, copyButtons, stopService, deleteService, serviceUrl,
   };
 })();

@@ -28,6 +28,7 @@
     PF.setText(document.querySelector('[data-field="created"]'),
       `${PF.when(service.created_at)} (${PF.since(service.created_at)} ago)`);
     PF.setText(document.querySelector('[data-field="left"]'), PF.timeLeft(service));
+    PF.setText(document.querySelector('[data-field="stops"]'), PF.stopsIn(service) || "never (no idle stop or lease)");
     for (const phase of PHASES) {
       const seconds = (service.phases || {})[phase];
       PF.setText(document.querySelector(`[data-phase="${phase}"]`),

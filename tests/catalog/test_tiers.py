@@ -117,7 +117,7 @@ def test_site_file_in_cache_dir_and_explicit_path(tmp_path):
     ('        description: "Medium models (up to 80GB)"\n', "", "partitions.gpu.tiers[1]: missing required field `description`"),
     ("gpu_count: 2", "gpu_count: 2\n        gpus: 2",
      "partitions.gpu.tiers[1].gpus: unknown field (expected one of: name, description, max_model_size_gb, gpu_count, "
-     "gpu_type, cpu_cores, memory_gb, slurm)"),
+     "gpu_type, cpu_cores, memory_gb, slurm, idle_timeout)"),
     ('constraint: "gpu80"', 'constraint: "gpu80"\n          qos: high',
      "partitions.gpu.tiers[0].slurm.qos: unknown field (expected one of: constraint, gres)"),
     ('constraint: "gpu80"', 'constraint: "gpu 80"',
@@ -315,7 +315,7 @@ def test_tiers_as_dicts_for_the_api(specs):
     assert rows[0] == {
         "ref": "gpu.Small", "partition": "gpu", "name": "Small", "description": "Small models (up to 16GB)",
         "default_partition": True, "max_model_size_gb": 16, "gpu_count": 1, "gpu_type": "a100", "cpu_cores": 4,
-        "memory_gb": 16, "slurm": {"constraint": "gpu80"},
+        "memory_gb": 16, "slurm": {"constraint": "gpu80"}, "idle_timeout": None,
         "resources": {"time": 30, "partition": "gpu", "cpus": 4, "memory_gb": 16.0, "gpus": 1, "gpu_type": "a100",
                       "gres": None, "constraint": "gpu80"},
         "sbatch": ["--time=30", "--partition=gpu", "--cpus-per-task=4", "--mem=16384M", "--gres=gpu:a100:1",

@@ -1,0 +1,184 @@
+"""How long a service lives when nobody uses it: the idle timeout and the lease.
+
+- The idle timeout (minutes; a launch's own, else its tier's, else the site's; off by default): a RUNNING or
+  UNHEALTHY service with no proxied request for that long is stopped ("idle for 30 min"). Idle time counts from the
+  last request seen in any worker (the proxy's `last_activity`, which a request in flight keeps fresh), or from when
+  the service became ready.
+- The lease (seconds): a live service is kept while its holder renews the lease (the Python client's heartbeat,
+  `POST /api/services/<id>/lease`) or its traffic is seen; once neither happened for the lease's length, it is
+  stopped ("lease expired (no heartbeat for 612 s)").
+
+Durations as users write them (`parse_idle_timeout`, `parse_lease`), the reconciler's decision (`due_stop`), when a
+service will stop if nothing happens (`expected_stop`), and durations in words. Plain Python: no Flask, no database;
+the service may be any object with the Service table's fields.
+"""
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from typing import Optional, Tuple
+
+from .errors import ValidationError
+from .states import State
+
+IDLE_STATES = State.ROUTABLE  # a service idles once it has answered: RUNNING or UNHEALTHY
+LEASE_STATES = State.LIVE  # a lease holds from the launch on
+IDLE_TIMEOUT_MAX_MINUTES = 366 * 1440
+# The proxy notes traffic at most every ACTIVITY_FLUSH_SECONDS (10 s, portal/proxy/directory.py): a lease shorter than
+# a few of those could lapse under steady traffic alone.
+LEASE_MIN_SECONDS = 30
+LEASE_MAX_SECONDS = 7 * 86400
+OFF_WORDS = ("off", "never", "none")
+
+# "1h30m", "2d", "45m", "90s": units in decreasing order, each at most once.
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+_NUMBER = "[0-9]{1,7}"
+
+
+def _duration_shape(units: str) -> str:
+    """A JSON Schema pattern (no lookaround: pydantic's regex engine has none) for a non-empty duration in `units`."""
+    return "|".join(f"{_NUMBER}{unit}" + "".join(f"({_NUMBER}{smaller})?" for smaller in units[index + 1:])
+                    for index, unit in enumerate(units))
+
+
+OFF_PATTERN = "|".join(OFF_WORDS)
+IDLE_TIMEOUT_SHAPE = f"^({OFF_PATTERN}|{_NUMBER}|{_duration_shape('dhm')})$"  # what parse_idle_timeout takes
+LEASE_SHAPE = f"^({_NUMBER}|{_duration_shape('dhms')})$"  # what parse_lease takes
+_IDLE_DURATION = re.compile(_duration_shape("dhm"))
+_LEASE_DURATION = re.compile(_duration_shape("dhms"))
+IDLE_TIMEOUT_WORDS = "minutes, or a duration such as 30m, 1h or 1h30m (0 or off: never)"
+LEASE_WORDS = f"seconds, or a duration such as 90s, 10m or 1h (at least {LEASE_MIN_SECONDS} s)"
+
+
+def _duration_seconds(text: str, shape: re.Pattern) -> Optional[int]:
+    """Seconds of "1h30m", "2d", "45m", "90s" when `shape` takes it, else None."""
+    if not shape.fullmatch(text):
+        return None
+    return sum(int(number) * dict(_UNITS)[unit] for number, unit in re.findall(r"([0-9]+)([dhms])", text))
+
+
+def parse_idle_timeout(value, field: str = "idle_timeout") -> int:
+    """Minutes of an idle timeout (0: no idle stop) from an integer of minutes or a string ("30", "30m", "1h", "off");
+    anything else is a ValidationError naming `field`."""
+    expected = f"expected {IDLE_TIMEOUT_WORDS}, got {value!r}"
+    if isinstance(value, bool):
+        raise ValidationError(field, expected)
+    if isinstance(value, int):
+        minutes = value
+    elif isinstance(value, str):
+        text = value
+        if text in OFF_WORDS:
+            return 0
+        if re.fullmatch(_NUMBER, text):
+            minutes = int(text)
+        else:
+            seconds = _duration_seconds(text, _IDLE_DURATION)
+            if seconds is None:
+                raise ValidationError(field, expected)
+            minutes = seconds // 60
+    else:
+        raise ValidationError(field, expected)
+    if minutes < 0:
+        raise ValidationError(field, f"must be at least 1 minute (or 0 for never), got {value!r}")
+    if minutes > IDLE_TIMEOUT_MAX_MINUTES:
+        raise ValidationError(field, f"must be at most {IDLE_TIMEOUT_MAX_MINUTES // 1440} days, got {value!r}")
+    return minutes
+
+
+def parse_lease(value, field: str = "lease") -> int:
+    """Seconds of a lease from an integer of seconds or a string ("600", "10m", "90s"); at least LEASE_MIN_SECONDS;
+    anything else is a ValidationError naming `field`."""
+    expected = f"expected {LEASE_WORDS}, got {value!r}"
+    if isinstance(value, bool):
+        raise ValidationError(field, expected)
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str):
+        text = value
+        seconds = int(text) if re.fullmatch(_NUMBER, text) else _duration_seconds(text, _LEASE_DURATION)
+        if seconds is None:
+            raise ValidationError(field, expected)
+    else:
+        raise ValidationError(field, expected)
+    if seconds < LEASE_MIN_SECONDS:
+        raise ValidationError(field, f"must be at least {LEASE_MIN_SECONDS} seconds (the heartbeat renews it every "
+                                     f"third of it), got {value!r}")
+    if seconds > LEASE_MAX_SECONDS:
+        raise ValidationError(field, f"must be at most {LEASE_MAX_SECONDS // 86400} days, got {value!r}")
+    return seconds
+
+
+def duration_words(seconds: float) -> str:
+    """A duration for people: "45 s", "30 min", "1 h", "1 h 30 min", "2 d 3 h" (rounded down to its two largest
+    units)."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 86400:
+        hours, minutes = divmod(seconds // 60, 60)
+        return f"{hours} h" + (f" {minutes} min" if minutes else "")
+    days, hours = divmod(seconds // 3600, 24)
+    return f"{days} d" + (f" {hours} h" if hours else "")
+
+
+def idle_reason(idle_timeout: int) -> str:
+    """The reason of an idle stop: "idle for 30 min"."""
+    return f"idle for {duration_words(idle_timeout * 60)}"
+
+
+def lease_reason(silent_seconds: float) -> str:
+    """The reason of a lease's end: "lease expired (no heartbeat for 612 s)"."""
+    return f"lease expired (no heartbeat for {int(silent_seconds)} s)"
+
+
+def _latest(*moments) -> Optional[datetime]:
+    known = [moment for moment in moments if moment is not None]
+    return max(known) if known else None
+
+
+def idle_deadline(service) -> Optional[datetime]:
+    """When an idle service stops (None: it has no idle timeout, or is not serving): its idle timeout after its last
+    request, or after it became ready."""
+    if not service.idle_timeout or service.state not in IDLE_STATES:
+        return None
+    since = _latest(service.last_activity, service.ready_at)
+    return since + timedelta(minutes=service.idle_timeout) if since else None
+
+
+def lease_deadline(service) -> Optional[datetime]:
+    """When a leased service stops (None: no lease): the lease's length after its last heartbeat or request, or after
+    its launch."""
+    if not service.lease_seconds or service.state not in LEASE_STATES:
+        return None
+    since = _latest(service.lease_renewed_at, service.last_activity, service.created_at)
+    return since + timedelta(seconds=service.lease_seconds) if since else None
+
+
+def expected_stop(service) -> Optional[Tuple[datetime, str]]:
+    """(when, why) the portal will stop `service` if nobody uses it or renews its lease; None when it will not (or
+    it is already stopping). `why` is the reason it would stop with ("idle for 30 min", "lease expired (...)")."""
+    if getattr(service, "stop_requested", False):
+        return None
+    found = []
+    idle_at = idle_deadline(service)
+    if idle_at is not None:
+        found.append((idle_at, idle_reason(service.idle_timeout)))
+    lease_at = lease_deadline(service)
+    if lease_at is not None:
+        found.append((lease_at, lease_reason(service.lease_seconds)))
+    return min(found, key=lambda pair: pair[0]) if found else None
+
+
+def due_stop(service, now: datetime) -> Optional[str]:
+    """The reason to stop `service` at `now` (naive UTC, as the database holds times), or None to keep it: idle for
+    longer than its idle timeout, or its lease not renewed (heartbeat or traffic) for longer than its length."""
+    expected = expected_stop(service)
+    if expected is None or now < expected[0]:
+        return None
+    at, reason = expected
+    if reason.startswith("lease"):
+        silent = (now - (at - timedelta(seconds=service.lease_seconds))).total_seconds()
+        return lease_reason(silent)
+    return reason
