@@ -3,7 +3,8 @@ path and method (as the real engines behind the key guard).
 
 Options (as engine args): --delay S (wait before listening), --exit CODE (print a message and exit),
 --sick-file PATH (answer 503 on /health while PATH exists). GET /stop-listening closes the listening socket and
-keeps the process alive (a server that no longer accepts connections while its job runs on).
+keeps the process alive (a server that no longer accepts connections while its job runs on). GET /stream?seconds=N
+answers a line a second for N seconds (a long stream, as a long generation is).
 """
 import argparse
 import hmac
@@ -54,11 +55,23 @@ def main():
                 if args.sick_file and os.path.exists(args.sick_file):
                     return self._send(503, {"status": "sick"})
                 return self._send(200, {"status": "ok"})
+            if self.path.startswith("/stream?seconds="):
+                return self._stream(int(self.path.partition("=")[2]))
             if self.path == "/stop-listening":
                 self._send(200, {"listening": False})
                 threading.Thread(target=server.shutdown).start()  # serve_forever returns, then the socket closes
                 return None
             return self._send(200, {"path": self.path, "model": os.environ.get("PILOTFISH_MODEL")})
+
+        def _stream(self, seconds):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(6 * seconds))
+            self.end_headers()
+            for _ in range(seconds):
+                self.wfile.write(b"token\n")
+                self.wfile.flush()
+                time.sleep(1)
 
         def _send(self, status, body):
             data = json.dumps(body).encode()
