@@ -2,6 +2,7 @@
 scancel, walltime: Slurm sends SIGTERM, then SIGKILL after KillWait) every service it started is cancelled.
 
     python -m ood_app.launch --host HOST --port PORT --token-file FILE --placement separate_jobs|this_allocation
+        [--idle-timeout MINUTES]
 
 `separate_jobs`: services are Slurm jobs of their own, with time limits that end by the time this job does.
 `this_allocation`: services are processes inside this job's allocation (the portal's local scheduler).
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--token-file", required=True, type=Path, help="the portal token (0600, from before.sh)")
     parser.add_argument("--placement", required=True, choices=sorted(PLACEMENTS), help="where services run")
     parser.add_argument("--workers", type=int, default=None, help="gunicorn workers (default: portal.gunicorn_conf)")
+    parser.add_argument("--idle-timeout", default="", help="the default idle timeout of the services this session "
+                                                           "starts (minutes, 0: never; empty: the site's)")
     return parser.parse_args(argv)
 
 
@@ -112,6 +115,8 @@ def main(argv=None) -> int:
         env["PILOTFISH_JOB_DEADLINE"] = env["PILOTFISH_SESSION_END"] = f"{deadline:.0f}"
     if args.workers:
         env["PILOTFISH_WORKERS"] = str(args.workers)
+    if args.idle_timeout:  # the form's choice; load_config checks it as it checks the site's
+        env["PILOTFISH_IDLE_TIMEOUT"] = args.idle_timeout
     os.environ.clear()
     os.environ.update(env)  # the settings of this process (cleanup) and of gunicorn are the same
 

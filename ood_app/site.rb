@@ -26,9 +26,14 @@ module PilotfishSite
   # The portal job of "separate_jobs": the portal only submits and proxies, its services get their own jobs.
   # The site config's `portal_job` (partition, cpus, memory_gb) changes it; the default partition otherwise.
   LIGHT_JOB = { cpus: 1, memory_gb: 2 }.freeze
+  # The form's choices for the session's default idle timeout (minutes; "": the site's and the tiers' defaults; "0":
+  # never). The portal applies it to launches that do not set their own (PILOTFISH_IDLE_TIMEOUT, portal/lifetimes.py).
+  IDLE_CHOICES = [["15 minutes", "15"], ["30 minutes", "30"], ["1 hour", "60"], ["2 hours", "120"],
+                  ["4 hours", "240"], ["Never", "0"]].freeze
   PORTAL_JOB_FIELDS = %w[partition cpus memory_gb].freeze
 
-  TIER_FIELDS = %w[name description max_model_size_gb gpu_count gpu_type cpu_cores memory_gb slurm].freeze
+  # idle_timeout: the tier's default idle timeout, which the portal checks and applies (the form does not use it).
+  TIER_FIELDS = %w[name description max_model_size_gb gpu_count gpu_type cpu_cores memory_gb slurm idle_timeout].freeze
   REQUIRED_TIER_FIELDS = %w[name description max_model_size_gb gpu_count cpu_cores memory_gb].freeze
   SLURM_FIELDS = %w[constraint gres].freeze
   PARTITION_NAME = /\A[A-Za-z0-9_\-]{1,64}\z/.freeze
@@ -348,6 +353,24 @@ module PilotfishSite
   def light_job_text(job)
     where = job[:partition] ? "partition #{job[:partition]}" : "the default partition"
     "#{job[:cpus]} CPU#{'s' if job[:cpus] > 1} and #{number(job[:memory_gb])} GB on #{where}"
+  end
+
+  # The form's idle timeout choices, the site's default first ("": what the site config and the tiers say).
+  def idle_choices(settings)
+    default = settings["idle_timeout"]
+    words = if default.nil? || default.to_s.empty? then "never, unless the tier says otherwise"
+            elsif default.is_a?(Integer) then "#{default} minutes"
+            else default.to_s
+            end
+    [["The site's default: #{words}", ""]] + IDLE_CHOICES
+  end
+
+  # The idle timeout a form posted: one of the choices it offered, anything else is refused.
+  def idle_timeout!(value)
+    return value.to_s if ([""] + IDLE_CHOICES.map(&:last)).include?(value.to_s)
+
+    raise Error, "unknown choice #{value.to_s.inspect} for the idle timeout (expected one of: " \
+                 "#{IDLE_CHOICES.map(&:last).join(', ')}, or empty for the site's default)"
   end
 
   # The portal job's sbatch options for a form's choices; anything not offered by the form is refused.

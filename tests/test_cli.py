@@ -92,6 +92,8 @@ def test_bad_usage_exits_2(env, portal):
                    "pilotfish: tier")
     one_line_error(pf(env, "run", "text-generation", "--model", "test/tiny", "--dry-run", "--", "--rm-rf"), 2,
                    "engine_args")
+    one_line_error(pf(env, "run", "text-generation", "--model", "test/tiny", "--idle", "half an hour"), 2,
+                   "pilotfish: idle_timeout: expected minutes, or a duration such as 30m")
 
 
 def test_failures_exit_1(env, portal):

@@ -175,6 +175,7 @@ REFUSED = {
              "cpu.Tiny"],  # the last one is another file's tier
     "hours": ["4", "3.25", "0", "-1", "1e9", "abc", "1; id", "", " 1 1", "99999999"],
     "service_placement": ["elsewhere", "", "this_allocation; id"],
+    "idle_timeout": ["5", "off", "1h", "30; id", "$(id)"],
 }
 
 
@@ -189,8 +190,8 @@ def test_submit_refuses_what_the_form_did_not_offer(tmp_path, field):
     for value, answer in zip(REFUSED[field], answers):
         assert "error" in answer, (field, value, answer)
         assert answer["error"].startswith("PilotfishSite::Error: "), answer
-        assert {"tier": "unknown resource tier", "hours": "hours: ",
-                "service_placement": "where services run"}[field] in answer["error"], answer
+        assert {"tier": "unknown resource tier", "hours": "hours: ", "service_placement": "where services run",
+                "idle_timeout": "for the idle timeout"}[field] in answer["error"], answer
     with pytest.raises(RenderError, match=r"exceeds the site maximum of 180 minutes \(time.max in "):
         render_submit(env, {**good, "hours": "3.5"})
 
@@ -212,7 +213,10 @@ def test_broken_or_missing_files_are_named(tmp_path):
 
 def test_job_templates_are_valid_shell_with_every_value_quoted(tmp_path):
     env = site(tmp_path, TEST_SPECS)
-    values = form_values(render_form(env), service_placement="this_allocation", tier="cpu.Big")
+    form = render_form(env)
+    assert [value for _, value in form["attributes"]["idle_timeout"]["options"]] == ["", "15", "30", "60", "120",
+                                                                                    "240", "0"]
+    values = form_values(form, service_placement="this_allocation", tier="cpu.Big", idle_timeout="30")
     values["app_dir"] = "/opt/it's $(id) `id`/pilotfish"  # quoting is checked, not assumed
     rendered = {path.name: path for path in stage(tmp_path / "staged", values)}
     assert sorted(rendered) == ["after.sh", "before.sh", "script.sh"]
@@ -227,7 +231,7 @@ def test_job_templates_are_valid_shell_with_every_value_quoted(tmp_path):
     script = rendered["script.sh"].read_text()
     assert "app_dir=/opt/it\\'s\\ \\$\\(id\\)\\ \\`id\\`/pilotfish\n" in script
     assert f"export PILOTFISH_SITE_CONFIG={env['PILOTFISH_SITE_CONFIG']}\n" in script
-    assert "--placement this_allocation" in script
+    assert "--placement this_allocation" in script and "--idle-timeout 30\n" in script
     printed = subprocess.run(["bash", "-c", script.split("\nexport PILOTFISH_HOME")[0].split("set -euo pipefail\n")[1]
                               + '\nprintf %s "$app_dir"'], capture_output=True, text=True)
     assert printed.stdout == values["app_dir"]

@@ -52,3 +52,13 @@ def test_launch_refuses_a_second_portal_on_the_same_services(tmp_path, start_por
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"a Pilotfish portal of yours already runs at {running.url}" in result.stdout
     assert running.request("GET", "/health").status_code == 200
+
+
+def test_the_forms_idle_timeout_reaches_the_portals_settings(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("a-token\n")
+    result = launch({"PILOTFISH_HOME": str(tmp_path / "home")}, "--host", "localhost", "--port", str(free_port()),
+                    "--token-file", str(token), "--placement", "separate_jobs", "--idle-timeout", "soon")
+    assert result.returncode == 1 and result.stdout.strip() == (
+        "pilotfish: idle_timeout: expected minutes, or a duration such as 30m, 1h or 1h30m (0 or off: never), got "
+        "'soon'"), result.stdout + result.stderr
