@@ -36,6 +36,7 @@ def test_launch_watch_chat_read_the_log_stop_and_delete(ui_portal, browser):
     expect(page.locator("#tier-reason")).to_contain_text("fits Tiny (up to 1 GB)")
     expect(page.locator('[data-info="location"]')).to_contain_text("site cache")
     page.get_by_label("Time limit").fill("10")
+    page.get_by_label("Stop when unused for").fill("30m")
     browser.screenshot(page, "launch")
     page.get_by_role("button", name="Launch", exact=True).click()
     page.wait_for_url(re.compile(re.escape(f"{portal.url}{base}/ui/services/") + r"[0-9a-f]{12}$"))
@@ -52,6 +53,8 @@ def test_launch_watch_chat_read_the_log_stop_and_delete(ui_portal, browser):
     expect(timeline.first).to_contain_text("submitted to slurm as job")
     expect(page.locator('[data-phase="total"]')).to_have_text(re.compile(r"^\d+\.\d s$"))
     expect(page.locator('[data-field="node"]')).not_to_have_text("—")
+    expect(page.locator('[data-field="stops"]')).to_have_text(re.compile(
+        r"^stops in (29|30) min if unused \(idle for 30 min\)$"))
     expect(page.locator("#url-notebook")).to_have_value(re.compile(rf"/services/{service_id}/v1$"))
     expect(page.locator("#snippet")).to_contain_text(f'connect().service("{service_id}")')
     job_id = portal.service(service_id)["job_id"]
@@ -124,6 +127,14 @@ def test_launch_form_shows_each_refusal_next_to_its_field(ui_portal, browser):
     expect(page.locator("#launch-alert")).to_contain_text("Not launched")
     expect(page.get_by_label("Time limit")).to_have_value("999")
     browser.screenshot(page, "launch-error-time")
+
+    # An idle timeout that is not a duration.
+    page.get_by_label("Time limit").fill("5")
+    page.get_by_label("Stop when unused for").fill("half an hour")
+    page.get_by_role("button", name="Launch", exact=True).click()
+    expect(problem_of("idle_timeout")).to_contain_text("expected minutes, or a duration such as 30m, 1h or 1h30m")
+    expect(page.get_by_label("Stop when unused for")).to_have_value("half an hour")
+    page.get_by_label("Stop when unused for").fill("")
 
     # A tier too small for the model: the chosen tier stays selected after the refusal.
     page.get_by_label("Time limit").fill("5")
