@@ -168,7 +168,8 @@ def list_services(ctx, show_all, state, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def details(ctx, service_id, as_json):
-    """One service (ID or any unique prefix of it): state, job, resources, phase timings and events.
+    """One service (ID or any unique prefix of it): state, job, resources, idle stop and lease (and when it stops if
+    unused), phase timings and events.
 
     Example: pilotfish details 3fa2
     """
