@@ -250,7 +250,7 @@ async def send(target: Target, connection: Optional[TimedConnection], index: int
         connection.write(target.request(index))
         await connection.answer(target.spec.timeout)
         try:
-            connection.sink.finish()
+            connection.answer_sink.finish()
         except (ValueError, UnicodeDecodeError):
             raise RequestFailed("bad_response") from None
         if not connection.keep_alive:  # the server closes the connection after this answer

@@ -1,9 +1,10 @@
 """The HTTP/1.1 client connection on httptools, the one both the proxy and the load generators use.
 
 ClientConnection writes one request at a time and parses the answer as it arrives into a status, headers and
-body chunks handed out to whoever reads them (the proxy's relay); both directions have flow control (a slow reader
-lets at most READ_BUFFER_LIMIT bytes pile up before the server is paused; a server that stops reading pauses the
-upload, and one that answers before the whole body is sent stops it). The proxy pools these (portal/proxy/upstream.py).
+body chunks, queued for whoever reads them or handed as they are parsed to a sink (the proxy's relay); both
+directions have flow control (a slow reader lets at most READ_BUFFER_LIMIT bytes pile up before the server is
+paused, a sink holds the reading until its reader has caught up; a server that stops reading pauses the upload, and
+one that answers before the whole body is sent stops it). The proxy pools these (portal/proxy/upstream.py).
 
 TimedConnection is the same connection for measuring (portal/benchmark_requests.py, benchmarks/proxy.py): the body
 goes, as it is parsed, to a sink with the time its bytes were read, rather than waiting in the queue for a reader.
@@ -86,12 +87,16 @@ class ClientConnection(asyncio.Protocol):
         self.keep_alive = False
         self.request_cut = False  # the server answered before the whole request body was sent
         self.waiter: Optional[asyncio.Future] = None
+        self.sink: Optional[Callable[[bytes], None]] = None  # takes the body as it is parsed, instead of the queue
+        self.held = False  # the sink stopped reading until its reader has caught up (hold, release)
+        self.last_read = self.loop.time()
 
     # asyncio.Protocol
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        self.last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -130,6 +135,10 @@ class ClientConnection(asyncio.Protocol):
             self.headers = []
 
     def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink(body)
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > READ_BUFFER_LIMIT and not self._reading_paused and self.transport is not None:
@@ -191,6 +200,38 @@ class ClientConnection(asyncio.Protocol):
             except TimeoutError:
                 raise RequestFailed("timeout") from None
 
+    def hold(self) -> None:
+        """Stop reading from the server until `release` (the sink's reader cannot take more yet), and wake the reader."""
+        if not self.held:
+            self.held = True
+            if not self._reading_paused and not self.lost and self.transport is not None:
+                self._reading_paused = True
+                self.transport.pause_reading()
+            self._wake()
+
+    def release(self) -> None:
+        """Read from the server again after `hold`."""
+        self.held = False
+        self.last_read = self.loop.time()  # the time held does not count against the server
+        if self._reading_paused and not self.lost:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    async def until_held_or_complete(self, timeout: float) -> None:
+        """With a sink taking the body: until it holds the reading or the answer is complete. RequestFailed
+        "interrupted" if the connection ends first, "timeout" after `timeout` seconds without a byte from the
+        server. The body's reads wake nobody: one timer per `timeout`, not one per read."""
+        while not (self.held or self.complete):
+            if self.lost:
+                raise RequestFailed("interrupted", self.lost_reason)
+            remaining = self.last_read + timeout - self.loop.time()
+            if remaining <= 0:
+                raise RequestFailed("timeout")
+            try:
+                await self._wait(remaining)
+            except TimeoutError:
+                pass  # a read may have come meanwhile: the loop looks again
+
     async def chunk(self, timeout: float) -> Optional[bytes]:
         """The body received since the last call, None at its end; RequestFailed if it stops short."""
         while not self.chunks:
@@ -216,7 +257,7 @@ class TimedConnection(ClientConnection):
     status, with the time the read that brought it arrived; `answer` waits for the end of the answer."""
 
     choose_sink: Optional[Callable[[int], object]] = None
-    sink = None
+    answer_sink = None
     failure: Optional[str] = None
     arrived = last_data = 0.0
 
@@ -224,7 +265,7 @@ class TimedConnection(ClientConnection):
         """Ready for the next answer: `choose_sink(status)` returns what takes its body (`feed(data, arrived)`)."""
         self.start()
         self.choose_sink = choose_sink
-        self.sink = None
+        self.answer_sink = None
         self.failure = None
         self.arrived = self.last_data = perf()
 
@@ -248,12 +289,12 @@ class TimedConnection(ClientConnection):
     def on_headers_complete(self) -> None:
         ClientConnection.on_headers_complete(self)
         if self.got_head and self.choose_sink is not None:
-            self.sink = self.choose_sink(self.status)
+            self.answer_sink = self.choose_sink(self.status)
 
     def on_body(self, body: bytes) -> None:
-        if self.failure is None and self.sink is not None:
+        if self.failure is None and self.answer_sink is not None:
             try:
-                self.sink.feed(body, self.arrived)
+                self.answer_sink.feed(body, self.arrived)
             except (ValueError, UnicodeDecodeError):
                 self._lose("the answer could not be read")
 

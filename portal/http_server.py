@@ -10,7 +10,7 @@ closed; a head not complete within client_read_timeout seconds of the connection
 from __future__ import annotations
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers
 MAX_HEADER_FIELDS = 100
@@ -112,3 +112,66 @@ class PortalHttpProtocol(HttpToolsProtocol):
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                              b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body))
         self.transport.close()
+
+
+class AnswerBody:
+    """The body of an answer whose head went out through ASGI `send`, written by a callback as its parts arrive
+    (the proxy writes a service's answer as each read of it is parsed). `write` takes a part at once and says
+    whether the caller can take more; when it cannot, `flush` waits until it can. The end of the body goes
+    through `send` as usual. This is the ASGI form, for any server: each part goes out when `flush` sends it."""
+
+    __slots__ = ("send", "pending")
+
+    def __init__(self, send):
+        self.send = send
+        self.pending = []
+
+    def write(self, data: bytes) -> bool:
+        self.pending.append(data)
+        return False
+
+    async def flush(self) -> None:
+        if self.pending:
+            data = b"".join(self.pending)
+            self.pending.clear()
+            await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+class DirectAnswerBody(AnswerBody):
+    """AnswerBody on this server's own connection (uvicorn's request cycle): each part is written to the caller's
+    connection as it comes, framed as the answer's head chose (chunked, or counted against its Content-Length, as
+    the cycle's `send` does), so a relayed stream costs no task switch per part. `write` says False once the
+    connection's write buffer is full; `flush` then waits for it to drain."""
+
+    __slots__ = ("cycle",)
+
+    def __init__(self, send, cycle: RequestResponseCycle):
+        super().__init__(send)
+        self.cycle = cycle
+
+    def write(self, data: bytes) -> bool:
+        cycle = self.cycle
+        if cycle.disconnected or cycle.response_complete:
+            return True  # the caller is gone: the proxy's watch on the connection ends the relay
+        if cycle.chunked_encoding:
+            cycle.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            if len(data) > cycle.expected_content_length:
+                raise RuntimeError("Response content longer than Content-Length")
+            cycle.expected_content_length -= len(data)
+            cycle.transport.write(data)
+        return not cycle.flow.write_paused
+
+    async def flush(self) -> None:
+        cycle = self.cycle
+        if cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()
+
+
+def answer_body(send, method: str) -> AnswerBody:
+    """How to write the body of the answer just started through `send`: straight to the connection when `send` is
+    this server's (not for HEAD, whose answer has no body), else through ASGI."""
+    cycle = getattr(send, "__self__", None)
+    if isinstance(cycle, RequestResponseCycle) and cycle.response_started and method != "HEAD":
+        return DirectAnswerBody(send, cycle)
+    return AnswerBody(send)

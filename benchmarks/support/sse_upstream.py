@@ -1,8 +1,9 @@
 """The proxy benchmark's synthetic upstream: a small asyncio HTTP/1.1 server, run as a text-generation service's
 command (`benchmarks/proxy.py --serve-upstream`, PILOTFISH_PORT, PILOTFISH_API_KEY, PILOTFISH_MODEL from the job):
 GET /health, POST /v1/chat/completions (a small JSON answer, or with "stream": true an SSE stream of --chunks events
-spread over --stream-seconds, chunked, then `data: [DONE]`), GET /stats (its own counters), GET /v1/models. It reads
-requests with asyncio's stream reader; it is the server side, not a client.
+spread over --stream-seconds, chunked, then `data: [DONE]`; the events have vLLM's fields, and a stream asking for
+usage (`stream_options.include_usage`, which the portal adds) ends with vLLM's usage event), GET /stats (its own
+counters), GET /v1/models. It reads requests with asyncio's stream reader; it is the server side, not a client.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import time
 from typing import List, Optional
 
 LOOPBACK = "127.0.0.1"
-MODEL = "test/tiny"  # a model of the test site cache (tests/support/portal_process.py stages it)
+MODEL = "test/tiny"
+PROMPT_TOKENS = 12  # what the usage event reports for every request  # a model of the test site cache (tests/support/portal_process.py stages it)
 
 
 def serve_upstream(argv: List[str]) -> None:
@@ -74,9 +76,15 @@ def serve_upstream(argv: List[str]) -> None:
         seconds = float(req.get("stream_seconds") or args.stream_seconds)
         interval = seconds / n
         stats["streams_started"] += 1
-        prefix = ('data: {"id":"chatcmpl-%d","object":"chat.completion.chunk","created":%d,"model":%s,'
-                  '"choices":[{"index":0,"delta":{"content":"' % (stats["requests"], int(time.time()), model_json)).encode()
-        suffix = b'"},"finish_reason":null}]}\n\n'
+        head_fields = ('"id":"chatcmpl-%d","object":"chat.completion.chunk","created":%d,"model":%s'
+                       % (stats["requests"], int(time.time()), model_json))
+        prefix = ('data: {%s,"choices":[{"index":0,"delta":{"content":"' % head_fields).encode()
+        suffix = b'"},"logprobs":null,"finish_reason":null}]}\n\n'
+        options = req.get("stream_options")
+        usage_event = b""
+        if isinstance(options, dict) and options.get("include_usage"):  # as vLLM: one last event, no choices
+            usage_event = ('data: {%s,"choices":[],"usage":{"prompt_tokens":%d,"total_tokens":%d,'
+                           '"completion_tokens":%d}}\n\n' % (head_fields, PROMPT_TOKENS, PROMPT_TOKENS + n, n)).encode()
         writer.write(head(200, "OK", b"text/event-stream", None, keep))
         start = loop.time()
         transport = writer.transport
@@ -92,6 +100,8 @@ def serve_upstream(argv: List[str]) -> None:
                 writer.write(b"%x\r\n%s\r\n" % (len(event), event))
             else:
                 done = b"data: [DONE]\n\n"
+                if usage_event:
+                    writer.write(b"%x\r\n%s\r\n" % (len(usage_event), usage_event))
                 writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
             try:
                 await writer.drain()

@@ -3,8 +3,10 @@
 Relay is the part of a worker's Proxy that does not decide where a request goes (portal/proxy/routing.py does):
 it writes the request on a pooled connection (upstream.py) with the caller's credential replaced by the service's
 own key and hop-by-hop headers dropped, streams a large or chunked body as it arrives (a small one is sent in one
-write, and sent once more on a new connection if a kept-alive one turns out closed), relays the answer chunk by
-chunk, counts the request in flight and its activity (directory.py), records it (recording.py), applies the usage
+write, and sent once more on a new connection if a kept-alive one turns out closed), relays the answer as it
+arrives (its AnswerPump writes each part from the service connection's parser callback straight to the caller's
+connection; the relay's task only wakes when the caller's buffer is full, the answer ends or the service goes
+quiet), counts the request in flight and its activity (directory.py), records it (recording.py), applies the usage
 protocol (usage.py), and turns a failure into an answer naming the service (answers.py). It also holds the
 worker's view of the service directory (routes) and runs database work in a thread, off the event loop.
 """
@@ -17,8 +19,9 @@ from typing import Dict, Optional, Tuple
 from . import recording
 from .answers import Answer, not_running, openai_error
 from .directory import DIRECTORY_MAX_AGE, ROUTABLE, Route, ServiceDirectory, stored_state
+from ..http_server import AnswerBody, answer_body
 from .incoming import ClientGone, Incoming, SpooledBody
-from .upstream import UpstreamFailed, UpstreamPool
+from .upstream import UpstreamConnection, UpstreamFailed, UpstreamPool
 from .usage import usage_reader
 
 log = logging.getLogger(__name__)
@@ -108,30 +111,29 @@ class Relay:
                 conn.complete = True
             incoming.started = True
             await incoming.send({"type": "http.response.start", "status": status, "headers": out})
-            send = incoming.send
-            read_timeout = self.read_timeout
-            first = True
-            while True:
-                try:
-                    data = await conn.chunk(read_timeout)
-                except UpstreamFailed as failure:
-                    if not incoming.gone:
-                        record.failed(failure.metric_kind)
-                        log.info("stream from service %s ended early: %s", route.id, failure.detail or failure.kind)
-                    return status, sent  # the caller's connection is closed: the answer shows as cut short
-                if data is None:
-                    break
-                if first:
-                    first = False
-                    record.first_byte()
-                if usage is not None:
-                    data = usage.pass_on(data)
-                    if not data:
-                        continue
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-                sent += len(data)
+            pump = AnswerPump(conn, answer_body(incoming.send, method), usage, record)
+            try:
+                pump.start()
+                read_timeout = self.read_timeout
+                while True:
+                    if conn.held:
+                        await pump.body.flush()
+                        conn.release()
+                    if conn.complete:
+                        break
+                    try:
+                        await conn.until_held_or_complete(read_timeout)
+                    except UpstreamFailed as failure:
+                        if not incoming.gone:
+                            record.failed(failure.metric_kind)
+                            log.info("stream from service %s ended early: %s", route.id,
+                                     failure.detail or failure.kind)
+                        return status, pump.sent  # the caller's connection is closed: the answer shows as cut short
+            finally:
+                conn.sink = None
+                sent = pump.sent
             rest = usage.remainder() if usage is not None else b""
-            await send({"type": "http.response.body", "body": rest, "more_body": False})
+            await incoming.send({"type": "http.response.body", "body": rest, "more_body": False})
             return status, sent + len(rest)
         except ClientGone:
             return 499, sent
@@ -241,6 +243,39 @@ class Relay:
         verb = "refused the connection" if failure.kind == "refused" else "closed the connection"
         return openai_error(502, f"service {route.id} ({route.model}) {verb} at {route.host}:{route.port}{detail}",
                             "upstream_error", "upstream_unreachable")
+
+
+class AnswerPump:
+    """A service's answer body on its way to the caller, moved by the service connection's parser callbacks as each
+    read is parsed (no task wakes per part): the usage protocol applied, written to the caller's AnswerBody, the
+    service's connection held when the caller cannot take more (the relay flushes, then releases it)."""
+
+    __slots__ = ("conn", "body", "usage", "record", "sent", "first")
+
+    def __init__(self, conn: UpstreamConnection, body: AnswerBody, usage, record):
+        self.conn, self.body, self.usage, self.record = conn, body, usage, record
+        self.sent = 0
+        self.first = True
+
+    def start(self) -> None:
+        """Take what came with the answer's head, then every part as it is parsed."""
+        conn = self.conn
+        while conn.chunks:
+            self.feed(conn.chunks.popleft())
+        conn.buffered = 0
+        conn.sink = self.feed
+
+    def feed(self, data: bytes) -> None:
+        if self.first:
+            self.first = False
+            self.record.first_byte()
+        if self.usage is not None:
+            data = self.usage.pass_on(data)
+            if not data:
+                return
+        self.sent += len(data)
+        if not self.body.write(data):
+            self.conn.hold()
 
 
 def answer_headers(headers):
