@@ -287,6 +287,27 @@ def test_read_timeout_is_504_naming_the_service(portal, chat_service):
     assert chat_service["id"] in response.json()["error"]["message"]
 
 
+def test_a_stream_is_cut_only_after_read_timeout_seconds_without_a_byte(portal, chat_service):
+    """proxy_read_timeout (5 s here) bounds the silence between a stream's parts, not its length: a stream with
+    pauses of 3 s lasting 9 s arrives whole; one silent for 8 s after its second event is cut about 5 s into the
+    silence, with what came before it delivered."""
+    started = time.monotonic()
+    whole = portal.request("GET", f"/services/{chat_service['id']}/pauses?gaps=3,3,3", timeout=30)
+    assert whole.status_code == 200 and whole.text.count("data: ") == 4
+    assert time.monotonic() - started > 8.5
+    response = portal.request("GET", f"/services/{chat_service['id']}/pauses?gaps=0.2,8", stream=True, timeout=30)
+    events, last, cut = [], None, None
+    try:
+        for line in response.iter_lines():
+            if line:
+                events.append(line)
+                last = time.monotonic()
+    except requests.exceptions.ChunkedEncodingError:
+        cut = time.monotonic()
+    assert events == [b'data: {"n": 0}', b'data: {"n": 1}'] and cut is not None, (events, cut)
+    assert 4.5 < cut - last < 7.5, f"cut {cut - last:.1f} s into the silence"
+
+
 def test_client_disconnect_closes_the_upstream(portal, chat_service):
     stats_url = f"/services/{chat_service['id']}/stats"
     before = portal.request("GET", stats_url).json()["disconnects"]

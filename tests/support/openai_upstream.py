@@ -3,7 +3,8 @@
 Serves on $PILOTFISH_PORT, requires $PILOTFISH_API_KEY on every path (as the engines behind the key guard), answers
 as $PILOTFISH_MODEL.
 Options: --token-delay S (pause between streamed tokens), --delay S (before listening), --exit CODE.
-Extra routes for tests: /echo (what arrived), /status/<code>, /slow?seconds=N, /stats (streams, disconnects);
+Extra routes for tests: /echo (what arrived), /status/<code>, /slow?seconds=N, /pauses?gaps=S,S (an event stream
+with pauses), /stats (streams, disconnects);
 /metrics answers Prometheus text (with the key, as vLLM's behind the key guard).
 """
 import argparse
@@ -157,6 +158,18 @@ class Handler(BaseHTTPRequestHandler):
             for index in range(int(parse_qs(url.query).get("events", ["2"])[0])):
                 self.chunk(b"data: {\"n\": %d}\n\n" % index)
             self.close_connection = True
+            return None
+        if url.path == "/pauses":  # an event stream with pauses: an event, then each gap (seconds), then another
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            gaps = [float(gap) for gap in parse_qs(url.query).get("gaps", ["1"])[0].split(",")]
+            self.chunk(b"data: {\"n\": 0}\n\n")
+            for index, gap in enumerate(gaps, 1):
+                time.sleep(gap)
+                self.chunk(b"data: {\"n\": %d}\n\n" % index)
+            self.chunk(b"")
             return None
         if url.path == "/v1/models":
             return self.send_json(200, {"object": "list", "data": [
