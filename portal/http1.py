@@ -17,7 +17,7 @@ import asyncio
 import collections
 import ssl as ssl_module
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Protocol, Tuple
 
 import httptools
 
@@ -56,6 +56,15 @@ async def connect(factory: Callable[[], "ClientConnection"], host: str, port: in
     return conn
 
 
+class Sink(Protocol):
+    """What takes an answer's body as it is parsed: `feed` for each part, `read_done` after each read from the
+    server (the parts of one read can go on together)."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def read_done(self) -> None: ...
+
+
 def _expire(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
@@ -87,7 +96,7 @@ class ClientConnection(asyncio.Protocol):
         self.keep_alive = False
         self.request_cut = False  # the server answered before the whole request body was sent
         self.waiter: Optional[asyncio.Future] = None
-        self.sink: Optional[Callable[[bytes], None]] = None  # takes the body as it is parsed, instead of the queue
+        self.sink: Optional[Sink] = None  # takes the body as it is parsed, instead of the queue
         self.held = False  # the sink stopped reading until its reader has caught up (hold, release)
         self.last_read = self.loop.time()
 
@@ -103,6 +112,9 @@ class ClientConnection(asyncio.Protocol):
             self._lose("the service switched protocols")
         except httptools.HttpParserError as exc:
             self._lose(f"malformed answer from the service ({exc})")
+        sink = self.sink
+        if sink is not None:
+            sink.read_done()
 
     def connection_lost(self, exc) -> None:
         self.lost = True
@@ -137,7 +149,7 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         sink = self.sink
         if sink is not None:
-            sink(body)
+            sink.feed(body)
             return
         self.chunks.append(body)
         self.buffered += len(body)

@@ -9,6 +9,7 @@ flag), which is most of what an idle worker costs; PortalServer does it once a s
 wakes it at once.
 """
 import asyncio
+import logging
 import sys
 
 from gunicorn.arbiter import Arbiter
@@ -62,6 +63,11 @@ class PortalWorker(UvicornWorker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # A log record (one per request: the access log) skips what no format of the portal shows: the caller's
+        # source line (a walk up the stack), thread and multiprocessing names (the logging HOWTO's "Optimization").
+        logging._srcfile = None
+        logging.logThreads = False
+        logging.logMultiprocessing = False
         # On stop, open streams get a second less than gunicorn's graceful_timeout: then they are cancelled (each
         # closes its upstream connection, so the engine aborts the request) before the master would kill the worker.
         self.config.timeout_graceful_shutdown = max(1, self.cfg.graceful_timeout - 1)

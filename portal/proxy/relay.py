@@ -132,9 +132,8 @@ class Relay:
             finally:
                 conn.sink = None
                 sent = pump.sent
-            rest = usage.remainder() if usage is not None else b""
-            await incoming.send({"type": "http.response.body", "body": rest, "more_body": False})
-            return status, sent + len(rest)
+            await incoming.send({"type": "http.response.body", "body": pump.rest(), "more_body": False})
+            return status, pump.sent
         except ClientGone:
             return 499, sent
         finally:
@@ -246,16 +245,19 @@ class Relay:
 
 
 class AnswerPump:
-    """A service's answer body on its way to the caller, moved by the service connection's parser callbacks as each
-    read is parsed (no task wakes per part): the usage protocol applied, written to the caller's AnswerBody, the
-    service's connection held when the caller cannot take more (the relay flushes, then releases it)."""
+    """A service's answer body on its way to the caller, moved by the service connection's parser callbacks (no task
+    wakes per part): the usage protocol applied to each part, the parts of one read written to the caller's
+    AnswerBody together, the service's connection held when the caller cannot take more (the relay flushes, then
+    releases it). The parts of the read that completes the answer are left in `pending` for the relay, which sends
+    them with the answer's end in one write."""
 
-    __slots__ = ("conn", "body", "usage", "record", "sent", "first")
+    __slots__ = ("conn", "body", "usage", "record", "sent", "first", "pending")
 
     def __init__(self, conn: UpstreamConnection, body: AnswerBody, usage, record):
         self.conn, self.body, self.usage, self.record = conn, body, usage, record
         self.sent = 0
         self.first = True
+        self.pending: list = []
 
     def start(self) -> None:
         """Take what came with the answer's head, then every part as it is parsed."""
@@ -263,7 +265,8 @@ class AnswerPump:
         while conn.chunks:
             self.feed(conn.chunks.popleft())
         conn.buffered = 0
-        conn.sink = self.feed
+        conn.sink = self
+        self.read_done()
 
     def feed(self, data: bytes) -> None:
         if self.first:
@@ -273,9 +276,25 @@ class AnswerPump:
             data = self.usage.pass_on(data)
             if not data:
                 return
-        self.sent += len(data)
-        if not self.body.write(data):
-            self.conn.hold()
+        self.pending.append(data)
+
+    def read_done(self) -> None:
+        pending = self.pending
+        if pending and not self.conn.complete:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            self.sent += len(data)
+            if not self.body.write(data):
+                self.conn.hold()
+
+    def rest(self) -> bytes:
+        """What is still to send when the answer has ended."""
+        rest = b"".join(self.pending)
+        self.pending.clear()
+        if self.usage is not None:
+            rest += self.usage.remainder()
+        self.sent += len(rest)
+        return rest
 
 
 def answer_headers(headers):
