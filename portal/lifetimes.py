@@ -31,7 +31,7 @@ LEASE_MAX_SECONDS = 7 * 86400
 OFF_WORDS = ("off", "never", "none")
 
 # "1h30m", "2d", "45m", "90s": units in decreasing order, each at most once.
-_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 _NUMBER = "[0-9]{1,7}"
 
 
@@ -50,34 +50,25 @@ IDLE_TIMEOUT_WORDS = "minutes, or a duration such as 30m, 1h or 1h30m (0 or off:
 LEASE_WORDS = f"seconds, or a duration such as 90s, 10m or 1h (at least {LEASE_MIN_SECONDS} s)"
 
 
-def _duration_seconds(text: str, shape: re.Pattern) -> Optional[int]:
-    """Seconds of "1h30m", "2d", "45m", "90s" when `shape` takes it, else None."""
-    if not shape.fullmatch(text):
-        return None
-    return sum(int(number) * dict(_UNITS)[unit] for number, unit in re.findall(r"([0-9]+)([dhms])", text))
+def _seconds_of(value, field: str, expected: str, unit: int, shape: re.Pattern) -> int:
+    """Seconds of an integer count of `unit` seconds, or of a string: that count, or a duration `shape` takes
+    ("1h30m", "2d", "90s"); anything else is a ValidationError naming `field`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value * unit
+    if isinstance(value, str):
+        if re.fullmatch(_NUMBER, value):
+            return int(value) * unit
+        if shape.fullmatch(value):
+            return sum(int(number) * _UNIT_SECONDS[letter] for number, letter in re.findall(r"([0-9]+)([dhms])", value))
+    raise ValidationError(field, expected)
 
 
 def parse_idle_timeout(value, field: str = "idle_timeout") -> int:
     """Minutes of an idle timeout (0: no idle stop) from an integer of minutes or a string ("30", "30m", "1h", "off");
     anything else is a ValidationError naming `field`."""
-    expected = f"expected {IDLE_TIMEOUT_WORDS}, got {value!r}"
-    if isinstance(value, bool):
-        raise ValidationError(field, expected)
-    if isinstance(value, int):
-        minutes = value
-    elif isinstance(value, str):
-        text = value
-        if text in OFF_WORDS:
-            return 0
-        if re.fullmatch(_NUMBER, text):
-            minutes = int(text)
-        else:
-            seconds = _duration_seconds(text, _IDLE_DURATION)
-            if seconds is None:
-                raise ValidationError(field, expected)
-            minutes = seconds // 60
-    else:
-        raise ValidationError(field, expected)
+    if isinstance(value, str) and value in OFF_WORDS:
+        return 0
+    minutes = _seconds_of(value, field, f"expected {IDLE_TIMEOUT_WORDS}, got {value!r}", 60, _IDLE_DURATION) // 60
     if minutes < 0:
         raise ValidationError(field, f"must be at least 1 minute (or 0 for never), got {value!r}")
     if minutes > IDLE_TIMEOUT_MAX_MINUTES:
@@ -88,18 +79,7 @@ def parse_idle_timeout(value, field: str = "idle_timeout") -> int:
 def parse_lease(value, field: str = "lease") -> int:
     """Seconds of a lease from an integer of seconds or a string ("600", "10m", "90s"); at least LEASE_MIN_SECONDS;
     anything else is a ValidationError naming `field`."""
-    expected = f"expected {LEASE_WORDS}, got {value!r}"
-    if isinstance(value, bool):
-        raise ValidationError(field, expected)
-    if isinstance(value, int):
-        seconds = value
-    elif isinstance(value, str):
-        text = value
-        seconds = int(text) if re.fullmatch(_NUMBER, text) else _duration_seconds(text, _LEASE_DURATION)
-        if seconds is None:
-            raise ValidationError(field, expected)
-    else:
-        raise ValidationError(field, expected)
+    seconds = _seconds_of(value, field, f"expected {LEASE_WORDS}, got {value!r}", 1, _LEASE_DURATION)
     if seconds < LEASE_MIN_SECONDS:
         raise ValidationError(field, f"must be at least {LEASE_MIN_SECONDS} seconds (the heartbeat renews it every "
                                      f"third of it), got {value!r}")
@@ -174,11 +154,12 @@ def expected_stop(service) -> Optional[Tuple[datetime, str]]:
 def due_stop(service, now: datetime) -> Optional[str]:
     """The reason to stop `service` at `now` (naive UTC, as the database holds times), or None to keep it: idle for
     longer than its idle timeout, or its lease not renewed (heartbeat or traffic) for longer than its length."""
-    expected = expected_stop(service)
-    if expected is None or now < expected[0]:
+    if getattr(service, "stop_requested", False):
         return None
-    at, reason = expected
-    if reason.startswith("lease"):
-        silent = (now - (at - timedelta(seconds=service.lease_seconds))).total_seconds()
-        return lease_reason(silent)
-    return reason
+    lease_at = lease_deadline(service)
+    idle_at = idle_deadline(service)
+    if lease_at is not None and now >= lease_at and (idle_at is None or lease_at < idle_at):
+        return lease_reason((now - lease_at).total_seconds() + service.lease_seconds)
+    if idle_at is not None and now >= idle_at:
+        return idle_reason(service.idle_timeout)
+    return None
