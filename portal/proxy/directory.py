@@ -5,13 +5,12 @@ path does not query the database; the reconciler calls routes_changed after comm
 touches ROUTES_CHANGED_FILE in the portal's home, and every worker's next request then reloads before it routes.
 The directory also counts requests in flight per service (the gateway picks the least busy) and notes each
 service's last activity (what idle stops and leases count from, portal/lifetimes.py), written to the database at
-most every ACTIVITY_FLUSH_SECONDS per service: when a request ends (the relay writes it), and by a timer on the
-event loop that runs only while a request is in flight or an activity is not written yet. It notes a request in
-flight as activity at each of its turns (a 40-minute stream is not idle) and writes what ended since the last write
+most every ACTIVITY_FLUSH_SECONDS per service, by one timer on the event loop that runs only while a request is in
+flight or an activity is not written yet. It notes a request in flight as activity at each of its turns (a 40-minute stream is not idle) and writes what ended since the last write
 once its time comes, so the database holds each service's last request to the second; with nothing in flight and
 nothing to write, no timer is set. stored_state and last_ended read what the database says of a service or model
 that is not routable, for the answers. Database work needs an app context and runs off the event loop (the relay's
-in_thread, or the executor of the loop with the directory's app).
+in_thread, or the loop's executor with the directory's app).
 """
 from __future__ import annotations
 
@@ -123,27 +122,22 @@ class ServiceDirectory:
         if self._timer is None:
             self._set_timer(ACTIVITY_FLUSH_SECONDS)
 
-    def end(self, service_id: str) -> bool:
-        """A request finished: count it out and note the activity; True when it is due to be written down now (the
-        caller writes it with record_activity); else the activity timer writes it once its time comes."""
+    def end(self, service_id: str) -> None:
+        """A request finished: count it out and note the activity, which the activity timer writes at once when the
+        service's last write is ACTIVITY_FLUSH_SECONDS old, else once that time comes."""
         now = time.time()
         with self._lock:
             self.in_flight[service_id] = max(0, self.in_flight.get(service_id, 1) - 1)
             self._busy = max(0, self._busy - 1)
             self._activity[service_id] = now
-            due = now - self._flushed.get(service_id, 0) >= ACTIVITY_FLUSH_SECONDS
-            if due:
-                self._flushed[service_id] = now
-                self._pending.discard(service_id)
-            else:
-                self._pending.add(service_id)
-            quiet = not self._busy and not self._pending
-        if quiet and self._timer is not None:  # nothing in flight, nothing to write: no timer
-            self._timer.cancel()
-            self._timer = None
-        elif not due and self._timer is None:
-            self._set_timer(self._flushed[service_id] + ACTIVITY_FLUSH_SECONDS - now)
-        return due
+            self._pending.add(service_id)
+            delay = max(0.0, self._flushed.get(service_id, 0) + ACTIVITY_FLUSH_SECONDS - now)
+        timer = self._timer
+        if timer is not None and timer.when() - delay <= asyncio.get_running_loop().time():
+            return  # the timer comes first anyway: it writes this too
+        if timer is not None:
+            timer.cancel()
+        self._set_timer(delay)
 
     def _set_timer(self, delay: float) -> None:
         """Set the activity timer on this thread's event loop (none outside one, or without an app to write with)."""

@@ -45,7 +45,6 @@ class Relay:
         self.read_timeout = config.proxy_read_timeout
         self.pool = UpstreamPool()
         self._refreshing: Optional[asyncio.Future] = None
-        self._background: set = set()  # tasks nobody awaits (activity writes), held until they end
 
     # database work, off the event loop
     def _in_app(self, function, *args):
@@ -146,10 +145,7 @@ class Relay:
             if usage is not None:
                 usage.finish()
             record.finish()
-            if directory.end(route.id):
-                task = asyncio.ensure_future(self.in_thread(directory.record_activity, route.id))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+            directory.end(route.id)
 
     async def _send_request(self, incoming: Incoming, route: Route, target: bytes, body):
         """Write the request (a fresh connection once more if a kept-alive one turns out closed); (connection,
