@@ -87,11 +87,19 @@ def watch_streamed_answer(page: Page, timeout: float = 60, interval: float = 0.0
 
     answer = page.locator(".chat-message.from-assistant .chat-text").last
     bubble = page.locator(".chat-message.from-assistant").last
+    # State and text are read in one step, so a text is never paired with a state from before it.
+    read_both = """() => {
+        const bubbles = document.querySelectorAll(".chat-message.from-assistant");
+        const bubble = bubbles[bubbles.length - 1];
+        if (!bubble) return [null, null];
+        const text = bubble.querySelector(".chat-text");
+        return [bubble.getAttribute("data-state"), text ? text.textContent : null];
+    }"""
     seen: List[str] = []
     deadline = time.monotonic() + timeout
     state = None
     while time.monotonic() < deadline:
-        state, text = bubble.get_attribute("data-state"), answer.text_content()
+        state, text = page.evaluate(read_both)
         if state == "streaming" and text and (not seen or seen[-1] != text):
             seen.append(text)
         if state not in ("streaming", None):

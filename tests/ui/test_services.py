@@ -81,7 +81,8 @@ def test_launch_watch_chat_read_the_log_stop_and_delete(ui_portal, browser):
     # Observed while streaming: several partial answers, each extending the one before.
     assert len(seen) >= 4, seen
     assert all(later.startswith(earlier) and len(later) > len(earlier) for earlier, later in zip(seen, seen[1:])), seen
-    assert all(len(partial) < len(expected) for partial in seen), seen
+    # The last token and the answer's end may arrive in one read, so only the earlier texts must be partial.
+    assert sum(len(partial) < len(expected) for partial in seen) >= 4, seen
     expect(page.locator("#chat-stats")).to_contain_text(f"{tokens} chunks")
     browser.screenshot(page, "playground-chat")
 
