@@ -64,6 +64,8 @@ class Config:
     # The default idle timeout of services (minutes; 0: never; None: no default), under the tiers' own
     # (portal/lifetimes.py). An Open OnDemand session sets it from its form (PILOTFISH_IDLE_TIMEOUT).
     idle_timeout: Optional[int] = None
+    # A renewed service's job that a successor replaced finishes its open requests for up to this long (seconds).
+    drain_timeout: float = 120.0
     testing: bool = False
 
     @property
@@ -205,6 +207,7 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         session_max=_number("session_max", pick("session_max", "PILOTFISH_SESSION_MAX", 7 * 86400.0), 60),
         session_end=_number("session_end", session_end, 0) if session_end not in (None, "") else None,
         idle_timeout=_idle_timeout(pick("idle_timeout", "PILOTFISH_IDLE_TIMEOUT", None)),
+        drain_timeout=_number("drain_timeout", pick("drain_timeout", "PILOTFISH_DRAIN_TIMEOUT", 120.0), 0),
         testing=bool(overrides.pop("testing", False)),
     )
     if overrides:

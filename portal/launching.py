@@ -22,8 +22,9 @@ from .catalog.tiers import (ResourceSpecs, Tier, TierSpecError, check_model_fits
 from .engines.base import GUARD_DIR
 from .errors import ForbiddenError, UnavailableError, ValidationError
 from .lifetimes import (IDLE_TIMEOUT_MAX_MINUTES, IDLE_TIMEOUT_SHAPE, IDLE_TIMEOUT_WORDS, LEASE_MAX_SECONDS,
-                        LEASE_MIN_SECONDS, LEASE_SHAPE, LEASE_WORDS, duration_words, parse_idle_timeout, parse_lease)
-from .models import Service
+                        LEASE_MIN_SECONDS, LEASE_SHAPE, LEASE_WORDS, RENEW_SHAPE, RENEW_WORDS, duration_words,
+                        parse_idle_timeout, parse_lease, parse_renewal)
+from .models import Service, utcnow
 from .scheduler import Resources
 from .service_tls import tls_files
 from .site import Runtime, Site, build_site
@@ -47,6 +48,7 @@ class LaunchRequest:
     image: Optional[str] = None  # apptainer: another staged image than the pinned one
     idle_timeout: Optional[int] = None  # minutes without a request before it stops (0: never; None: the default)
     lease: Optional[int] = None  # seconds it lives without a heartbeat or a request (None: no lease)
+    renew: object = False  # True, False, or its end ("8h", an ISO time): read by lifetimes.parse_renewal at launch
 
 
 @dataclass
@@ -74,7 +76,8 @@ class LaunchPlan:
                 "engine": self.runtime.engine.name, "runtime": self.runtime.runtime,
                 "image": str(self.image.path) if self.image else None,
                 "arguments": self.arguments, "idle_timeout": self.idle_timeout,
-                "idle_timeout_reason": self.idle_timeout_reason, "lease": self.request.lease}
+                "idle_timeout_reason": self.idle_timeout_reason, "lease": self.request.lease,
+                "renew": self.request.renew}
 
 
 def parse_time(value) -> int:
@@ -149,6 +152,8 @@ class LaunchBody(Strict):
                           Annotated[str, Field(pattern=LEASE_SHAPE)]]] = Field(
         None, description=f"{LEASE_WORDS}: stopped once neither renewed (POST /api/services/<id>/lease) nor used "
                           f"for that long")
+    renew: Union[bool, Annotated[str, Field(pattern=RENEW_SHAPE)]] = Field(
+        False, description=RENEW_WORDS)
 
     @field_validator("model")
     @classmethod
@@ -175,15 +180,21 @@ class LaunchBody(Strict):
     def _lease_seconds(cls, value):
         return value if value is None else _as_value_error(parse_lease, value)
 
+    @field_validator("renew")
+    @classmethod
+    def _renewal(cls, value):
+        _as_value_error(parse_renewal, value, utcnow())  # checked here; the launch reads it again for its time
+        return value
+
 
 class _ResourcesOnly(Strict):
     resources: Optional[ResourcesBody] = Field(None, description="an object of resource overrides")
 
 
-def _as_value_error(check, value):
+def _as_value_error(check, value, *more):
     """A check of ours inside a pydantic validator: its problem becomes the field's refusal."""
     try:
-        return check(value)
+        return check(value, *more)
     except ValidationError as exc:
         raise ValueError(exc.problem) from None
 
@@ -203,7 +214,7 @@ def parse_launch_request(body) -> LaunchRequest:
                          time=checked.time, name=checked.name,
                          resources=checked.resources.model_dump(exclude_none=True) if checked.resources else {},
                          engine_args=list(checked.engine_args or []), force=checked.force, image=checked.image,
-                         idle_timeout=checked.idle_timeout, lease=checked.lease)
+                         idle_timeout=checked.idle_timeout, lease=checked.lease, renew=checked.renew)
 
 
 # --- flags that run code or read files ------------------------------------------------------------------

@@ -15,7 +15,7 @@ the service may be any object with the Service table's fields.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Optional, Tuple
 
 from .errors import ValidationError
@@ -163,3 +163,89 @@ def due_stop(service, now: datetime) -> Optional[str]:
     if idle_at is not None and now >= idle_at:
         return idle_reason(service.idle_timeout)
     return None
+
+
+# --- renewal: a service that lives beyond one job's time limit ----------------------------------------------------
+
+RENEW_WORDS = ("true (renewed until stopped), false, how long it lives in all (8h, 2d) or when it ends "
+               "(2026-12-01T18:00, the portal's local time, or with Z or an offset)")
+RENEW_SHAPE = f"^({_duration_shape('dhm')}|[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}[T ][0-9:.]{{5,15}}(Z|[+-][0-9:]{{4,5}})?)$"
+_RENEW_DURATION = re.compile(_duration_shape("dhm"))
+RENEW_MAX_SECONDS = 366 * 86400
+RENEW_MIN_SECONDS = 2 * 60  # a job of a minute, and a successor
+
+
+def parse_renewal(value, now: datetime, field: str = "renew") -> Tuple[bool, Optional[datetime]]:
+    """(renew, until) of a launch's `renew`: true (until stopped: until None), false, a total lifetime from `now`
+    ("8h", "2d") or an end time (ISO 8601; naive: the portal's local time). `now` and `until` are naive UTC, as the
+    database holds times; anything else is a ValidationError naming `field`."""
+    if isinstance(value, bool):
+        return value, None
+    if not isinstance(value, str):
+        raise ValidationError(field, f"expected {RENEW_WORDS}, got {value!r}")
+    if _RENEW_DURATION.fullmatch(value):
+        seconds = sum(int(number) * _UNIT_SECONDS[letter] for number, letter in re.findall(r"([0-9]+)([dhm])", value))
+        until = now + timedelta(seconds=seconds)
+    else:
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValidationError(field, f"expected {RENEW_WORDS}, got {value!r}") from None
+        moment = moment.astimezone(timezone.utc)  # a naive time is taken as the portal's local time
+        until = moment.replace(tzinfo=None)
+    seconds = (until - now).total_seconds()
+    if seconds < RENEW_MIN_SECONDS:
+        raise ValidationError(field, f"must end at least {RENEW_MIN_SECONDS // 60} minutes from now, got {value!r}")
+    if seconds > RENEW_MAX_SECONDS:
+        raise ValidationError(field, f"must end within {RENEW_MAX_SECONDS // 86400} days, got {value!r}")
+    return True, until
+
+
+RENEW_MARGIN_SECONDS = 15.0  # besides twice the last start-up and the drain: the scheduler's own delays
+
+
+def renewal_lead(startup_seconds: Optional[float], drain_seconds: float) -> float:
+    """How long before its job's end a renewed service's successor is submitted: twice the last generation's start-up
+    (queue wait, model load, first health check), the drain of the open streams, and a margin."""
+    return 2 * (startup_seconds or 60.0) + drain_seconds + RENEW_MARGIN_SECONDS
+
+
+def job_end(service) -> Optional[datetime]:
+    """When the service's current job reaches its time limit (None before it started)."""
+    if not service.job_started_at:
+        return None
+    return service.job_started_at + timedelta(minutes=service.time_limit)
+
+
+def renewal_ends(service, session_end: Optional[datetime]) -> Optional[datetime]:
+    """The latest a renewed service lives: its own end (`renew_until`), and no later than the session it belongs to
+    (None: until stopped)."""
+    ends = [moment for moment in (service.renew_until, session_end) if moment is not None]
+    return min(ends) if ends else None
+
+
+def successor_due(service, now: datetime, drain_seconds: float, session_end: Optional[datetime]) -> bool:
+    """Whether a renewed RUNNING service's successor should be submitted at `now`: its current job ends within the
+    lead (renewal_lead), but no earlier than half-way through that job, and the service is to live past the job's
+    end."""
+    if not service.renew or service.state != State.RUNNING or getattr(service, "stop_requested", False):
+        return False
+    end = job_end(service)
+    if end is None or service.ready_at is None:
+        return False
+    until = renewal_ends(service, session_end)
+    if until is not None and until <= end + timedelta(seconds=RENEW_MARGIN_SECONDS):
+        return False
+    startup = (service.ready_at - (service.submitted_at or service.created_at)).total_seconds()
+    halfway = service.job_started_at + timedelta(minutes=service.time_limit / 2)
+    return now >= max(halfway, end - timedelta(seconds=renewal_lead(startup, drain_seconds)))
+
+
+def successor_minutes(service, now: datetime, session_end: Optional[datetime]) -> int:
+    """The time limit of a successor submitted at `now`: the service's own, or what is left of its renewal (rounded up,
+    at least a minute)."""
+    until = renewal_ends(service, session_end)
+    if until is None:
+        return service.time_limit
+    left = int(-(-(until - now).total_seconds() // 60))
+    return max(1, min(service.time_limit, left))

@@ -57,9 +57,22 @@ class Service(db.Model):
     lease_seconds = db.Column(db.Integer)
     lease_renewed_at = db.Column(db.DateTime)
     stop_reason = db.Column(db.Text)
+    # Renewal (portal/lifetimes.py): a successor job takes over before the current one's time limit, until renew_until
+    # (None: until stopped). generation: the current job's number (1: the first); earlier and next ones: `jobs`.
+    renew = db.Column(db.Boolean, nullable=False, default=False)
+    renew_until = db.Column(db.DateTime)
+    generation = db.Column(db.Integer, nullable=False, default=1)
 
     events = db.relationship("Event", backref="service", cascade="all, delete-orphan",
                              order_by="Event.id", lazy="select")
+    jobs = db.relationship("ServiceJob", backref="service", cascade="all, delete-orphan",
+                           order_by="ServiceJob.generation", lazy="select")
+
+    @property
+    def run_dir(self) -> str:
+        """The folder of the current job (its script, log, endpoint and exit code): the service's own folder for the
+        first, a folder inside it for each renewal's."""
+        return generation_dir(self.job_dir, self.generation or 1)
 
     @property
     def resources(self) -> dict:
@@ -112,12 +125,65 @@ class Service(db.Model):
             "idle_timeout": self.idle_timeout,
             "lease": self.lease_seconds,
             "lease_renewed_at": iso(self.lease_renewed_at),
+            "renew": self.renew,
+            "renew_until": iso(self.renew_until),
+            "generation": self.generation,
         }
         expected = expected_stop(self)
         data["stops_at"], data["stop_reason_expected"] = (iso(expected[0]), expected[1]) if expected else (None, None)
         if with_events:
             data["events"] = [event.to_dict() for event in self.events]
+            data["jobs"] = [job.to_dict() for job in self.jobs]
         return data
+
+
+def generation_dir(job_dir: str, generation: int) -> str:
+    """The folder of a service's job of `generation`: the service's folder for the first, `generation-N` inside it
+    for each later one."""
+    return job_dir if generation <= 1 else f"{job_dir}/generation-{generation}"
+
+
+class ServiceJob(db.Model):
+    """A job of a renewed service other than its current one: the successor on its way up, or a predecessor draining
+    its open streams (then ended). The current job's fields are the service's own."""
+    __tablename__ = "service_jobs"
+    SUCCESSOR, DRAINING, ENDED, FAILED = "successor", "draining", "ended", "failed"
+
+    id = db.Column(db.Integer, primary_key=True)
+    service_id = db.Column(db.String(16), db.ForeignKey("services.id", ondelete="CASCADE"), index=True, nullable=False)
+    generation = db.Column(db.Integer, nullable=False)
+    phase = db.Column(db.String(16), nullable=False)
+    job_id = db.Column(db.String(40))
+    node = db.Column(db.String(255))
+    host = db.Column(db.String(255))
+    port = db.Column(db.Integer)
+    time_limit = db.Column(db.Integer, nullable=False)  # minutes
+    health_failures = db.Column(db.Integer, nullable=False, default=0)
+    submitted_at = db.Column(db.DateTime)
+    job_started_at = db.Column(db.DateTime)
+    endpoint_at = db.Column(db.DateTime)
+    ready_at = db.Column(db.DateTime)
+    drain_until = db.Column(db.DateTime)
+    ended_at = db.Column(db.DateTime)
+    reason = db.Column(db.Text)
+
+    # What a job is, on the service row (its current job) and here alike: swapped at a handover.
+    JOB_FIELDS = ("generation", "job_id", "node", "host", "port", "time_limit", "health_failures", "submitted_at",
+                  "job_started_at", "endpoint_at", "ready_at")
+
+    @property
+    def run_dir(self) -> str:
+        return generation_dir(self.service.job_dir, self.generation)
+
+    @property
+    def is_live(self) -> bool:
+        return self.phase in (self.SUCCESSOR, self.DRAINING)
+
+    def to_dict(self) -> dict:
+        return {"generation": self.generation, "phase": self.phase, "job_id": self.job_id, "node": self.node,
+                "time_limit": self.time_limit, "submitted_at": iso(self.submitted_at),
+                "job_started_at": iso(self.job_started_at), "ready_at": iso(self.ready_at),
+                "drain_until": iso(self.drain_until), "ended_at": iso(self.ended_at), "reason": self.reason}
 
 
 class Event(db.Model):

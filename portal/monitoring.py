@@ -45,7 +45,7 @@ class ServiceTarget:
 
 def serving_targets(services) -> List[ServiceTarget]:
     return [ServiceTarget(service.id, service.name, service.kind, service.model, service.tier, service.node,
-                          service.host, service.port, service.job_dir)
+                          service.host, service.port, service.run_dir)
             for service in services if service.state in State.ROUTABLE and service.port and service.host]
 
 

@@ -10,14 +10,13 @@ their idle timeout or whose lease lapsed (portal/lifetimes.py decides).
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -30,11 +29,12 @@ from .site import KINDS, runtime_for
 from .db import db
 from .errors import PortalError
 from .lifetimes import due_stop
-from .models import Condition, Service, State, utcnow
+from .models import Condition, Service, ServiceJob, State, utcnow
 from .monitoring import CycleMonitor, serving_targets, write_portal_target
 from .proxy import routes_changed
 from .scheduler import JobInfo, JobState, SchedulerUnreachable
-from .scheduler.job_files import read_exit_code
+from .scheduler.job_files import read_endpoint, read_exit_code
+from .renewal import follow_other_jobs, hand_over, submit_due_successors, take_over_late
 from .services import SUBMISSION_GRACE, job_query, log_excerpt, stop, transition
 from .service_tls import client_context
 from .states import IMPOSTOR, REFUSED, JobFacts, after_job, after_probe
@@ -46,6 +46,8 @@ IDLE_CYCLE_SECONDS = 60.0  # with no live service, a cycle this often though not
 LOCK_RETRY_SECONDS = 2.0  # a worker that does not lead tries the lock this often (takes over when the leader goes)
 CONDITION_REFRESH = timedelta(seconds=60)  # an unchanged condition's checked_at is rewritten at most this often
 LIVE_SERVICES = select(Service).where(Service.state.in_(State.LIVE))  # built once: a cycle only runs it
+# A renewed service's other jobs still to follow: its successor on the way up, its predecessors draining.
+OTHER_LIVE_JOBS = select(ServiceJob).where(ServiceJob.phase.in_((ServiceJob.SUCCESSOR, ServiceJob.DRAINING)))
 
 
 @dataclass
@@ -57,18 +59,6 @@ class CycleReport:
     seconds: float = 0.0
     scheduler_ok: bool = True
     busy: bool = False  # a service is on its way up (or unwell): poll fast
-
-
-def read_endpoint(job_dir: str) -> Optional[tuple]:
-    """(host, port) from the endpoint.json the job wrote, or None while it is absent or incomplete."""
-    try:
-        data = json.loads((Path(job_dir) / "endpoint.json").read_text())
-        host, port = str(data["host"]), int(data["port"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return None
-    if not host or not 0 < port < 65536:
-        return None
-    return host, port
 
 
 def _refused(exc: BaseException) -> bool:
@@ -227,12 +217,13 @@ class Reconciler:
         report = CycleReport()
         calls_before = getattr(self.scheduler, "calls", 0)
         services = db.session.scalars(LIVE_SERVICES).all()
+        others = db.session.scalars(OTHER_LIVE_JOBS).all()
         report.services = len(services)
-        tracked = [service for service in services if service.job_id]
+        tracked = [service for service in services if service.job_id] + [job for job in others if job.job_id]
         infos: Dict[str, JobInfo] = {}
         if tracked:
             try:
-                infos = self.scheduler.query(job_query(service) for service in tracked)
+                infos = self.scheduler.query(job_query(job) for job in tracked)
                 self._set_condition(SCHEDULER_CONDITION, True, None)
             except SchedulerUnreachable as exc:
                 report.scheduler_ok = False
@@ -249,19 +240,37 @@ class Reconciler:
                                                      "submission did not complete (the portal stopped while submitting)")
                 continue
             info = infos.get(service.job_id)
-            if info is not None:
-                report.transitions += self._apply(service, info)
+            if info is None:
+                continue
+            successor = next((job for job in others if job.service_id == service.id
+                              and job.phase == ServiceJob.SUCCESSOR), None)
+            if info.state.finished and successor is not None and not service.stop_requested \
+                    and service.state in State.ROUTABLE:
+                take_over_late(service, successor, info.detail or info.state.value)
+                report.transitions += 1
+                continue
+            report.transitions += self._apply(service, info)
 
+        follow_other_jobs(others, infos)
         to_probe = [service for service in services
                     if service.state in State.PROBED and service.port]
-        if to_probe:
-            report.probes = len(to_probe)
-            results = self._probe_all(to_probe)
+        successors = [job for job in others if job.phase == ServiceJob.SUCCESSOR and job.port
+                      and job.service.state in State.ROUTABLE]
+        if to_probe or successors:
+            report.probes = len(to_probe) + len(successors)
+            results = self._probe_all(to_probe + successors)
             for service, (ok, detail) in zip(to_probe, results):
                 report.transitions += self._apply_probe(service, ok, detail)
+            for successor, (ok, _detail) in zip(successors, results[len(to_probe):]):
+                if ok:
+                    successor.ready_at = utcnow()
+                    hand_over(successor.service, successor, self.config.drain_timeout)
+                    report.transitions += 1  # the proxies route to the successor from their next reload
+        submit_due_successors(services, others, self.config.drain_timeout, self._session_end())
         served = serving_targets(services)  # read before the commit expires the rows
         live = frozenset((service.id, service.state) for service in services)
-        report.busy = any(service.state in State.FAST_POLL for service in services)
+        report.busy = any(service.state in State.FAST_POLL for service in services) \
+            or any(job.phase == ServiceJob.SUCCESSOR for job in others)
         moment = utcnow()
         expired = [(service, reason) for service in services if (reason := due_stop(service, moment))]
         db.session.commit()  # writes only what changed (an unchanged cycle flushes nothing)
@@ -278,6 +287,11 @@ class Reconciler:
             self._counted_at = time.monotonic()
         self._monitor.after_cycle(report, served, recount)
         return report
+
+    def _session_end(self) -> Optional[datetime]:
+        """When the portal's own job ends (naive UTC; None outside a job): nothing it starts outlives it."""
+        deadline = self.config.job_deadline
+        return datetime.fromtimestamp(deadline, timezone.utc).replace(tzinfo=None) if deadline is not None else None
 
     def _stop_unused(self, service: Service, reason: str) -> None:
         """Stop a service idle past its idle timeout or whose lease lapsed, the way its user would (portal.services):
@@ -308,23 +322,30 @@ class Reconciler:
                          known_node=service.node, stop_requested=service.stop_requested,
                          stop_reason=service.stop_reason, time_limit=service.time_limit)
         if info.state.finished:  # a failure's reason names the server's exit code and its last log lines
-            facts = replace(facts, exit_code=read_exit_code(Path(service.job_dir)), log_excerpt=log_excerpt(service))
+            facts = replace(facts, exit_code=read_exit_code(Path(service.run_dir)), log_excerpt=log_excerpt(service))
         move = after_job(service.state, facts)
         changed = 0
         if move is not None:
             if move[0] == State.STARTING:
                 service.job_started_at = utcnow()
             changed = transition(service, *move)
+        if info.state is JobState.RUNNING and service.job_started_at is None:
+            service.job_started_at = utcnow()  # a renewal's successor that took over before it started
         if info.state is JobState.RUNNING and not service.port:
-            endpoint = read_endpoint(service.job_dir)
+            endpoint = read_endpoint(service.run_dir)
             if endpoint:
                 service.host, service.port = endpoint
                 service.endpoint_at = utcnow()
         return changed
 
-    def _probe_all(self, services: List[Service]) -> List[tuple]:
-        targets = [(service.host, service.port, service.health_path or self._health_paths.get(service.kind, "/health"),
-                    service.api_key, service.tls_fingerprint) for service in services]
+    def _probe_all(self, jobs: list) -> List[tuple]:
+        """Probe each service's current job (a Service) or a renewal's successor (a ServiceJob, with its service's key
+        and certificate)."""
+        targets = []
+        for job in jobs:
+            service = job if isinstance(job, Service) else job.service
+            targets.append((job.host, job.port, service.health_path or self._health_paths.get(service.kind, "/health"),
+                            service.api_key, service.tls_fingerprint))
         if len(targets) == 1:  # one service: probed on this thread, without waking a pool thread
             return [self._probe(*targets[0])]
         return list(self._probe_pool.map(lambda target: self._probe(*target), targets))

@@ -15,7 +15,8 @@ from flask import current_app
 from .db import db
 from .errors import ConflictError, NotFoundError, RejectedError, UnavailableError, ValidationError
 from .launching import parse_launch_request, plan_launch, render_job_script, resources_dict
-from .models import Event, Service, State, utcnow
+from .lifetimes import parse_renewal
+from .models import Event, Service, ServiceJob, State, utcnow
 from .scheduler import JobQuery, SchedulerUnreachable, SubmissionRejected
 from .scheduler.job_files import read_tail
 from .service_tls import make_certificate
@@ -28,12 +29,14 @@ def job_name(service: Service) -> str:
     return f"pilotfish-{service.id}"
 
 
-def job_query(service: Service) -> JobQuery:
-    return JobQuery(job_id=service.job_id, name=job_name(service), submitted_at=service.submitted_at or service.created_at,
-                    job_dir=Path(service.job_dir))
+def job_query(job) -> JobQuery:
+    """What the scheduler is asked of a job: a service's current one, or another of a renewed service (ServiceJob)."""
+    service = job if isinstance(job, Service) else job.service
+    return JobQuery(job_id=job.job_id, name=job_name(service), submitted_at=job.submitted_at or service.created_at,
+                    job_dir=Path(job.run_dir))
 
 
-def _write_private(path: Path, text: str, mode: int = 0o600) -> None:
+def write_private(path: Path, text: str, mode: int = 0o600) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
@@ -59,9 +62,9 @@ def transition(service: Service, to_state: str, reason: str) -> bool:
     return True
 
 
-def log_excerpt(service: Service, lines: int = 5, max_chars: int = 800) -> str:
-    """The last meaningful lines of a job's log, for failure reasons."""
-    text = read_tail(Path(service.job_dir) / "job.log", 8192)
+def log_excerpt(job, lines: int = 5, max_chars: int = 800) -> str:
+    """The last meaningful lines of a job's log (a service's current job, or a ServiceJob), for failure reasons."""
+    text = read_tail(Path(job.run_dir) / "job.log", 8192)
     kept = [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
     excerpt = " | ".join(kept)
     return excerpt[-max_chars:]
@@ -69,7 +72,7 @@ def log_excerpt(service: Service, lines: int = 5, max_chars: int = 800) -> str:
 
 # --- operations used by the API, the UI and the CLI ---------------------------------------------------
 
-def _scheduler():
+def current_scheduler():
     return current_app.extensions["pilotfish.scheduler"]
 
 
@@ -117,11 +120,12 @@ def launch(body, principal: Optional[str]) -> Service:
         idle_timeout=plan.idle_timeout,
         lease_seconds=request.lease,
     )
+    service.renew, service.renew_until = parse_renewal(request.renew, utcnow())
     job_dir.mkdir(parents=True, mode=0o700)
-    _write_private(job_dir / "service.key", service.api_key)
+    write_private(job_dir / "service.key", service.api_key)
     service.tls_fingerprint = make_certificate(job_dir, service_id)
     script = job_dir / "job.sh"
-    _write_private(script, render_job_script(service, plan), 0o700)
+    write_private(script, render_job_script(service, plan), 0o700)
     db.session.add(service)
     db.session.commit()
     tier_note = f"tier {service.tier}: {plan.tier_reason}" if plan.tier else "explicit resources"
@@ -129,9 +133,12 @@ def launch(body, principal: Optional[str]) -> Service:
         tier_note += f"; {plan.idle_timeout_reason}"
     if request.lease:
         tier_note += f"; a lease of {request.lease} s"
+    if service.renew:
+        tier_note += "; renewed before its time limit" + (
+            f" until {service.renew_until:%Y-%m-%d %H:%M} UTC" if service.renew_until else " until stopped")
 
     try:
-        job_id = _scheduler().submit(script, job_dir, job_name(service), plan.resources)
+        job_id = current_scheduler().submit(script, job_dir, job_name(service), plan.resources)
     except SubmissionRejected as exc:
         service.state = None  # the first event records the refusal
         transition(service, State.FAILED, f"{config.scheduler} rejected the job: {exc}")
@@ -194,14 +201,16 @@ def stop(service: Service, reason: Optional[str] = None) -> Service:
         _wake_reconciler()
         return service
     try:
-        _scheduler().cancel(service.job_id, Path(service.job_dir))
+        for job in service.jobs:  # a renewed service's successor and draining predecessors go with it
+            if job.is_live:
+                end_job(job, ServiceJob.ENDED, f"the service was stopped ({reason or 'stopped by user'})")
+        current_scheduler().cancel(service.job_id, Path(service.run_dir))
     except SchedulerUnreachable as exc:
         raise UnavailableError(f"could not stop: {exc}")
     except SubmissionRejected as exc:
         raise RejectedError(f"the scheduler refused to cancel job {service.job_id}: {exc}")
     if reason and not service.stop_requested:
-        db.session.add(Event(service_id=service.id, at=utcnow(), from_state=service.state, to_state=service.state,
-                             reason=f"stopping: {reason}"))
+        note_event(service, f"stopping: {reason}")
         service.stop_reason = reason
     service.stop_requested = True
     db.session.commit()
@@ -248,12 +257,28 @@ def prune() -> List[str]:
 
 def read_job_script(service: Service) -> str:
     """The job script submitted for the service ('' once its job directory is gone)."""
-    return read_tail(Path(service.job_dir) / "job.sh", max_bytes=256 * 1024)
+    return read_tail(Path(service.run_dir) / "job.sh", max_bytes=256 * 1024)
 
 
 def read_log(service: Service, tail: int = 200) -> str:
     if tail < 1 or tail > 100000:
         raise ValidationError("tail", "expected a number of lines between 1 and 100000")
-    text = read_tail(Path(service.job_dir) / "job.log", max_bytes=max(16384, tail * 400))
+    text = read_tail(Path(service.run_dir) / "job.log", max_bytes=max(16384, tail * 400))
     lines = text.splitlines()
     return "\n".join(lines[-tail:]) + ("\n" if lines else "")
+
+
+# --- renewal: the jobs of a service that outlives one job's time limit --------------------------------------------
+
+def note_event(service: Service, reason: str) -> None:
+    """An event that changes no state: a renewal's step."""
+    db.session.add(Event(service_id=service.id, at=utcnow(), from_state=service.state, to_state=service.state,
+                         reason=reason))
+
+
+def end_job(job: ServiceJob, phase: str, reason: str, cancel: bool = True) -> None:
+    """End another job of a renewed service (drained, stopped with its service, or failed): cancelled if it may still
+    run. Raises SchedulerUnreachable or SubmissionRejected when the cancel fails (nothing recorded then)."""
+    if cancel and job.job_id:
+        current_scheduler().cancel(job.job_id, Path(job.run_dir))
+    job.phase, job.ended_at, job.reason = phase, utcnow(), reason

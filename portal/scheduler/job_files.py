@@ -1,8 +1,11 @@
-"""Reading a job's end from the files in its job directory, when the scheduler no longer knows the job."""
+"""What a job wrote in its folder: where its server listens (endpoint.json), and its end, when the scheduler no longer
+knows the job."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Optional
 
 from .base import LOG_NAME, JobInfo, JobQuery, JobState
 from .processes import END_MARK_FILE  # written by the local scheduler: "cancelled" or "timeout"
@@ -10,6 +13,18 @@ from .processes import END_MARK_FILE  # written by the local scheduler: "cancell
 EXIT_CODE_FILE = "exit_code"  # written by the job script when the server exits by itself
 STEPD_TIMEOUT = re.compile(r"\*\*\* JOB \S+ ON \S+ CANCELLED AT \S+ DUE TO TIME LIMIT")
 STEPD_CANCELLED = re.compile(r"\*\*\* JOB \S+ ON \S+ CANCELLED AT")
+
+
+def read_endpoint(job_dir) -> Optional[tuple]:
+    """(host, port) from the endpoint.json a job wrote in its folder, or None while it is absent or incomplete."""
+    try:
+        data = json.loads((Path(job_dir) / "endpoint.json").read_text())
+        host, port = str(data["host"]), int(data["port"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+    if not host or not 0 < port < 65536:
+        return None
+    return host, port
 
 
 def read_tail(path: Path, max_bytes: int = 16384) -> str:

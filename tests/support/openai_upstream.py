@@ -20,6 +20,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import serving_tls  # beside this file
 
+# Answers carry the job that gave them (a renewed service's generations are different jobs).
+ANSWER_ID = f"cmpl-{os.environ.get('SLURM_JOB_ID') or os.getpid()}"
 STATS = {"disconnects": 0, "streams_started": 0, "streams_completed": 0, "requests": 0, "api_requests": 0,
          "dropped": 0}
 LOCK = threading.Lock()
@@ -203,7 +205,7 @@ class Handler(BaseHTTPRequestHandler):
         text = "".join(words)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
                   if chat else {"index": 0, "text": text, "finish_reason": "length"})
-        return self.send_json(200, {"id": "cmpl-1", "object": "chat.completion" if chat else "text_completion",
+        return self.send_json(200, {"id": ANSWER_ID, "object": "chat.completion" if chat else "text_completion",
                                     "created": int(time.time()), "model": self.model, "choices": [choice],
                                     "usage": {"prompt_tokens": 5, "completion_tokens": max_tokens,
                                               "total_tokens": 5 + max_tokens}})
@@ -218,7 +220,7 @@ class Handler(BaseHTTPRequestHandler):
             for index, word in enumerate(words):
                 delta = {"index": 0, "delta": {"content": word}, "finish_reason": None} if chat else \
                     {"index": 0, "text": word, "finish_reason": None}
-                event = {"id": "cmpl-1", "object": "chat.completion.chunk" if chat else "text_completion",
+                event = {"id": ANSWER_ID, "object": "chat.completion.chunk" if chat else "text_completion",
                          "created": int(time.time()), "model": self.model, "choices": [delta],
                          "sent_at": time.time()}
                 self.chunk(f"data: {json.dumps(event)}\n\n".encode())
@@ -226,7 +228,7 @@ class Handler(BaseHTTPRequestHandler):
                     time.sleep(self.token_delay)
             if (request.get("stream_options") or {}).get("include_usage"):
                 usage = {"prompt_tokens": 5, "completion_tokens": len(words), "total_tokens": 5 + len(words)}
-                self.chunk(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n".encode())
+                self.chunk(f"data: {json.dumps({'id': ANSWER_ID, 'choices': [], 'usage': usage})}\n\n".encode())
             self.chunk(b"data: [DONE]\n\n")
             self.chunk(b"")
             bump("streams_completed")
