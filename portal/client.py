@@ -13,6 +13,9 @@
     # lease: kept while this kernel runs (a heartbeat thread renews it) or the service is used; a crashed or
     # shut-down kernel lets it lapse and the portal stops the service 10 minutes later.
 
+    svc = portal.launch("text-generation", "Qwen/Qwen2.5-0.5B-Instruct", time=60, renew="8h")
+    # renew: a successor job takes over before each job's time limit (same id and URLs) for 8 hours in all
+
 Needs only `requests` (and `openai` for the .openai() helpers).
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import re
 import threading
 import time
+from datetime import datetime
 from typing import Callable, List, Optional
 
 import requests
@@ -150,9 +154,17 @@ class Portal:
         return ServiceHandle(self, running[0])
 
     def launch(self, kind: str, model: str, tier: Optional[str] = None, wait: bool = True, timeout: float = 600,
-               on_change: Optional[Callable[[dict, dict], None]] = None, lease=None, **fields) -> "ServiceHandle":
+               on_change: Optional[Callable[[dict, dict], None]] = None, lease=None, renew=None,
+               **fields) -> "ServiceHandle":
         """Launch a service (fields as in POST /api/services: revision, time, name, resources, engine_args, force,
         idle_timeout).
+
+        With `renew`, the service outlives its job's time limit: before each job ends, a successor job is submitted;
+        once it answers, new requests go to it (same id and URLs) and the old job finishes its open requests.
+        `renew=True` renews until the service is stopped; a duration ("8h", "2d", "1h30m") is how long it lives in all
+        from the launch; an ISO 8601 time ("2026-12-01T18:00", the portal's local time, or with Z or an offset) is
+        when it ends (a `datetime` is sent as one). The portal checks the value (PortalClientError, 400, naming
+        `renew`).
 
         With `lease` (seconds, or "10m"), the service lives while this process renews its lease (a daemon thread
         beats every third of it, from the launch on) or the service is used: a crashed, killed or shut-down kernel
@@ -165,6 +177,8 @@ class Portal:
             body["tier"] = tier
         if lease is not None:
             body["lease"] = lease
+        if renew is not None:
+            body["renew"] = renew.isoformat(timespec="seconds") if isinstance(renew, datetime) else renew
         handle = ServiceHandle(self, self.request("POST", "/api/services", json=body).json())
         self.launched.append(handle)
         if handle.data.get("lease"):

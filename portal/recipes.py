@@ -10,7 +10,10 @@ Pilotfish format (YAML or JSON), a list of services or a mapping with `name` and
     services:
       - {kind: text-generation, model: org/name, tier: Small, time: 60, count: 2, engine_args: [--max-model-len, "4096"],
          idle_timeout: 30m}
-      - {kind: speech-recognition, model: org/whisper, resources: {partition: gpu, memory_gb: 16}}
+      - {kind: speech-recognition, model: org/whisper, resources: {partition: gpu, memory_gb: 16}, renew: 8h}
+
+`renew` as in a launch: true (a successor job takes over before each job's time limit, until stopped), false, how
+long the service lives in all (8h, 2d) or when it ends (2026-12-01T18:00); a duration counts from the launch.
 
 Instance names: the entry's `name` (with `-<k>` when count > 1), else `<recipe name>-<index>` over all instances.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import List
 
@@ -27,10 +31,10 @@ import yaml
 from .catalog.kinds import KINDS
 from .errors import ValidationError
 from .launching import parse_resources, parse_time
-from .lifetimes import parse_idle_timeout
+from .lifetimes import parse_idle_timeout, parse_renewal
 
 SERVICE_FIELDS = {"kind", "model", "revision", "tier", "resources", "time", "count", "name", "engine_args", "force",
-                  "idle_timeout"}
+                  "idle_timeout", "renew"}
 NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,80}$")
 MAX_COUNT = 20
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -133,6 +137,13 @@ def _parse_entry(entry, where: str, recipe_name: str, first_index: int) -> List[
         body["time"] = _checked(f"{where}.time", parse_time, entry["time"])
     if entry.get("idle_timeout") is not None:  # minutes, or "30m", "1h"; 0 or off: never
         body["idle_timeout"] = _checked(f"{where}.idle_timeout", parse_idle_timeout, entry["idle_timeout"])
+    if entry.get("renew") is not None:  # checked here, sent as written: a duration counts from the launch
+        renew = entry["renew"]
+        if isinstance(renew, datetime):  # YAML reads an unquoted time with seconds as one
+            renew = renew.isoformat()
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        _checked(f"{where}.renew", lambda value: parse_renewal(value, now), renew)
+        body["renew"] = renew
     if entry.get("resources") is not None:
         body["resources"] = _checked(f"{where}.resources", parse_resources, entry["resources"])
     if entry.get("force") is not None:

@@ -158,6 +158,22 @@ def test_service_lifecycle_through_the_cli(env, portal):
     one_line_error(pf(env, "details", prefix), 1, "no service")
 
 
+def test_a_renewed_service_through_the_cli(env, portal):
+    one_line_error(pf(env, "run", "text-generation", "--model", "test/tiny", "--renew-until", "soon"), 2,
+                   "pilotfish: renew: expected true")
+    service_id = ok(pf(env, "run", "text-generation", "--model", "test/tiny", "--time", "5", "--name", "cli-renewed",
+                       "--renew-until", "1h")).stdout.strip()
+    try:
+        data = json.loads(ok(pf(env, "details", service_id, "--json")).stdout)
+        assert data["renew"] is True and data["renew_until"] and data["generation"] == 1
+        text = ok(pf(env, "details", service_id)).stdout
+        assert re.search(r"^renewal +renews until [0-9: -]+ \(in (59m|1h); generation 1\)$", text, re.M), text
+        assert re.search(rf"^{service_id} .* until [0-9: -]+ \(gen 1\)$", ok(pf(env, "ls")).stdout, re.M)
+    finally:
+        ok(pf(env, "stop", service_id, "--wait"))
+    ok(pf(env, "rm", service_id))
+
+
 def test_wait_reports_a_failed_service_and_prune_removes_it(env, portal):
     result = pf(env, "run", "text-generation", "--model", "test/tiny", "--time", "5", "--wait", "--", "--exit", "3")
     line = one_line_error(result, 1, "FAILED")

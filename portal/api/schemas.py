@@ -109,6 +109,15 @@ class Event(Answer):
     reason: Optional[str]
 
 
+class ServiceJob(Answer):
+    generation: int = Field(description="the job's number among the service's jobs (1: the first)")
+    phase: str = Field(description="successor (on its way up), draining (finishing its open requests), ended or "
+                                   "failed")
+    job_id: Optional[str]
+    node: Optional[str]
+    reason: Optional[str] = None
+
+
 class Service(Answer):
     id: str
     name: Optional[str]
@@ -129,7 +138,12 @@ class Service(Answer):
     stops_at: Optional[str] = Field(None, description="when the portal stops it if nobody uses it (or renews its "
                                                       "lease); null: it will not")
     stop_reason_expected: Optional[str] = Field(None, description="the reason it will stop with at stops_at")
+    renew: bool = Field(False, description="whether a successor job takes over before each job's time limit")
+    renew_until: Optional[str] = Field(None, description="when its renewal ends (null: when it is stopped)")
+    generation: int = Field(1, description="the current job's number (1: the first; one more at each renewal)")
     events: Optional[List[Event]] = None
+    jobs: Optional[List[ServiceJob]] = Field(None, description="its other jobs (with events): a renewal's successor, "
+                                                               "the draining, the ended and the failed")
 
 
 class Services(Answer):

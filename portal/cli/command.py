@@ -101,6 +101,34 @@ def until(iso_time) -> str:
     return _span(iso_time, since=False)
 
 
+def local_time(iso_time) -> str:
+    """An ISO time in this machine's local time: "18:00" today, else "2026-12-01 18:00"; "" for none."""
+    if not iso_time:
+        return ""
+    try:
+        moment = datetime.fromisoformat(str(iso_time).replace("Z", "+00:00"))
+    except ValueError:
+        return str(iso_time)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    moment = moment.astimezone()
+    return f"{moment:%H:%M}" if moment.date() == datetime.now().astimezone().date() else f"{moment:%Y-%m-%d %H:%M}"
+
+
+def renewal(service: dict, short: bool = False) -> str:
+    """A service's renewal in words: "renews until stopped (generation 3)", "renews until 18:00 (in 5h; generation
+    1)"; "" when it is not renewed. `short`, for tables: "until 18:00 (gen 1)"."""
+    if not service.get("renew"):
+        return ""
+    ends = service.get("renew_until")
+    generation = f"gen {service.get('generation') or 1}" if short else f"generation {service.get('generation') or 1}"
+    left = until(ends) if ends else ""
+    when = f"until {local_time(ends)}" if ends else "until stopped"
+    notes = "; ".join(part for part in (f"in {left}" if left and left != "0s" and not short else "", generation)
+                      if part)
+    return f"{when} ({notes})" if short else f"renews {when} ({notes})"
+
+
 def _span(iso_time, since: bool) -> str:
     if not iso_time:
         return ""

@@ -9,8 +9,8 @@ import time
 
 import click
 
-from .command import Failure, KINDS, age, emit_json, fail, main, portal_of, progress_line, table, until
-from ..client import ENDED_STATES, ServiceEnded, WaitTimeout
+from .command import Failure, KINDS, age, emit_json, fail, main, portal_of, progress_line, renewal, table, until
+from ..client import ENDED_STATES, LIVE_STATES, ServiceEnded, WaitTimeout
 from ..config import ConfigError, ensure_token, load_config, prepare_home, use_private_umask
 from ..connection import write_connection
 
@@ -85,6 +85,12 @@ def status(ctx, as_json):
 @click.option("--idle", "idle_timeout", metavar="DURATION",
               help="Stop it after this long without a request: minutes or 30m, 1h, 1h30m; 0 or off: never "
                    "(default: the tier's, else the site's, else never).")
+@click.option("--renew", is_flag=True,
+              help="Renew it before each job's time limit, until stopped: a successor job takes over (same id and "
+                   "URLs) once it answers, and the old job finishes its open requests.")
+@click.option("--renew-until", metavar="DURATION|TIME",
+              help="Renew it (as --renew) until then: how long it lives in all (8h, 2d, 1h30m) or when it ends "
+                   "(2026-12-01T18:00, the portal's local time, or with Z or an offset).")
 @click.option("--partition", help="Override the tier's partition.")
 @click.option("--account", help="Slurm account to charge.")
 @click.option("--memory-gb", type=float, help="Override the tier's memory.")
@@ -97,14 +103,15 @@ def status(ctx, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the service (or the dry-run plan) as JSON.")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, partition, account, memory_gb, cpus, gpus,
-        force, dry_run, wait, timeout, as_json, engine_args):
+def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, renew, renew_until, partition, account,
+        memory_gb, cpus, gpus, force, dry_run, wait, timeout, as_json, engine_args):
     """Launch a service and print its id. Engine flags go after `--`.
 
     \b
     Examples:
       pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --tier Small --time 60
       pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --idle 30m
+      pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --time 60 --renew-until 8h
       pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --wait -- --max-model-len 4096
       pilotfish run speech-recognition --model Systran/faster-whisper-small --dry-run
     """
@@ -113,7 +120,7 @@ def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, partit
                                                ("memory_gb", memory_gb), ("cpus", cpus), ("gpus", gpus))
                  if value is not None}
     fields = {"revision": revision, "time": time_limit, "name": name, "idle_timeout": idle_timeout,
-              "resources": resources or None,
+              "renew": renew_until or (True if renew else None), "resources": resources or None,
               "engine_args": list(engine_args) or None, "force": force or None}
     if dry_run:
         plan = portal.dry_run(kind, model, tier=tier, **fields)
@@ -121,8 +128,11 @@ def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, partit
             emit_json(plan)
             return
         click.echo(plan["job_script"].rstrip("\n"))
+        renewed = plan.get("renew")
         click.echo(f"# --- dry run: nothing submitted; tier {plan.get('tier')}: {plan.get('tier_reason')}; "
-                   f"{plan.get('idle_timeout_reason')}")
+                   f"{plan.get('idle_timeout_reason')}"
+                   + (f"; renewed before its time limit {'until stopped' if renewed is True else f'({renewed})'}"
+                      if renewed else ""))
         click.echo("# sbatch " + " ".join(shlex.quote(arg) for arg in plan["sbatch"]))
         return
     handle = portal.launch(kind, model, tier=tier, wait=False, **fields)
@@ -150,7 +160,8 @@ def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, partit
 @click.pass_context
 def list_services(ctx, show_all, state, as_json):
     """List services, newest first (by default only live ones). STOPS IN: when an unused service stops (its idle
-    timeout or lease), if nobody uses it.
+    timeout or lease), if nobody uses it. RENEWS: until when a renewed service's jobs are replaced before their time
+    limit, and the current job's generation.
 
     Example: pilotfish ls --state RUNNING --json
     """
@@ -159,8 +170,9 @@ def list_services(ctx, show_all, state, as_json):
         emit_json(services)
         return
     table([[s["id"], s["name"], s["kind"], s["model"], s["tier"] or "", s["state"], s["job_id"] or "",
-            age(s["created_at"]), until(s.get("stops_at"))] for s in services],
-          ["ID", "NAME", "KIND", "MODEL", "TIER", "STATE", "JOB", "AGE", "STOPS IN"])
+            age(s["created_at"]), until(s.get("stops_at")), renewal(s, short=True) if s["state"] in LIVE_STATES else ""]
+           for s in services],
+          ["ID", "NAME", "KIND", "MODEL", "TIER", "STATE", "JOB", "AGE", "STOPS IN", "RENEWS"])
 
 
 @main.command()
@@ -169,7 +181,8 @@ def list_services(ctx, show_all, state, as_json):
 @click.pass_context
 def details(ctx, service_id, as_json):
     """One service (ID or any unique prefix of it): state, job, resources, idle stop and lease (and when it stops if
-    unused), phase timings and events.
+    unused), renewal (until when, the current job's generation, and the service's other jobs: the successor, the
+    draining and the ended ones), phase timings and events.
 
     Example: pilotfish details 3fa2
     """
@@ -189,10 +202,17 @@ def details(ctx, service_id, as_json):
                          ("time limit", f"{data.get('time_limit')} min"),
                          ("idle stop", f"after {data['idle_timeout']} min without a request"
                           if data.get("idle_timeout") else "never"),
-                         ("lease", f"{data['lease']} s" if data.get("lease") else "none")):
+                         ("lease", f"{data['lease']} s" if data.get("lease") else "none"),
+                         ("renewal", renewal(data) or "none (it ends at its time limit)")):
         click.echo(f"{label:<12} {value}")
     if data.get("stops_at"):
         click.echo(f"{'stops in':<12} {until(data['stops_at'])} if unused ({data.get('stop_reason_expected')})")
+    if data.get("jobs"):
+        click.echo("jobs")
+        for job in data["jobs"]:
+            click.echo(f"  generation {job.get('generation')}  {job.get('phase') or '-':<9} "
+                       f"job {job.get('job_id') or '-'} on {job.get('node') or '-'}"
+                       + (f"  {job['reason']}" if job.get("reason") else ""))
     phases = data.get("phases") or {}
     if phases:
         click.echo("phases       " + ", ".join(f"{k} {'-' if v is None else f'{v:.1f}s'}" for k, v in phases.items()))

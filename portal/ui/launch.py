@@ -13,17 +13,19 @@ from ..errors import PortalError, RejectedError, UnavailableError, ValidationErr
 from ..launching import site_specs
 from .blueprint import bp, place_problem
 
-FORM_FIELDS = ("kind", "model", "revision", "tier", "recommended_tier", "time", "idle_timeout", "name", "engine_args",
-               "account", "force")
+FORM_FIELDS = ("kind", "model", "revision", "tier", "recommended_tier", "time", "idle_timeout", "renew", "renew_until",
+               "name", "engine_args", "account", "force")
 # Fields of the launch request shown by a control of the form (others are reported above the form).
 FIELD_CONTROLS = {"kind": "kind", "model": "model", "revision": "revision", "tier": "tier", "time": "time",
-                  "idle_timeout": "idle_timeout", "name": "name", "engine_args": "engine_args", "resources.account": "account", "force": "force"}
+                  "idle_timeout": "idle_timeout", "renew": "renew_until", "name": "name", "engine_args": "engine_args",
+                  "resources.account": "account", "force": "force"}
 
 
 def launch_request(form) -> dict:
     """The launch request (as the API takes it) from the form's fields.
 
     The tier is left out when it is the recommended one, so the service records the recommendation's reason.
+    Renewal: the "until" field as written (it implies renewal), else true when the box is ticked.
     """
     body = {"kind": form.get("kind") or None, "model": (form.get("model") or "").strip() or None}
     for key in ("revision", "name", "time", "idle_timeout"):
@@ -42,6 +44,11 @@ def launch_request(form) -> dict:
         body["resources"] = {"account": account}
     if form.get("force"):
         body["force"] = True
+    renew_until = (form.get("renew_until") or "").strip()
+    if renew_until:
+        body["renew"] = renew_until
+    elif form.get("renew"):
+        body["renew"] = True
     return body
 
 

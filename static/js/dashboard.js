@@ -48,7 +48,8 @@
     cells.reason = PF.el("div", {class: "small text-body-secondary text-truncate", style: "max-width: 22rem"});
     cells.timeLeft = PF.el("span");
     cells.stops = PF.el("div", {class: "small text-body-secondary", "data-field": "stops"});  // "stops in 12 min if unused"
-    cells.left.append(cells.timeLeft, cells.stops);
+    cells.renewal = PF.el("div", {class: "small text-body-secondary", "data-field": "renewal"});  // "renews until stopped"
+    cells.left.append(cells.timeLeft, cells.stops, cells.renewal);
     return {tr, cells, actionsKey: null, state: null};
   }
 
@@ -68,6 +69,7 @@
     PF.setText(cells.age, PF.since(service.created_at));
     PF.setText(cells.timeLeft, PF.timeLeft(service));
     PF.setText(cells.stops, PF.stopsIn(service));
+    PF.setText(cells.renewal, PF.isLive(service) ? PF.renewal(service) : "");
     const key = actionsKey(service);
     if (row.actionsKey !== key) {
       cells.actions.replaceChildren(...actionButtons(service));

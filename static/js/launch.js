@@ -1,6 +1,7 @@
 "use strict";
 // The launch form: models filtered by kind, the revisions of the chosen model, and the tier recommended for it
-// (GET /api/tiers/recommend) preselected with its reason. The portal checks everything again on submit.
+// (GET /api/tiers/recommend) preselected with its reason, renewal's box and its end kept in step. The portal checks
+// everything again on submit.
 
 (() => {
   const data = PF.initial("launch-data");
@@ -151,6 +152,15 @@
     recommend(true);
   });
   tier.addEventListener("change", showTier);
+  // Renewal: an end written in "until" renews the service, so it ticks the box; unticking the box clears it.
+  const renew = document.getElementById("renew");
+  const renewUntil = document.getElementById("renew_until");
+  renewUntil.addEventListener("input", () => {
+    if (renewUntil.value.trim()) renew.checked = true;
+  });
+  renew.addEventListener("change", () => {
+    if (!renew.checked) renewUntil.value = "";
+  });
 
   filterModels();
   fillRevisions(revision.dataset.submitted || "");

@@ -179,6 +179,17 @@ const PF = (() => {
     return `stops in ${duration((Date.parse(service.stops_at) - now()) / 1000)} if unused${reason}`;
   }
 
+  // A renewed service's renewal (renew, renew_until, generation: the current job's): "renews until stopped
+  // (generation 3)", "renews until <time> (in 5 h 00 min; generation 1)"; "" for a service that is not renewed.
+  function renewal(service) {
+    if (!service.renew) return "";
+    const generation = `generation ${service.generation || 1}`;
+    if (!isLive(service)) return `renewed (${generation} was its last)`;
+    if (!service.renew_until) return `renews until stopped (${generation})`;
+    const left = (Date.parse(service.renew_until) - now()) / 1000;
+    return `renews until ${when(service.renew_until)} (${left > 0 ? `in ${duration(left)}; ` : ""}${generation})`;
+  }
+
   // --- DOM ---------------------------------------------------------------------------------------------
 
   // el("a", {href: x, class: "y"}, "text", child): attributes are set as attributes, children as text or nodes.
@@ -309,6 +320,6 @@ const PF = (() => {
 
   return {
     base, csrf, LIVE, ApiError, url, api, errorMessage, poll, now, duration, since, when, bytes, isLive, timeLeft, stopsIn,
-    el, setText, badge, alert, initial, confirm, copyButtons, stopService, deleteService, serviceUrl,
+    renewal, el, setText, badge, alert, initial, confirm, copyButtons, stopService, deleteService, serviceUrl,
   };
 })();

@@ -1,5 +1,5 @@
 "use strict";
-// One service: state, timeline, phases and time left from GET /api/services/<id>; the job log from
+// One service: state, timeline, phases, time left, renewal and its jobs from GET /api/services/<id>; the job log from
 // GET /api/services/<id>/logs, followed while "Follow" is on; stop and delete with confirmation.
 
 (() => {
@@ -29,6 +29,9 @@
       `${PF.when(service.created_at)} (${PF.since(service.created_at)} ago)`);
     PF.setText(document.querySelector('[data-field="left"]'), PF.timeLeft(service));
     PF.setText(document.querySelector('[data-field="stops"]'), PF.stopsIn(service) || "never (no idle stop or lease)");
+    PF.setText(document.querySelector('[data-field="renewal"]'),
+      PF.renewal(service) || "none (it ends at its time limit)");
+    renderJobs();
     for (const phase of PHASES) {
       const seconds = (service.phases || {})[phase];
       PF.setText(document.querySelector(`[data-phase="${phase}"]`),
@@ -46,6 +49,26 @@
         PF.el("div", {class: "text-break"}, event.reason || ""))));
       shownEvents = events.length;
     }
+  }
+
+  // A renewed service's jobs, by generation: the current one (the service's own fields) and the others (`jobs`:
+  // the successor, the draining, the ended and the failed). Shown once there is more than the first job.
+  function renderJobs() {
+    const others = service.jobs || [];
+    const section = document.getElementById("jobs-section");
+    section.hidden = others.length === 0;
+    if (section.hidden) return;
+    const current = {generation: service.generation || 1, job_id: service.job_id, node: service.node,
+      phase: PF.isLive(service) ? "current" : "last", reason: service.reason};
+    const jobs = [...others, current].sort((a, b) => a.generation - b.generation);
+    const key = JSON.stringify(jobs);
+    if (section.dataset.shown === key) return;
+    section.dataset.shown = key;
+    document.getElementById("jobs").replaceChildren(...jobs.map((job) => PF.el("tr",
+      {"data-generation": String(job.generation), class: job === current ? "fw-semibold" : ""},
+      PF.el("td", {}, String(job.generation)), PF.el("td", {class: "font-monospace"}, job.job_id || "—"),
+      PF.el("td", {}, job.node || "—"), PF.el("td", {"data-field": "phase"}, job.phase),
+      PF.el("td", {class: "text-break"}, job.reason || ""))));
   }
 
   async function refresh() {

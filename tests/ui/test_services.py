@@ -225,3 +225,38 @@ def test_dashboard_banners_for_an_unreachable_scheduler_and_a_broken_specs_file(
     page.goto(f"{portal.url}/ui/launch")
     expect(page.locator(".alert-warning")).to_contain_text("Launching is unavailable")
     wait_for(lambda: portal.request("GET", "/api/tiers").status_code == 503, timeout=5, what="the API to agree")
+
+
+def test_the_service_page_shows_renewal_and_a_renewed_services_jobs(ui_portal, browser):
+    portal = ui_portal
+    created = portal.launch(name="renewed", time=10, renew=True)
+    assert created.status_code == 201, created.text
+    service_id = created.json()["id"]
+    page = browser.new_page()
+    sign_in(page, portal)
+    try:
+        page.goto(f"{portal.url}/ui/services/{service_id}")
+        expect(page.locator('[data-field="renewal"]')).to_have_text("renews until stopped (generation 1)")
+        expect(page.locator("#jobs-section")).to_be_hidden()
+        # The same service after two handovers (what the API says once the reconciler renewed it): its other jobs
+        # appear by generation, with the current one among them, without a reload.
+        others = [{"generation": 1, "phase": "ended", "job_id": "901", "node": "n1", "reason": "drained"},
+                  {"generation": 2, "phase": "draining", "job_id": "902", "node": "n2", "reason": None}]
+
+        def renewed(route):
+            answer = route.fetch()
+            route.fulfill(response=answer, json={**answer.json(), "generation": 3, "jobs": others})
+
+        page.route(f"**/api/services/{service_id}", renewed)
+        expect(page.locator('[data-field="renewal"]')).to_have_text("renews until stopped (generation 3)",
+                                                                    timeout=15_000)
+        rows = page.locator("#jobs tr")
+        expect(rows).to_have_count(3)
+        expect(rows.nth(0)).to_contain_text("901")
+        expect(rows.nth(0).locator('[data-field="phase"]')).to_have_text("ended")
+        expect(rows.nth(1).locator('[data-field="phase"]')).to_have_text("draining")
+        expect(rows.nth(2).locator('[data-field="phase"]')).to_have_text("current")
+        expect(page.locator("#jobs-section")).to_be_visible()
+        browser.screenshot(page, "service-renewed")
+    finally:
+        portal.request("POST", f"/api/services/{service_id}/stop")
