@@ -119,6 +119,8 @@ def follow_other_jobs(others: List[ServiceJob], infos: Dict[str, JobInfo]) -> No
     drain; any of them ended with their service. A cancel the scheduler does not answer is tried again next cycle."""
     now = utcnow()
     for job in others:
+        if not job.is_live:
+            continue  # ended in this cycle (a late takeover)
         service, info = job.service, infos.get(job.job_id)
         try:
             if not service.is_live:
