@@ -171,6 +171,7 @@ RENEW_WORDS = ("true (renewed until stopped), false, how long it lives in all (8
                "(2026-12-01T18:00, the portal's local time, or with Z or an offset)")
 RENEW_SHAPE = f"^({_duration_shape('dhm')}|[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}[T ][0-9:.]{{5,15}}(Z|[+-][0-9:]{{4,5}})?)$"
 _RENEW_DURATION = re.compile(_duration_shape("dhm"))
+_RENEW = re.compile(RENEW_SHAPE)
 RENEW_MAX_SECONDS = 366 * 86400
 RENEW_MIN_SECONDS = 2 * 60  # a job of a minute, and a successor
 
@@ -181,7 +182,7 @@ def parse_renewal(value, now: datetime, field: str = "renew") -> Tuple[bool, Opt
     database holds times; anything else is a ValidationError naming `field`."""
     if isinstance(value, bool):
         return value, None
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not _RENEW.fullmatch(value):
         raise ValidationError(field, f"expected {RENEW_WORDS}, got {value!r}")
     if _RENEW_DURATION.fullmatch(value):
         seconds = sum(int(number) * _UNIT_SECONDS[letter] for number, letter in re.findall(r"([0-9]+)([dhm])", value))

@@ -35,7 +35,7 @@ def test_a_naive_end_time_is_the_portals_local_time():
 
 @pytest.mark.parametrize("value, problem", [
     ("yes", "expected true"), (1, "expected true"), ("1m", "at least 2 minutes"), ("2026-12-01T11:00Z", "at least"),
-    ("400d", "within 366 days"), ("2026-13-01T00:00", "expected true"),
+    ("400d", "within 366 days"), ("2026-13-01T00:00", "expected true"), ("2027-01-02", "expected true"),
 ])
 def test_bad_renewals_are_refused_naming_the_field(value, problem):
     with pytest.raises(ValidationError) as refused:
@@ -140,7 +140,7 @@ def test_a_job_that_ends_before_its_successor_answered_hands_over_at_once(renewe
     current = service()
     assert current.state == State.UNHEALTHY and current.generation == 2 and current.job_id == successor_id
     assert current.port is None and current.run_dir == str(renewed.job_dir / "generation-2")
-    assert current.reason.startswith(f"job 7 ended (TIMEOUT) before its successor answered: waiting for generation 2")
+    assert current.reason.startswith("job 7 ended (TIMEOUT) before its successor answered: waiting for generation 2")
     assert [(job.generation, job.job_id, job.phase) for job in current.jobs] == [(1, "7", ServiceJob.ENDED)]
 
     renewed.scheduler.states[successor_id] = JobState.RUNNING  # it starts and writes where it listens
