@@ -182,8 +182,8 @@ class ServiceJob(db.Model):
     def to_dict(self) -> dict:
         return {"generation": self.generation, "phase": self.phase, "job_id": self.job_id, "node": self.node,
                 "time_limit": self.time_limit, "submitted_at": iso(self.submitted_at),
-                "job_started_at": iso(self.job_started_at), "ready_at": iso(self.ready_at),
-                "drain_until": iso(self.drain_until), "ended_at": iso(self.ended_at), "reason": self.reason}
+                "job_started_at": iso(self.job_started_at), "endpoint_at": iso(self.endpoint_at),
+                "ready_at": iso(self.ready_at), "drain_until": iso(self.drain_until), "ended_at": iso(self.ended_at), "reason": self.reason}
 
 
 class Event(db.Model):

@@ -4,14 +4,12 @@ across three generations (three Slurm jobs, each taking over from the one before
 fails, no stream is cut, every stream is whole, and the answers come from each generation's job. The stand-in service
 (tests/support/openai_upstream.py) names its job in each answer's id. About two minutes."""
 import sys
-import threading
 import time
-from collections import Counter
 
 import pytest
-from openai import OpenAI
 
 from tests.conftest import REPO, squeue_ids, wait_for
+from tests.support.streaming_load import StreamingLoad
 
 pytestmark = pytest.mark.slurm
 
@@ -19,50 +17,6 @@ UPSTREAM = f"{sys.executable} {REPO / 'tests' / 'support' / 'openai_upstream.py'
 CLIENTS = 16
 TOKENS = 20  # a stream of about a second
 DRAIN = 8  # seconds a replaced job finishes its streams
-
-
-class Load:
-    """CLIENTS threads streaming chat completions back to back until stopped, counting what each stream brought."""
-
-    def __init__(self, base_url: str, token: str):
-        self.client = OpenAI(base_url=base_url, api_key=token, max_retries=0, timeout=30)
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.complete, self.cut, self.failed = 0, [], []
-        self.by_job = Counter()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(CLIENTS)]
-
-    def _run(self):
-        while not self.stop.is_set():
-            try:
-                stream = self.client.chat.completions.create(
-                    model="test/tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=TOKENS, stream=True)
-                text, finish, answer_id = "", None, None
-                for chunk in stream:
-                    answer_id = chunk.id
-                    for choice in chunk.choices:
-                        text += choice.delta.content or ""
-                        finish = choice.finish_reason or finish
-                whole = text == "".join(f"tok{i} " for i in range(TOKENS))
-                with self.lock:
-                    if whole:
-                        self.complete += 1
-                        self.by_job[answer_id.removeprefix("cmpl-")] += 1
-                    else:
-                        self.cut.append((answer_id, len(text), finish))
-            except Exception as exc:  # every failure is counted, none ends the load
-                with self.lock:
-                    self.failed.append(repr(exc)[:300])
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
 
 
 def takeovers(service: dict) -> list:
@@ -80,7 +34,7 @@ def test_a_renewed_service_serves_16_streaming_clients_across_three_generations_
     portal.wait_state(service_id, "RUNNING", timeout=90)
 
     started = time.time()
-    with Load(f"{portal.url}/v1", portal.token) as load:
+    with StreamingLoad(f"{portal.url}/v1", portal.token, clients=CLIENTS, tokens=TOKENS) as load:
         # Two handovers: generations 2 and 3 each take over within about 40 s of their predecessor's start.
         wait_for(lambda: portal.service(service_id)["generation"] >= 3, timeout=200, interval=1,
                  what="the third generation to take over")
