@@ -66,6 +66,10 @@ class Config:
     idle_timeout: Optional[int] = None
     # A renewed service's job that a successor replaced finishes its open requests for up to this long (seconds).
     drain_timeout: float = 120.0
+    # Replicas (portal/replicas.py): one is added after requests in flight per job stayed above the service's target
+    # this long (seconds), and one removed after this long quiet.
+    scale_up_window: float = 30.0
+    scale_down_window: float = 300.0
     testing: bool = False
 
     @property
@@ -208,6 +212,8 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         session_end=_number("session_end", session_end, 0) if session_end not in (None, "") else None,
         idle_timeout=_idle_timeout(pick("idle_timeout", "PILOTFISH_IDLE_TIMEOUT", None)),
         drain_timeout=_number("drain_timeout", pick("drain_timeout", "PILOTFISH_DRAIN_TIMEOUT", 120.0), 0),
+        scale_up_window=_number("scale_up_window", pick("scale_up_window", None, 30.0), 0),
+        scale_down_window=_number("scale_down_window", pick("scale_down_window", None, 300.0), 0),
         testing=bool(overrides.pop("testing", False)),
     )
     if overrides:

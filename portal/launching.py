@@ -25,6 +25,7 @@ from .lifetimes import (IDLE_TIMEOUT_MAX_MINUTES, IDLE_TIMEOUT_SHAPE, IDLE_TIMEO
                         LEASE_MIN_SECONDS, LEASE_SHAPE, LEASE_WORDS, RENEW_SHAPE, RENEW_WORDS, duration_words,
                         parse_idle_timeout, parse_lease, parse_renewal)
 from .models import Service, utcnow
+from .scaling import REPLICAS_MAX, REPLICAS_SHAPE, REPLICAS_WORDS, parse_replicas
 from .scheduler import Resources
 from .service_tls import tls_files
 from .site import Runtime, Site, build_site
@@ -49,6 +50,7 @@ class LaunchRequest:
     idle_timeout: Optional[int] = None  # minutes without a request before it stops (0: never; None: the default)
     lease: Optional[int] = None  # seconds it lives without a heartbeat or a request (None: no lease)
     renew: object = False  # True, False, or its end ("8h", an ISO time): read by lifetimes.parse_renewal at launch
+    replicas: Optional[tuple] = None  # (min, max, target_in_flight) (portal/replicas.py); None: one job
 
 
 @dataclass
@@ -77,7 +79,9 @@ class LaunchPlan:
                 "image": str(self.image.path) if self.image else None,
                 "arguments": self.arguments, "idle_timeout": self.idle_timeout,
                 "idle_timeout_reason": self.idle_timeout_reason, "lease": self.request.lease,
-                "renew": self.request.renew}
+                "renew": self.request.renew,
+                "replicas": dict(zip(("min", "max", "target_in_flight"), self.request.replicas))
+                if self.request.replicas else None}
 
 
 def parse_time(value) -> int:
@@ -128,6 +132,13 @@ class ResourcesBody(Strict):
     constraint: Optional[SlurmWord] = Field(None, description=A_SLURM_NAME)
 
 
+class ReplicasBody(Strict):
+    min: Annotated[int, Field(ge=1, le=REPLICAS_MAX)] = Field(1, description=f"jobs at least (1 to {REPLICAS_MAX})")
+    max: Annotated[int, Field(ge=1, le=REPLICAS_MAX)] = Field(description=f"jobs at most (1 to {REPLICAS_MAX})")
+    target_in_flight: Optional[Annotated[int, Field(ge=1, le=10000)]] = Field(
+        None, description="requests in flight per job above which a job is added")
+
+
 class LaunchBody(Strict):
     """A launch request (POST /api/services, the launch page, `pilotfish run`): what to serve and how."""
     kind: Literal[tuple(KINDS)] = Field(description=f"one of {', '.join(KINDS)}")
@@ -154,6 +165,8 @@ class LaunchBody(Strict):
                           f"for that long")
     renew: Union[bool, Annotated[str, Field(pattern=RENEW_SHAPE)]] = Field(
         False, description=RENEW_WORDS)
+    replicas: Optional[Union[Annotated[int, Field(ge=1, le=REPLICAS_MAX)], Annotated[str, Field(pattern=REPLICAS_SHAPE)],
+                             ReplicasBody]] = Field(None, description=REPLICAS_WORDS)
 
     @field_validator("model")
     @classmethod
@@ -179,6 +192,13 @@ class LaunchBody(Strict):
     @classmethod
     def _lease_seconds(cls, value):
         return value if value is None else _as_value_error(parse_lease, value)
+
+    @field_validator("replicas")
+    @classmethod
+    def _replica_counts(cls, value):
+        if isinstance(value, ReplicasBody):
+            value = value.model_dump(exclude_none=True)
+        return value if value is None else _as_value_error(parse_replicas, value)
 
     @field_validator("renew")
     @classmethod
@@ -214,7 +234,8 @@ def parse_launch_request(body) -> LaunchRequest:
                          time=checked.time, name=checked.name,
                          resources=checked.resources.model_dump(exclude_none=True) if checked.resources else {},
                          engine_args=list(checked.engine_args or []), force=checked.force, image=checked.image,
-                         idle_timeout=checked.idle_timeout, lease=checked.lease, renew=checked.renew)
+                         idle_timeout=checked.idle_timeout, lease=checked.lease, renew=checked.renew,
+                         replicas=checked.replicas)
 
 
 # --- flags that run code or read files ------------------------------------------------------------------

@@ -62,6 +62,11 @@ class Service(db.Model):
     renew = db.Column(db.Boolean, nullable=False, default=False)
     renew_until = db.Column(db.DateTime)
     generation = db.Column(db.Integer, nullable=False, default=1)
+    # Replicas (portal/replicas.py): jobs serving it besides its current one, between replicas_min and replicas_max
+    # jobs in all, added when requests in flight per serving job stay above target_in_flight (None: one job).
+    replicas_min = db.Column(db.Integer)
+    replicas_max = db.Column(db.Integer)
+    target_in_flight = db.Column(db.Integer)
 
     events = db.relationship("Event", backref="service", cascade="all, delete-orphan",
                              order_by="Event.id", lazy="select")
@@ -128,6 +133,8 @@ class Service(db.Model):
             "renew": self.renew,
             "renew_until": iso(self.renew_until),
             "generation": self.generation,
+            "replicas": {"min": self.replicas_min, "max": self.replicas_max,
+                         "target_in_flight": self.target_in_flight} if self.replicas_max else None,
         }
         expected = expected_stop(self)
         data["stops_at"], data["stop_reason_expected"] = (iso(expected[0]), expected[1]) if expected else (None, None)
@@ -144,10 +151,12 @@ def generation_dir(job_dir: str, generation: int) -> str:
 
 
 class ServiceJob(db.Model):
-    """A job of a renewed service other than its current one: the successor on its way up, or a predecessor draining
-    its open streams (then ended). The current job's fields are the service's own."""
+    """A job of a service other than its current one: a renewal's successor on its way up, a replica (starting, or
+    serving once `ready_at` is set), or a job draining its open requests (a replaced or removed one), then ended or
+    failed. The current job's fields are the service's own."""
     __tablename__ = "service_jobs"
-    SUCCESSOR, DRAINING, ENDED, FAILED = "successor", "draining", "ended", "failed"
+    SUCCESSOR, REPLICA, DRAINING, ENDED, FAILED = "successor", "replica", "draining", "ended", "failed"
+    LIVE_PHASES = (SUCCESSOR, REPLICA, DRAINING)
 
     id = db.Column(db.Integer, primary_key=True)
     service_id = db.Column(db.String(16), db.ForeignKey("services.id", ondelete="CASCADE"), index=True, nullable=False)
@@ -177,7 +186,12 @@ class ServiceJob(db.Model):
 
     @property
     def is_live(self) -> bool:
-        return self.phase in (self.SUCCESSOR, self.DRAINING)
+        return self.phase in self.LIVE_PHASES
+
+    @property
+    def serving(self) -> bool:
+        """A replica that answered its health check: the proxies route to it."""
+        return self.phase == self.REPLICA and self.ready_at is not None and bool(self.port)
 
     def to_dict(self) -> dict:
         return {"generation": self.generation, "phase": self.phase, "job_id": self.job_id, "node": self.node,

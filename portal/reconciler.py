@@ -34,7 +34,9 @@ from .monitoring import CycleMonitor, serving_targets, write_portal_target
 from .proxy import routes_changed
 from .scheduler import JobInfo, JobState, SchedulerUnreachable
 from .scheduler.job_files import read_endpoint, read_exit_code
-from .renewal import follow_other_jobs, hand_over, submit_due_successors, take_over_late
+from .renewal import hand_over, submit_due_successors, take_over_late
+from .replicas import Replicas, promote
+from .service_jobs import follow_jobs
 from .services import SUBMISSION_GRACE, job_query, log_excerpt, stop, transition
 from .service_tls import client_context
 from .states import IMPOSTOR, REFUSED, JobFacts, after_job, after_probe
@@ -47,7 +49,7 @@ LOCK_RETRY_SECONDS = 2.0  # a worker that does not lead tries the lock this ofte
 CONDITION_REFRESH = timedelta(seconds=60)  # an unchanged condition's checked_at is rewritten at most this often
 LIVE_SERVICES = select(Service).where(Service.state.in_(State.LIVE))  # built once: a cycle only runs it
 # A renewed service's other jobs still to follow: its successor on the way up, its predecessors draining.
-OTHER_LIVE_JOBS = select(ServiceJob).where(ServiceJob.phase.in_((ServiceJob.SUCCESSOR, ServiceJob.DRAINING)))
+OTHER_LIVE_JOBS = select(ServiceJob).where(ServiceJob.phase.in_(ServiceJob.LIVE_PHASES))
 
 
 @dataclass
@@ -118,6 +120,7 @@ class Reconciler:
         self._thread: Optional[threading.Thread] = None
         self._lock_fd: Optional[int] = None
         self._monitor = CycleMonitor(self.config.home)
+        self._replicas = Replicas(self.config)  # replica keeping, with each service's load trend
         self.cycles = 0  # cycles run by this worker
         self._live: Optional[frozenset] = None  # (id, state) of the live services after the last cycle
         self._counted_at = float("-inf")  # when the services-by-state metric was last counted (monotonic)
@@ -242,35 +245,48 @@ class Reconciler:
             info = infos.get(service.job_id)
             if info is None:
                 continue
-            successor = next((job for job in others if job.service_id == service.id
-                              and job.phase == ServiceJob.SUCCESSOR), None)
-            if info.state.finished and successor is not None and not service.stop_requested \
-                    and service.state in State.ROUTABLE:
-                take_over_late(service, successor, info.detail or info.state.value)
-                report.transitions += 1
-                continue
+            if info.state.finished and not service.stop_requested and service.state in State.ROUTABLE:
+                mine = [job for job in others if job.service_id == service.id]
+                replica = next((job for job in mine if job.serving), None)
+                successor = next((job for job in mine if job.phase == ServiceJob.SUCCESSOR), None)
+                if replica is not None:  # a replica serves on: it becomes the current job
+                    promote(service, replica, f"it ended ({info.detail or info.state.value})", cancel=False)
+                elif successor is not None:
+                    take_over_late(service, successor, info.detail or info.state.value)
+                if replica is not None or successor is not None:
+                    report.transitions += 1
+                    continue
             report.transitions += self._apply(service, info)
 
-        follow_other_jobs(others, infos)
+        follow_jobs(others, infos)
         to_probe = [service for service in services
                     if service.state in State.PROBED and service.port]
-        successors = [job for job in others if job.phase == ServiceJob.SUCCESSOR and job.port
-                      and job.service.state in State.ROUTABLE]
-        if to_probe or successors:
-            report.probes = len(to_probe) + len(successors)
-            results = self._probe_all(to_probe + successors)
+        jobs = [job for job in others if job.phase in (ServiceJob.SUCCESSOR, ServiceJob.REPLICA) and job.port
+                and job.service.state in State.ROUTABLE]
+        if to_probe or jobs:
+            report.probes = len(to_probe) + len(jobs)
+            results = self._probe_all(to_probe + jobs)
             for service, (ok, detail) in zip(to_probe, results):
                 report.transitions += self._apply_probe(service, ok, detail)
-            for successor, (ok, _detail) in zip(successors, results[len(to_probe):]):
-                if ok:
-                    successor.ready_at = utcnow()
-                    hand_over(successor.service, successor, self.config.drain_timeout)
+            for job, (ok, detail) in zip(jobs, results[len(to_probe):]):
+                if job.phase == ServiceJob.REPLICA:
+                    report.transitions += self._replicas.probed(job, ok, detail)
+                elif ok:
+                    job.ready_at = utcnow()
+                    hand_over(job.service, job, self.config.drain_timeout)
                     report.transitions += 1  # the proxies route to the successor from their next reload
+        for service in services:  # an unwell current job gives way to a serving replica, cancelled
+            replica = next((job for job in others if job.service_id == service.id and job.serving), None)
+            if service.state == State.UNHEALTHY and replica is not None and not service.stop_requested:
+                promote(service, replica, service.reason or "unhealthy", cancel=True)
+                report.transitions += 1
         submit_due_successors(services, others, self.config.drain_timeout, self._session_end())
+        report.transitions += self._replicas.keep(services, others, self._session_end())
         served = serving_targets(services)  # read before the commit expires the rows
         live = frozenset((service.id, service.state) for service in services)
         report.busy = any(service.state in State.FAST_POLL for service in services) \
-            or any(job.phase == ServiceJob.SUCCESSOR for job in others)
+            or any(job.phase == ServiceJob.SUCCESSOR or (job.phase == ServiceJob.REPLICA and not job.serving)
+                   for job in others)
         moment = utcnow()
         expired = [(service, reason) for service in services if (reason := due_stop(service, moment))]
         db.session.commit()  # writes only what changed (an unchanged cycle flushes nothing)

@@ -121,6 +121,8 @@ def launch(body, principal: Optional[str]) -> Service:
         lease_seconds=request.lease,
     )
     service.renew, service.renew_until = parse_renewal(request.renew, utcnow())
+    if request.replicas:
+        service.replicas_min, service.replicas_max, service.target_in_flight = request.replicas
     job_dir.mkdir(parents=True, mode=0o700)
     write_private(job_dir / "service.key", service.api_key)
     service.tls_fingerprint = make_certificate(job_dir, service_id)
@@ -133,6 +135,9 @@ def launch(body, principal: Optional[str]) -> Service:
         tier_note += f"; {plan.idle_timeout_reason}"
     if request.lease:
         tier_note += f"; a lease of {request.lease} s"
+    if request.replicas:
+        tier_note += f"; {service.replicas_min} to {service.replicas_max} jobs ({service.target_in_flight} requests " \
+                     f"in flight per job)"
     if service.renew:
         tier_note += "; renewed before its time limit" + (
             f" until {service.renew_until:%Y-%m-%d %H:%M} UTC" if service.renew_until else " until stopped")

@@ -159,7 +159,7 @@ def test_successors_that_end_before_they_answer_end_the_renewal(renewed):
     renewed.reconciler.cycle()  # the first ended before it answered: another is submitted at once
     assert [(job.job_id, job.phase) for job in service().jobs] == [("100", ServiceJob.FAILED),
                                                                    ("101", ServiceJob.SUCCESSOR)]
-    assert any(event.reason.startswith("renewal: generation 2 ended before it answered: the job failed")
+    assert any(event.reason.startswith("successor generation 2 (job 100) ended before it answered: the job failed")
                for event in service().events), [event.reason for event in service().events]
     renewed.scheduler.states["101"] = JobState.FAILED
     renewed.reconciler.cycle()

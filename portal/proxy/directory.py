@@ -25,7 +25,8 @@ from typing import Dict, List, Optional, Tuple
 
 from .. import change_marks
 from ..db import db
-from ..models import Service, State, utcnow
+from ..models import Service, ServiceJob, State, utcnow
+from ..scaling import LoadFile
 from ..states import without_log_lines
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ DIRECTORY_TTL = 1.0  # past this, the next request starts a reload (and is answe
 DIRECTORY_MAX_AGE = 2.0  # past this, requests wait for the reload: never routed on older information
 ROUTES_CHANGED_FILE = "routes.changed"  # touched after every committed state change (routes_changed)
 ACTIVITY_FLUSH_SECONDS = 10.0
+LOAD_WRITE_SECONDS = 1.0
 
 
 @dataclass
@@ -47,6 +49,12 @@ class Route:
     port: Optional[int]
     api_key: str
     tls_fingerprint: Optional[str] = None  # its certificate's pin (portal/service_tls.py); None: plain HTTP
+    replicas: Tuple[Tuple[str, int], ...] = ()  # (host, port) of its serving replicas besides host and port
+
+    @property
+    def endpoints(self) -> Tuple[Tuple[str, int], ...]:
+        """Where it answers: its current job first, then its serving replicas."""
+        return ((self.host, self.port),) + self.replicas if self.port else self.replicas
 
 
 def routes_changed(home) -> None:
@@ -73,6 +81,10 @@ class ServiceDirectory:
         self._pending: set = set()  # services whose last activity is not written yet
         self._busy = 0  # requests in flight, all services together
         self._timer: Optional[asyncio.TimerHandle] = None  # the activity timer, set only while it has work
+        # Requests in flight per service, for the reconciler's replica scaling (portal/scaling.py): written about
+        # every LOAD_WRITE_SECONDS while anything is in flight, and once more when nothing is.
+        self._load = LoadFile(home) if home is not None else None
+        self._load_timer: Optional[asyncio.TimerHandle] = None
 
     @property
     def cached(self) -> Dict[str, Route]:
@@ -108,8 +120,14 @@ class ServiceDirectory:
                     rows = db.session.query(Service.id, Service.state, Service.model, Service.kind, Service.host,
                                             Service.port, Service.api_key, Service.tls_fingerprint).filter(
                         Service.state.in_(State.LIVE)).all()
+                    replicas: Dict[str, list] = {}
+                    for service_id, host, port in db.session.query(
+                            ServiceJob.service_id, ServiceJob.host, ServiceJob.port).filter(
+                            ServiceJob.phase == ServiceJob.REPLICA, ServiceJob.ready_at.isnot(None),
+                            ServiceJob.port.isnot(None)).order_by(ServiceJob.generation):
+                        replicas.setdefault(service_id, []).append((host, port))
                     db.session.remove()
-                    self._routes = {row.id: Route(*row) for row in rows}
+                    self._routes = {row.id: Route(*row, replicas=tuple(replicas.get(row.id, ()))) for row in rows}
                     self._loaded = time.monotonic()
                     self._seen_change = mark
         return self._routes
@@ -121,6 +139,8 @@ class ServiceDirectory:
             self._busy += 1
         if self._timer is None:
             self._set_timer(ACTIVITY_FLUSH_SECONDS)
+        if self._load_timer is None and self._load is not None:
+            self._write_load()
 
     def end(self, service_id: str) -> None:
         """A request finished: count it out and note the activity, which the activity timer writes at once when the
@@ -138,6 +158,18 @@ class ServiceDirectory:
         if timer is not None:
             timer.cancel()
         self._set_timer(delay)
+
+    def _write_load(self) -> None:
+        """Write the requests in flight per service, and again in LOAD_WRITE_SECONDS while any are."""
+        self._load_timer = None
+        with self._lock:
+            counts = dict(self.in_flight) if self._busy else {}
+        self._load.write(counts)
+        if counts:
+            try:
+                self._load_timer = asyncio.get_running_loop().call_later(LOAD_WRITE_SECONDS, self._write_load)
+            except RuntimeError:
+                pass  # outside an event loop: written on each request only
 
     def _set_timer(self, delay: float) -> None:
         """Set the activity timer on this thread's event loop (none outside one, or without an app to write with)."""

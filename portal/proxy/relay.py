@@ -31,6 +31,7 @@ HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-autho
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"authorization", b"cookie", b"content-length", b"x-csrf-token", b"expect"}
 RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"content-length", b"date", b"server"}  # the portal's own date, as nginx
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+UNSENT = frozenset({"refused", "connect_timeout", "impostor"})  # failures before anything reached the service
 CHUNK = 64 * 1024
 
 
@@ -44,6 +45,7 @@ class Relay:
         self.connect_timeout = config.proxy_connect_timeout
         self.read_timeout = config.proxy_read_timeout
         self.pool = UpstreamPool()
+        self.endpoint_load: Dict[tuple, int] = {}  # requests in flight per (host, port), in this worker
         self._refreshing: Optional[asyncio.Future] = None
 
     # database work, off the event loop
@@ -95,12 +97,28 @@ class Relay:
         directory.begin(route.id)
         conn = None
         status = sent = 0
+        load = self.endpoint_load
+        place = None
         try:
-            try:
-                conn, status = await self._send_request(incoming, route, target, body)
-            except UpstreamFailed as failure:
-                record.failed(failure.metric_kind)
-                return await self.reply(incoming, await self._failure_answer(route, failure), endpoint)
+            # The job of the service with the fewest requests in flight here; one that refuses the connection (nothing
+            # sent yet) gives way to the next.
+            order = route.endpoints
+            if len(order) > 1:
+                order = sorted(order, key=lambda where: load.get(where, 0))
+            for index, where in enumerate(order):
+                load[where] = load.get(where, 0) + 1
+                place = where
+                try:
+                    conn, status = await self._send_request(incoming, route, where, target, body)
+                    break
+                except UpstreamFailed as failure:
+                    load[where] -= 1
+                    place = None
+                    if failure.kind in UNSENT and index + 1 < len(order):
+                        log.info("service %s: %s:%d %s; trying its next job", route.id, *where, failure.kind)
+                        continue
+                    record.failed(failure.metric_kind)
+                    return await self.reply(incoming, await self._failure_answer(route, failure, where), endpoint)
             out, content_type, stream, encoding, length = answer_headers(conn.headers)
             record.answered(endpoint, status, stream)
             if usage is not None and not usage.expect(status, content_type, stream, encoding, length):
@@ -146,12 +164,14 @@ class Relay:
                 usage.finish()
             record.finish()
             directory.end(route.id)
+            if place is not None:
+                load[place] -= 1
 
-    async def _send_request(self, incoming: Incoming, route: Route, target: bytes, body):
-        """Write the request (a fresh connection once more if a kept-alive one turns out closed); (connection,
-        status) when the answer's head is in."""
-        lines = [b"%s %s HTTP/1.1" % (incoming.method.encode(), target), b"Host: %s:%d" % (route.host.encode(),
-                                                                                            route.port)]
+    async def _send_request(self, incoming: Incoming, route: Route, place: tuple, target: bytes, body):
+        """Write the request to the service's job at `place` (host, port) (a fresh connection once more if a kept-alive
+        one turns out closed); (connection, status) when the answer's head is in."""
+        host, port = place
+        lines = [b"%s %s HTTP/1.1" % (incoming.method.encode(), target), b"Host: %s:%d" % (host.encode(), port)]
         connection_tokens = ()
         for name, value in incoming.headers:
             if name == b"connection":
@@ -174,7 +194,7 @@ class Relay:
         head = b"\r\n".join(lines) + b"\r\n\r\n"
         replayable = streamed is None
         for attempt in (1, 2):
-            conn, reused = await self.pool.connect(route.host, route.port, self.connect_timeout, route.tls_fingerprint)
+            conn, reused = await self.pool.connect(host, port, self.connect_timeout, route.tls_fingerprint)
             try:
                 if isinstance(body, bytes):
                     conn.write(head + body)
@@ -217,7 +237,7 @@ class Relay:
                 raise
         raise AssertionError("unreachable")
 
-    async def _failure_answer(self, route: Route, failure: UpstreamFailed) -> Answer:
+    async def _failure_answer(self, route: Route, failure: UpstreamFailed, place: tuple) -> Answer:
         if failure.kind in ("refused", "connection", "connect_timeout", "impostor"):
             # The service may have just ended (a crash the reconciler has recorded): say so, in its words.
             current = (await self.routes(fresh=True)).get(route.id)
@@ -231,12 +251,12 @@ class Relay:
             return openai_error(504, f"service {route.id} ({route.model}) did not answer within {seconds:g} s",
                                 "upstream_timeout", "upstream_timeout")
         if failure.kind == "impostor":  # nothing was sent to it: neither the request nor the service's key
-            return openai_error(502, f"service {route.id} ({route.model}) is not answering at {route.host}:{route.port}"
+            return openai_error(502, f"service {route.id} ({route.model}) is not answering at {place[0]}:{place[1]}"
                                      f": another program holds its port ({failure.detail})",
                                 "upstream_error", "upstream_impostor")
         detail = f" ({failure.detail})" if failure.detail else ""
         verb = "refused the connection" if failure.kind == "refused" else "closed the connection"
-        return openai_error(502, f"service {route.id} ({route.model}) {verb} at {route.host}:{route.port}{detail}",
+        return openai_error(502, f"service {route.id} ({route.model}) {verb} at {place[0]}:{place[1]}{detail}",
                             "upstream_error", "upstream_unreachable")
 
 

@@ -1,5 +1,5 @@
-"""Services that outlive one job (portal/lifetimes.py): renewal, its end, the current job's generation, and the
-other jobs of a renewed service (its successor, its draining predecessors).
+"""Services that outlive one job or run on several (portal/renewal.py, portal/replicas.py): renewal, its end, the
+current job's generation, replica counts, and a service's other jobs (a successor, replicas, draining jobs).
 
 Revision ID: 0005
 Revises: 0004
@@ -21,6 +21,9 @@ def upgrade():
         batch.add_column(sa.Column("renew", sa.Boolean(), nullable=False, server_default=sa.false()))
         batch.add_column(sa.Column("renew_until", sa.DateTime(), nullable=True))
         batch.add_column(sa.Column("generation", sa.Integer(), nullable=False, server_default="1"))
+        batch.add_column(sa.Column("replicas_min", sa.Integer(), nullable=True))
+        batch.add_column(sa.Column("replicas_max", sa.Integer(), nullable=True))
+        batch.add_column(sa.Column("target_in_flight", sa.Integer(), nullable=True))
     op.create_table(
         "service_jobs",
         sa.Column("id", sa.Integer(), primary_key=True),
@@ -48,5 +51,5 @@ def downgrade():
     op.drop_index("ix_service_jobs_service_id", "service_jobs")
     op.drop_table("service_jobs")
     with op.batch_alter_table("services") as batch:
-        for column in ("generation", "renew_until", "renew"):
+        for column in ("target_in_flight", "replicas_max", "replicas_min", "generation", "renew_until", "renew"):
             batch.drop_column(column)

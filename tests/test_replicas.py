@@ -1,0 +1,150 @@
+"""Replicas on the real test Slurm through a real portal (two gunicorn workers) and the OpenAI-shaped stand-in service,
+which names its job in each answer's id: two jobs share the load; the busier one gets fewer requests; when one's
+server is killed, requests not yet sent go to the other, and the dead one is replaced; under load a service grows from
+one job to two, and back to one when the load stops."""
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import REPO, squeue_ids, wait_for
+from tests.support.streaming_load import StreamingLoad
+
+pytestmark = pytest.mark.slurm
+
+UPSTREAM = f"{sys.executable} {REPO / 'tests' / 'support' / 'openai_upstream.py'} --token-delay 0.05"
+
+
+def serving_jobs(service: dict) -> list:
+    """The jobs serving a service: its current one, then its serving replicas (job ids)."""
+    replicas = [job["job_id"] for job in service["jobs"] if job["phase"] == "replica" and job["ready_at"]]
+    return [service["job_id"]] + replicas if service["state"] == "RUNNING" else replicas
+
+
+def job_folder(portal, service: dict, job_id: str) -> Path:
+    folder = portal.home / "jobs" / service["id"]
+    if job_id == service["job_id"]:
+        return folder / (f"generation-{service['generation']}" if service["generation"] > 1 else "")
+    generation = next(job["generation"] for job in service["jobs"] if job["job_id"] == job_id)
+    return folder / f"generation-{generation}"
+
+
+def server_pid(portal, service: dict, job_id: str) -> int:
+    return int((job_folder(portal, service, job_id) / "server.pid").read_text())
+
+
+def events(service: dict, words: str) -> list:
+    return [event["reason"] for event in service["events"] if words in (event["reason"] or "")]
+
+
+@pytest.fixture(scope="module")
+def portal(slurm_cluster, start_module_portal):
+    return start_module_portal("slurm", workers=2, runtimes={"text-generation": {"command": UPSTREAM}},
+                               scale_up_window=3, scale_down_window=8, drain_timeout=5)
+
+
+def test_two_replicas_share_the_load_the_busier_gets_fewer_and_a_killed_one_is_replaced(portal):
+    launched = portal.launch(name="two", replicas=2).json()
+    assert launched["replicas"] == {"min": 2, "max": 2, "target_in_flight": 4}
+    service_id = launched["id"]
+    portal.wait_state(service_id, "RUNNING", timeout=90)
+    service = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 2 else None)(portal.service(service_id)),
+                       timeout=90, what="both jobs to serve")
+    first, second = serving_jobs(service)
+    assert events(service, "submitted as job") == [
+        f"replica generation 2 submitted as job {second} (below the minimum of 2)"]
+
+    with StreamingLoad(f"{portal.url}/v1", portal.token, clients=8, tokens=10) as load:
+        time.sleep(6)  # both serve
+        # The first job's server stops answering for 4 s (SIGSTOP): its requests in flight pile up there, so the
+        # requests that start meanwhile go to the other job.
+        pid = server_pid(portal, service, first)
+        os.kill(pid, signal.SIGSTOP)
+        paused_at = time.time()
+        time.sleep(4)
+        os.kill(pid, signal.SIGCONT)
+        resumed_at = time.time()
+        time.sleep(3)
+        # The second job's server is killed: requests not yet sent go to the first; streams under way are cut.
+        os.kill(server_pid(portal, service, second), signal.SIGKILL)
+        killed_at = time.time()
+        time.sleep(8)
+    shared = Counter(s.job for s in load.streams if s.started < paused_at and s.whole)
+    paused = Counter(s.job for s in load.streams if paused_at + 0.5 < s.started < resumed_at)
+    after_kill = [s for s in load.streams if s.started > killed_at + 1]
+    cut_by_kill = [s for s in load.streams if not s.whole and s.started <= killed_at]
+
+    # Both served while both were well, about evenly.
+    assert set(shared) == {first, second} and min(shared.values()) >= 0.3 * sum(shared.values()), shared
+    # The stopped one got at most the few requests each worker sent before it counted as busier.
+    assert paused[second] >= 10 and paused[first] <= 0.2 * sum(paused.values()), paused
+    # After the kill: not one failure; everything whole, from the first job (or the dead one's replacement).
+    assert after_kill and all(s.whole and s.job != second for s in after_kill), \
+        [s for s in after_kill if not s.whole or s.job == second][:3]
+    failed = [s for s in load.streams if not s.whole]
+    assert len(failed) == len(cut_by_kill) and len(failed) <= 8, failed  # at most the streams under way on it
+
+    # The dead one is cancelled and replaced (the minimum is 2).
+    service = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 2 and second not in serving_jobs(s) else None)(
+        portal.service(service_id)), timeout=90, what="a replacement to serve")
+    assert events(service, f"(job {second}) stopped answering (connection refused): cancelled")
+    assert len(events(service, "(below the minimum of 2)")) == 2
+    wait_for(lambda: second not in squeue_ids(), timeout=30, what=f"job {second} to leave the queue")
+    print(f"replicas: before {dict(shared)}, first paused {dict(paused)}, {len(failed)} streams cut by the kill, "
+          f"{len(after_kill)} whole after it", file=sys.stderr)
+
+    # Stopping the service cancels every job.
+    portal.request("POST", f"/api/services/{service_id}/stop")
+    stopped = portal.wait_state(service_id, "STOPPED", timeout=60)
+    everything = {stopped["job_id"]} | {job["job_id"] for job in stopped["jobs"]}
+    wait_for(lambda: not everything & squeue_ids(), timeout=30, what="every job of the service to leave the queue")
+
+
+def hold_streams(portal, count: int, seconds: float, stop: threading.Event) -> list:
+    """`count` clients each streaming long answers until `stop`; returns their threads."""
+    def run():
+        while not stop.is_set():
+            body = {"model": "test/tiny", "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": int(seconds / 0.05), "stream": True}
+            with requests.post(f"{portal.url}/v1/chat/completions", json=body, stream=True, timeout=60,
+                               headers={"Authorization": f"Bearer {portal.token}"}) as answer:
+                for _ in answer.iter_content(None):
+                    pass
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_a_service_grows_under_load_and_shrinks_when_it_stops(portal):
+    launched = portal.launch(name="elastic", replicas={"min": 1, "max": 2, "target_in_flight": 2}).json()
+    service_id = launched["id"]
+    portal.wait_state(service_id, "RUNNING", timeout=90)
+    time.sleep(5)
+    assert len(serving_jobs(portal.service(service_id))) == 1  # no load: no second job
+
+    stop = threading.Event()
+    threads = hold_streams(portal, 6, 4, stop)
+    try:
+        grown = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 2 else None)(portal.service(service_id)),
+                         timeout=90, what="a second job under load")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    added = events(grown, "submitted as job")
+    assert len(added) == 1 and "requests in flight per job, over 2 for 3 s)" in added[0], added
+
+    shrunk = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 1 else None)(portal.service(service_id)),
+                      timeout=60, what="back to one job once quiet")
+    removed = events(shrunk, "removed (")
+    assert len(removed) == 1 and "quiet for 8 s" in removed[0], removed
+    assert shrunk["state"] == "RUNNING"
+    portal.request("POST", f"/api/services/{service_id}/stop")
+    portal.wait_state(service_id, "STOPPED", timeout=60)
