@@ -14,6 +14,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 MAX_SIZE = 4096  # the file is cut back to nothing past this
+RECONCILER_WAKE = "reconciler.wake"  # in PILOTFISH_HOME: moved to wake the reconciler from any process
 
 
 def move(path: Path) -> None:

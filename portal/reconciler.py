@@ -43,7 +43,7 @@ from .states import IMPOSTOR, REFUSED, JobFacts, after_job, after_probe
 
 log = logging.getLogger(__name__)
 SCHEDULER_CONDITION = "scheduler"
-WAKE_MARK = "reconciler.wake"  # in PILOTFISH_HOME: grows by a byte when a worker that does not lead wakes the reconciler
+WAKE_MARK = change_marks.RECONCILER_WAKE  # in PILOTFISH_HOME: moved when a worker that does not lead wakes it
 IDLE_CYCLE_SECONDS = 60.0  # with no live service, a cycle this often though nothing woke the reconciler
 LOCK_RETRY_SECONDS = 2.0  # a worker that does not lead tries the lock this often (takes over when the leader goes)
 CONDITION_REFRESH = timedelta(seconds=60)  # an unchanged condition's checked_at is rewritten at most this often
@@ -238,7 +238,7 @@ class Reconciler:
         now = utcnow()
         for service in services:
             if not service.job_id:
-                if service.created_at < now - SUBMISSION_GRACE:
+                if service.state != State.SCALED_TO_ZERO and service.created_at < now - SUBMISSION_GRACE:
                     report.transitions += transition(service, State.FAILED,
                                                      "submission did not complete (the portal stopped while submitting)")
                 continue

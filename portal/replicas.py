@@ -1,7 +1,8 @@
 """Replicas kept by the reconciler (the rules: portal/scaling.py): at least the minimum, one more while requests in
 flight per job stay above the target, one fewer after a quiet spell (it drains like a renewal's replaced job), a
 replica that stops answering cancelled and replaced, and a serving replica taking over when the service's current
-job dies (`promote`), so the service stays RUNNING."""
+job dies (`promote`), so the service stays RUNNING; with a minimum of 0, no job while unused (`scale_to_zero`) until a
+request asks for one (`wake`)."""
 from __future__ import annotations
 
 import logging
@@ -10,9 +11,9 @@ from datetime import datetime
 from typing import Dict, List, Optional
 
 from .models import Service, ServiceJob, State, utcnow
-from .scaling import TARGET_IN_FLIGHT_DEFAULT, Trend, read_load, scale_step
+from .scaling import TARGET_IN_FLIGHT_DEFAULT, Trend, read_load, scale_step, take_wakes
 from .scheduler import SchedulerUnreachable, SubmissionRejected
-from .service_jobs import drain, submit_job, swap_in
+from .service_jobs import drain, set_aside, submit_current, submit_job, swap_in
 from .services import end_job, note_event, transition
 from .states import IMPOSTOR, REFUSED
 
@@ -30,6 +31,22 @@ def promote(service: Service, replica: ServiceJob, words: str, cancel: bool) -> 
         note_event(service, reason)
 
 
+def scale_to_zero(service: Service, why: str, drain_seconds: float) -> None:
+    """A quiet service with a minimum of 0 gives up its last job (it drains, then is cancelled): SCALED_TO_ZERO until a
+    request wakes it."""
+    job = set_aside(service)
+    seconds = drain(service, job, drain_seconds)
+    transition(service, State.SCALED_TO_ZERO, f"no job while unused ({why}); job {job.job_id} finishes its open "
+                                              f"requests for up to {seconds:g} s; the next request starts a job")
+
+
+def wake(service: Service, session_end: Optional[datetime]) -> None:
+    """A request came for a service scaled to zero: its next job is submitted (SUBMITTED, then as a launch's)."""
+    submit_current(service, session_end)
+    transition(service, State.SUBMITTED, f"woken by a request: generation {service.generation} submitted as job "
+                                         f"{service.job_id}")
+
+
 class Replicas:
     """The reconciler's replica keeping, with each service's load trend between cycles."""
 
@@ -45,9 +62,19 @@ class Replicas:
             self.trends.clear()
             return 0
         load = read_load(self.config.home)
+        woken = take_wakes(self.config.home)
         now = time.monotonic()
         changes = 0
         for service in scaled:
+            if service.state == State.SCALED_TO_ZERO and service.id in woken and not service.stop_requested:
+                try:
+                    wake(service, session_end)
+                except (SchedulerUnreachable, SubmissionRejected) as exc:
+                    log.warning("service %s: not woken (%s), tried again at the next request", service.id, exc)
+                    continue
+                changes += 1
+                self.trends.pop(service.id, None)
+                continue
             if service.state != State.RUNNING or service.stop_requested:
                 continue
             replicas = [job for job in others if job.service_id == service.id and job.phase == ServiceJob.REPLICA]
@@ -66,7 +93,10 @@ class Replicas:
                 others.append(replica)
                 note_event(service, f"replica generation {replica.generation} submitted as job {replica.job_id} "
                                     f"({why})")
-            if step < 0:
+            if step < 0 and not any(job.serving for job in replicas):
+                scale_to_zero(service, why, self.config.drain_timeout)
+                changes += 1
+            elif step < 0:
                 newest = max((job for job in replicas if job.serving), key=lambda job: job.generation)
                 seconds = drain(service, newest, self.config.drain_timeout)
                 note_event(service, f"replica generation {newest.generation} (job {newest.job_id}) removed ({why}); "

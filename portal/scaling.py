@@ -32,10 +32,11 @@ log = logging.getLogger(__name__)
 REPLICAS_MAX = 16
 TARGET_IN_FLIGHT_DEFAULT = 4
 REPLICAS_SHAPE = "^[0-9]{1,2}(:[0-9]{1,2})?$"
-REPLICAS_WORDS = (f"a number of jobs (2), a range (1:3), or {{min, max, target_in_flight}}: from 1 to {REPLICAS_MAX} "
-                  f"jobs; a job is added while requests in flight per job stay above target_in_flight (default "
-                  f"{TARGET_IN_FLIGHT_DEFAULT})")
+REPLICAS_WORDS = (f"a number of jobs (2), a range (1:3, or 0:2: no job while unused), or {{min, max, "
+                  f"target_in_flight}}: up to {REPLICAS_MAX} jobs; a job is added while requests in flight per job "
+                  f"stay above target_in_flight (default {TARGET_IN_FLIGHT_DEFAULT})")
 LOAD_FOLDER = "load"
+WAKE_FOLDER = "wake"  # in PILOTFISH_HOME: a file per service scaled to zero that a request asked for
 LOAD_FRESH_SECONDS = 5.0  # a worker's load file older than this is not counted (the worker is gone or quiet)
 
 
@@ -53,10 +54,10 @@ def parse_replicas(value, field: str = "replicas") -> Tuple[int, int, int]:
             raise ValidationError(field, f"expected whole numbers for min, max and target_in_flight, got {value!r}")
     else:
         raise ValidationError(field, f"expected {REPLICAS_WORDS}, got {value!r}")
-    if low < 1:
-        raise ValidationError(field, f"min must be at least 1, got {low}")
-    if high < low:
-        raise ValidationError(field, f"max ({high}) must be at least min ({low})")
+    if low < 0:
+        raise ValidationError(field, f"min must be at least 0 (0: no job while unused), got {low}")
+    if high < max(1, low):
+        raise ValidationError(field, f"max ({high}) must be at least min ({low}) and at least 1")
     if high > REPLICAS_MAX:
         raise ValidationError(field, f"max must be at most {REPLICAS_MAX}, got {high}")
     if not 1 <= target <= 10000:
@@ -138,3 +139,31 @@ def scale_step(low: int, high: int, target: int, serving: int, coming: int, in_f
         return 0, ""
     trend.quiet_since = None
     return 0, ""
+
+
+# --- waking a service scaled to zero -----------------------------------------------------------------------------
+
+def request_wake(home, service_id: str) -> None:
+    """A request came for a service with no job (SCALED_TO_ZERO): ask the reconciler, in whichever worker leads, to
+    start one (best effort: a failure is logged)."""
+    from . import change_marks
+    try:
+        folder = Path(home) / WAKE_FOLDER
+        folder.mkdir(mode=0o700, exist_ok=True)
+        (folder / service_id).touch()
+    except OSError as exc:
+        log.warning("could not ask to wake service %s: %s", service_id, exc)
+        return
+    change_marks.move(Path(home) / change_marks.RECONCILER_WAKE)
+
+
+def take_wakes(home) -> set:
+    """The services a request asked to wake since the last call (their marks are removed)."""
+    woken = set()
+    for path in (Path(home) / WAKE_FOLDER).glob("*"):
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        woken.add(path.name)
+    return woken

@@ -26,6 +26,15 @@ def submit_job(service: Service, phase: str, session_end: Optional[datetime]) ->
     """Submit another job of `service` (a renewal's successor, or a replica): its first job's script again, in a
     folder of its own, with the service's resources (the time limit cut to what is left of a renewal, and of the
     portal's own session). Raises SubmissionRejected or SchedulerUnreachable; the caller commits."""
+    generation, job_id, minutes, now = _submit(service, session_end)
+    job = ServiceJob(service_id=service.id, generation=generation, phase=phase, job_id=job_id, time_limit=minutes,
+                     submitted_at=now, health_failures=0)
+    service.jobs.append(job)
+    return job
+
+
+def _submit(service: Service, session_end: Optional[datetime]) -> tuple:
+    """Submit the service's next generation; (generation, job id, time limit in minutes, when)."""
     generation = max([service.generation] + [job.generation for job in service.jobs]) + 1
     run_dir = Path(generation_dir(service.job_dir, generation))
     run_dir.mkdir(mode=0o700, exist_ok=True)
@@ -35,9 +44,28 @@ def submit_job(service: Service, phase: str, session_end: Optional[datetime]) ->
     minutes = successor_minutes(service, now, session_end)
     resources = Resources(**{**service.resources, "time": minutes})
     job_id = current_scheduler().submit(script, run_dir, job_name(service), resources)
-    job = ServiceJob(service_id=service.id, generation=generation, phase=phase, job_id=job_id, time_limit=minutes,
-                     submitted_at=now, health_failures=0)
+    return generation, job_id, minutes, now
+
+
+def submit_current(service: Service, session_end: Optional[datetime]) -> None:
+    """Submit a new current job for a service that has none (scaled to zero). Raises SubmissionRejected or
+    SchedulerUnreachable; the caller moves its state and commits."""
+    generation, job_id, minutes, now = _submit(service, session_end)
+    set_job(service, generation=generation, job_id=job_id, time_limit=minutes, submitted_at=now)
+
+
+def set_job(service: Service, **fields) -> None:
+    """The service's current job becomes the one `fields` describe (the other job fields cleared)."""
+    for name in ServiceJob.JOB_FIELDS:
+        setattr(service, name, fields.get(name, 0 if name == "health_failures" else None))
+
+
+def set_aside(service: Service) -> ServiceJob:
+    """The service's current job moved to a row of its own (to drain it); the service keeps no job."""
+    job = ServiceJob(service_id=service.id, phase=ServiceJob.DRAINING,
+                     **{name: getattr(service, name) for name in ServiceJob.JOB_FIELDS})
     service.jobs.append(job)
+    set_job(service, generation=service.generation, time_limit=service.time_limit)
     return job
 
 

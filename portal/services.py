@@ -200,8 +200,9 @@ def stop(service: Service, reason: Optional[str] = None) -> Service:
     portal itself stops it ("idle for 30 min", recorded at once as an event too), else "stopped by user"."""
     if not service.is_live:
         return service
-    if not service.job_id:
-        transition(service, State.STOPPED, reason or "stopped by user before its job was submitted")
+    if not service.job_id:  # a job it set aside (scaled to zero) is ended by the reconciler's next cycle
+        transition(service, State.STOPPED, reason or ("stopped by user" if service.state == State.SCALED_TO_ZERO
+                                                      else "stopped by user before its job was submitted"))
         db.session.commit()
         _wake_reconciler()
         return service

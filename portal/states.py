@@ -3,6 +3,7 @@ rules as small tables (what a job's state, and what a health probe, make of a se
 no scheduler calls, so `portal.client` can use the groups and tests/test_states.py can run every table in a second.
 
     SUBMITTED -> PENDING -> STARTING -> RUNNING <-> UNHEALTHY      (SUBMITTED -> STARTING when the job starts at once)
+    RUNNING -> SCALED_TO_ZERO -> SUBMITTED                          (replicas with min 0: no job until a request)
     any of them -> STOPPED, FAILED or TIMEOUT, which are final
 """
 from __future__ import annotations
@@ -33,11 +34,13 @@ class State(StrEnum):
     STOPPED = "STOPPED"  # stopped by its user or cancelled outside the portal
     FAILED = "FAILED"  # refused, crashed, its node went down, ...
     TIMEOUT = "TIMEOUT"  # its job reached its time limit
+    SCALED_TO_ZERO = "SCALED_TO_ZERO"  # no job (replicas with min 0, quiet): the next request starts one
 
 
 # The named groups, each defined once here (an Enum's body cannot hold them: they would become members).
 State.ALL = tuple(State)
-State.LIVE = (State.SUBMITTED, State.PENDING, State.STARTING, State.RUNNING, State.UNHEALTHY)  # its job is followed
+State.LIVE = (State.SUBMITTED, State.PENDING, State.STARTING, State.RUNNING, State.UNHEALTHY,
+              State.SCALED_TO_ZERO)  # followed by the reconciler (its job, when it has one)
 State.TERMINAL = (State.STOPPED, State.FAILED, State.TIMEOUT)  # ended ("ENDED" in the API's filter): final
 State.COMING_UP = (State.SUBMITTED, State.PENDING, State.STARTING)  # on its way up, has not answered yet
 State.ROUTABLE = (State.RUNNING, State.UNHEALTHY)  # has answered: the proxy routes to it, Prometheus scrapes it
@@ -54,7 +57,8 @@ TRANSITIONS: Dict[Optional[State], FrozenSet[State]] = {
     State.SUBMITTED: frozenset({State.PENDING, State.STARTING}) | _ENDS,  # STARTING: the job started within a cycle
     State.PENDING: frozenset({State.STARTING}) | _ENDS,
     State.STARTING: frozenset({State.RUNNING}) | _ENDS,
-    State.RUNNING: frozenset({State.UNHEALTHY}) | _ENDS,
+    State.RUNNING: frozenset({State.UNHEALTHY, State.SCALED_TO_ZERO}) | _ENDS,
+    State.SCALED_TO_ZERO: frozenset({State.SUBMITTED}) | _ENDS,  # a request woke it: a new job
     State.UNHEALTHY: frozenset({State.RUNNING}) | _ENDS,
     State.STOPPED: frozenset(),
     State.FAILED: frozenset(),

@@ -148,3 +148,39 @@ def test_a_service_grows_under_load_and_shrinks_when_it_stops(portal):
     assert shrunk["state"] == "RUNNING"
     portal.request("POST", f"/api/services/{service_id}/stop")
     portal.wait_state(service_id, "STOPPED", timeout=60)
+
+
+def test_a_service_scaled_to_zero_has_no_job_until_a_request_wakes_it(portal):
+    from openai import OpenAI
+
+    launched = portal.launch(name="zero", replicas="0:1").json()
+    service_id, first_job = launched["id"], launched["job_id"]
+    portal.wait_state(service_id, "RUNNING", timeout=90)
+
+    # Quiet for scale_down_window (8 s): its job drains and leaves; the service stays, with no job.
+    asleep = portal.wait_state(service_id, "SCALED_TO_ZERO", timeout=60)
+    assert asleep["job_id"] is None and asleep["endpoint"] is None
+    assert asleep["reason"].startswith("no job while unused (0 requests in flight for 1 jobs, quiet for 8 s)")
+    wait_for(lambda: first_job not in squeue_ids(), timeout=30, what=f"job {first_job} to leave the queue")
+
+    # A request by its URL is answered 503 with Retry-After at once, and starts a job.
+    answer = portal.request("GET", f"/services/{service_id}/v1/models")
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "10", answer.text
+    assert answer.json()["error"]["code"] == "service_starting"
+    woken = portal.wait_state(service_id, "RUNNING", timeout=90)
+    assert woken["job_id"] not in (None, first_job) and woken["generation"] == 2
+    assert events(woken, "woken by a request") == [
+        f"woken by a request: generation 2 submitted as job {woken['job_id']}"]
+
+    # Asleep again, the official client's own retries (it honours Retry-After) carry a chat across the wake.
+    portal.wait_state(service_id, "SCALED_TO_ZERO", timeout=60)
+    client = OpenAI(base_url=f"{portal.url}/v1", api_key=portal.token, max_retries=8, timeout=30)
+    started = time.time()
+    reply = client.chat.completions.create(model="test/tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=3)
+    assert reply.choices[0].message.content == "tok0 tok1 tok2 "
+    print(f"scale to zero: a chat across the wake took {time.time() - started:.1f} s", file=sys.stderr)
+    assert portal.service(service_id)["generation"] == 3
+    portal.request("POST", f"/api/services/{service_id}/stop")
+    stopped = portal.wait_state(service_id, "STOPPED", timeout=60)
+    assert stopped["reason"] == "stopped by user"

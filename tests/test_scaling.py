@@ -12,14 +12,16 @@ from portal.scaling import LOAD_FRESH_SECONDS, LoadFile, Trend, parse_replicas, 
 
 @pytest.mark.parametrize("value, expected", [
     (2, (2, 2, 4)), ("3", (3, 3, 4)), ("1:3", (1, 3, 4)),
-    ({"max": 4}, (1, 4, 4)), ({"min": 2, "max": 4, "target_in_flight": 8}, (2, 4, 8)),
+    ({"max": 4}, (1, 4, 4)), ({"min": 2, "max": 4, "target_in_flight": 8}, (2, 4, 8)), ("0:2", (0, 2, 4)),
+    ({"min": 0, "max": 1}, (0, 1, 4)),
 ])
 def test_replicas_as_written(value, expected):
     assert parse_replicas(value) == expected
 
 
 @pytest.mark.parametrize("value, problem", [
-    (0, "min must be at least 1"), ("0:2", "min must be at least 1"), ("3:1", "max (1) must be at least min (3)"),
+    (0, "max (0) must be at least min (0) and at least 1"), ("0:0", "at least 1"),
+    ("3:1", "max (1) must be at least min (3)"),
     ("1:17", "at most 16"), ("x", "expected a number of jobs"), (True, "expected a number of jobs"),
     ({"min": 1}, "expected a number of jobs"), ({"max": "2"}, "whole numbers"), ({"max": 2, "extra": 1}, "expected"),
     ({"max": 2, "target_in_flight": 0}, "target_in_flight must be between 1 and 10000"),
@@ -57,6 +59,13 @@ def test_a_job_is_removed_after_a_quiet_spell_down_to_the_minimum():
     assert step(trend, 30, serving=2, in_flight=1) == (-1, "1 requests in flight for 2 jobs, quiet for 30 s")
     assert step(Trend(), 100, serving=2, in_flight=2)[0] == 0  # not quiet enough
     assert step(Trend(), 100, serving=1, in_flight=0)[0] == 0  # at the minimum
+
+
+def test_with_a_minimum_of_0_the_last_job_goes_only_when_nothing_is_in_flight():
+    trend = Trend()
+    assert step(trend, 0, low=0, in_flight=1)[0] == 0 and step(trend, 100, low=0, in_flight=1)[0] == 0
+    assert step(trend, 101, low=0) == (0, "") and step(trend, 130, low=0)[0] == 0
+    assert step(trend, 131, low=0) == (-1, "0 requests in flight for 1 jobs, quiet for 30 s")
 
 
 def test_below_the_minimum_jobs_are_added_at_once():

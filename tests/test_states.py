@@ -18,8 +18,9 @@ ENDS = {S.STOPPED, S.FAILED, S.TIMEOUT}
 ALLOWED = {
     (None, S.SUBMITTED), (None, S.FAILED),
     (S.SUBMITTED, S.PENDING), (S.SUBMITTED, S.STARTING), (S.PENDING, S.STARTING), (S.STARTING, S.RUNNING),
-    (S.RUNNING, S.UNHEALTHY), (S.UNHEALTHY, S.RUNNING),
-    *((live, end) for live in (S.SUBMITTED, S.PENDING, S.STARTING, S.RUNNING, S.UNHEALTHY) for end in ENDS),
+    (S.RUNNING, S.UNHEALTHY), (S.UNHEALTHY, S.RUNNING), (S.RUNNING, S.SCALED_TO_ZERO), (S.SCALED_TO_ZERO, S.SUBMITTED),
+    *((live, end) for live in (S.SUBMITTED, S.PENDING, S.STARTING, S.RUNNING, S.UNHEALTHY, S.SCALED_TO_ZERO)
+      for end in ENDS),
 }
 PAIRS = [(from_state, to_state) for from_state in (None, *State) for to_state in State]
 
@@ -28,25 +29,26 @@ PAIRS = [(from_state, to_state) for from_state in (None, *State) for to_state in
 
 def test_states_are_the_plain_strings_the_database_and_the_json_hold():
     assert [state.value for state in State] == ["SUBMITTED", "PENDING", "STARTING", "RUNNING", "UNHEALTHY",
-                                                "STOPPED", "FAILED", "TIMEOUT"]
+                                                "STOPPED", "FAILED", "TIMEOUT", "SCALED_TO_ZERO"]
     for state in State:
         assert state == state.value and f"{state}" == str(state) == state.value
         assert type(state.value) is str
         assert {state.value: 1}[state] == 1  # a row's plain string and the member are the same key
     assert json.dumps({"state": State.RUNNING}) == '{"state": "RUNNING"}'
-    assert ", ".join(State.ALL) == "SUBMITTED, PENDING, STARTING, RUNNING, UNHEALTHY, STOPPED, FAILED, TIMEOUT"
+    assert ", ".join(State.ALL) == ("SUBMITTED, PENDING, STARTING, RUNNING, UNHEALTHY, STOPPED, FAILED, TIMEOUT, "
+                                    "SCALED_TO_ZERO")
 
 
 def test_each_group_holds_exactly_its_states():
     assert State.ALL == tuple(State)
-    assert State.LIVE == (S.SUBMITTED, S.PENDING, S.STARTING, S.RUNNING, S.UNHEALTHY)
+    assert State.LIVE == (S.SUBMITTED, S.PENDING, S.STARTING, S.RUNNING, S.UNHEALTHY, S.SCALED_TO_ZERO)
     assert State.TERMINAL == (S.STOPPED, S.FAILED, S.TIMEOUT)
     assert State.COMING_UP == (S.SUBMITTED, S.PENDING, S.STARTING)
     assert State.ROUTABLE == (S.RUNNING, S.UNHEALTHY)
     assert State.PROBED == (S.STARTING, S.RUNNING, S.UNHEALTHY)
     assert State.FAST_POLL == (S.SUBMITTED, S.PENDING, S.STARTING, S.UNHEALTHY)
     assert set(State.LIVE) | set(State.TERMINAL) == set(State.ALL) and not set(State.LIVE) & set(State.TERMINAL)
-    assert set(State.COMING_UP) | set(State.ROUTABLE) == set(State.LIVE)
+    assert set(State.COMING_UP) | set(State.ROUTABLE) | {S.SCALED_TO_ZERO} == set(State.LIVE)
     for group in (State.COMING_UP, State.ROUTABLE, State.PROBED, State.FAST_POLL):
         assert set(group) <= set(State.LIVE)
     assert "RUNNING" in State.ROUTABLE and "STOPPED" in State.TERMINAL  # plain strings from a row or JSON
@@ -76,7 +78,7 @@ def test_a_refusal_says_where_the_service_may_go():
     with pytest.raises(IllegalTransition) as refused:
         check_move(S.RUNNING, S.PENDING)
     assert str(refused.value) == ("a service cannot move from RUNNING to PENDING; from RUNNING it may move to "
-                                  "UNHEALTHY, STOPPED, FAILED, TIMEOUT")
+                                  "UNHEALTHY, STOPPED, FAILED, TIMEOUT, SCALED_TO_ZERO")
     with pytest.raises(IllegalTransition, match="from FAILED it may move to nowhere \\(final\\)"):
         check_move("FAILED", "RUNNING")
 

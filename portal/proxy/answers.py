@@ -56,12 +56,18 @@ def gateway_models():
     return jsonify(object="list", data=running_models(current_app.extensions["pilotfish.directory"].routes()))
 
 
+SCALED_RETRY_AFTER = 10  # seconds: a service scaled to zero is starting a job
+
+
 def not_running(service_id: str, state: Optional[str], reason: Optional[str] = None) -> Answer:
     if state is None:
         return openai_error(404, f"no service {service_id!r}", "not_found_error", "service_not_found")
     if state in STARTING:
         return openai_error(503, f"service {service_id} is {state}: it is not answering yet, retry shortly",
                             "service_unavailable", "service_not_running", state=state, retry_after=5)
+    if state == State.SCALED_TO_ZERO:
+        return openai_error(503, f"service {service_id} has no job while unused: one is starting now, retry shortly",
+                            "service_unavailable", "service_starting", state=state, retry_after=SCALED_RETRY_AFTER)
     if state == State.UNHEALTHY:
         return openai_error(503, f"service {service_id} is UNHEALTHY", "service_unavailable", "service_not_running",
                             state=state, retry_after=5)

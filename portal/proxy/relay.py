@@ -42,6 +42,7 @@ class Relay:
         self.app = app
         self.directory: ServiceDirectory = app.extensions["pilotfish.directory"]
         config = app.config["PILOTFISH"]
+        self.home = config.home
         self.connect_timeout = config.proxy_connect_timeout
         self.read_timeout = config.proxy_read_timeout
         self.pool = UpstreamPool()

@@ -19,6 +19,7 @@ from werkzeug.http import parse_options_header
 from ..auth import NEEDS_LOOKUP, Refusal, caller_of_headers
 from ..json_facts import JsonFacts
 from ..models import State
+from ..scaling import request_wake
 from .answers import json_answer, not_running, openai_error, running_models
 from .directory import ROUTABLE, last_ended, stored_state
 from .incoming import BodyTooLarge, Incoming, SpooledBody, raw_tail
@@ -57,6 +58,8 @@ class Proxy(Relay):
             route = (await self.routes(fresh=True)).get(service_id)
         if route is None or route.state not in ROUTABLE or not route.port:
             state, reason = (route.state, None) if route is not None else await self.in_thread(stored_state, service_id)
+            if state == State.SCALED_TO_ZERO:
+                request_wake(self.home, service_id)
             return await self.reply(incoming, not_running(service_id, state, reason), SERVICE_ENDPOINT)
         body = None
         if path.endswith("completions") and wants_json_body(incoming.method, incoming.mimetype, incoming.length):
@@ -96,6 +99,9 @@ class Proxy(Relay):
         if not ready:
             ready = [route for route in candidates if route.state == State.UNHEALTHY and route.port]
         if not ready:
+            asleep = [route for route in candidates if route.state == State.SCALED_TO_ZERO]
+            if asleep and not any(route.state in State.COMING_UP for route in candidates):
+                request_wake(self.home, asleep[0].id)
             if candidates:
                 states = sorted({route.state for route in candidates})
                 answer = openai_error(503, f"model {model!r} is not ready yet ({', '.join(states)}): retry shortly",
