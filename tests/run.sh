@@ -20,6 +20,10 @@ tests/cluster/start.sh                    # the real two-node Slurm (idempotent)
 # The model servers the end-to-end tests run, each in its own virtualenv under ~/.cache/pilotfish/engines:
 # installed once per machine (about 4 GB; llama.cpp compiles for several minutes), a no-op afterwards.
 "${PILOTFISH_VENV:-$root/.venv}/bin/python" -m portal.engines.installer
+# Debian sid's Apptainer (its root file system, entered by tests/apptainer/bin/apptainer) and the Whisper SIF image
+# the Apptainer tests run (tests/e2e/test_apptainer.py): built once into ~/.cache/pilotfish/apptainer (about 2 min
+# on a first run), a no-op afterwards.
+tests/apptainer/build.sh
 # Schemathesis checks the API's description (/api/openapi.json) against a live portal (tests/test_openapi_fuzz.py):
 # a test extra, installed here too when a virtualenv made before it lacks it.
 "${PILOTFISH_VENV:-$root/.venv}/bin/python" -c "import schemathesis" 2> /dev/null \

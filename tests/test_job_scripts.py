@@ -51,7 +51,7 @@ def test_every_kind_and_runtime_passes_bash_and_shellcheck(tmp_path, kind, model
     assert ("--tensor-parallel-size 2" in text) == (kind == "text-generation" and gpus == 2)
     assert "PILOTFISH_API_KEY" in text and "--api-key" not in text  # the key travels in the environment only
     if runtime == "apptainer":
-        assert ("apptainer exec --nv " in text) == bool(gpus)
+        assert "apptainer exec --contain --pwd / " in text and ("--nv " in text) == bool(gpus)
         assert ":ro" in text and ".sif" in text
     else:
         assert "apptainer" not in text

