@@ -86,7 +86,9 @@ class Replicas:
                                    self.config.scale_up_window, self.config.scale_down_window)
             for _ in range(max(0, step)):
                 try:
-                    replica = submit_job(service, ServiceJob.REPLICA, session_end)
+                    replica = submit_job(service, ServiceJob.REPLICA, session_end,
+                                         avoid=[node for node in [service.node] + [job.node for job in replicas]
+                                                if node])
                 except (SchedulerUnreachable, SubmissionRejected) as exc:
                     log.warning("service %s: replica not submitted (%s), tried again next cycle", service.id, exc)
                     break

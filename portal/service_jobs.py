@@ -22,19 +22,26 @@ log = logging.getLogger(__name__)
 WHAT = {ServiceJob.SUCCESSOR: "successor", ServiceJob.REPLICA: "replica"}  # a job's role, in events
 
 
-def submit_job(service: Service, phase: str, session_end: Optional[datetime]) -> ServiceJob:
+def submit_job(service: Service, phase: str, session_end: Optional[datetime], avoid=()) -> ServiceJob:
     """Submit another job of `service` (a renewal's successor, or a replica): its first job's script again, in a
     folder of its own, with the service's resources (the time limit cut to what is left of a renewal, and of the
-    portal's own session). Raises SubmissionRejected or SchedulerUnreachable; the caller commits."""
-    generation, job_id, minutes, now = _submit(service, session_end)
+    portal's own session), away from the nodes in `avoid` if its partitions have others (else anywhere). Raises
+    SubmissionRejected or SchedulerUnreachable; the caller commits."""
+    try:
+        generation, job_id, minutes, now = _submit(service, session_end, sorted(set(avoid)))
+    except SubmissionRejected:
+        if not avoid:
+            raise
+        generation, job_id, minutes, now = _submit(service, session_end)  # no other node: anywhere
     job = ServiceJob(service_id=service.id, generation=generation, phase=phase, job_id=job_id, time_limit=minutes,
                      submitted_at=now, health_failures=0)
     service.jobs.append(job)
     return job
 
 
-def _submit(service: Service, session_end: Optional[datetime]) -> tuple:
-    """Submit the service's next generation; (generation, job id, time limit in minutes, when)."""
+def _submit(service: Service, session_end: Optional[datetime], avoid=()) -> tuple:
+    """Submit the service's next generation (not on the nodes in `avoid`); (generation, job id, time limit in
+    minutes, when)."""
     generation = max([service.generation] + [job.generation for job in service.jobs]) + 1
     run_dir = Path(generation_dir(service.job_dir, generation))
     run_dir.mkdir(mode=0o700, exist_ok=True)
@@ -42,7 +49,7 @@ def _submit(service: Service, session_end: Optional[datetime]) -> tuple:
     write_private(script, (Path(service.job_dir) / "job.sh").read_text(), 0o700)
     now = utcnow()
     minutes = successor_minutes(service, now, session_end)
-    resources = Resources(**{**service.resources, "time": minutes})
+    resources = Resources(**{**service.resources, "time": minutes, "exclude": ",".join(avoid) or None})
     job_id = current_scheduler().submit(script, run_dir, job_name(service), resources)
     return generation, job_id, minutes, now
 

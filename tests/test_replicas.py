@@ -184,3 +184,56 @@ def test_a_service_scaled_to_zero_has_no_job_until_a_request_wakes_it(portal):
     portal.request("POST", f"/api/services/{service_id}/stop")
     stopped = portal.wait_state(service_id, "STOPPED", timeout=60)
     assert stopped["reason"] == "stopped by user"
+
+
+def test_when_a_replicas_node_goes_down_requests_go_to_the_other_and_it_is_replaced(portal):
+    """Two jobs on partitions spanning both nodes: the second goes to the node the first does not use. node2 is then
+    switched off (its slurmd and every process on it): requests go to the job on this node, the one on node2 is
+    given up, and a replacement is submitted, which runs once node2 is back."""
+    from tests.test_two_nodes import NODE2, NODE2_NS, READY, node_state, start_cluster
+
+    if os.environ.get("PILOTFISH_TEST_NODES") == "1":
+        pytest.skip("PILOTFISH_TEST_NODES=1: the test cluster has one node")
+    assert node_state(NODE2) in READY
+    launched = portal.launch(name="spread", replicas=2, resources={"partition": "cpu,remote"}).json()
+    service_id = launched["id"]
+    service = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 2 else None)(portal.service(service_id)),
+                       timeout=120, what="both jobs to serve")
+    nodes = {service["node"]} | {job["node"] for job in service["jobs"] if job["phase"] == "replica"}
+    assert nodes == {"vm", NODE2}, service  # one job on each node
+    on_node2 = service["job_id"] if service["node"] == NODE2 else next(
+        job["job_id"] for job in service["jobs"] if job["node"] == NODE2)
+    try:
+        with StreamingLoad(f"{portal.url}/v1", portal.token, clients=8, tokens=10) as load:
+            time.sleep(4)
+            for pid in subprocess_out(["ip", "netns", "pids", NODE2_NS]).split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            killed_at = time.time()
+            time.sleep(10)
+        after = [s for s in load.streams if s.started > killed_at + 1]
+        cut = [s for s in load.streams if not s.whole]
+        assert after and all(s.whole for s in after), [s for s in after if not s.whole][:3]
+        assert all(s.started <= killed_at for s in cut) and len(cut) <= 8, cut
+        given_up = wait_for(lambda: (lambda s: s if len(events(s, "(below the minimum of 2)")) == 2 else None)(
+            portal.service(service_id)), timeout=60, what="a replacement to be submitted")
+        assert given_up["state"] == "RUNNING" and given_up["node"] == "vm"
+        assert events(given_up, f"(job {on_node2}) stopped answering") or events(
+            given_up, f"took over from job {on_node2}"), [e["reason"] for e in given_up["events"]]
+        print(f"node2 down: {len(cut)} streams cut, {len(after)} whole after", file=sys.stderr)
+    finally:
+        start_cluster()  # node2's slurmd back: Slurm returns the node to service when it registers
+    wait_for(lambda: node_state(NODE2) in READY, timeout=90, what="node2 to take jobs again")
+    back = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 2 else None)(portal.service(service_id)),
+                    timeout=180, what="the replacement to serve on node2")
+    replica_nodes = [job["node"] for job in back["jobs"] if job["phase"] == "replica" and job["ready_at"]]
+    assert back["node"] == "vm" and replica_nodes == [NODE2], back
+    portal.request("POST", f"/api/services/{service_id}/stop")
+    portal.wait_state(service_id, "STOPPED", timeout=60)
+
+
+def subprocess_out(command) -> str:
+    import subprocess
+    return subprocess.run(command, capture_output=True, text=True, timeout=30).stdout

@@ -44,6 +44,7 @@ class Resources:
     gres: Optional[str] = None  # an explicit gres string overrides gpus/gpu_type
     constraint: Optional[str] = None
     account: Optional[str] = None
+    exclude: Optional[str] = None  # nodes the job should not run on (a replica: those its service runs on)
     extra: Dict[str, str] = field(default_factory=dict)
 
 

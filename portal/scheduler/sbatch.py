@@ -28,6 +28,8 @@ def resource_options(resources: Resources) -> List[str]:
         args.append(f"--gres={gpu}")
     if resources.constraint:
         args.append(f"--constraint={resources.constraint}")
+    if resources.exclude:
+        args.append(f"--exclude={resources.exclude}")
     for key, value in sorted(resources.extra.items()):
         args.append(f"--{key}={value}")
     return args
