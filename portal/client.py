@@ -16,6 +16,9 @@
     svc = portal.launch("text-generation", "Qwen/Qwen2.5-0.5B-Instruct", time=60, renew="8h")
     # renew: a successor job takes over before each job's time limit (same id and URLs) for 8 hours in all
 
+    svc = portal.launch("text-generation", "Qwen/Qwen2.5-0.5B-Instruct", replicas="1:3")
+    # replicas: one to three jobs behind the same id and URLs, a job added under load and removed when quiet
+
 Needs only `requests` (and `openai` for the .openai() helpers).
 """
 from __future__ import annotations
@@ -88,6 +91,21 @@ LIVE_STATES = State.LIVE
 ENDED_STATES = State.TERMINAL
 
 
+def replicas_value(written, target_in_flight=None):
+    """A launch's `replicas` from a command line or a form: the count as written ("2", "1:3"), or, with a target of
+    requests in flight per job, the object {min, max, target_in_flight} of the same count. Only the shape changes:
+    the portal judges the value (a count that is not N or MIN:MAX is sent as written, for the portal to refuse)."""
+    if target_in_flight is None or target_in_flight == "":
+        return written
+    low, _, high = str(written if written is not None else "").strip().partition(":")
+    high = high or low
+    if not (low.isascii() and low.isdigit() and high.isascii() and high.isdigit()):
+        return written
+    target = str(target_in_flight).strip()
+    return {"min": int(low), "max": int(high),
+            "target_in_flight": int(target) if target.isascii() and target.isdigit() else target_in_flight}
+
+
 class Portal:
     """A running portal, through its REST API. As a context manager, stops the services it launched on exit."""
 
@@ -154,7 +172,7 @@ class Portal:
         return ServiceHandle(self, running[0])
 
     def launch(self, kind: str, model: str, tier: Optional[str] = None, wait: bool = True, timeout: float = 600,
-               on_change: Optional[Callable[[dict, dict], None]] = None, lease=None, renew=None,
+               on_change: Optional[Callable[[dict, dict], None]] = None, lease=None, renew=None, replicas=None,
                **fields) -> "ServiceHandle":
         """Launch a service (fields as in POST /api/services: revision, time, name, resources, engine_args, force,
         idle_timeout).
@@ -165,6 +183,12 @@ class Portal:
         from the launch; an ISO 8601 time ("2026-12-01T18:00", the portal's local time, or with Z or an offset) is
         when it ends (a `datetime` is sent as one). The portal checks the value (PortalClientError, 400, naming
         `renew`).
+
+        With `replicas`, the service runs on several jobs at once behind the same id and URLs (each request goes to
+        the job with the fewest requests in flight): `replicas=2` keeps two jobs, `replicas="1:3"` one to three (a job
+        is added while requests in flight per job stay above 4, and removed after a quiet spell), and
+        `replicas={"min": 1, "max": 3, "target_in_flight": 8}` sets that target too. The portal checks the value
+        (PortalClientError, 400, naming `replicas`).
 
         With `lease` (seconds, or "10m"), the service lives while this process renews its lease (a daemon thread
         beats every third of it, from the launch on) or the service is used: a crashed, killed or shut-down kernel
@@ -179,6 +203,8 @@ class Portal:
             body["lease"] = lease
         if renew is not None:
             body["renew"] = renew.isoformat(timespec="seconds") if isinstance(renew, datetime) else renew
+        if replicas is not None:
+            body["replicas"] = replicas
         handle = ServiceHandle(self, self.request("POST", "/api/services", json=body).json())
         self.launched.append(handle)
         if handle.data.get("lease"):

@@ -9,11 +9,13 @@ Pilotfish format (YAML or JSON), a list of services or a mapping with `name` and
     name: demo
     services:
       - {kind: text-generation, model: org/name, tier: Small, time: 60, count: 2, engine_args: [--max-model-len, "4096"],
-         idle_timeout: 30m}
+         idle_timeout: 30m, replicas: "1:3"}
       - {kind: speech-recognition, model: org/whisper, resources: {partition: gpu, memory_gb: 16}, renew: 8h}
 
 `renew` as in a launch: true (a successor job takes over before each job's time limit, until stopped), false, how
 long the service lives in all (8h, 2d) or when it ends (2026-12-01T18:00); a duration counts from the launch.
+`replicas` as in a launch: 2, 1:3 or {min, max, target_in_flight}: one service served by several jobs, where `count`
+makes separate services. YAML text such as 1:3 or 1:00:00 stays text here (YAML 1.1 would read a number in base 60).
 
 Instance names: the entry's `name` (with `-<k>` when count > 1), else `<recipe name>-<index>` over all instances.
 """
@@ -32,9 +34,10 @@ from .catalog.kinds import KINDS
 from .errors import ValidationError
 from .launching import parse_resources, parse_time
 from .lifetimes import parse_idle_timeout, parse_renewal
+from .scaling import parse_replicas
 
 SERVICE_FIELDS = {"kind", "model", "revision", "tier", "resources", "time", "count", "name", "engine_args", "force",
-                  "idle_timeout", "renew"}
+                  "idle_timeout", "renew", "replicas"}
 NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,80}$")
 MAX_COUNT = 20
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -63,6 +66,20 @@ class Recipe:
         return [body["name"] for body in self.launches]
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML as a recipe means it: 1:3 (replicas) and 1:00:00 (a time) are text, not YAML 1.1's numbers in base 60."""
+
+
+def _number_or_text(constructor):
+    def construct(loader, node):
+        return node.value if ":" in str(node.value) else constructor(loader, node)
+    return construct
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _number_or_text(yaml.SafeLoader.construct_yaml_int))
+_RecipeLoader.add_constructor("tag:yaml.org,2002:float", _number_or_text(yaml.SafeLoader.construct_yaml_float))
+
+
 def load_recipe(path) -> Recipe:
     """Read and validate a recipe file (YAML or JSON)."""
     path = Path(path)
@@ -71,7 +88,7 @@ def load_recipe(path) -> Recipe:
     except OSError as exc:
         raise RecipeError(str(path), f"cannot read: {exc.strerror}")
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_RecipeLoader)
     except (ValueError, yaml.YAMLError) as exc:
         raise RecipeError(str(path), f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                                      f"{str(exc).splitlines()[0]}")
@@ -144,6 +161,9 @@ def _parse_entry(entry, where: str, recipe_name: str, first_index: int) -> List[
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         _checked(f"{where}.renew", lambda value: parse_renewal(value, now), renew)
         body["renew"] = renew
+    if entry.get("replicas") is not None:  # checked here, sent as written
+        _checked(f"{where}.replicas", parse_replicas, entry["replicas"])
+        body["replicas"] = entry["replicas"]
     if entry.get("resources") is not None:
         body["resources"] = _checked(f"{where}.resources", parse_resources, entry["resources"])
     if entry.get("force") is not None:
@@ -235,7 +255,7 @@ def _parse_student(data: dict, default_name: str) -> Recipe:
     nodes = infra.get("nodes", 1)
     if nodes not in (None, 1):
         warnings.append(f"job.infrastructure.nodes: {nodes!r} ignored: each service runs on one node "
-                        "(use count for more replicas)")
+                        "(replicas serve one service from several jobs; count makes separate services)")
     for key in sorted(set(infra) - {"partition", "account", "mem_gb", "time", "nodes"}):
         warnings.append(f"job.infrastructure.{key}: ignored (no meaning in Pilotfish)")
     for key in ("n_clients", "n_requests_per_client"):

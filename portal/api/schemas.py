@@ -33,7 +33,8 @@ class DryRunQuery(Query):
 
 class ServicesQuery(Query):
     state: Optional[str] = Field(None, description="states, comma-separated: SUBMITTED, PENDING, STARTING, RUNNING, "
-                                                   "UNHEALTHY, STOPPED, FAILED, TIMEOUT, or the groups LIVE, ENDED")
+                                                   "UNHEALTHY, SCALED_TO_ZERO, STOPPED, FAILED, TIMEOUT, or the groups "
+                                                   "LIVE, ENDED")
 
 
 class PruneQuery(Query):
@@ -111,11 +112,19 @@ class Event(Answer):
 
 class ServiceJob(Answer):
     generation: int = Field(description="the job's number among the service's jobs (1: the first)")
-    phase: str = Field(description="successor (on its way up), draining (finishing its open requests), ended or "
-                                   "failed")
+    phase: str = Field(description="successor (a renewal's, on its way up), replica (serving once ready_at is set), "
+                                   "draining (finishing its open requests), ended or failed")
     job_id: Optional[str]
     node: Optional[str]
+    ready_at: Optional[str] = Field(None, description="when it first answered its health check (a replica with it "
+                                                      "serves)")
     reason: Optional[str] = None
+
+
+class Replicas(Answer):
+    min: int = Field(description="jobs it keeps at least (0: none while unused)")
+    max: int = Field(description="jobs it runs at most")
+    target_in_flight: int = Field(description="requests in flight per serving job above which a job is added")
 
 
 class Service(Answer):
@@ -141,9 +150,10 @@ class Service(Answer):
     renew: bool = Field(False, description="whether a successor job takes over before each job's time limit")
     renew_until: Optional[str] = Field(None, description="when its renewal ends (null: when it is stopped)")
     generation: int = Field(1, description="the current job's number (1: the first; one more at each renewal)")
+    replicas: Optional[Replicas] = Field(None, description="how many jobs serve it at once (null: one job)")
     events: Optional[List[Event]] = None
     jobs: Optional[List[ServiceJob]] = Field(None, description="its other jobs (with events): a renewal's successor, "
-                                                               "the draining, the ended and the failed")
+                                                               "replicas, the draining, the ended and the failed")
 
 
 class Services(Answer):

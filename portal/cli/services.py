@@ -9,8 +9,9 @@ import time
 
 import click
 
-from .command import Failure, KINDS, age, emit_json, fail, main, portal_of, progress_line, renewal, table, until
-from ..client import ENDED_STATES, LIVE_STATES, ServiceEnded, WaitTimeout
+from .command import (Failure, KINDS, age, emit_json, fail, main, portal_of, progress_line, renewal, replicas, table,
+                      until)
+from ..client import ENDED_STATES, LIVE_STATES, ServiceEnded, WaitTimeout, replicas_value
 from ..config import ConfigError, ensure_token, load_config, prepare_home, use_private_umask
 from ..connection import write_connection
 
@@ -91,6 +92,13 @@ def status(ctx, as_json):
 @click.option("--renew-until", metavar="DURATION|TIME",
               help="Renew it (as --renew) until then: how long it lives in all (8h, 2d, 1h30m) or when it ends "
                    "(2026-12-01T18:00, the portal's local time, or with Z or an offset).")
+@click.option("--replicas", "replica_count", metavar="N|MIN:MAX",
+              help="Serve it from several jobs behind the same id and URLs, each request to the least busy: 2 keeps "
+                   "two jobs; 1:3 one to three (a job added while requests in flight per job stay above the target, "
+                   "one removed after a quiet spell); 0:2 gives up its last job while unused and starts one at the "
+                   "next request.")
+@click.option("--target-in-flight", type=int, metavar="N",
+              help="With --replicas MIN:MAX: requests in flight per job above which a job is added (default 4).")
 @click.option("--partition", help="Override the tier's partition.")
 @click.option("--account", help="Slurm account to charge.")
 @click.option("--memory-gb", type=float, help="Override the tier's memory.")
@@ -103,8 +111,9 @@ def status(ctx, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the service (or the dry-run plan) as JSON.")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, renew, renew_until, partition, account,
-        memory_gb, cpus, gpus, force, dry_run, wait, timeout, as_json, engine_args):
+def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, renew, renew_until, replica_count,
+        target_in_flight, partition, account, memory_gb, cpus, gpus, force, dry_run, wait, timeout, as_json,
+        engine_args):
     """Launch a service and print its id. Engine flags go after `--`.
 
     \b
@@ -112,15 +121,19 @@ def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, renew,
       pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --tier Small --time 60
       pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --idle 30m
       pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --time 60 --renew-until 8h
+      pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --replicas 1:3 --target-in-flight 8
       pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --wait -- --max-model-len 4096
       pilotfish run speech-recognition --model Systran/faster-whisper-small --dry-run
     """
+    if target_in_flight is not None and replica_count is None:
+        raise click.UsageError("--target-in-flight needs --replicas MIN:MAX", ctx)
     portal = portal_of(ctx)
     resources = {key: value for key, value in (("partition", partition), ("account", account),
                                                ("memory_gb", memory_gb), ("cpus", cpus), ("gpus", gpus))
                  if value is not None}
     fields = {"revision": revision, "time": time_limit, "name": name, "idle_timeout": idle_timeout,
-              "renew": renew_until or (True if renew else None), "resources": resources or None,
+              "renew": renew_until or (True if renew else None),
+              "replicas": replicas_value(replica_count, target_in_flight), "resources": resources or None,
               "engine_args": list(engine_args) or None, "force": force or None}
     if dry_run:
         plan = portal.dry_run(kind, model, tier=tier, **fields)
@@ -132,7 +145,8 @@ def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, renew,
         click.echo(f"# --- dry run: nothing submitted; tier {plan.get('tier')}: {plan.get('tier_reason')}; "
                    f"{plan.get('idle_timeout_reason')}"
                    + (f"; renewed before its time limit {'until stopped' if renewed is True else f'({renewed})'}"
-                      if renewed else ""))
+                      if renewed else "")
+                   + (f"; replicas: {replicas(plan)}" if plan.get("replicas") else ""))
         click.echo("# sbatch " + " ".join(shlex.quote(arg) for arg in plan["sbatch"]))
         return
     handle = portal.launch(kind, model, tier=tier, wait=False, **fields)
@@ -160,7 +174,8 @@ def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, renew,
 @click.pass_context
 def list_services(ctx, show_all, state, as_json):
     """List services, newest first (by default only live ones). STOPS IN: when an unused service stops (its idle
-    timeout or lease), if nobody uses it. RENEWS: until when a renewed service's jobs are replaced before their time
+    timeout or lease), if nobody uses it. REPLICAS: how many jobs a service with replicas runs (2, or MIN:MAX; how
+    many serve: `pilotfish details`). RENEWS: until when a renewed service's jobs are replaced before their time
     limit, and the current job's generation.
 
     Example: pilotfish ls --state RUNNING --json
@@ -170,9 +185,10 @@ def list_services(ctx, show_all, state, as_json):
         emit_json(services)
         return
     table([[s["id"], s["name"], s["kind"], s["model"], s["tier"] or "", s["state"], s["job_id"] or "",
-            age(s["created_at"]), until(s.get("stops_at")), renewal(s, short=True) if s["state"] in LIVE_STATES else ""]
+            replicas(s, short=True) if s["state"] in LIVE_STATES else "", age(s["created_at"]),
+            until(s.get("stops_at")), renewal(s, short=True) if s["state"] in LIVE_STATES else ""]
            for s in services],
-          ["ID", "NAME", "KIND", "MODEL", "TIER", "STATE", "JOB", "AGE", "STOPS IN", "RENEWS"])
+          ["ID", "NAME", "KIND", "MODEL", "TIER", "STATE", "JOB", "REPLICAS", "AGE", "STOPS IN", "RENEWS"])
 
 
 @main.command()
@@ -181,8 +197,9 @@ def list_services(ctx, show_all, state, as_json):
 @click.pass_context
 def details(ctx, service_id, as_json):
     """One service (ID or any unique prefix of it): state, job, resources, idle stop and lease (and when it stops if
-    unused), renewal (until when, the current job's generation, and the service's other jobs: the successor, the
-    draining and the ended ones), phase timings and events.
+    unused), replicas (how many jobs serve of how many it may run), renewal (until when, the current job's
+    generation), the service's other jobs (a renewal's successor, replicas starting or serving, the draining and the
+    ended ones), phase timings and events.
 
     Example: pilotfish details 3fa2
     """
@@ -203,6 +220,7 @@ def details(ctx, service_id, as_json):
                          ("idle stop", f"after {data['idle_timeout']} min without a request"
                           if data.get("idle_timeout") else "never"),
                          ("lease", f"{data['lease']} s" if data.get("lease") else "none"),
+                         ("replicas", replicas(data) or "none (one job)"),
                          ("renewal", renewal(data) or "none (it ends at its time limit)")):
         click.echo(f"{label:<12} {value}")
     if data.get("stops_at"):
@@ -210,9 +228,10 @@ def details(ctx, service_id, as_json):
     if data.get("jobs"):
         click.echo("jobs")
         for job in data["jobs"]:
+            serving = ("serving" if job.get("ready_at") else "starting") if job.get("phase") == "replica" else ""
             click.echo(f"  generation {job.get('generation')}  {job.get('phase') or '-':<9} "
                        f"job {job.get('job_id') or '-'} on {job.get('node') or '-'}"
-                       + (f"  {job['reason']}" if job.get("reason") else ""))
+                       + "".join(f"  {note}" for note in (serving, job.get("reason")) if note))
     phases = data.get("phases") or {}
     if phases:
         click.echo("phases       " + ", ".join(f"{k} {'-' if v is None else f'{v:.1f}s'}" for k, v in phases.items()))

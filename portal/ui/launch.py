@@ -9,23 +9,25 @@ from .. import services
 from ..catalog import inventory
 from ..catalog.kinds import KINDS
 from ..catalog.tiers import tiers_as_dicts
+from ..client import replicas_value
 from ..errors import PortalError, RejectedError, UnavailableError, ValidationError
 from ..launching import site_specs
 from .blueprint import bp, place_problem
 
 FORM_FIELDS = ("kind", "model", "revision", "tier", "recommended_tier", "time", "idle_timeout", "renew", "renew_until",
-               "name", "engine_args", "account", "force")
+               "replicas", "target_in_flight", "name", "engine_args", "account", "force")
 # Fields of the launch request shown by a control of the form (others are reported above the form).
 FIELD_CONTROLS = {"kind": "kind", "model": "model", "revision": "revision", "tier": "tier", "time": "time",
-                  "idle_timeout": "idle_timeout", "renew": "renew_until", "name": "name", "engine_args": "engine_args",
-                  "resources.account": "account", "force": "force"}
+                  "idle_timeout": "idle_timeout", "renew": "renew_until", "replicas": "replicas", "name": "name",
+                  "engine_args": "engine_args", "resources.account": "account", "force": "force"}
 
 
 def launch_request(form) -> dict:
     """The launch request (as the API takes it) from the form's fields.
 
     The tier is left out when it is the recommended one, so the service records the recommendation's reason.
-    Renewal: the "until" field as written (it implies renewal), else true when the box is ticked.
+    Renewal: the "until" field as written (it implies renewal), else true when the box is ticked. Replicas: the count
+    as written (2, 1:3), or with a target of requests in flight per job the object {min, max, target_in_flight}.
     """
     body = {"kind": form.get("kind") or None, "model": (form.get("model") or "").strip() or None}
     for key in ("revision", "name", "time", "idle_timeout"):
@@ -49,6 +51,10 @@ def launch_request(form) -> dict:
         body["renew"] = renew_until
     elif form.get("renew"):
         body["renew"] = True
+    replicas = (form.get("replicas") or "").strip()
+    target = (form.get("target_in_flight") or "").strip()
+    if replicas or target:  # a target alone is sent with an empty count, which the launch refuses naming replicas
+        body["replicas"] = replicas_value(replicas, target or None)
     return body
 
 

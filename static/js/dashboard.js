@@ -50,6 +50,9 @@
     cells.stops = PF.el("div", {class: "small text-body-secondary", "data-field": "stops"});  // "stops in 12 min if unused"
     cells.renewal = PF.el("div", {class: "small text-body-secondary", "data-field": "renewal"});  // "renews until stopped"
     cells.left.append(cells.timeLeft, cells.stops, cells.renewal);
+    cells.nodeName = PF.el("span");
+    cells.replicas = PF.el("div", {class: "small text-body-secondary", "data-field": "replicas"});  // "replicas 1:3"
+    cells.node.append(cells.nodeName, cells.replicas);
     return {tr, cells, actionsKey: null, state: null};
   }
 
@@ -65,7 +68,8 @@
     cells.reason.title = service.reason || "";
     PF.setText(cells.model, service.model + (service.kind ? ` (${service.kind})` : ""));
     PF.setText(cells.tier, service.tier || "explicit resources");
-    PF.setText(cells.node, service.node || "—");
+    PF.setText(cells.nodeName, service.node || "—");
+    PF.setText(cells.replicas, PF.isLive(service) && service.replicas ? `replicas ${PF.replicas(service)}` : "");
     PF.setText(cells.age, PF.since(service.created_at));
     PF.setText(cells.timeLeft, PF.timeLeft(service));
     PF.setText(cells.stops, PF.stopsIn(service));

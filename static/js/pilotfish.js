@@ -19,10 +19,11 @@ function tabCsrf() {
 const PF = (() => {
   const base = document.body.dataset.baseUrl || "";
   const csrf = tabCsrf();
-  const LIVE = ["SUBMITTED", "PENDING", "STARTING", "RUNNING", "UNHEALTHY"];
+  const LIVE = ["SUBMITTED", "PENDING", "STARTING", "RUNNING", "UNHEALTHY", "SCALED_TO_ZERO"];
   const BADGES = {
     SUBMITTED: "text-bg-secondary", PENDING: "text-bg-info", STARTING: "text-bg-primary", RUNNING: "text-bg-success",
     UNHEALTHY: "text-bg-warning", STOPPED: "text-bg-secondary", FAILED: "text-bg-danger", TIMEOUT: "text-bg-dark",
+    SCALED_TO_ZERO: "text-bg-light",
   };
   let skewMs = 0; // the portal's clock minus the browser's, from the Date header of each answer
 
@@ -167,6 +168,7 @@ const PF = (() => {
   // What is left of the job's time limit: counted from the job's start; before it, the whole limit.
   function timeLeft(service) {
     if (!isLive(service)) return "—";
+    if (service.state === "SCALED_TO_ZERO") return "no job while unused (a request starts one)";
     const limit = service.time_limit * 60;
     if (!service.job_started_at) return `${duration(limit)} (not started)`;
     return duration(limit - (now() - Date.parse(service.job_started_at)) / 1000);
@@ -188,6 +190,26 @@ const PF = (() => {
     if (!service.renew_until) return `renews until stopped (${generation})`;
     const left = (Date.parse(service.renew_until) - now()) / 1000;
     return `renews until ${when(service.renew_until)} (${left > 0 ? `in ${duration(left)}; ` : ""}${generation})`;
+  }
+
+  // A service's replicas (replicas: {min, max, target_in_flight}; jobs: on one service's answer): "2 of 1:3 serving"
+  // (the current job while RUNNING and the replicas that answered), "1:3 jobs" from a list without jobs; "" for a
+  // service of one job.
+  function replicas(service) {
+    const counts = service.replicas;
+    if (!counts) return "";
+    const span = counts.min === counts.max ? `${counts.min}` : `${counts.min}:${counts.max}`;
+    if (!Array.isArray(service.jobs)) return `${span} jobs`;
+    const serving = (service.state === "RUNNING" ? 1 : 0)
+      + service.jobs.filter((job) => job.phase === "replica" && job.ready_at).length;
+    return `${serving} of ${span} serving`;
+  }
+
+  // A job's phase as the Jobs tables show it: a replica says whether it serves (it answered its health check) or is
+  // still starting.
+  function jobPhase(job) {
+    if (job.phase !== "replica") return job.phase;
+    return job.ready_at ? "replica, serving" : "replica, starting";
   }
 
   // --- DOM ---------------------------------------------------------------------------------------------
@@ -320,6 +342,7 @@ const PF = (() => {
 
   return {
     base, csrf, LIVE, ApiError, url, api, errorMessage, poll, now, duration, since, when, bytes, isLive, timeLeft, stopsIn,
-    renewal, el, setText, badge, alert, initial, confirm, copyButtons, stopService, deleteService, serviceUrl,
+    renewal, replicas, jobPhase, el, setText, badge, alert, initial, confirm, copyButtons, stopService, deleteService,
+    serviceUrl,
   };
 })();

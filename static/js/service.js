@@ -1,5 +1,6 @@
 "use strict";
-// One service: state, timeline, phases, time left, renewal and its jobs from GET /api/services/<id>; the job log from
+// One service: state, timeline, phases, time left, replicas, renewal and its jobs from GET /api/services/<id>; the job
+// log from
 // GET /api/services/<id>/logs, followed while "Follow" is on; stop and delete with confirmation.
 
 (() => {
@@ -29,6 +30,11 @@
       `${PF.when(service.created_at)} (${PF.since(service.created_at)} ago)`);
     PF.setText(document.querySelector('[data-field="left"]'), PF.timeLeft(service));
     PF.setText(document.querySelector('[data-field="stops"]'), PF.stopsIn(service) || "never (no idle stop or lease)");
+    const counts = service.replicas;
+    PF.setText(document.querySelector('[data-field="replicas"]'), counts
+      ? PF.replicas(service) + (counts.min !== counts.max
+        ? ` (a job added above ${counts.target_in_flight} requests in flight per job)` : "")
+      : "none (one job)");
     PF.setText(document.querySelector('[data-field="renewal"]'),
       PF.renewal(service) || "none (it ends at its time limit)");
     renderJobs();
@@ -51,8 +57,9 @@
     }
   }
 
-  // A renewed service's jobs, by generation: the current one (the service's own fields) and the others (`jobs`:
-  // the successor, the draining, the ended and the failed). Shown once there is more than the first job.
+  // A service's jobs, by generation: the current one (the service's own fields) and the others (`jobs`: a renewal's
+  // successor, replicas starting or serving, the draining, the ended and the failed). Shown once there is more than
+  // the first job.
   function renderJobs() {
     const others = service.jobs || [];
     const section = document.getElementById("jobs-section");
@@ -67,7 +74,7 @@
     document.getElementById("jobs").replaceChildren(...jobs.map((job) => PF.el("tr",
       {"data-generation": String(job.generation), class: job === current ? "fw-semibold" : ""},
       PF.el("td", {}, String(job.generation)), PF.el("td", {class: "font-monospace"}, job.job_id || "—"),
-      PF.el("td", {}, job.node || "—"), PF.el("td", {"data-field": "phase"}, job.phase),
+      PF.el("td", {}, job.node || "—"), PF.el("td", {"data-field": "phase"}, PF.jobPhase(job)),
       PF.el("td", {class: "text-break"}, job.reason || ""))));
   }
 
