@@ -4,6 +4,7 @@ which builds the site from these settings once at start."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ class Config:
     # this long (seconds), and one removed after this long quiet.
     scale_up_window: float = 30.0
     scale_down_window: float = 300.0
+    # Partitions whose jobs may be preempted: submitted with --requeue, followed back from the queue (portal/states.py).
+    preemptible_partitions: list = field(default_factory=list)
     testing: bool = False
 
     @property
@@ -176,6 +179,10 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
             isinstance(entry, str) and entry.strip() for entry in allowed_paths)):
         raise ConfigError("allowed_paths: expected a list of folders such as [/shared/templates]")
     specs = pick("resource_specs", "PILOTFISH_RESOURCE_SPECS", None)
+    preemptible = pick("preemptible_partitions", None, None) or []
+    if not isinstance(preemptible, list) or not all(isinstance(entry, str) and re.fullmatch(
+            r"[A-Za-z0-9_.\-]{1,100}", entry) for entry in preemptible):
+        raise ConfigError("preemptible_partitions: expected a list of partition names such as [preempt, spot]")
     deadline = pick("job_deadline", "PILOTFISH_JOB_DEADLINE", None)
     session_end = pick("session_end", "PILOTFISH_SESSION_END", None)
 
@@ -214,6 +221,7 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         drain_timeout=_number("drain_timeout", pick("drain_timeout", "PILOTFISH_DRAIN_TIMEOUT", 120.0), 0),
         scale_up_window=_number("scale_up_window", pick("scale_up_window", None, 30.0), 0),
         scale_down_window=_number("scale_down_window", pick("scale_down_window", None, 300.0), 0),
+        preemptible_partitions=list(preemptible),
         testing=bool(overrides.pop("testing", False)),
     )
     if overrides:

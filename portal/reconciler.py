@@ -35,11 +35,11 @@ from .proxy import routes_changed
 from .scheduler import JobInfo, JobState, SchedulerUnreachable
 from .scheduler.job_files import read_endpoint, read_exit_code
 from .renewal import hand_over, submit_due_successors, take_over_late
-from .replicas import Replicas, promote
-from .service_jobs import follow_jobs
+from .replicas import Replicas, promote, take_over_requeued
+from .service_jobs import follow_jobs, forget_endpoint
 from .services import SUBMISSION_GRACE, job_query, log_excerpt, stop, transition
 from .service_tls import client_context
-from .states import IMPOSTOR, REFUSED, JobFacts, after_job, after_probe
+from .states import IMPOSTOR, REFUSED, REQUEUED_FROM, JobFacts, after_job, after_probe
 
 log = logging.getLogger(__name__)
 SCHEDULER_CONDITION = "scheduler"
@@ -256,9 +256,15 @@ class Reconciler:
                 if replica is not None or successor is not None:
                     report.transitions += 1
                     continue
+            if info.state is JobState.PENDING and service.state in REQUEUED_FROM and not service.stop_requested:
+                replica = next((job for job in others if job.service_id == service.id and job.serving), None)
+                if replica is not None:  # requeued (preempted): a serving replica takes over, it comes back as one
+                    take_over_requeued(service, replica)
+                    report.transitions += 1
+                    continue
             report.transitions += self._apply(service, info)
 
-        follow_jobs(others, infos)
+        report.transitions += follow_jobs(others, infos)
         to_probe = [service for service in services
                     if service.state in State.PROBED and service.port]
         jobs = [job for job in others if job.phase in (ServiceJob.SUCCESSOR, ServiceJob.REPLICA) and job.port
@@ -344,6 +350,8 @@ class Reconciler:
         if move is not None:
             if move[0] == State.STARTING:
                 service.job_started_at = utcnow()
+            if move[0] == State.PENDING and service.state in REQUEUED_FROM:
+                forget_endpoint(service)  # requeued (preempted): it listens elsewhere when it runs again
             changed = transition(service, *move)
         if info.state is JobState.RUNNING and service.job_started_at is None:
             service.job_started_at = utcnow()  # a renewal's successor that took over before it started

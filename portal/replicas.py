@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 from .models import Service, ServiceJob, State, utcnow
 from .scaling import TARGET_IN_FLIGHT_DEFAULT, Trend, read_load, scale_step, take_wakes
 from .scheduler import SchedulerUnreachable, SubmissionRejected
-from .service_jobs import drain, set_aside, submit_current, submit_job, swap_in
+from .service_jobs import drain, forget_endpoint, set_aside, submit_current, submit_job, swap_in
 from .services import end_job, note_event, transition
 from .states import IMPOSTOR, REFUSED
 
@@ -29,6 +29,16 @@ def promote(service: Service, replica: ServiceJob, words: str, cancel: bool) -> 
               f"over from job {replica.job_id}: {words}")
     if not transition(service, State.RUNNING, reason):
         note_event(service, reason)
+
+
+def take_over_requeued(service: Service, replica: ServiceJob) -> None:
+    """The service's current job was requeued (preempted): a serving replica becomes its current job, and the requeued
+    one a replica, followed back from the queue."""
+    forget_endpoint(service)
+    swap_in(service, replica)
+    replica.job_started_at = replica.ready_at = None
+    note_event(service, f"job {replica.job_id} was requeued (preempted): replica generation {service.generation} "
+                        f"(job {service.job_id}) took over; job {replica.job_id} comes back as a replica")
 
 
 def scale_to_zero(service: Service, why: str, drain_seconds: float) -> None:

@@ -95,12 +95,25 @@ def drain(service: Service, job: ServiceJob, seconds: float, ends: Optional[date
     return max(0.0, (job.drain_until - now).total_seconds())
 
 
-def follow_jobs(others: List[ServiceJob], infos: Dict[str, JobInfo]) -> None:
+def forget_endpoint(job) -> None:
+    """A job that was requeued (preempted) will listen elsewhere when it runs again: its endpoint is forgotten (the
+    file too, so the old one is not read back), for the service's current job or another alike."""
+    try:
+        (Path(job.run_dir) / "endpoint.json").unlink()
+    except FileNotFoundError:
+        pass
+    job.host = job.port = job.endpoint_at = None
+    job.health_failures = 0
+
+
+def follow_jobs(others: List[ServiceJob], infos: Dict[str, JobInfo]) -> int:
     """A service's other jobs, from the scheduler's news (`infos`): the start and endpoint of a successor or replica
     (its health is probed with the services'), or its end (before it answered, or while serving); a draining job
-    cancelled at the end of its drain; any of them ended with their service. A cancel the scheduler does not answer is
-    tried again next cycle."""
+    cancelled at the end of its drain; any of them ended with their service; one requeued (preempted) followed back
+    from the queue. A cancel the scheduler does not answer is tried again next cycle. Returns the number of route
+    changes (a serving replica requeued)."""
     now = utcnow()
+    changes = 0
     for job in others:
         if not job.is_live:
             continue  # ended in this cycle (a takeover)
@@ -122,6 +135,12 @@ def follow_jobs(others: List[ServiceJob], infos: Dict[str, JobInfo]) -> None:
                 what, when = WHAT.get(job.phase, "job"), "while serving" if job.ready_at else "before it answered"
                 end_job(job, ServiceJob.FAILED, words, cancel=False)
                 note_event(service, f"{what} generation {job.generation} (job {job.job_id}) ended {when}: {words}")
+            elif info is not None and info.state is JobState.PENDING and job.job_started_at is not None:
+                changes += job.serving
+                forget_endpoint(job)
+                job.job_started_at = job.ready_at = None
+                note_event(service, f"{WHAT.get(job.phase, 'job')} generation {job.generation} (job {job.job_id}) was "
+                                    f"requeued (preempted): waiting in the queue again")
             elif info is not None and info.state is JobState.RUNNING:
                 if info.node and job.node != info.node:
                     job.node = info.node
@@ -134,3 +153,4 @@ def follow_jobs(others: List[ServiceJob], infos: Dict[str, JobInfo]) -> None:
                         job.endpoint_at = now
         except (SchedulerUnreachable, SubmissionRejected) as exc:
             log.warning("service %s: job %s not cancelled, tried again next cycle: %s", service.id, job.job_id, exc)
+    return changes

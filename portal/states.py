@@ -4,6 +4,7 @@ no scheduler calls, so `portal.client` can use the groups and tests/test_states.
 
     SUBMITTED -> PENDING -> STARTING -> RUNNING <-> UNHEALTHY      (SUBMITTED -> STARTING when the job starts at once)
     RUNNING -> SCALED_TO_ZERO -> SUBMITTED                          (replicas with min 0: no job until a request)
+    STARTING, RUNNING or UNHEALTHY -> PENDING                       (its job was requeued: preempted)
     any of them -> STOPPED, FAILED or TIMEOUT, which are final
 """
 from __future__ import annotations
@@ -56,10 +57,11 @@ TRANSITIONS: Dict[Optional[State], FrozenSet[State]] = {
     None: frozenset({State.SUBMITTED, State.FAILED}),  # recorded at launch; FAILED when the submission is refused
     State.SUBMITTED: frozenset({State.PENDING, State.STARTING}) | _ENDS,  # STARTING: the job started within a cycle
     State.PENDING: frozenset({State.STARTING}) | _ENDS,
-    State.STARTING: frozenset({State.RUNNING}) | _ENDS,
-    State.RUNNING: frozenset({State.UNHEALTHY, State.SCALED_TO_ZERO}) | _ENDS,
+    # PENDING again: its job was requeued (preempted, on a partition the site marked preemptible).
+    State.STARTING: frozenset({State.RUNNING, State.PENDING}) | _ENDS,
+    State.RUNNING: frozenset({State.UNHEALTHY, State.SCALED_TO_ZERO, State.PENDING}) | _ENDS,
     State.SCALED_TO_ZERO: frozenset({State.SUBMITTED}) | _ENDS,  # a request woke it: a new job
-    State.UNHEALTHY: frozenset({State.RUNNING}) | _ENDS,
+    State.UNHEALTHY: frozenset({State.RUNNING, State.PENDING}) | _ENDS,
     State.STOPPED: frozenset(),
     State.FAILED: frozenset(),
     State.TIMEOUT: frozenset(),
@@ -110,6 +112,10 @@ ALIVE_JOB: Dict[JobState, Tuple[FrozenSet[State], State, str]] = {
     JobState.RUNNING: (frozenset({State.SUBMITTED, State.PENDING}), State.STARTING, "job {job_id} running on {where}"),
 }
 
+# A job that ran and is queued again was requeued (preempted: only jobs on preemptible partitions are submitted so).
+REQUEUED_FROM = frozenset({State.STARTING, State.RUNNING, State.UNHEALTHY})
+REQUEUED = "job {job_id} was requeued (preempted): waiting in the queue again ({detail})"
+
 STOPPED_BY_USER = "stopped by user"  # whatever the job's end, once its user asked to stop it (else: the stop's reason)
 
 # An ended job that was not a failure: job state -> (service state, reason).
@@ -140,6 +146,8 @@ def without_log_lines(reason: Optional[str]) -> str:
 
 def after_job(service_state: str, job: JobFacts) -> Optional[Tuple[State, str]]:
     """The (state, reason) a service in `service_state` moves to for its job's news, or None to stay."""
+    if job.state is JobState.PENDING and service_state in REQUEUED_FROM:
+        return State.PENDING, REQUEUED.format(job_id=job.job_id, detail=job.detail)
     if job.state in ALIVE_JOB:
         from_states, to_state, reason = ALIVE_JOB[job.state]
         if service_state not in from_states:

@@ -237,3 +237,64 @@ def test_when_a_replicas_node_goes_down_requests_go_to_the_other_and_it_is_repla
 def subprocess_out(command) -> str:
     import subprocess
     return subprocess.run(command, capture_output=True, text=True, timeout=30).stdout
+
+
+def test_a_requeued_job_on_a_preemptible_partition_comes_back_without_losing_the_service(slurm_cluster,
+                                                                                          start_portal):
+    """On a partition the site marked preemptible, jobs are submitted with --requeue. `scontrol requeue` (what
+    preemption does) sends the job back to the queue: the service goes PENDING and comes back RUNNING under the same
+    id; with a second job serving, that one takes over at once and the requeued one comes back as a replica."""
+    import subprocess
+
+    from tests.test_two_nodes import NODE2, READY, node_state
+
+    if os.environ.get("PILOTFISH_TEST_NODES") == "1":
+        pytest.skip("PILOTFISH_TEST_NODES=1: the test cluster has one node")
+    assert node_state(NODE2) in READY
+    portal = start_portal("slurm", workers=2, runtimes={"text-generation": {"command": UPSTREAM}},
+                          preemptible_partitions=["remote"], scale_down_window=600)
+    plan = portal.request("POST", "/api/services?dry_run=true", json={
+        "kind": "text-generation", "model": "test/tiny", "resources": {"partition": "remote"}}).json()
+    assert "--requeue" in plan["sbatch"] and "--no-requeue" not in plan["sbatch"], plan["sbatch"]
+
+    def requeue(job_id):
+        def run(*command):
+            result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+            assert result.returncode == 0, result.stderr
+            return result.stdout.strip()
+        run("scontrol", "requeue", job_id)
+        wait_for(lambda: run("squeue", "--noheader", f"--jobs={job_id}", "--format=%T") == "PENDING", timeout=30,
+                 what=f"job {job_id} back in the queue")
+        run("scontrol", "update", f"jobid={job_id}", "StartTime=now")  # not waiting out Slurm's requeue delay
+
+    def chat():
+        return portal.request("POST", "/v1/chat/completions", json={
+            "model": "test/tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+
+    # One job: PENDING while requeued, then RUNNING again, same service.
+    single = portal.launch(name="preempted", resources={"partition": "remote"}).json()
+    job_id = portal.wait_state(single["id"], "RUNNING", timeout=90)["job_id"]
+    requeue(job_id)
+    pending = portal.wait_state(single["id"], "PENDING", timeout=30)
+    assert pending["reason"].startswith(f"job {job_id} was requeued (preempted): waiting in the queue again")
+    assert pending["endpoint"] is None
+    back = portal.wait_state(single["id"], "RUNNING", timeout=120)
+    assert back["job_id"] == job_id and back["endpoint"] is not None
+    assert chat().status_code == 200
+    portal.request("POST", f"/api/services/{single['id']}/stop")
+
+    # Two jobs: the other takes over at once; the requeued one comes back as a replica.
+    pair = portal.launch(name="preempted-pair", replicas=2, resources={"partition": "remote"}).json()
+    service = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 2 else None)(portal.service(pair["id"])),
+                       timeout=120, what="both jobs to serve")
+    first, second = serving_jobs(service)
+    requeue(first)
+    taken = wait_for(lambda: (lambda s: s if s["job_id"] == second else None)(portal.service(pair["id"])),
+                     timeout=30, what="the replica to take over")
+    assert taken["state"] == "RUNNING" and events(taken, f"job {first} was requeued (preempted): replica generation")
+    assert all(chat().status_code == 200 for _ in range(5))
+    again = wait_for(lambda: (lambda s: s if sorted(serving_jobs(s)) == sorted([first, second]) else None)(
+        portal.service(pair["id"])), timeout=120, what="the requeued job to serve again as a replica")
+    assert again["job_id"] == second
+    portal.request("POST", f"/api/services/{pair['id']}/stop")
+    portal.wait_state(pair["id"], "STOPPED", timeout=60)

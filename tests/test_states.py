@@ -19,6 +19,7 @@ ALLOWED = {
     (None, S.SUBMITTED), (None, S.FAILED),
     (S.SUBMITTED, S.PENDING), (S.SUBMITTED, S.STARTING), (S.PENDING, S.STARTING), (S.STARTING, S.RUNNING),
     (S.RUNNING, S.UNHEALTHY), (S.UNHEALTHY, S.RUNNING), (S.RUNNING, S.SCALED_TO_ZERO), (S.SCALED_TO_ZERO, S.SUBMITTED),
+    (S.STARTING, S.PENDING), (S.RUNNING, S.PENDING), (S.UNHEALTHY, S.PENDING),  # requeued (preempted)
     *((live, end) for live in (S.SUBMITTED, S.PENDING, S.STARTING, S.RUNNING, S.UNHEALTHY, S.SCALED_TO_ZERO)
       for end in ENDS),
 }
@@ -76,9 +77,9 @@ def test_transition_table(from_state, to_state):
 
 def test_a_refusal_says_where_the_service_may_go():
     with pytest.raises(IllegalTransition) as refused:
-        check_move(S.RUNNING, S.PENDING)
-    assert str(refused.value) == ("a service cannot move from RUNNING to PENDING; from RUNNING it may move to "
-                                  "UNHEALTHY, STOPPED, FAILED, TIMEOUT, SCALED_TO_ZERO")
+        check_move(S.RUNNING, S.SUBMITTED)
+    assert str(refused.value) == ("a service cannot move from RUNNING to SUBMITTED; from RUNNING it may move to "
+                                  "PENDING, UNHEALTHY, STOPPED, FAILED, TIMEOUT, SCALED_TO_ZERO")
     with pytest.raises(IllegalTransition, match="from FAILED it may move to nowhere \\(final\\)"):
         check_move("FAILED", "RUNNING")
 
@@ -107,8 +108,10 @@ def job(state: JobState, **facts) -> JobFacts:
 ALIVE_CASES = [  # (service state, job facts, expected move)
     (S.SUBMITTED, job(JobState.PENDING, detail="Priority"), (S.PENDING, "waiting in the queue: Priority")),
     (S.SUBMITTED, job(JobState.PENDING, detail="PENDING"), (S.PENDING, "waiting in the queue: PENDING")),
-    *((state, job(JobState.PENDING, detail="Resources"), None)
-      for state in (S.PENDING, S.STARTING, S.RUNNING, S.UNHEALTHY)),  # a requeued job moves nothing back
+    (S.PENDING, job(JobState.PENDING, detail="Resources"), None),
+    *((state, job(JobState.PENDING, detail="PENDING (BeginTime)"),
+       (S.PENDING, "job 42 was requeued (preempted): waiting in the queue again (PENDING (BeginTime))"))
+      for state in (S.STARTING, S.RUNNING, S.UNHEALTHY)),  # a job that ran, queued again: requeued
     (S.SUBMITTED, job(JobState.RUNNING, node="node2"), (S.STARTING, "job 42 running on node2")),
     (S.PENDING, job(JobState.RUNNING, node="vm"), (S.STARTING, "job 42 running on vm")),
     (S.PENDING, job(JobState.RUNNING), (S.STARTING, "job 42 running on a node")),

@@ -10,6 +10,6 @@ from .base import (KEPT_VARIABLES, LOG_NAME, OWNER_SECRETS, PORTAL_PREFIX, PORTA
 def make_scheduler(config) -> Scheduler:
     if config.scheduler == "slurm":
         from .slurm import SlurmScheduler
-        return SlurmScheduler(timeout=config.scheduler_timeout)
+        return SlurmScheduler(timeout=config.scheduler_timeout, preemptible=config.preemptible_partitions)
     from .local import LocalScheduler
     return LocalScheduler()

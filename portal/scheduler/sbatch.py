@@ -7,7 +7,7 @@ from typing import List
 
 from .base import LOG_NAME, Resources
 
-JOB_OPTIONS = ("--parsable", "--no-requeue", "--job-name=", "--chdir=", "--output=")  # the job's, not its resources'
+JOB_OPTIONS = ("--parsable", "--no-requeue", "--requeue", "--job-name=", "--chdir=", "--output=")  # the job's, not its resources'
 
 
 def resource_options(resources: Resources) -> List[str]:
@@ -35,11 +35,20 @@ def resource_options(resources: Resources) -> List[str]:
     return args
 
 
-def sbatch_arguments(job_dir: Path, name: str, resources: Resources) -> List[str]:
-    """The sbatch options for a job (without the script), so a dry run can show exactly what is submitted."""
+def requeued_on(resources: Resources, preemptible) -> bool:
+    """Whether a job with these resources goes back to the queue when preempted: every partition it names is one the
+    site marked preemptible."""
+    named = [part.strip() for part in (resources.partition or "").split(",") if part.strip()]
+    return bool(named) and all(part in preemptible for part in named)
+
+
+def sbatch_arguments(job_dir: Path, name: str, resources: Resources, preemptible=()) -> List[str]:
+    """The sbatch options for a job (without the script), so a dry run can show exactly what is submitted. On the
+    site's preemptible partitions a job is requeued when preempted (the portal follows it back); elsewhere a service
+    whose node fails ends (FAILED, "node down") instead of waiting unseen."""
     return [
         "--parsable",
-        "--no-requeue",  # a service whose node fails ends (FAILED, "node down"); requeued, it would wait unseen
+        "--requeue" if requeued_on(resources, preemptible) else "--no-requeue",
         f"--job-name={name}",
         f"--chdir={job_dir}",
         f"--output={job_dir / LOG_NAME}",

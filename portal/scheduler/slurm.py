@@ -76,8 +76,9 @@ def _clean_message(stderr: str) -> str:
 class SlurmScheduler(Scheduler):
     name = "slurm"
 
-    def __init__(self, timeout: float = 30.0, user: Optional[str] = None):
+    def __init__(self, timeout: float = 30.0, user: Optional[str] = None, preemptible=()):
         self.timeout = timeout
+        self.preemptible = tuple(preemptible)  # partitions where jobs are requeued when preempted
         self.user = user or getpass.getuser()
         self.accounting: Optional[bool] = None  # learnt from the first sacct call
         self.calls = 0  # scheduler commands run, for metrics and the reconcile benchmark
@@ -104,7 +105,8 @@ class SlurmScheduler(Scheduler):
 
     def arguments(self, resources: Resources, job_dir: Optional[Path] = None, name: Optional[str] = None) -> List[str]:
         """sbatch's options: for the resources alone, or (with the job's folder and name) all that submit passes."""
-        return resource_options(resources) if job_dir is None else sbatch_arguments(job_dir, name or "", resources)
+        return resource_options(resources) if job_dir is None else sbatch_arguments(job_dir, name or "", resources,
+                                                                                       self.preemptible)
 
     def submit(self, script: Path, job_dir: Path, name: str, resources: Resources) -> str:
         result = self._run(["sbatch", *self.arguments(resources, job_dir, name), str(script)])
