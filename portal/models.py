@@ -73,6 +73,10 @@ class Service(db.Model):
     jobs = db.relationship("ServiceJob", backref="service", cascade="all, delete-orphan",
                            order_by="ServiceJob.generation", lazy="select")
 
+    def serving_jobs(self) -> int:
+        """How many jobs answer for it: its current one while RUNNING, and each replica that answered."""
+        return (self.state == State.RUNNING) + sum(job.serving for job in self.jobs)
+
     @property
     def run_dir(self) -> str:
         """The folder of the current job (its script, log, endpoint and exit code): the service's own folder for the
@@ -133,8 +137,8 @@ class Service(db.Model):
             "renew": self.renew,
             "renew_until": iso(self.renew_until),
             "generation": self.generation,
-            "replicas": {"min": self.replicas_min, "max": self.replicas_max,
-                         "target_in_flight": self.target_in_flight} if self.replicas_max else None,
+            "replicas": {"min": self.replicas_min, "max": self.replicas_max, "target_in_flight": self.target_in_flight,
+                         "serving": self.serving_jobs()} if self.replicas_max else None,
         }
         expected = expected_stop(self)
         data["stops_at"], data["stop_reason_expected"] = (iso(expected[0]), expected[1]) if expected else (None, None)

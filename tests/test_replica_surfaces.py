@@ -22,8 +22,10 @@ from tests.test_renewal_surfaces import LAUNCH, FakePortal, portal, service  # n
 BAD = ("x", "1:99", "3:1")  # refused by the API's parse_replicas: not a count, over the maximum, max below min
 
 
-def counts(low, high, target=4):
-    return {"min": low, "max": high, "target_in_flight": target}
+def counts(low, high, target=4, serving=None):
+    """A service's replicas as the API answers them (`serving` counted by the portal), or as a plan has them."""
+    found = {"min": low, "max": high, "target_in_flight": target}
+    return found if serving is None else {**found, "serving": serving}
 
 
 # --- the Python client ----------------------------------------------------------------------------------
@@ -139,29 +141,30 @@ JOBS = [{"generation": 2, "phase": "replica", "job_id": "1204", "node": "n1", "r
 
 
 def test_details_count_the_serving_jobs_and_list_the_replicas(shown):
-    text = shown([service(replicas=counts(1, 3), jobs=JOBS)], "details", "3fa2")
+    text = shown([service(replicas=counts(1, 3, serving=2), jobs=JOBS)], "details", "3fa2")
     assert "replicas     2 of 1:3 jobs serving (one added above 4 requests in flight per job)" in text, text
     assert "  generation 2  replica   job 1204 on n1  serving" in text, text
     assert "  generation 3  replica   job 1205 on -  starting" in text, text
     assert "  generation 4  ended     job 1206 on n2  quiet: removed" in text, text
     # the current job counts only while RUNNING; a fixed count says no target
-    text = shown([service(state="UNHEALTHY", replicas=counts(2, 2), jobs=JOBS[:1])], "details", "3fa2")
+    text = shown([service(state="UNHEALTHY", replicas=counts(2, 2, serving=1), jobs=JOBS[:1])], "details", "3fa2")
     assert "replicas     1 of 2 jobs serving\n" in text, text
     plain = shown([service()], "details", "3fa2")
     assert "replicas     none (one job)" in plain, plain
 
 
 def test_ls_shows_the_replica_count_of_live_services(shown):
-    listed = shown([service(replicas=counts(1, 3), jobs=None), service(id="77aa00000000", name="two",
-                                                                      replicas=counts(2, 2), jobs=None),
+    listed = shown([service(replicas=counts(1, 3, serving=1), jobs=None), service(id="77aa00000000", name="two",
+                                                                                 replicas=counts(2, 2, serving=2),
+                                                                                 jobs=None),
                     service(id="88bb00000000", name="single", jobs=None)], "ls")
     header, first, second, third = listed.splitlines()[:4]
     columns = header.split()
     assert columns[columns.index("JOB") + 1] == "REPLICAS", header
     at = header.index("REPLICAS")
-    assert first[at:].split()[0] == "1:3" and second[at:].split()[0] == "2", listed
+    assert first[at:].split()[:3] == ["1", "of", "1:3"] and second[at:].split()[:3] == ["2", "of", "2"], listed
     assert third[at:at + len("REPLICAS")].strip() == "", listed
-    ended = shown([service(state="STOPPED", replicas=counts(1, 3), jobs=None)], "ls", "--all")
+    ended = shown([service(state="STOPPED", replicas=counts(1, 3, serving=0), jobs=None)], "ls", "--all")
     assert "1:3" not in ended
 
 
@@ -180,10 +183,9 @@ console.log(JSON.stringify({replicas: cases.services.map(PF.replicas), phases: c
 
 
 def test_the_pages_say_how_many_jobs_serve_and_each_replicas_phase():
-    listed = service(replicas=counts(1, 3))
-    del listed["jobs"]  # a service as the list gives it: without its jobs
-    cases = {"services": [service(replicas=counts(1, 3), jobs=JOBS), listed,
-                          service(state="UNHEALTHY", replicas=counts(2, 2), jobs=JOBS[:1]), service()],
+    plan = service(replicas=counts(1, 3))  # a plan: nothing serves yet
+    cases = {"services": [service(replicas=counts(1, 3, serving=2), jobs=JOBS), plan,
+                          service(state="UNHEALTHY", replicas=counts(2, 2, serving=1), jobs=JOBS[:1]), service()],
              "jobs": JOBS + [{"generation": 5, "phase": "draining", "ready_at": "2026-01-01T00:07:00Z"}]}
     result = subprocess.run([str(NODE), "-e", PAGE_WORDS, str(REPO / "static" / "js" / "pilotfish.js"),
                              json.dumps(cases)], capture_output=True, text=True, timeout=30)

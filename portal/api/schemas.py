@@ -125,6 +125,8 @@ class Replicas(Answer):
     min: int = Field(description="jobs it keeps at least (0: none while unused)")
     max: int = Field(description="jobs it runs at most")
     target_in_flight: int = Field(description="requests in flight per serving job above which a job is added")
+    serving: int = Field(description="jobs answering now: its current one while RUNNING, and each replica that "
+                                     "answered its health check")
 
 
 class Service(Answer):

@@ -131,17 +131,16 @@ def renewal(service: dict, short: bool = False) -> str:
 
 def replicas(service: dict, short: bool = False) -> str:
     """A service's replicas in words: "2 of 1:3 jobs serving (one added above 4 requests in flight per job)" (the
-    current job while RUNNING and the replicas that answered, when the answer lists its jobs), "1:3 jobs" (when it
-    does not); "" for a service of one job. `short`, for tables: "2 of 1:3", "1:3"."""
+    answer's count of serving jobs: the current one while RUNNING and the replicas that answered); "" for a service
+    of one job. `short`, for tables: "2 of 1:3"."""
     counts = service.get("replicas")
     if not counts:
         return ""
     low, high = counts.get("min"), counts.get("max")
     span = f"{low}" if low == high else f"{low}:{high}"
-    if service.get("jobs") is None:
+    if "serving" not in counts:  # a plan: nothing serves yet
         return span if short else f"{span} jobs"
-    serving = (service.get("state") == "RUNNING") + sum(
-        1 for job in service["jobs"] if job.get("phase") == "replica" and job.get("ready_at"))
+    serving = counts["serving"]
     if short:
         return f"{serving} of {span}"
     scaling = (f" (one added above {counts.get('target_in_flight')} requests in flight per job)"

@@ -174,8 +174,8 @@ def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, renew,
 @click.pass_context
 def list_services(ctx, show_all, state, as_json):
     """List services, newest first (by default only live ones). STOPS IN: when an unused service stops (its idle
-    timeout or lease), if nobody uses it. REPLICAS: how many jobs a service with replicas runs (2, or MIN:MAX; how
-    many serve: `pilotfish details`). RENEWS: until when a renewed service's jobs are replaced before their time
+    timeout or lease), if nobody uses it. REPLICAS: how many jobs serve a service with replicas, of how many it may
+    run (1 of 1:3). RENEWS: until when a renewed service's jobs are replaced before their time
     limit, and the current job's generation.
 
     Example: pilotfish ls --state RUNNING --json

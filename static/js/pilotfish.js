@@ -192,17 +192,13 @@ const PF = (() => {
     return `renews until ${when(service.renew_until)} (${left > 0 ? `in ${duration(left)}; ` : ""}${generation})`;
   }
 
-  // A service's replicas (replicas: {min, max, target_in_flight}; jobs: on one service's answer): "2 of 1:3 serving"
-  // (the current job while RUNNING and the replicas that answered), "1:3 jobs" from a list without jobs; "" for a
-  // service of one job.
+  // A service's replicas (replicas: {min, max, target_in_flight, serving}): "2 of 1:3 serving" (serving: the API's
+  // count, the current job while RUNNING and the replicas that answered); "" for a service of one job.
   function replicas(service) {
     const counts = service.replicas;
     if (!counts) return "";
     const span = counts.min === counts.max ? `${counts.min}` : `${counts.min}:${counts.max}`;
-    if (!Array.isArray(service.jobs)) return `${span} jobs`;
-    const serving = (service.state === "RUNNING" ? 1 : 0)
-      + service.jobs.filter((job) => job.phase === "replica" && job.ready_at).length;
-    return `${serving} of ${span} serving`;
+    return counts.serving === undefined ? `${span} jobs` : `${counts.serving} of ${span} serving`;
   }
 
   // A job's phase as the Jobs tables show it: a replica says whether it serves (it answered its health check) or is
