@@ -51,7 +51,7 @@ def portal(slurm_cluster, start_module_portal):
 
 def test_two_replicas_share_the_load_the_busier_gets_fewer_and_a_killed_one_is_replaced(portal):
     launched = portal.launch(name="two", replicas=2).json()
-    assert launched["replicas"] == {"min": 2, "max": 2, "target_in_flight": 4}
+    assert launched["replicas"] == {"min": 2, "max": 2, "target_in_flight": 4, "serving": 0}
     service_id = launched["id"]
     portal.wait_state(service_id, "RUNNING", timeout=90)
     service = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 2 else None)(portal.service(service_id)),
@@ -93,7 +93,9 @@ def test_two_replicas_share_the_load_the_busier_gets_fewer_and_a_killed_one_is_r
     # The dead one is cancelled and replaced (the minimum is 2).
     service = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 2 and second not in serving_jobs(s) else None)(
         portal.service(service_id)), timeout=90, what="a replacement to serve")
-    assert events(service, f"(job {second}) stopped answering (connection refused): cancelled")
+    # Its health check finds the port closed, or its job ends first (the job script ends with its server).
+    assert events(service, f"(job {second}) stopped answering (connection refused): cancelled") or events(
+        service, f"(job {second}) ended while serving: the server crashed: killed"), service["events"]
     assert len(events(service, "(below the minimum of 2)")) == 2
     wait_for(lambda: second not in squeue_ids(), timeout=30, what=f"job {second} to leave the queue")
     print(f"replicas: before {dict(shared)}, first paused {dict(paused)}, {len(failed)} streams cut by the kill, "
@@ -194,7 +196,7 @@ def test_when_a_replicas_node_goes_down_requests_go_to_the_other_and_it_is_repla
 
     if os.environ.get("PILOTFISH_TEST_NODES") == "1":
         pytest.skip("PILOTFISH_TEST_NODES=1: the test cluster has one node")
-    assert node_state(NODE2) in READY
+    wait_for(lambda: node_state(NODE2) in READY, timeout=90, what="node2 to take jobs")
     launched = portal.launch(name="spread", replicas=2, resources={"partition": "cpu,remote"}).json()
     service_id = launched["id"]
     service = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 2 else None)(portal.service(service_id)),
@@ -250,7 +252,7 @@ def test_a_requeued_job_on_a_preemptible_partition_comes_back_without_losing_the
 
     if os.environ.get("PILOTFISH_TEST_NODES") == "1":
         pytest.skip("PILOTFISH_TEST_NODES=1: the test cluster has one node")
-    assert node_state(NODE2) in READY
+    wait_for(lambda: node_state(NODE2) in READY, timeout=90, what="node2 to take jobs")
     portal = start_portal("slurm", workers=2, runtimes={"text-generation": {"command": UPSTREAM}},
                           preemptible_partitions=["remote"], scale_down_window=600)
     plan = portal.request("POST", "/api/services?dry_run=true", json={

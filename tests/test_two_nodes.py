@@ -21,7 +21,7 @@ NODE2 = "node2"
 NODE2_NS = "pf-node2"
 NODE2_ADDR = "10.203.0.2"
 ON_NODE2 = {"partition": "remote"}
-READY = ("idle", "mixed", "allocated", "completing")
+READY = ("idle", "mixed", "allocated", "completing", "planned")  # planned: backfill holds it for a job
 
 
 def node_state(node: str) -> str:
