@@ -413,7 +413,8 @@ def tiers_as_dicts(specs: ResourceSpecs, arguments: Optional[Callable[[Resources
             "max_model_size_gb": tier.max_model_size_gb, "gpu_count": tier.gpu_count, "gpu_type": tier.gpu_type,
             "cpu_cores": tier.cpu_cores, "memory_gb": tier.memory_gb, "slurm": dict(tier.slurm),
             "idle_timeout": tier.idle_timeout,
-            "resources": {key: value for key, value in asdict(resources).items() if key not in ("account", "extra")},
+            "resources": {key: value for key, value in asdict(resources).items()
+                          if key not in ("account", "extra", "exclude")},
             "sbatch": arguments(resources),
         })
     return out
