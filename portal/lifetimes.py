@@ -186,13 +186,15 @@ def parse_renewal(value, now: datetime, field: str = "renew") -> Tuple[bool, Opt
         raise ValidationError(field, f"expected {RENEW_WORDS}, got {value!r}")
     if _RENEW_DURATION.fullmatch(value):
         seconds = sum(int(number) * _UNIT_SECONDS[letter] for number, letter in re.findall(r"([0-9]+)([dhm])", value))
+        if seconds > RENEW_MAX_SECONDS:
+            raise ValidationError(field, f"must end within {RENEW_MAX_SECONDS // 86400} days, got {value!r}")
         until = now + timedelta(seconds=seconds)
     else:
         try:
             moment = datetime.fromisoformat(value)
-        except ValueError:
+            moment = moment.astimezone(timezone.utc)  # a naive time is taken as the portal's local time
+        except (ValueError, OverflowError):  # not a time, or one at the calendar's ends
             raise ValidationError(field, f"expected {RENEW_WORDS}, got {value!r}") from None
-        moment = moment.astimezone(timezone.utc)  # a naive time is taken as the portal's local time
         until = moment.replace(tzinfo=None)
     seconds = (until - now).total_seconds()
     if seconds < RENEW_MIN_SECONDS:

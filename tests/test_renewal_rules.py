@@ -35,7 +35,8 @@ def test_a_naive_end_time_is_the_portals_local_time():
 
 @pytest.mark.parametrize("value, problem", [
     ("yes", "expected true"), (1, "expected true"), ("1m", "at least 2 minutes"), ("2026-12-01T11:00Z", "at least"),
-    ("400d", "within 366 days"), ("2026-13-01T00:00", "expected true"), ("2027-01-02", "expected true"),
+    ("400d", "within 366 days"), ("8053871d4964289h", "within 366 days"),
+    ("0001-01-01T00:00", "expected true"), ("9999-12-31T23:59+14:00", "within 366 days"), ("2026-13-01T00:00", "expected true"), ("2027-01-02", "expected true"),
 ])
 def test_bad_renewals_are_refused_naming_the_field(value, problem):
     with pytest.raises(ValidationError) as refused:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
+from typing import Optional
 
 import click
 
@@ -105,12 +106,9 @@ def local_time(iso_time) -> str:
     """An ISO time in this machine's local time: "18:00" today, else "2026-12-01 18:00"; "" for none."""
     if not iso_time:
         return ""
-    try:
-        moment = datetime.fromisoformat(str(iso_time).replace("Z", "+00:00"))
-    except ValueError:
+    moment = _moment(iso_time)
+    if moment is None:
         return str(iso_time)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
     moment = moment.astimezone()
     return f"{moment:%H:%M}" if moment.date() == datetime.now().astimezone().date() else f"{moment:%Y-%m-%d %H:%M}"
 
@@ -148,15 +146,21 @@ def replicas(service: dict, short: bool = False) -> str:
     return f"{serving} of {span} jobs serving{scaling}"
 
 
+def _moment(iso_time) -> Optional[datetime]:
+    """An ISO time from the API as an aware datetime (UTC when it names no zone); None when it is not one."""
+    try:
+        moment = datetime.fromisoformat(str(iso_time).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
 def _span(iso_time, since: bool) -> str:
     if not iso_time:
         return ""
-    try:
-        then = datetime.fromisoformat(str(iso_time).replace("Z", "+00:00"))
-    except ValueError:
+    then = _moment(iso_time)
+    if then is None:
         return str(iso_time)
-    if then.tzinfo is None:
-        then = then.replace(tzinfo=timezone.utc)
     seconds = int((datetime.now(timezone.utc) - then).total_seconds()) * (1 if since else -1)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
