@@ -48,6 +48,49 @@ def test_recommendation_with_reason(api):
     assert missing.status_code == 400 and "available: test/slow, test/tiny, test/whisper" in missing.get_json()["error"]
 
 
+def test_recommendation_says_when_each_fitting_tier_would_start(api):
+    body = api("GET", "/api/tiers/recommend?model=test/tiny").get_json()
+    assert [item["ref"] for item in body["fitting"]] == ["cpu.Tiny", "cpu.Big", "gpu.Small"]
+    for item in body["fitting"]:  # the local scheduler starts a job at once
+        assert item["start"]["now"] is True and item["start"]["text"] == "now" and item["start"]["problem"] is None
+    assert body["tier"]["start"]["text"] == "now" and body["sooner"] is None
+
+
+def test_a_scheduler_that_hangs_or_fails_leaves_the_recommendation_without_estimates(api):
+    import threading
+    import time
+
+    from portal.catalog.start_times import StartEstimates
+    from portal.scheduler import SchedulerUnreachable
+
+    release = threading.Event()
+    real = api.app.extensions["pilotfish.scheduler"]
+
+    class Hanging(type(real)):
+        def estimate_start(self, resources, timeout=5.0):
+            if resources.partition == "gpu":
+                raise SchedulerUnreachable("Slurm controller unreachable")
+            release.wait(10)
+            return None
+
+    api.app.extensions["pilotfish.scheduler"] = Hanging()
+    api.app.extensions["pilotfish.start_estimates"] = StartEstimates(timeout=0.5)
+    try:
+        began = time.monotonic()
+        answer = api("GET", "/api/tiers/recommend?model=test/tiny")
+        assert answer.status_code == 200 and time.monotonic() - began < 3
+        body = answer.get_json()
+        starts = {item["ref"]: item["start"] for item in body["fitting"]}
+        assert starts["cpu.Tiny"]["text"] == "estimate unavailable: the scheduler did not answer within 0.5 s"
+        assert starts["gpu.Small"]["text"] == "estimate unavailable: Slurm controller unreachable"
+        assert body["tier"]["ref"] == "cpu.Tiny" and body["sooner"] is None
+        page = api("GET", "/ui/launch")
+        assert page.status_code == 200 and "estimate unavailable" in page.get_data(as_text=True)
+    finally:
+        release.set()
+        api.app.extensions["pilotfish.scheduler"] = real
+
+
 def test_inventory_lists_staged_models(api):
     models = {model["repo_id"]: model for model in api("GET", "/api/models").get_json()["models"]}
     assert set(models) == {"test/tiny", "test/slow", "test/whisper"}

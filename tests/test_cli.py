@@ -193,6 +193,9 @@ def test_catalog_commands(env, portal):
     assert "cpu.Tiny" in tiers and "gpu.Small" in tiers and "recommended for test/tiny: cpu.Tiny" in tiers
     data = json.loads(ok(pf(env, "tiers", "--model", "test/tiny", "--json")).stdout)
     assert data["recommendation"]["tier"]["ref"] == "cpu.Tiny" and data["recommendation"]["reason"]
+    assert tiers.splitlines()[0].split()[-1] == "STARTS"  # when each tier the model fits would start
+    assert [item["ref"] for item in data["recommendation"]["fitting"]] == ["cpu.Tiny", "cpu.Big", "gpu.Small"]
+    assert all(item["start"]["text"] for item in data["recommendation"]["fitting"])
     assert isinstance(json.loads(ok(pf(env, "images", "ls", "--json")).stdout), list)
     ok(pf(env, "images", "ls"))
     one_line_error(pf(env, "models", "rm", "test/tiny"), 2, "cache_dir")  # the API refuses: 400

@@ -1,11 +1,14 @@
 """REST routes for what can run: resource tiers and recommendations, the model inventory, downloads, images."""
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from flask import current_app, jsonify
 
 from ..catalog import inventory
 from ..catalog.images import list_images, pins_from_runtimes
 from ..catalog.models import delete_model, find_revision
+from ..catalog.start_times import fitting_tiers, sooner_advice, tier_starts
 from ..catalog.tiers import recommend, tiers_as_dicts
 from ..errors import ValidationError
 from ..launching import site_specs
@@ -33,7 +36,8 @@ def tiers():
 
 
 @bp.get("/api/tiers/recommend")
-@described("The tier recommended for a model", query=schemas.RecommendQuery, answers={200: schemas.Recommendation},
+@described("The tier recommended for a model, when each tier that fits would start (the scheduler's estimate), and "
+           "a tier that would start sooner", query=schemas.RecommendQuery, answers={200: schemas.Recommendation},
            errors=(400, 404, 503))
 def recommend_tier():
     asked = query(schemas.RecommendQuery)
@@ -45,8 +49,16 @@ def recommend_tier():
         raise ValidationError("partition", f"unknown partition {partition!r}; available: {', '.join(specs.partitions)}")
     choice = recommend(specs, found.repo_id, found.size_gb, partition)
     tier = next((t for t in tiers_as_dicts(specs, _arguments()) if choice.tier and t["ref"] == choice.tier.ref), None)
+    fitting = fitting_tiers(specs, found.size_gb, choice.tier)
+    starts = tier_starts(current_app._get_current_object(), specs, fitting)
+    now = datetime.now(timezone.utc)
+    if tier is not None:
+        tier["start"] = starts[tier["ref"]].as_dict(now)
     return jsonify(model=found.repo_id, revision=found.revision, size_gb=round(found.size_gb, 3), kind=found.kind,
-                   tier=tier, reason=choice.reason)
+                   tier=tier, reason=choice.reason,
+                   fitting=[{"ref": t.ref, "partition": t.partition, "name": t.name,
+                             "start": starts[t.ref].as_dict(now)} for t in fitting],
+                   sooner=sooner_advice(choice.tier, starts, now) if choice.tier else None)
 
 
 @bp.get("/api/models")

@@ -204,6 +204,9 @@ class Recommendation(Answer):
     kind: Optional[str]
     tier: Optional[Dict[str, Any]]
     reason: str
+    fitting: List[Dict[str, Any]] = Field(description="each tier the model fits: ref, partition, name, start (the "
+                                                      "scheduler's estimate: at, in_seconds, now, text, problem)")
+    sooner: Optional[Dict[str, Any]] = Field(description="a tier that also fits and would start sooner: tier, reason")
 
 
 class Models(Answer):

@@ -111,11 +111,15 @@ def images_ls(ctx, as_json):
 
 
 @main.command()
-@click.option("--model", help="Also recommend a tier for this model (repo id), with the reason.")
+@click.option("--model", help="Also recommend a tier for this model (repo id), with the reason and when each tier "
+                              "that fits would start.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def tiers(ctx, model, as_json):
     """Resource tiers from the site's resource_specs.yaml, and the one a model gets.
+
+    With --model, STARTS is when a job on each tier the model fits would start (the scheduler's estimate, e.g.
+    sbatch --test-only), and a tier that would start sooner than the recommended one is named.
 
     Example: pilotfish tiers --model Qwen/Qwen2.5-0.5B-Instruct
     """
@@ -125,14 +129,18 @@ def tiers(ctx, model, as_json):
     if as_json:
         emit_json({**data, "recommendation": advice} if model else data)
         return
-    table([[t["ref"], t.get("description") or "", t.get("cpu_cores"), t.get("memory_gb"),
-            f"{t.get('gpu_count') or 0}" + (f" {t['gpu_type']}" if t.get("gpu_type") else ""),
-            t.get("max_model_size_gb") if t.get("max_model_size_gb") is not None else "any"]
-           for t in data["tiers"]], ["TIER", "DESCRIPTION", "CPUS", "MEMORY_GB", "GPUS", "MAX_MODEL_GB"])
+    starts = {item["ref"]: (item.get("start") or {}).get("text") or "" for item in (advice or {}).get("fitting", [])}
+    rows = [[t["ref"], t.get("description") or "", t.get("cpu_cores"), t.get("memory_gb"),
+             f"{t.get('gpu_count') or 0}" + (f" {t['gpu_type']}" if t.get("gpu_type") else ""),
+             t.get("max_model_size_gb") if t.get("max_model_size_gb") is not None else "any"]
+            + ([starts.get(t["ref"], "too small")] if advice else []) for t in data["tiers"]]
+    table(rows, ["TIER", "DESCRIPTION", "CPUS", "MEMORY_GB", "GPUS", "MAX_MODEL_GB"] + (["STARTS"] if advice else []))
     click.echo(f"time limit: default {data['time']['default']} min, max {data['time']['max']} min")
     if advice:
         tier = (advice.get("tier") or {}).get("ref") or "none"
         click.echo(f"recommended for {advice['model']}: {tier} ({advice['reason']})")
+        if advice.get("sooner"):
+            click.echo(f"sooner: {advice['sooner']['reason']}")
 
 
 @main.group()

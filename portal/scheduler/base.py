@@ -91,6 +91,12 @@ class Scheduler:
         """Cancel a job; cancelling a job that already ended is not an error."""
         raise NotImplementedError
 
+    def estimate_start(self, resources: Resources, timeout: float = 5.0) -> Optional[datetime]:
+        """When a job asking for `resources` would start if submitted now, by the scheduler's own estimate (an aware
+        datetime), without submitting it; None when this scheduler gives no estimate. A job it could never run raises
+        SubmissionRejected with its words; one that does not answer within `timeout` seconds, SchedulerUnreachable."""
+        return None
+
     def describe(self) -> dict:
         return {"kind": self.name}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -60,6 +61,10 @@ class LocalScheduler(Scheduler):
                     info = JobInfo(job.job_id, JobState.FAILED, detail="the process ended without recording an exit code")
                 found[job.job_id] = info
         return found
+
+    def estimate_start(self, resources: Resources, timeout: float = 5.0) -> Optional[datetime]:
+        """Now: a job starts as soon as it is submitted (this scheduler keeps no queue)."""
+        return datetime.now(timezone.utc)
 
     def overview(self, jobs: Iterable[JobQuery] = ()) -> dict:
         """This host as the one node of a "local" partition; the queue is the portal's jobs that still run."""

@@ -6,7 +6,7 @@ import logging
 import re
 import subprocess
 import threading
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -29,6 +29,7 @@ SQUEUE_FORMAT = "%i|%T|%N|%r|%j"
 SINFO_NODE_FIELDS = ",".join(f"{field}:|" for field in (  # "field:|": unpadded, "|" after each
     "NodeList", "Partition", "StateLong", "CPUsState", "Gres", "GresUsed", "Memory", "AllocMem", "Time", "Available"))
 QUEUE_FORMAT = "%i|%P|%T|%M|%l|%D|%b|%R|%j"  # the name last: it may contain '|'
+TEST_ONLY_START = re.compile(r"\bto start at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)")
 USABLE_NODE_STATES = ("idle", "mixed")  # states in which a node takes new jobs
 
 STATE_MAP = {
@@ -64,7 +65,8 @@ def _clean_message(stderr: str) -> str:
     kept = []
     for line in stderr.strip().splitlines():
         text = line.strip()
-        for prefix in ("sbatch: error: ", "squeue: error: ", "sacct: error: ", "scancel: error: ", "error: "):
+        for prefix in ("allocation failure: ", "sbatch: error: ", "squeue: error: ", "sacct: error: ",
+                       "scancel: error: ", "error: "):
             if text.startswith(prefix):
                 text = text[len(prefix):]
         text = text.replace("Batch job submission failed: ", "")
@@ -84,16 +86,17 @@ class SlurmScheduler(Scheduler):
         self.calls = 0  # scheduler commands run, for metrics and the reconcile benchmark
         self._lock = threading.Lock()
 
-    def _run(self, args: List[str]) -> subprocess.CompletedProcess:
+    def _run(self, args: List[str], timeout: Optional[float] = None) -> subprocess.CompletedProcess:
+        timeout = self.timeout if timeout is None else timeout
         with self._lock:
             self.calls += 1
         try:
-            return subprocess.run(args, capture_output=True, text=True, timeout=self.timeout,
+            return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
                                   env=job_environment(), stdin=subprocess.DEVNULL)  # sbatch exports it to the job
         except FileNotFoundError:
             raise SchedulerUnreachable(f"{args[0]} not found: is Slurm installed on this node?")
         except subprocess.TimeoutExpired:
-            raise SchedulerUnreachable(f"{args[0]} did not answer within {self.timeout:g} s")
+            raise SchedulerUnreachable(f"{args[0]} did not answer within {timeout:g} s")
 
     def _check(self, result: subprocess.CompletedProcess, command: str) -> None:
         if result.returncode == 0:
@@ -115,6 +118,16 @@ class SlurmScheduler(Scheduler):
         if not job_id.isdigit():
             raise SubmissionRejected(f"sbatch gave no job id: {result.stdout.strip()!r}")
         return job_id
+
+    def estimate_start(self, resources: Resources, timeout: float = 5.0) -> Optional[datetime]:
+        """Slurm's own estimate: `sbatch --test-only` with the job's resources (nothing is submitted)."""
+        result = self._run(["sbatch", "--test-only", "--job-name=pilotfish-estimate", "--output=/dev/null",
+                            *resource_options(resources), "--wrap=true"], timeout=min(timeout, self.timeout))
+        self._check(result, "sbatch --test-only")
+        start = parse_test_only(result.stderr + result.stdout)
+        if start is None:
+            raise SubmissionRejected(f"sbatch --test-only gave no start time: {_clean_message(result.stderr)}")
+        return start
 
     def query(self, jobs: Iterable[JobQuery]) -> Dict[str, JobInfo]:
         jobs = list(jobs)
@@ -196,6 +209,18 @@ class SlurmScheduler(Scheduler):
             self._check(result, command)
         except SubmissionRejected as exc:
             raise SchedulerUnreachable(f"{command} failed: {exc}")
+
+
+def parse_test_only(text: str) -> Optional[datetime]:
+    """The start time in `sbatch --test-only`'s words ("sbatch: Job 1234 to start at 2026-12-01T07:30:00 using 1
+    processors on nodes vm in partition cpu"), Slurm's local time, as an aware datetime; None if there is none."""
+    match = TEST_ONLY_START.search(text or "")
+    if not match:
+        return None
+    try:
+        return datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").astimezone()
+    except ValueError:
+        return None
 
 
 def _number(text: str) -> int:

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import shlex
+from datetime import datetime, timezone
 
 from flask import current_app, g, redirect, render_template, request, url_for
 
 from .. import services
 from ..catalog import inventory
 from ..catalog.kinds import KINDS
-from ..catalog.tiers import tiers_as_dicts
+from ..catalog.start_times import PAGE_WAIT, tier_starts
+from ..catalog.tiers import all_tiers, tiers_as_dicts
 from ..client import replicas_value
 from ..errors import PortalError, RejectedError, UnavailableError, ValidationError
 from ..launching import site_specs
@@ -82,6 +84,10 @@ def launch():
     try:
         specs = site_specs(config)
         tiers = tiers_as_dicts(specs, current_app.extensions["pilotfish.scheduler"].arguments)
+        starts = tier_starts(current_app._get_current_object(), specs, all_tiers(specs), wait_for=PAGE_WAIT)
+        now = datetime.now(timezone.utc)
+        for tier in tiers:
+            tier["start"] = starts[tier["ref"]].as_dict(now)
         time_limits = {"default": specs.time_default, "max": specs.time_max}
     except UnavailableError as exc:
         specs_problem = exc.message

@@ -1,7 +1,7 @@
 "use strict";
 // The launch form: models filtered by kind, the revisions of the chosen model, and the tier recommended for it
-// (GET /api/tiers/recommend) preselected with its reason, renewal's box and its end kept in step. The portal checks
-// everything again on submit.
+// (GET /api/tiers/recommend) preselected with its reason, when each tier the model fits would start (and a tier that
+// would start sooner), renewal's box and its end kept in step. The portal checks everything again on submit.
 
 (() => {
   const data = PF.initial("launch-data");
@@ -14,6 +14,7 @@
   const recommended = document.getElementById("recommended_tier");
   const byRepo = new Map(data.models.map((entry) => [entry.repo_id, entry]));
   const tiers = new Map(data.tiers.map((item) => [item.ref, item]));
+  const starts = new Map(); // each tier's estimated start, in words
   const LOCATIONS = {cache: "site cache (shared, read-only)", home: "your models"};
   let asked = 0; // the latest recommendation asked for; older answers are ignored
 
@@ -95,8 +96,23 @@
     const gpuType = item.gpu_type ? ` (${item.gpu_type})` : "";
     const gpus = item.gpu_count ? `${item.gpu_count} GPU${item.gpu_count > 1 ? "s" : ""}${gpuType}` : "no GPU";
     const size = item.max_model_size_gb === null ? "any model size" : `models up to ${item.max_model_size_gb} GB`;
+    const start = starts.get(item.ref);
     PF.setText(details, `${gpus}, ${item.cpu_cores} CPU${item.cpu_cores > 1 ? "s" : ""}, ${item.memory_gb} GB memory; ` +
-      `${size}. sbatch ${item.sbatch.join(" ")}`);
+      `${size}. sbatch ${item.sbatch.join(" ")}` + (start ? `. Would start: ${start}` : ""));
+  }
+
+  // When each tier would start: the page's estimates, then those of the recommendation (the tiers the model fits).
+  function showStarts(answer) {
+    const fitting = new Map((answer ? answer.fitting || [] : []).map((item) => [item.ref, item.start]));
+    for (const cell of document.querySelectorAll("[data-start]")) {
+      const ref = cell.dataset.start;
+      const start = answer ? fitting.get(ref) : (tiers.get(ref) || {}).start;
+      const text = start ? start.text : answer ? "too small for this model" : "";
+      if (start) starts.set(ref, text); else starts.delete(ref);
+      PF.setText(cell, text);
+      cell.classList.toggle("text-body-secondary", Boolean(answer) && !start);
+      if (start && start.at) cell.title = start.at; else cell.removeAttribute("title");
+    }
   }
 
   function markRecommended(ref) {
@@ -113,6 +129,7 @@
     if (!data.tiers.length) return;
     if (!byRepo.has(model.value)) {
       PF.setText(reason, "This model is not in the inventory: pick a tier yourself, or another model.");
+      showStarts(null);
       return;
     }
     PF.setText(reason, "Finding the tier for this model…");
@@ -125,10 +142,14 @@
         recommended.value = answer.tier.ref;
         markRecommended(answer.tier.ref);
         if (select) tier.value = answer.tier.ref;
-        PF.setText(reason, `Recommended: ${answer.tier.ref}, because ${answer.reason}.`);
+        const when = answer.tier.start || {};
+        const start = when.at ? ` It would start ${when.text}.` : when.text ? ` (${when.text})` : "";
+        const sooner = answer.sooner ? ` Sooner: ${answer.sooner.reason}.` : "";
+        PF.setText(reason, `Recommended: ${answer.tier.ref}, because ${answer.reason}.${start}${sooner}`);
       } else {
         PF.setText(reason, `No tier fits: ${answer.reason}.`);
       }
+      showStarts(answer);
     } catch (err) {
       if (mine === asked) PF.setText(reason, `No recommendation: ${err.message}`);
     }
@@ -163,6 +184,7 @@
   });
 
   filterModels();
+  showStarts(null);
   fillRevisions(revision.dataset.submitted || "");
   showInfo();
   showTier();

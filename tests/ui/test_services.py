@@ -113,6 +113,9 @@ def test_launch_form_shows_each_refusal_next_to_its_field(ui_portal, browser):
     sign_in(page, portal)  # at the bare path this time
     page.goto(f"{portal.url}/ui/launch?kind=text-generation&model=test/tiny")
     expect(page.locator("#tier-reason")).to_contain_text("Recommended: cpu.Tiny")
+    # when each tier would start (Slurm's estimate); Nano takes no model, so it is too small for this one
+    expect(page.locator('[data-start="cpu.Tiny"]')).to_have_text(re.compile(r"^(now|in about \d+ min \(\d\d:\d\d\))$"))
+    expect(page.locator('[data-start="cpu.Nano"]')).to_have_text("too small for this model")
 
     def problem_of(field):
         control = page.locator(f"#{field}")
