@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -57,7 +58,7 @@ def _read_cache(cache_file: Optional[Path]) -> dict:
 
 def _write_json(path: Path, data) -> None:
     """Written whole, then renamed over the old file (another worker reads either one or the other)."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=True)
