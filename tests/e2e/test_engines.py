@@ -331,6 +331,22 @@ def test_a_crashed_llama_cpp_server_fails_in_words(running):
     assert "segmentation fault" in error.value.message and "FAILED" in error.value.message
 
 
+def test_stop_ends_jobs_and_processes(running):
+    """Runs after the others but the relaunch: stops every service and checks the jobs and server processes are
+    gone."""
+    portal = running.portal
+    ports = {}
+    for name, service in running.services.items():
+        fresh = portal.service(service["id"])
+        ports[name] = str(fresh["endpoint"]["port"])
+        assert portal.request("POST", f"/api/services/{service['id']}/stop").status_code == 202
+    for name, service in running.services.items():
+        ended = portal.wait_state(service["id"], {"STOPPED"}, timeout=120)
+        assert ended["job_id"] not in squeue_ids()
+    wait_for(lambda: not [p for p in psutil.process_iter(["cmdline"]) if set(ports.values()) & set(p.info["cmdline"] or [])],
+             timeout=60, what="the server processes to exit")
+
+
 def comparable(provenance: dict) -> dict:
     """What must be the same for the same service launched again (its id, name and times aside)."""
     model, engine = provenance["model"], provenance["engine"]
@@ -346,14 +362,14 @@ def comparable(provenance: dict) -> dict:
 def test_provenance_of_real_vllm_and_its_relaunch_from_the_exported_recipe(running, tmp_path):
     """The tiny Llama's revision and file sha256s (checked against the files), vLLM's version (checked against its
     own version file and its log); `pilotfish export` then `pilotfish apply` launch it again with the same
-    provenance."""
+    provenance. Runs after the services stopped, so that the relaunch has the resources they held."""
     portal, original = running.portal, running.services["vllm"]
     answer = portal.request("GET", f"/api/services/{original['id']}/provenance")
     assert answer.status_code == 200, answer.text
     data = answer.json()
     snapshot = installer.snapshot_of(installer.models_dir(), TINY_LLAMA)
     assert data["model"]["repo_id"] == TINY_LLAMA and data["model"]["revision"] == snapshot.name
-    assert data["model"]["path"] == str(snapshot)
+    assert Path(data["model"]["path"]).resolve() == snapshot.resolve()  # the site's cache links the staged models
     on_disk = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
                for path in snapshot.iterdir() if path.is_file()}
     assert {entry["name"]: entry["sha256"] for entry in data["model"]["files"]} == on_disk
@@ -391,18 +407,3 @@ def test_provenance_of_real_vllm_and_its_relaunch_from_the_exported_recipe(runni
         deleted = subprocess.run([pilotfish, "apply", "--delete", str(recipe)], env=env, capture_output=True, text=True,
                                  timeout=300)
         assert deleted.returncode == 0, deleted.stderr
-
-
-def test_stop_ends_jobs_and_processes(running):
-    """Runs last in this module: stops every service and checks the jobs and server processes are gone."""
-    portal = running.portal
-    ports = {}
-    for name, service in running.services.items():
-        fresh = portal.service(service["id"])
-        ports[name] = str(fresh["endpoint"]["port"])
-        assert portal.request("POST", f"/api/services/{service['id']}/stop").status_code == 202
-    for name, service in running.services.items():
-        ended = portal.wait_state(service["id"], {"STOPPED"}, timeout=120)
-        assert ended["job_id"] not in squeue_ids()
-    wait_for(lambda: not [p for p in psutil.process_iter(["cmdline"]) if set(ports.values()) & set(p.info["cmdline"] or [])],
-             timeout=60, what="the server processes to exit")
