@@ -344,6 +344,10 @@ class ServiceHandle:
     def logs(self, tail: int = 200) -> str:
         return self.portal.request("GET", f"/api/services/{self.id}/logs", params={"tail": tail}).json()["log"]
 
+    def provenance(self) -> dict:
+        """Model revision and file sha256s, engine version, image digest, arguments; `recipe` and `methods`."""
+        return self.portal.request("GET", f"/api/services/{self.id}/provenance").json()
+
     def renew_lease(self) -> dict:
         """Renew the service's lease from now (what the heartbeat does); PortalClientError (409) when it has none or
         has ended."""

@@ -14,6 +14,7 @@ Pilotfish format (YAML or JSON), a list of services or a mapping with `name` and
 
 `renew` as in a launch: true (a successor job takes over before each job's time limit, until stopped), false, how
 long the service lives in all (8h, 2d) or when it ends (2026-12-01T18:00); a duration counts from the launch.
+`image` (Apptainer) as in a launch: the SIF file or image tag to run instead of the pinned image.
 `replicas` as in a launch: 2, 1:3 or {min, max, target_in_flight}: one service served by several jobs, where `count`
 makes separate services. YAML text such as 1:3 or 1:00:00 stays text here (YAML 1.1 would read a number in base 60).
 
@@ -37,9 +38,10 @@ from .lifetimes import parse_idle_timeout, parse_renewal
 from .scaling import parse_replicas
 
 SERVICE_FIELDS = {"kind", "model", "revision", "tier", "resources", "time", "count", "name", "engine_args", "force",
-                  "idle_timeout", "renew", "replicas"}
+                  "idle_timeout", "renew", "replicas", "image"}
 NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,80}$")
 MAX_COUNT = 20
+IMAGE = re.compile(r"^[A-Za-z0-9_.\-/:@]{1,200}$")  # as a launch takes it
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # The orchestrator's `service.type` values, and what they mean here.
 STUDENT_TYPES = {"ollama": "text-generation", "inference": "text-generation", "llm": "text-generation",
@@ -164,6 +166,10 @@ def _parse_entry(entry, where: str, recipe_name: str, first_index: int) -> List[
     if entry.get("replicas") is not None:  # checked here, sent as written
         _checked(f"{where}.replicas", parse_replicas, entry["replicas"])
         body["replicas"] = entry["replicas"]
+    if entry.get("image") is not None:  # apptainer: the SIF file (or image tag) to run instead of the pinned one
+        if not isinstance(entry["image"], str) or not IMAGE.fullmatch(entry["image"]):
+            raise RecipeError(f"{where}.image", f"expected an image file name or tag, got {entry['image']!r}")
+        body["image"] = entry["image"]
     if entry.get("resources") is not None:
         body["resources"] = _checked(f"{where}.resources", parse_resources, entry["resources"])
     if entry.get("force") is not None:

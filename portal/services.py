@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from flask import current_app
 
+from . import provenance
 from .db import db
 from .errors import ConflictError, NotFoundError, RejectedError, UnavailableError, ValidationError
 from .launching import parse_launch_request, plan_launch, render_job_script, resources_dict
@@ -128,6 +129,8 @@ def launch(body, principal: Optional[str]) -> Service:
     service.tls_fingerprint = make_certificate(job_dir, service_id)
     script = job_dir / "job.sh"
     write_private(script, render_job_script(service, plan), 0o700)
+    provenance.record(service, plan, current_scheduler().arguments(plan.resources, job_dir, job_name(service)),
+                      sha256_cache(config))
     db.session.add(service)
     db.session.commit()
     tier_note = f"tier {service.tier}: {plan.tier_reason}" if plan.tier else "explicit resources"
@@ -164,6 +167,16 @@ def launch(body, principal: Optional[str]) -> Service:
     db.session.commit()
     _wake_reconciler()
     return service
+
+
+def sha256_cache(config) -> Path:
+    """Where the sha256s of model files without a blob name (and of images) are remembered (portal/provenance.py)."""
+    return config.home / provenance.CACHE_NAME
+
+
+def read_provenance(service: Service) -> dict:
+    """The service's provenance (sha256s computed once where they were not yet known), recipe and methods paragraph."""
+    return provenance.read(service, sha256_cache(current_app.config["PILOTFISH"]))
 
 
 def list_services(state: Optional[str] = None) -> List[Service]:

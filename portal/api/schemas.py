@@ -187,6 +187,44 @@ class Script(Answer):
     script: str
 
 
+class ProvenanceFile(Answer):
+    name: str = Field(description="its path in the snapshot folder")
+    size: int
+    sha256: Optional[str] = Field(description="null when it changed or went before it was hashed (see sha256_from)")
+    sha256_from: Optional[str] = Field(description="blob name (the Hugging Face cache names LFS files by their "
+                                                   "sha256), computed, or why there is none")
+    weights: bool = Field(description="a weight file (safetensors, bin, gguf, ...)")
+
+
+class ProvenanceModel(Answer):
+    repo_id: str
+    revision: str = Field(description="the snapshot's commit")
+    files: List[ProvenanceFile]
+
+
+class ProvenanceEngine(Answer):
+    name: str
+    runtime: str
+    command: str
+    version: str = Field(description="read from the engine's virtualenv; unknown when it cannot be known")
+
+
+class Provenance(Answer):
+    service: str
+    kind: str
+    model: ProvenanceModel
+    engine: ProvenanceEngine
+    image: Optional[Dict[str, Any]] = Field(description="apptainer: the image's reference, SIF file and its sha256")
+    server_arguments: List[str] = Field(description="the server's arguments in the job script (before its TLS "
+                                                    "files, host and port)")
+    tier: Optional[str]
+    resources: Dict[str, Any]
+    scheduler: str
+    scheduler_arguments: List[str]
+    recipe: Dict[str, Any] = Field(description="a recipe (pilotfish apply) that launches the identical service")
+    methods: str = Field(description="a paragraph for a methods section")
+
+
 class Deleted(Answer):
     deleted: Union[str, List[str]]
 

@@ -83,6 +83,15 @@ def service_script(service_id):
     return jsonify(id=service.id, script=services.read_job_script(service))
 
 
+@bp.get("/api/services/<service_id>/provenance")
+@described("What a service runs: the model's revision and file sha256s, the engine and its version, the image's "
+           "digest, the server and scheduler arguments; a recipe that launches it again and a methods paragraph",
+           answers={200: schemas.Provenance}, errors=(404,))
+def service_provenance(service_id):
+    """Recorded at launch; sha256s of files without a blob name are computed at the first read, then stored."""
+    return jsonify(services.read_provenance(services.get_service(service_id)))
+
+
 @bp.post("/api/services/<service_id>/stop")
 @described("Stop a service (202 while its job ends)", answers={200: schemas.Service, 202: schemas.Service},
            errors=(404, 409, 503))

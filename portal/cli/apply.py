@@ -20,9 +20,10 @@ def apply(ctx, recipe_file, delete, dry_run, timeout, as_json):
     """Deploy the services a recipe declares and wait until all are RUNNING (or tear them down with --delete).
 
     A recipe (YAML or JSON) is `name` plus a list of `services`, each with kind, model and optionally
-    tier or resources (partition, account, cpus, memory_gb, gpus), time, count, name, engine_args. The
-    student orchestrator's JSON (`job.infrastructure`, `job.service`) is read too. Services are named
-    `<recipe name>-<index>` (or their own name), which is how --delete and a second apply find them.
+    tier or resources (partition, account, cpus, memory_gb, gpus), revision, time, count, name, engine_args,
+    idle_timeout, renew, replicas, image. The student orchestrator's JSON (`job.infrastructure`, `job.service`) is
+    read too. Services are named `<recipe name>-<index>` (or their own name), which is how --delete and a second
+    apply find them. `pilotfish export ID` writes the recipe of a service that ran (its revision pinned).
 
     \b
     Example recipe (demo.yaml):

@@ -1,8 +1,9 @@
-"""`pilotfish start|status|run|ls|details|logs|stop|rm|prune`: the portal and its services."""
+"""`pilotfish start|status|run|ls|details|export|logs|stop|rm|prune`: the portal and its services."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -238,6 +239,70 @@ def details(ctx, service_id, as_json):
     click.echo("events")
     for event in data.get("events", []):
         click.echo(f"  {event['at']}  {event['from'] or '-':>9} -> {event['to']:<9} {event.get('reason') or ''}")
+
+
+@main.command()
+@click.argument("service_id")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the recipe to this file (YAML).")
+@click.option("--name", callback=lambda ctx, param, value: _recipe_name(value),
+              help="The name the recipe gives the service (default: its own; `pilotfish apply` reuses a live "
+                             "service of that name instead of launching another).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole provenance as JSON.")
+@click.pass_context
+def export(ctx, service_id, output, name, as_json):
+    """What a service (ID or unique prefix) ran, as a recipe that launches the identical service again (revision
+    pinned, the same engine arguments, tier and resources) and a paragraph for a methods section: the model's
+    revision and weight sha256s, the engine and its version, the image's digest.
+
+    Without -o, the recipe goes to stdout with the provenance as comments; with -o, it is written there and the
+    paragraph is printed.
+
+    \b
+    Examples:
+      pilotfish export 3fa2 -o llama.yaml && pilotfish apply llama.yaml
+      pilotfish export 3fa2 --json
+    """
+    import yaml
+
+    data = portal_of(ctx).service(service_id).provenance()
+    if as_json:
+        emit_json(data)
+        return
+    model, engine = data["model"], data["engine"]
+    header = [f"Provenance of service {data['service']} ({data['name']}), recorded {data.get('recorded_at')}:",
+              f"model {model['repo_id']} at revision {model['revision']}",
+              *(f"  {entry['name']}  sha256 {entry['sha256'] or '-'} ({entry['sha256_from'] or 'not hashed'})"
+                for entry in model["files"]),
+              f"engine {engine['title']} {engine.get('version')} ({engine['runtime']}: {engine['command']})"]
+    if data.get("image"):
+        header.append(f"image {data['image'].get('reference') or '-'}: {data['image']['file']} "
+                      f"sha256 {data['image'].get('sha256') or '-'}")
+    header += [f"server arguments: {shlex.join(data['server_arguments'])}",
+               f"tier {data.get('tier') or '-'}; {data['scheduler']} arguments: "
+               f"{shlex.join(data['scheduler_arguments'])}",
+               "", *_wrapped(data["methods"])]
+    if name:
+        data["recipe"]["services"][0]["name"] = data["recipe"]["name"] = name
+    text = "".join(f"# {line}".rstrip() + "\n" for line in header) + yaml.safe_dump(
+        data["recipe"], sort_keys=False, default_flow_style=False, width=1000)
+    if not output:
+        click.echo(text, nl=False)
+        return
+    with open(output, "w") as handle:
+        handle.write(text)
+    click.echo(data["methods"])
+    click.echo(f"# recipe written to {output}: `pilotfish apply {shlex.quote(output)}` launches it again", err=True)
+
+
+def _recipe_name(value):
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9_.\-]{1,80}", value):
+        raise click.BadParameter("up to 80 letters, digits, '.', '_' or '-'")
+    return value
+
+
+def _wrapped(text: str, width: int = 110):
+    import textwrap
+    return textwrap.wrap(text, width) or [""]
 
 
 @main.command()

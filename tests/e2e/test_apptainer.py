@@ -3,6 +3,7 @@ server from a SIF image (Python, faster-whisper, the portal's Whisper server and
 Slurm; the model is bound read-only whether it lives in cache_dir or in a home_dir under the home folder."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -177,6 +178,23 @@ def test_the_model_is_read_only_inside_the_container(running, site, layout):
     assert "probe: HF_HUB_OFFLINE=1 key set: yes" in log, log[-3000:]
     assert "Read-only file system" in log and "probe: the model folder is read-only" in log, log[-3000:]
     assert not (site[1][layout] / PROBE).exists()
+
+
+def test_provenance_names_the_image_by_its_sha256(running, image):
+    """The SIF file's sha256 (hashed once, at the first read), the engine's version unknown (it is inside the image),
+    and the exported recipe runs the same image."""
+    portal, services = running
+    answer = portal.request("GET", f"/api/services/{services['cache']['id']}/provenance")
+    assert answer.status_code == 200, answer.text
+    data = answer.json()
+    digest = hashlib.sha256()
+    with open(image, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    assert data["image"]["file"] == image.name and data["image"]["sha256"] == digest.hexdigest()
+    assert data["engine"]["runtime"] == "apptainer" and data["engine"]["version"] == "unknown"
+    assert data["recipe"]["services"][0]["image"] == image.name
+    assert f"SIF file SHA-256 {digest.hexdigest()}" in data["methods"]
 
 
 def test_speech_from_both_layouts_is_transcribed_through_the_gateway(running, speech):

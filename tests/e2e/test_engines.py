@@ -3,12 +3,15 @@ llama.cpp (the portable build) on SmolLM2 135M Instruct and on Gemma 3 270M, fas
 each a job on the real test Slurm."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import runpy
 import signal
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import requests
 from tests.conftest import squeue_ids, wait_for
 from portal.catalog.kinds import ENGINES
 from portal.engines import installer
-from tests.e2e.conftest import GEMMA, SMOLLM, TINY_LLAMA, WHISPER
+from tests.e2e.conftest import GEMMA, READY_TIMEOUT, SMOLLM, TINY_LLAMA, WHISPER
 from tests.support.benchmark_checks import check_load_figures, run_benchmark
 from tests.support.prometheus_scrape import delta, scrape
 
@@ -329,7 +332,8 @@ def test_a_crashed_llama_cpp_server_fails_in_words(running):
 
 
 def test_stop_ends_jobs_and_processes(running):
-    """Runs last in this module: stops every service and checks the jobs and server processes are gone."""
+    """Runs after the others but the relaunch: stops every service and checks the jobs and server processes are
+    gone."""
     portal = running.portal
     ports = {}
     for name, service in running.services.items():
@@ -341,3 +345,65 @@ def test_stop_ends_jobs_and_processes(running):
         assert ended["job_id"] not in squeue_ids()
     wait_for(lambda: not [p for p in psutil.process_iter(["cmdline"]) if set(ports.values()) & set(p.info["cmdline"] or [])],
              timeout=60, what="the server processes to exit")
+
+
+def comparable(provenance: dict) -> dict:
+    """What must be the same for the same service launched again (its id, name and times aside)."""
+    model, engine = provenance["model"], provenance["engine"]
+    return {"model": [model["repo_id"], model["revision"], {entry["name"]: entry["sha256"] for entry in model["files"]}],
+            "engine": [engine["name"], engine["runtime"], engine["command"], engine["version"]],
+            "image": provenance["image"], "server_arguments": provenance["server_arguments"],
+            "engine_args": provenance["engine_args"], "tier": provenance["tier"], "resources": provenance["resources"],
+            "scheduler_arguments": [arg.replace(provenance["service"], "<id>")
+                                    for arg in provenance["scheduler_arguments"]],
+            "idle_timeout": provenance["idle_timeout"]}
+
+
+def test_provenance_of_real_vllm_and_its_relaunch_from_the_exported_recipe(running, tmp_path):
+    """The tiny Llama's revision and file sha256s (checked against the files), vLLM's version (checked against its
+    own version file and its log); `pilotfish export` then `pilotfish apply` launch it again with the same
+    provenance. Runs after the services stopped, so that the relaunch has the resources they held."""
+    portal, original = running.portal, running.services["vllm"]
+    answer = portal.request("GET", f"/api/services/{original['id']}/provenance")
+    assert answer.status_code == 200, answer.text
+    data = answer.json()
+    snapshot = installer.snapshot_of(installer.models_dir(), TINY_LLAMA)
+    assert data["model"]["repo_id"] == TINY_LLAMA and data["model"]["revision"] == snapshot.name
+    assert Path(data["model"]["path"]).resolve() == snapshot.resolve()  # the site's cache links the staged models
+    on_disk = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+               for path in snapshot.iterdir() if path.is_file()}
+    assert {entry["name"]: entry["sha256"] for entry in data["model"]["files"]} == on_disk
+    assert [entry["name"] for entry in data["model"]["files"] if entry["weights"]] == ["model.safetensors"]
+    version_file = next(installer.venv_python("vllm").parent.parent.glob("lib/python*/site-packages/vllm/_version.py"))
+    version = runpy.run_path(str(version_file))["__version__"]
+    assert data["engine"]["name"] == "vllm" and data["engine"]["version"] == version
+    log = portal.request("GET", f"/api/services/{original['id']}/logs", params={"tail": 5000}).json()["log"]
+    said = re.findall(r"vLLM API server version ([0-9][^\s,]*)", log)
+    assert not said or said[0] == version, said
+    assert data["engine_args"] == data["server_arguments"][-2:] == ["--max-model-len", "256"]
+    assert version in data["methods"] and data["model"]["revision"] in data["methods"]
+    assert on_disk["model.safetensors"] in data["methods"]
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PILOTFISH_")}
+    env.update(PILOTFISH_URL=portal.url, PILOTFISH_TOKEN=portal.token)
+    pilotfish = str(Path(sys.executable).parent / "pilotfish")
+    recipe = tmp_path / "again.yaml"
+    exported = subprocess.run([pilotfish, "export", original["id"], "-o", str(recipe), "--name", "e2e-vllm-again"],
+                              env=env, capture_output=True, text=True, timeout=60)
+    assert exported.returncode == 0, exported.stderr
+    assert exported.stdout.strip() == data["methods"]
+    try:
+        applied = subprocess.run([pilotfish, "apply", str(recipe), "--json", "--timeout", str(READY_TIMEOUT)], env=env,
+                                 capture_output=True, text=True, timeout=READY_TIMEOUT + 60)
+        assert applied.returncode == 0, f"{applied.stdout}\n{applied.stderr}"
+        again = json.loads(applied.stdout)[0]
+        assert again["id"] != original["id"] and again["state"] == "RUNNING" and again["name"] == "e2e-vllm-again"
+        relaunched = portal.request("GET", f"/api/services/{again['id']}/provenance").json()
+        assert comparable(relaunched) == comparable(data)
+        chat = client(running).chat.completions.create(model=TINY_LLAMA, messages=[{"role": "user", "content": "Hi"}],
+                                                       max_tokens=4)
+        assert chat.choices[0].message.content is not None
+    finally:
+        deleted = subprocess.run([pilotfish, "apply", "--delete", str(recipe)], env=env, capture_output=True, text=True,
+                                 timeout=300)
+        assert deleted.returncode == 0, deleted.stderr
