@@ -17,7 +17,7 @@ from portal.cli.command import main as pilotfish
 from portal.client import PortalClientError, replicas_value
 from portal.recipes import RecipeError, load_recipe, parse_recipe
 from tests.conftest import REPO
-from tests.test_renewal_surfaces import LAUNCH, FakePortal, portal, service  # noqa: F401 (fixture)
+from tests.test_renewal_surfaces import LAUNCH, FakePortal, launch_page, portal, service  # noqa: F401 (fixture)
 
 BAD = ("x", "1:99", "3:1")  # refused by the API's parse_replicas: not a count, over the maximum, max below min
 
@@ -197,12 +197,6 @@ def test_the_pages_say_how_many_jobs_serve_and_each_replicas_phase():
 
 
 # --- the launch page ---------------------------------------------------------------------------------------
-
-def launch_page(client, auth, **form):
-    page = client.post("/ui/launch", data={**LAUNCH, "action": "check", **form}, headers=auth)
-    assert page.status_code == 200
-    return page.get_data(as_text=True)
-
 
 def test_the_launch_page_has_the_replica_fields(client, auth):
     text = client.get("/ui/launch", headers=auth).get_data(as_text=True)
