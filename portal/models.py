@@ -51,6 +51,7 @@ class Service(db.Model):
     ready_at = db.Column(db.DateTime)
     ended_at = db.Column(db.DateTime)
     last_activity = db.Column(db.DateTime)  # the last proxied request (kept fresh while one is in flight)
+    busy_seconds = db.Column(db.Float, nullable=False, default=0.0, server_default="0")  # with a request in flight
     # How long it lives unused (portal/lifetimes.py): stopped after idle_timeout minutes without a request, or once
     # its lease (seconds) was neither renewed nor used for that long. stop_reason: why the portal was asked to stop it.
     idle_timeout = db.Column(db.Integer)
@@ -242,9 +243,32 @@ class ApiKey(db.Model):
     hint = db.Column(db.String(16), nullable=False)
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
     revoked_at = db.Column(db.DateTime)
+    # What it may do (portal/keys.py): scopes (comma-separated: use, read, launch), the models it may call (a JSON
+    # list; null: any), its end, its rates (null: unlimited), and its last use (written off the request path).
+    scopes = db.Column(db.String(40), nullable=False, default="use,read,launch", server_default="use,read,launch")
+    models_json = db.Column(db.Text)
+    expires_at = db.Column(db.DateTime)
+    requests_per_minute = db.Column(db.Integer)
+    tokens_per_minute = db.Column(db.Integer)
+    last_used_at = db.Column(db.DateTime)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "hint": self.hint, "created_at": iso(self.created_at)}
+
+
+class Usage(db.Model):
+    """What one principal ("owner", "key:<name>") asked of one service's model on one day (UTC): aggregates
+    written by portal/usage.py off the request path, never a row per request."""
+    __tablename__ = "usage"
+
+    day = db.Column(db.String(10), primary_key=True)  # YYYY-MM-DD
+    principal = db.Column(db.String(80), primary_key=True)
+    model = db.Column(db.String(300), primary_key=True)
+    service_id = db.Column(db.String(16), primary_key=True)
+    requests = db.Column(db.Integer, nullable=False, default=0, server_default="0")
+    errors = db.Column(db.Integer, nullable=False, default=0, server_default="0")
+    prompt_tokens = db.Column(db.BigInteger, nullable=False, default=0, server_default="0")
+    completion_tokens = db.Column(db.BigInteger, nullable=False, default=0, server_default="0")
 
 
 class LoginSession(db.Model):
