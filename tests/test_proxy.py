@@ -62,10 +62,14 @@ def test_models_lists_running_services(client):
     assert ids == {MODEL, AUDIO_MODEL}
 
 
-def test_chat_completion_and_embeddings_through_the_gateway(client):
+def test_chat_completion_and_embeddings_through_the_gateway(client, chat_service):
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert reply.choices[0].message.content == "tok0 tok1 tok2 "
     assert reply.usage.completion_tokens == 3
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                           max_tokens=1)
+    assert raw.headers["x-pilotfish-service"] == chat_service["id"]
+    assert raw.headers["x-pilotfish-model-revision"] == chat_service["revision"]
     text = client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
     assert text.choices[0].text == "tok0 tok1 "
     embedding = client.embeddings.create(model=MODEL, input="hi")
@@ -253,6 +257,9 @@ def test_request_is_forwarded_faithfully(portal, chat_service):
     assert "cookie" not in headers and headers["x-custom"] == "kept" and headers["content-type"] == "audio/wav"
     assert "x-custom-hop" not in headers  # named in Connection: a hop-by-hop header of this request
     assert len(response.raw.headers.getlist("Date")) == 1  # the portal's, not the service's as well
+    # What answered: the service and its model's revision, named by the portal (the service's own claim dropped).
+    assert response.raw.headers.getlist("X-Pilotfish-Service") == [chat_service["id"]]
+    assert chat_service["revision"] and response.headers["X-Pilotfish-Model-Revision"] == chat_service["revision"]
     encoded = portal.request("GET", f"/services/{chat_service['id']}/echo?x=a%20b&y=%2F%3F").json()
     assert encoded["query"] == "x=a%20b&y=%2F%3F"  # as sent, not decoded and encoded again
     # A chunked upload (no Content-Length) streams through too.

@@ -37,6 +37,8 @@ DIRECTORY_MAX_AGE = 2.0  # past this, requests wait for the reload: never routed
 ROUTES_CHANGED_FILE = "routes.changed"  # touched after every committed state change (routes_changed)
 ACTIVITY_FLUSH_SECONDS = 10.0
 LOAD_WRITE_SECONDS = 1.0
+SERVICE_HEADER = b"x-pilotfish-service"  # on every relayed answer: the service that answered
+REVISION_HEADER = b"x-pilotfish-model-revision"  # and its model's revision (docs/provenance.md)
 
 
 @dataclass
@@ -50,6 +52,14 @@ class Route:
     api_key: str
     tls_fingerprint: Optional[str] = None  # its certificate's pin (portal/service_tls.py); None: plain HTTP
     replicas: Tuple[Tuple[str, int], ...] = ()  # (host, port) of its serving replicas besides host and port
+    revision: Optional[str] = None  # the model's revision (a snapshot's commit), if it has one
+
+    def __post_init__(self):
+        # What every answer relayed from it carries (relay.py): which service answered, and the model's revision.
+        marks = [(SERVICE_HEADER, self.id.encode("latin-1", "replace"))]
+        if self.revision:
+            marks.append((REVISION_HEADER, self.revision.encode("latin-1", "replace")))
+        self.answer_marks: Tuple[Tuple[bytes, bytes], ...] = tuple(marks)
 
     @property
     def endpoints(self) -> Tuple[Tuple[str, int], ...]:
@@ -118,7 +128,8 @@ class ServiceDirectory:
                 if fresh or self.stale or self.changed:
                     mark = self._change_mark()  # read before the rows: a change committed after it reloads again
                     rows = db.session.query(Service.id, Service.state, Service.model, Service.kind, Service.host,
-                                            Service.port, Service.api_key, Service.tls_fingerprint).filter(
+                                            Service.port, Service.api_key, Service.tls_fingerprint,
+                                            Service.revision).filter(
                         Service.state.in_(State.LIVE)).all()
                     replicas: Dict[str, list] = {}
                     for service_id, host, port in db.session.query(
@@ -127,7 +138,8 @@ class ServiceDirectory:
                             ServiceJob.port.isnot(None)).order_by(ServiceJob.generation):
                         replicas.setdefault(service_id, []).append((host, port))
                     db.session.remove()
-                    self._routes = {row.id: Route(*row, replicas=tuple(replicas.get(row.id, ()))) for row in rows}
+                    self._routes = {row.id: Route(*row[:-1], replicas=tuple(replicas.get(row.id, ())),
+                                                  revision=row.revision) for row in rows}
                     self._loaded = time.monotonic()
                     self._seen_change = mark
         return self._routes

@@ -18,7 +18,8 @@ from typing import Dict, Optional, Tuple
 
 from . import recording
 from .answers import Answer, not_running, openai_error
-from .directory import DIRECTORY_MAX_AGE, ROUTABLE, Route, ServiceDirectory, stored_state
+from .directory import (DIRECTORY_MAX_AGE, REVISION_HEADER, ROUTABLE, SERVICE_HEADER, Route, ServiceDirectory,
+                        stored_state)
 from ..http_server import AnswerBody, answer_body
 from .incoming import ClientGone, Incoming, SpooledBody
 from .upstream import UpstreamConnection, UpstreamFailed, UpstreamPool
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection", b"te",
               b"trailer", b"trailers", b"transfer-encoding", b"upgrade"}
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"authorization", b"cookie", b"content-length", b"x-csrf-token", b"expect"}
-RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"content-length", b"date", b"server"}  # the portal's own date, as nginx
+# The portal's own date (as nginx) and its own marks of which service answered (directory.Route.answer_marks).
+RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"content-length", b"date", b"server", SERVICE_HEADER, REVISION_HEADER}
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 UNSENT = frozenset({"refused", "connect_timeout", "impostor"})  # failures before anything reached the service
 CHUNK = 64 * 1024
@@ -121,6 +123,7 @@ class Relay:
                     record.failed(failure.metric_kind)
                     return await self.reply(incoming, await self._failure_answer(route, failure, where), endpoint)
             out, content_type, stream, encoding, length = answer_headers(conn.headers)
+            out.extend(route.answer_marks)
             record.answered(endpoint, status, stream)
             if usage is not None and not usage.expect(status, content_type, stream, encoding, length):
                 usage = None

@@ -123,7 +123,8 @@ class Handler(BaseHTTPRequestHandler):
             body = self.read_body()
             return self.send_json(200, {"method": self.command, "path": url.path, "query": url.query,
                                         "headers": dict(self.headers.items()), "length": len(body),
-                                        "sha256": hashlib.sha256(body).hexdigest()})
+                                        "sha256": hashlib.sha256(body).hexdigest()},
+                                  {"X-Pilotfish-Service": "impostor"})  # the portal names what answered, not this
         if url.path.startswith("/status/"):
             self.read_body()
             code = int(url.path.rsplit("/", 1)[1])
