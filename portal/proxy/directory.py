@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .. import change_marks
 from ..db import db
@@ -90,6 +90,10 @@ class ServiceDirectory:
         self._flushed: Dict[str, float] = {}  # service id: when its activity was last written
         self._pending: set = set()  # services whose last activity is not written yet
         self._busy = 0  # requests in flight, all services together
+        # Busy time: since when each service has had a request in flight here, and who is told each busy spell's
+        # seconds when it ends (the usage ledger, portal/usage_ledger.py).
+        self._busy_since: Dict[str, float] = {}
+        self.on_busy: Optional[Callable[[str, float], None]] = None
         self._timer: Optional[asyncio.TimerHandle] = None  # the activity timer, set only while it has work
         # Requests in flight per service, for the reconciler's replica scaling (portal/scaling.py): written about
         # every LOAD_WRITE_SECONDS while anything is in flight, and once more when nothing is.
@@ -147,7 +151,10 @@ class ServiceDirectory:
     def begin(self, service_id: str) -> None:
         """A request starts: count it in flight (its activity is noted while it lasts, see _tick)."""
         with self._lock:
-            self.in_flight[service_id] = self.in_flight.get(service_id, 0) + 1
+            count = self.in_flight.get(service_id, 0)
+            if not count:
+                self._busy_since[service_id] = time.monotonic()
+            self.in_flight[service_id] = count + 1
             self._busy += 1
         if self._timer is None:
             self._set_timer(ACTIVITY_FLUSH_SECONDS)
@@ -158,12 +165,18 @@ class ServiceDirectory:
         """A request finished: count it out and note the activity, which the activity timer writes at once when the
         service's last write is ACTIVITY_FLUSH_SECONDS old, else once that time comes."""
         now = time.time()
+        spell = None
         with self._lock:
-            self.in_flight[service_id] = max(0, self.in_flight.get(service_id, 1) - 1)
+            count = max(0, self.in_flight.get(service_id, 1) - 1)
+            self.in_flight[service_id] = count
+            if not count and service_id in self._busy_since:
+                spell = time.monotonic() - self._busy_since.pop(service_id)
             self._busy = max(0, self._busy - 1)
             self._activity[service_id] = now
             self._pending.add(service_id)
             delay = max(0.0, self._flushed.get(service_id, 0) + ACTIVITY_FLUSH_SECONDS - now)
+        if spell is not None and self.on_busy is not None:
+            self.on_busy(service_id, spell)
         timer = self._timer
         if timer is not None and timer.when() - delay <= asyncio.get_running_loop().time():
             return  # the timer comes first anyway: it writes this too

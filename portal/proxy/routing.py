@@ -48,7 +48,10 @@ class Proxy(Relay):
         who = caller_of_headers(self.app, incoming.method, incoming.header, True)  # never the database
         if who is NEEDS_LOOKUP:
             who = await self.in_thread(caller_of_headers, self.app, incoming.method, incoming.header, False)
-        return None if isinstance(who, Refusal) else who
+        if isinstance(who, Refusal):
+            return None
+        incoming.principal = who
+        return who
 
     async def service(self, incoming: Incoming, service_id: str, path: str, skip: int) -> Tuple[int, int]:
         """/services/<id>/<path>: to that service, whatever it is."""
