@@ -23,6 +23,7 @@ def create_app(config: Optional[Mapping[str, Any]] = None) -> Flask:
     from .db import init_db
     from .errors import PortalError
     from .site import build_site
+    from .usage_ledger import init_usage
 
     use_private_umask()  # before anything is created: the database (-wal, -shm), job folders, logs, the spool
     settings = load_config(config)
@@ -42,6 +43,7 @@ def create_app(config: Optional[Mapping[str, Any]] = None) -> Flask:
     app.extensions["pilotfish.site"] = site
     app.extensions["pilotfish.scheduler"] = site.scheduler
     init_auth(app)
+    init_usage(app)  # what the proxy counts per principal, written off the request path
 
     from .api import bp as api_bp
     from .prefix import PrefixMiddleware

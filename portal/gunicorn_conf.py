@@ -42,6 +42,15 @@ def child_exit(server, worker):
     worker_exited(worker.pid)
 
 
+def worker_exit(server, worker):
+    """In the worker, once it stopped serving: the usage it counted since its last flush is written."""
+    flask_app = getattr(getattr(worker, "wsgi", None), "flask_app", None)
+    if flask_app is not None:
+        from portal.usage_ledger import usage_ledger
+
+        usage_ledger(flask_app).close()
+
+
 def on_exit(server):
     """The portal stopped: remove connection.json so notebooks get a clear "no portal" instead of a dead URL."""
     from portal.connection import remove_connection

@@ -14,7 +14,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -140,8 +140,9 @@ def route_class(endpoint: Optional[str]) -> str:
 
 # --- /metrics and gunicorn's multiprocess mode ------------------------------------------------------------
 
-def exposition() -> Tuple[bytes, str]:
-    """The metrics in the Prometheus text format: this process's, or every worker's added up."""
+def exposition(families: Iterable = ()) -> Tuple[bytes, str]:
+    """The metrics in the Prometheus text format: this process's, or every worker's added up, then `families`
+    (metric families computed for this scrape, such as the services' cost from the database)."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
     registry = instruments().registry
@@ -150,7 +151,45 @@ def exposition() -> Tuple[bytes, str]:
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    body = generate_latest(registry)
+    families = list(families)
+    if families:
+        scrape = CollectorRegistry(auto_describe=False)
+        scrape.register(_Families(families))
+        body += generate_latest(scrape)
+    return body, CONTENT_TYPE_LATEST
+
+
+class _Families:
+    """A collector of metric families made for one scrape."""
+
+    def __init__(self, families: list):
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
+
+
+COST_GAUGES = (("gpu_hours", "pilotfish_service_gpu_hours", "GPU-hours allocated to a service's jobs (by their times)"),
+               ("cpu_hours", "pilotfish_service_cpu_hours", "CPU-hours allocated to a service's jobs (by their times)"),
+               ("idle_share", "pilotfish_service_idle_ratio",
+                "Share of a service's running time without a request in flight (0 to 1)"))
+
+
+def cost_families(costs: Iterable[Tuple[str, str, dict]]) -> list:
+    """Gauges per service (labels service, model) from (service id, model, cost) as portal/service_cost.py gives
+    them; a service that has not run long enough to have an idle ratio has none."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    costs = list(costs)
+    families = []
+    for field, name, words in COST_GAUGES:
+        family = GaugeMetricFamily(name, words, labels=["service", "model"])
+        for service_id, model, cost in costs:
+            if cost.get(field) is not None:
+                family.add_metric([service_id, model], cost[field])
+        families.append(family)
+    return families
 
 
 def prepare_multiprocess_dir() -> Optional[Path]:

@@ -52,6 +52,7 @@ class Service(db.Model):
     ended_at = db.Column(db.DateTime)
     last_activity = db.Column(db.DateTime)  # the last proxied request (kept fresh while one is in flight)
     busy_seconds = db.Column(db.Float, nullable=False, default=0.0, server_default="0")  # with a request in flight
+    # (each worker's, added by portal/usage_ledger.py; the idle share of portal/service_cost.py)
     # How long it lives unused (portal/lifetimes.py): stopped after idle_timeout minutes without a request, or once
     # its lease (seconds) was neither renewed nor used for that long. stop_reason: why the portal was asked to stop it.
     idle_timeout = db.Column(db.Integer)
@@ -258,7 +259,8 @@ class ApiKey(db.Model):
 
 class Usage(db.Model):
     """What one principal ("owner", "key:<name>") asked of one service's model on one day (UTC): aggregates
-    written by portal/usage.py off the request path, never a row per request."""
+    added to by portal/usage_ledger.py off the request path (never a row per request), read by
+    portal/usage_report.py."""
     __tablename__ = "usage"
 
     day = db.Column(db.String(10), primary_key=True)  # YYYY-MM-DD

@@ -1,7 +1,7 @@
-"""The JSON REST API: services, catalog, cluster, API keys, benchmarks, metrics, health; errors as {"error": ...} with
-a fitting status. Routes only: they call the domain modules (portal.services, portal.cluster, portal.keys, ...), as the
+"""The JSON REST API: services (and what each cost), catalog, cluster, API keys, usage, benchmarks, metrics, health;
+errors as {"error": ...} with a fitting status. Routes only: they call the domain modules (portal.services, portal.cluster, portal.keys, ...), as the
 pages (portal.ui) do."""
 from __future__ import annotations
 
-from . import benchmarks, catalog, cluster, keys, metrics, openapi, services  # noqa: F401  (registers the routes)
+from . import benchmarks, catalog, cluster, keys, metrics, openapi, services, usage  # noqa: F401  (registers the routes)
 from .blueprint import bp, json_body  # noqa: F401

@@ -5,14 +5,16 @@ from __future__ import annotations
 from flask import Response, request
 
 from .. import metrics
+from ..service_cost import cost_gauges
 from .blueprint import bp
 from .openapi import described
 
 
 @bp.get("/metrics")
-@described("The portal's metrics (Prometheus text format)", answers={200: "text"})
+@described("The portal's metrics (Prometheus text format); each service's GPU-hours, CPU-hours and idle ratio are "
+           "read from the database at each scrape", answers={200: "text"})
 def metrics_text():
-    body, content_type = metrics.exposition()
+    body, content_type = metrics.exposition(metrics.cost_families(cost_gauges()))
     return Response(body, content_type=content_type)
 
 

@@ -65,6 +65,24 @@ class BenchmarksQuery(Query):
     model: Optional[str] = Field(None, description="a model's repo id")
 
 
+USAGE_DAY = r"^([0-9]{4}-[0-9]{2}-[0-9]{2}|[1-9][0-9]{0,4}[dw])$"
+
+
+class UsageQuery(Query):
+    by: Literal["principal", "model", "day", "service"] = Field(
+        "principal", description="principal, model, day or service: what each row is (a principal is owner or "
+                                 "key:<name>; days are UTC)")
+    since: Optional[str] = Field(None, pattern=USAGE_DAY,
+                                 description="a date (2026-12-01) or a span back from today, UTC (7d, 2w): the first "
+                                             "day counted (default: the first with usage)")
+    until: Optional[str] = Field(None, pattern=USAGE_DAY,
+                                 description="a date (2026-12-01) or a span back from today, UTC (7d, 2w): the last "
+                                             "day counted, included (default: today)")
+    principal: Optional[str] = Field(None, max_length=80, description="owner or key:<name>: only its rows (a key may "
+                                                                     "give only its own)")
+    model: Optional[str] = Field(None, max_length=300, description="a model's repo id: only its rows")
+
+
 class DownloadBody(Strict):
     repo_id: str = Field(pattern=REPO_ID_SHAPE, description="a Hugging Face repo id such as org/name")
     revision: Optional[str] = Field(None, pattern=REVISION_SHAPE, description="a branch, tag or commit")
@@ -223,6 +241,57 @@ class Provenance(Answer):
     scheduler_arguments: List[str]
     recipe: Dict[str, Any] = Field(description="a recipe (pilotfish apply) that launches the identical service")
     methods: str = Field(description="a paragraph for a methods section")
+
+
+class UsageFigures(Answer):
+    requests: int
+    errors: int = Field(description="requests answered with an error (a refusal or failure of the service)")
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class UsageRow(UsageFigures):
+    """One group: its key is named after `by` (principal, model, day or service, with the service's name)."""
+
+
+class UsageAnswer(Answer):
+    by: str
+    since: Optional[str] = Field(description="the first day counted (null: from the first)")
+    until: Optional[str] = Field(description="the last day counted (null: through today)")
+    principal: Optional[str] = Field(description="the principal the rows are limited to (a key: always its own)")
+    model: Optional[str]
+    rows: List[UsageRow]
+    totals: UsageFigures
+
+
+class JobCost(Answer):
+    generation: int
+    job_id: Optional[str]
+    source: Literal["sacct", "job times"]
+    started_at: Optional[str]
+    ended_at: Optional[str] = Field(description="null while it runs")
+    running: bool
+    seconds: float = Field(description="how long it ran (sacct's ElapsedRaw, or by the job's times)")
+    cpus: int
+    gpus: int
+    cpu_hours: float
+    gpu_hours: float
+
+
+class Cost(Answer):
+    service: str
+    source: Literal["sacct", "job times"] = Field(description="sacct: Slurm's accounting of every job; job times: "
+                                                              "the jobs' start and end times x the allocation")
+    accounting_problem: Optional[str] = Field(description="why the job times were used (sacct off, failing, slow)")
+    gpu_hours: float
+    cpu_hours: float
+    tokens: Dict[str, int] = Field(description="prompt, completion and total tokens the service answered")
+    tokens_per_gpu_hour: Optional[float] = Field(description="total tokens per GPU-hour (null without GPUs)")
+    running_seconds: float = Field(description="time at least one of its jobs ran")
+    busy_seconds: float = Field(description="time it had a request in flight (each portal worker's, added)")
+    idle_share: Optional[float] = Field(description="1 - busy / running, within 0 and 1 (null before it ran)")
+    jobs: List[JobCost]
 
 
 class Deleted(Answer):

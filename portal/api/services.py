@@ -7,6 +7,7 @@ from .. import services
 from ..connection import portal_links
 from ..launching import LaunchBody
 from ..reconciler import conditions
+from ..service_cost import cost_of
 from . import schemas
 from .blueprint import bp, json_body, query
 from .openapi import described
@@ -90,6 +91,15 @@ def service_script(service_id):
 def service_provenance(service_id):
     """Recorded at launch; sha256s of files without a blob name are computed at the first read, then stored."""
     return jsonify(services.read_provenance(services.get_service(service_id)))
+
+
+@bp.get("/api/services/<service_id>/cost")
+@described("What a service cost: GPU-hours and CPU-hours of each of its jobs (Slurm's accounting, else the jobs' "
+           "times x their allocation), its tokens, tokens per GPU-hour and the share of its time it was idle",
+           answers={200: schemas.Cost}, errors=(404,))
+def service_cost(service_id):
+    """sacct is waited on for at most 2 s (cached 30 s); past that, or when it fails, the job times count."""
+    return jsonify(cost_of(current_app._get_current_object(), services.get_service(service_id)))
 
 
 @bp.post("/api/services/<service_id>/stop")

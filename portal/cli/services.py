@@ -1,4 +1,5 @@
-"""`pilotfish start|status|run|ls|details|export|logs|stop|rm|prune`: the portal and its services."""
+"""`pilotfish start|status|run|ls|details|export|logs|stop|rm|prune`: the portal and its services (`details` with
+what a service cost)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import click
 
 from .command import (Failure, KINDS, age, emit_json, fail, main, portal_of, progress_line, renewal, replicas, table,
                       until)
+from .usage import cost_lines
 from ..client import ENDED_STATES, LIVE_STATES, ServiceEnded, WaitTimeout, replicas_value
 from ..config import ConfigError, ensure_token, load_config, prepare_home, use_private_umask
 from ..connection import write_connection
@@ -199,14 +201,16 @@ def list_services(ctx, show_all, state, as_json):
 def details(ctx, service_id, as_json):
     """One service (ID or any unique prefix of it): state, job, resources, idle stop and lease (and when it stops if
     unused), replicas (how many jobs serve of how many it may run), renewal (until when, the current job's
-    generation), the service's other jobs (a renewal's successor, replicas starting or serving, the draining and the
-    ended ones), phase timings and events.
+    generation), what it cost (GPU-hours and CPU-hours of each job from Slurm's accounting, else from the job's
+    times; tokens, tokens per GPU-hour, idle share), the service's other jobs (a renewal's successor, replicas
+    starting or serving, the draining and the ended ones), phase timings and events. --json adds `cost`.
 
     Example: pilotfish details 3fa2
     """
     data = portal_of(ctx).service(service_id).refresh()
+    cost = portal_of(ctx).get(f"/api/services/{data['id']}/cost")
     if as_json:
-        emit_json(data)
+        emit_json({**data, "cost": cost})
         return
     endpoint = data.get("endpoint") or {}
     for label, value in (("id", data["id"]), ("name", data["name"]), ("kind", data["kind"]),
@@ -224,6 +228,8 @@ def details(ctx, service_id, as_json):
                          ("replicas", replicas(data) or "none (one job)"),
                          ("renewal", renewal(data) or "none (it ends at its time limit)")):
         click.echo(f"{label:<12} {value}")
+    for index, line in enumerate(cost_lines(cost)):
+        click.echo(f"{'cost' if index == 0 else '':<12} {line}")
     if data.get("stops_at"):
         click.echo(f"{'stops in':<12} {until(data['stops_at'])} if unused ({data.get('stop_reason_expected')})")
     if data.get("jobs"):

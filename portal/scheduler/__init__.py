@@ -3,7 +3,7 @@ factory choosing one."""
 from __future__ import annotations
 
 from .base import (KEPT_VARIABLES, LOG_NAME, OWNER_SECRETS, PORTAL_PREFIX, PORTAL_VARIABLES,  # noqa: F401
-                   SCRUBBED_PREFIXES, JobInfo, JobQuery, JobState, Resources, Scheduler, SchedulerError,
+                   SCRUBBED_PREFIXES, Allocation, JobInfo, JobQuery, JobState, Resources, Scheduler, SchedulerError,
                    SchedulerUnreachable, SubmissionRejected, job_environment, scrubbed_environment)
 
 

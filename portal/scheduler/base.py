@@ -57,6 +57,16 @@ class JobQuery:
     job_dir: Path
 
 
+@dataclass
+class Allocation:
+    """What the scheduler's accounting says of a job: how long it has run (seconds; still growing while it runs) and
+    the CPUs and GPUs allocated to it."""
+    job_id: str
+    elapsed_seconds: int
+    cpus: int
+    gpus: int
+
+
 class SchedulerError(Exception):
     """Base class of scheduler errors."""
 
@@ -95,6 +105,12 @@ class Scheduler:
         """When a job asking for `resources` would start if submitted now, by the scheduler's own estimate (an aware
         datetime), without submitting it; None when this scheduler gives no estimate. A job it could never run raises
         SubmissionRejected with its words; one that does not answer within `timeout` seconds, SchedulerUnreachable."""
+        return None
+
+    def allocations(self, jobs: Iterable[JobQuery], timeout: float = 5.0) -> Optional[Dict[str, Allocation]]:
+        """What the scheduler's accounting says of `jobs` (one command for all of them), by job id; a job it does not
+        know is left out. None when this scheduler keeps no accounting; SchedulerUnreachable when its accounting
+        does not answer within `timeout` seconds, fails or is switched off."""
         return None
 
     def describe(self) -> dict:

@@ -22,6 +22,7 @@ NAV = [
     ("ui.models", "Models"),
     ("ui.images", "Images"),
     ("ui.cluster", "Cluster"),
+    ("ui.usage", "Usage"),
     ("ui.keys", "API keys"),
 ]
 

@@ -1,4 +1,5 @@
-"""Pages for services: the dashboard, one service (timeline, endpoints, log, job script) and its playground."""
+"""Pages for services: the dashboard, one service (timeline, what it cost, endpoints, log, job script) and its
+playground."""
 from __future__ import annotations
 
 from flask import current_app, jsonify, render_template, request
@@ -9,6 +10,7 @@ from ..connection import portal_links, portal_url
 from ..errors import UnavailableError
 from ..launching import site_specs
 from ..reconciler import conditions
+from ..service_cost import cost_of
 from .blueprint import bp
 
 
@@ -43,6 +45,7 @@ def dashboard():
 def service(service_id):
     found = services.get_service(service_id)
     return render_template("ui/service.html", title=f"{found.name}", service=found.to_dict(with_events=True),
+                           cost=cost_of(current_app._get_current_object(), found),
                            job_script=services.read_job_script(found), notebook_url=notebook_url(),
                            browser_url=request.script_root)  # a path: the page adds its own origin
 

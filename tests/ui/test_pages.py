@@ -22,6 +22,7 @@ PAGES = {  # name: (path, title, main heading)
     "images": ("/ui/images", "Container images", "Container images"),
     "cluster": ("/ui/cluster", "Cluster", "Cluster"),
     "keys": ("/ui/keys", "API keys", "API keys"),
+    "usage": ("/ui/usage", "Usage", "Usage"),
     "service": ("/ui/services/{id}", "{name}", "{name}"),
     "playground": ("/ui/services/{id}/playground", "Playground · {name}", "Playground"),
 }

@@ -1,5 +1,5 @@
-"""Who used what (portal/usage.py): requests, errors and tokens per day, principal, model and service, and the
-seconds each service had a request in flight.
+"""Who used what (portal/usage_ledger.py writes it, portal/usage_report.py reads it): requests, errors and tokens
+per day, principal, model and service, and the seconds each service had a request in flight.
 
 Revision ID: 0007
 Revises: 0006
