@@ -523,3 +523,53 @@ def test_routes_are_never_older_than_the_bound_after_a_quiet_spell(portal):
             database.execute("UPDATE services SET state = 'RUNNING' WHERE id = ?", (service["id"],))
         database.close()
         portal.request("POST", f"/api/services/{service['id']}/stop")
+
+
+def test_each_request_is_counted_for_whoever_made_it(portal, chat_service):
+    """Two named keys and the owner: /api/usage counts each one's requests, errors and tokens exactly, and the service's
+    busy seconds grow (the stand-in answers 5 prompt tokens and one completion token per max_token)."""
+    from portal.usage_ledger import FLUSH_SECONDS
+    keys = {}
+    for name in ("counted-a", "counted-b"):
+        created = portal.request("POST", "/api/keys", json={"name": name})
+        assert created.status_code == 201, created.text
+        keys[name] = created.json()["key"]
+    time.sleep(FLUSH_SECONDS + 1)  # what earlier tests sent is written by now
+
+    def usage_of(principal):
+        rows = {row["principal"]: row for row in portal.request("GET", "/api/usage").json()["rows"]}
+        return rows.get(principal, {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0})
+
+    owner_before = usage_of("owner")
+    busy_before = portal.request("GET", f"/api/services/{chat_service['id']}/cost").json()
+
+    def api(token):
+        return openai.OpenAI(base_url=f"{portal.url}/v1", api_key=token, max_retries=0)
+
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    owner = api(portal.token)
+    for _ in range(3):
+        owner.chat.completions.create(**chat, max_tokens=3)
+    for _ in range(2):
+        assert len(list(owner.chat.completions.create(**chat, max_tokens=4, stream=True))) >= 4
+    assert portal.request("GET", f"/services/{chat_service['id']}/status/500").status_code == 500
+    for _ in range(2):
+        api(keys["counted-a"]).chat.completions.create(**chat, max_tokens=2)
+    api(keys["counted-b"]).completions.create(model=MODEL, prompt="hi", max_tokens=5)
+
+    expected = {"key:counted-a": {"requests": 2, "errors": 0, "prompt_tokens": 10, "completion_tokens": 4},
+                "key:counted-b": {"requests": 1, "errors": 0, "prompt_tokens": 5, "completion_tokens": 5},
+                "owner": {"requests": 6, "errors": 1, "prompt_tokens": 25, "completion_tokens": 17}}
+
+    def counted():
+        found = {principal: {field: usage_of(principal)[field] for field in expected[principal]}
+                 for principal in expected}
+        found["owner"] = {field: value - owner_before[field] for field, value in found["owner"].items()}
+        return found
+
+    wait_for(lambda: counted() == expected, timeout=15, what=f"the usage to be counted: {counted()} != {expected}")
+    listed = {key["name"]: key for key in portal.request("GET", "/api/keys").json()["keys"]}
+    assert listed["counted-a"]["last_used_at"] and listed["counted-b"]["last_used_at"]
+    cost = portal.request("GET", f"/api/services/{chat_service['id']}/cost").json()
+    assert cost["tokens"]["total"] - busy_before["tokens"]["total"] == 10 + 4 + 5 + 5 + 25 + 17
+    assert cost["busy_seconds"] - busy_before["busy_seconds"] >= 0.8 * 2  # the two streams took 0.8 s each

@@ -8,7 +8,8 @@ service's last activity (what idle stops and leases count from, portal/lifetimes
 most every ACTIVITY_FLUSH_SECONDS per service, by one timer on the event loop that runs only while a request is in
 flight or an activity is not written yet. It notes a request in flight as activity at each of its turns (a 40-minute stream is not idle) and writes what ended since the last write
 once its time comes, so the database holds each service's last request to the second; with nothing in flight and
-nothing to write, no timer is set. stored_state and last_ended read what the database says of a service or model
+nothing to write, no timer is set. The same timer reports the busy time so far of services with a request in flight
+(on_busy: the usage ledger), as their last request ending does. stored_state and last_ended read what the database says of a service or model
 that is not routable, for the answers. Database work needs an app context and runs off the event loop (the relay's
 in_thread, or the loop's executor with the directory's app).
 """
@@ -212,13 +213,19 @@ class ServiceDirectory:
         self._timer = None
         now = time.time()
         due: List[Tuple[str, float]] = []
+        spells: List[Tuple[str, float]] = []  # busy time so far of services still busy (a long stream counts as it runs)
         next_at = None
         with self._lock:
             if self._busy:
+                moment = time.monotonic()
                 for service_id, count in self.in_flight.items():
                     if count:
                         self._activity[service_id] = now
                         self._pending.add(service_id)
+                        since = self._busy_since.get(service_id)
+                        if since is not None:
+                            spells.append((service_id, moment - since))
+                            self._busy_since[service_id] = moment
             for service_id in list(self._pending):
                 ready = self._flushed.get(service_id, 0) + ACTIVITY_FLUSH_SECONDS
                 if ready <= now:
@@ -230,6 +237,9 @@ class ServiceDirectory:
                         continue  # written: nothing more until its next request
                     ready = now + ACTIVITY_FLUSH_SECONDS
                 next_at = ready if next_at is None else min(next_at, ready)
+        if spells and self.on_busy is not None:
+            for service_id, seconds in spells:
+                self.on_busy(service_id, seconds)
         if due:
             asyncio.get_running_loop().run_in_executor(None, self._write_in_app, due)
         if next_at is not None:

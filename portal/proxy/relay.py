@@ -24,6 +24,7 @@ from ..http_server import AnswerBody, answer_body
 from .incoming import ClientGone, Incoming, SpooledBody
 from .upstream import UpstreamConnection, UpstreamFailed, UpstreamPool
 from .usage import usage_reader
+from ..usage_ledger import usage_ledger
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class Relay:
         self.pool = UpstreamPool()
         self.endpoint_load: Dict[tuple, int] = {}  # requests in flight per (host, port), in this worker
         self._refreshing: Optional[asyncio.Future] = None
+        self.ledger = usage_ledger(app)  # who used what (portal/usage_ledger.py): each request, each busy spell
+        self.directory.on_busy = self.ledger.busy
 
     # database work, off the event loop
     def _in_app(self, function, *args):
@@ -92,7 +95,7 @@ class Relay:
         """Send the request to `route`; the answer streams back to the caller as it arrives."""
         method = incoming.method
         upstream_path = target.partition(b"?")[0].decode("latin-1")
-        record = recording.start(route.id, route.model)
+        record = recording.start(route.id, route.model, incoming.principal or "owner", self.ledger)
         usage = usage_reader(method, upstream_path, record.count_tokens)
         if usage is not None and isinstance(body, bytes):
             body = usage.ask(body, payload)
