@@ -2,10 +2,17 @@
 (portal.proxy.routing asks `caller_of_headers` on its event loop).
 
 The rule (`caller`): a bearer credential decides alone: the portal token is "owner", a live API key (portal.keys) is
-"key:<name>", anything else is refused. Without one, the cookie of a valid login session (portal.sessions: kept on the
-server, opened with this portal's current token, not logged out, idle or past its end) is "owner", and a
-state-changing method also needs the session's CSRF token. Otherwise the request is refused.
+"key:<name>" (one past its end is refused: 401 `expired_api_key`), anything else is refused. Without one, the cookie
+of a valid login session (portal.sessions: kept on the server, opened with this portal's current token, not logged
+out, idle or past its end) is "owner", and a state-changing method also needs the session's CSRF token. Otherwise the
+request is refused.
 The login pages that set the cookie are portal/ui/login.py; the key routes are portal/api/keys.py.
+
+What a caller may do: the owner (the token or a login session) anything; a named key what its scopes allow
+(`scope_for`: `use` for the model paths, `read` for GET pages, API reads and /metrics, `launch` for every other
+method), on its models only (`model_refusal`); managing keys is the owner's alone (`require_owner`). Flask's hook
+refuses a key outside its scopes with 403; the proxy asks `grant_of` (from the cache, after `caller`) and
+`scope_refusal`, `model_refusal` and portal.rate_limits with it.
 
 Under a prefix (Open OnDemand's /node/<host>/<port>, an origin every app of every user shares) no page carries the
 CSRF token: the login hands it to the tab that signed in (portal/ui/login.py), so another app's page that can read
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from datetime import datetime, timezone
 from typing import Callable, NamedTuple, Optional
 from urllib.parse import urlencode
 
@@ -22,7 +30,8 @@ from flask import current_app, g, jsonify, redirect, request
 from werkzeug.http import parse_cookie
 
 from .errors import PortalError
-from .keys import KEY_PREFIX, NEEDS_LOOKUP, init_keys, key_cache
+from .keys import KEY_PREFIX, NEEDS_LOOKUP, SCOPE_WORDS, SCOPES, KeyGrant, init_keys, key_cache, live_grant
+from .models import iso
 from .sessions import Session, init_sessions, session_cache
 
 PUBLIC_ENDPOINTS = {"api.health", "auth.login", "auth.login_form"}
@@ -73,7 +82,8 @@ def token_id(token: str) -> str:
 
 
 def principal_from_bearer(token: str, app=None, cached_only: bool = False):
-    """Who a bearer credential is ("owner" or "key:<name>"), or None if it is neither the token nor a live key.
+    """Who a bearer credential is ("owner" or "key:<name>"), None if it is neither the token nor a live key, or the
+    Refusal of a key past its end.
 
     `cached_only` (the proxy, on its event loop) never queries the database: NEEDS_LOOKUP when that would be needed.
     """
@@ -82,12 +92,17 @@ def principal_from_bearer(token: str, app=None, cached_only: bool = False):
         return "owner"
     if token.startswith(KEY_PREFIX):
         keys = key_cache(app)
-        name = keys.peek(token) if cached_only else keys.lookup(token)
-        if name is NEEDS_LOOKUP:
+        grant = keys.peek_grant(token) if cached_only else keys.lookup_grant(token)
+        if grant is NEEDS_LOOKUP:
             return NEEDS_LOOKUP
-        if name is not None:
-            return f"key:{name}"
+        if grant is not None:
+            return expired_refusal(grant) if grant.expired() else f"key:{grant.name}"
     return None
+
+
+def expired_refusal(grant: KeyGrant) -> Refusal:
+    end = datetime.fromtimestamp(grant.expires_at, timezone.utc).replace(tzinfo=None)
+    return Refusal(401, f"API key {grant.name!r} expired at {iso(end)}", "expired_api_key")
 
 
 def csrf_matches(data: Session, sent: Optional[str]) -> bool:
@@ -106,7 +121,7 @@ def caller(app, method: str, bearer: Optional[str], session_data: Optional[Calla
     """
     if bearer is not None:
         principal = principal_from_bearer(bearer, app, cached_only)
-        return WRONG_CREDENTIAL if principal is None else principal
+        return WRONG_CREDENTIAL if principal is None else principal  # an expired key's Refusal as it is
     data = session_data()
     if data is NEEDS_LOOKUP:
         return NEEDS_LOOKUP
@@ -115,6 +130,46 @@ def caller(app, method: str, bearer: Optional[str], session_data: Optional[Calla
             return WRONG_CSRF
         return "owner"
     return NO_CREDENTIAL
+
+
+# --- what a caller may do ---------------------------------------------------------------------------------
+
+def scope_for(method: str, path: str) -> Optional[str]:
+    """The scope a request needs (`path` without the Open OnDemand prefix): "use" for the model paths (/v1/...,
+    /services/<id>/...), "read" for GET, HEAD and OPTIONS elsewhere (pages, API reads, /metrics), "launch" for any
+    other method (launch, stop, renew a lease, downloads, benchmarks, deletes); None for the paths anyone may call
+    (/health, /login, /logout)."""
+    if path == "/v1" or path.startswith(("/v1/", "/services/")):
+        return "use"
+    if path in ("/health", "/login", "/logout"):
+        return None
+    return "read" if method in SAFE_METHODS else "launch"
+
+
+def grant_of(app, principal) -> Optional[KeyGrant]:
+    """What a named key may do, from the cache alone (never the database: the proxy asks it on its event loop right
+    after `caller` accepted the key); None for the owner (who may do anything) and for a key not in the cache."""
+    if isinstance(principal, str) and principal.startswith("key:"):
+        return key_cache(app).grant(principal[4:])
+    return None
+
+
+def scope_refusal(grant: Optional[KeyGrant], method: str, path: str) -> Optional[Refusal]:
+    """The 403 of a key whose scopes do not cover the request, else None (the owner: `grant` None)."""
+    scope = scope_for(method, path)
+    if grant is None or scope is None or grant.allows(scope):
+        return None
+    has = ", ".join(scope for scope in SCOPES if scope in grant.scopes) or "none"
+    return Refusal(403, f"API key {grant.name!r} may not {SCOPE_WORDS[scope]} (scope {scope}): it has scopes {has}",
+                   "insufficient_scope")
+
+
+def model_refusal(grant: Optional[KeyGrant], model: str) -> Optional[Refusal]:
+    """The 403 of a key limited to other models than `model`, else None."""
+    if grant is None or grant.allows_model(model):
+        return None
+    return Refusal(403, f"API key {grant.name!r} may not use model {model!r}: it may use "
+                        f"{', '.join(sorted(grant.models))}", "model_not_allowed")
 
 
 # --- the proxy's requests (outside Flask) -----------------------------------------------------------------
@@ -158,6 +213,8 @@ def authenticate():
         return None
     bearer = bearer_from_header(request.headers.get("Authorization", ""))
     who = caller(current_app, request.method, bearer, _flask_session, _csrf_sent)
+    if isinstance(who, str) and who.startswith("key:"):
+        who = _within_scopes(who)
     if not isinstance(who, Refusal):
         g.principal, g.via_cookie = who, bearer is None
         return None
@@ -165,6 +222,14 @@ def authenticate():
         here = request.script_root + request.full_path.rstrip("?")
         return redirect(f"{request.script_root}/login?{urlencode({'next': here})}")
     return refusal(*who)
+
+
+def _within_scopes(principal: str):
+    """A key's principal if its scopes cover this request, else the Refusal (403)."""
+    grant = live_grant(principal[4:])
+    if grant is None:  # revoked since `caller` saw it
+        return WRONG_CREDENTIAL
+    return scope_refusal(grant, request.method, request.path) or principal
 
 
 def _flask_session() -> Optional[Session]:

@@ -34,7 +34,7 @@ from .benchmark import CREDENTIAL_ENV
 from .benchmark_requests import APIS, LoadSpec
 from .db import db
 from .errors import ConflictError, NotFoundError, UnavailableError, ValidationError, check_fields
-from .keys import create_api_key, key_cache
+from .keys import check_key_model, create_api_key, key_cache
 from .models import ApiKey, BenchmarkRun, Service, State, utcnow
 from .scheduler import processes, scrubbed_environment
 from .services import get_service
@@ -187,11 +187,12 @@ def _revoke_credential(run_id: str) -> None:
         key_cache().forget()
 
 
-def start(body, address: Optional[tuple]) -> BenchmarkRun:
+def start(body, address: Optional[tuple], principal: Optional[str] = None) -> BenchmarkRun:
     """Validate, record and start a benchmark. `address` is the portal's own (host, port) (`own_address`), which a
-    run through the portal sends its load to."""
+    run through the portal sends its load to; `principal` who asks (a key limited to models benchmarks only those)."""
     wanted = parse_benchmark_request(body)
     service = resolve_service(wanted.service)
+    check_key_model(principal, service.model, "benchmark")
     for other in BenchmarkRun.query.filter_by(service_id=service.id, state=RUNNING).all():
         if refresh(other).state == RUNNING:
             raise ConflictError(f"benchmark {other.id} is still running against service {service.id}: wait for it "
@@ -219,7 +220,7 @@ def start(body, address: Optional[tuple]) -> BenchmarkRun:
                                                   "ttft_target": wanted.ttft_target}))
     try:
         if credential is None:
-            credential = create_api_key(credential_name(run.id))[1]
+            credential = create_api_key(credential_name(run.id), scopes=["use"], models=[service.model])[1]
         env = {**scrubbed_environment(), CREDENTIAL_ENV: credential}
         child = processes.start([sys.executable, "-m", "portal.benchmark", str(folder)], folder, LOG_NAME, env,
                                 cwd=ROOT, name=f"benchmark-{run.id}")

@@ -265,8 +265,11 @@ class Portal:
     def keys(self) -> List[dict]:
         return self.get("/api/keys")["keys"]
 
-    def create_key(self, name: str) -> dict:
-        return self.request("POST", "/api/keys", json={"name": name}).json()
+    def create_key(self, name: str, **limits) -> dict:
+        """A new named key (its secret in `key`, shown once), limited by `scopes`, `models`, `expires` ("30d", an ISO
+        time), `requests_per_minute`, `tokens_per_minute` (left out: all scopes, any model, no end, no rate)."""
+        body = {"name": name, **{field: value for field, value in limits.items() if value is not None}}
+        return self.request("POST", "/api/keys", json=body).json()
 
     def revoke_key(self, key_id: str) -> dict:
         return self.request("DELETE", f"/api/keys/{key_id}").json()

@@ -21,6 +21,7 @@ from .catalog.tiers import (ResourceSpecs, Tier, TierSpecError, check_model_fits
                             tier_resources)
 from .engines.base import GUARD_DIR
 from .errors import ForbiddenError, UnavailableError, ValidationError
+from .keys import check_key_model
 from .lifetimes import (IDLE_TIMEOUT_MAX_MINUTES, IDLE_TIMEOUT_SHAPE, IDLE_TIMEOUT_WORDS, LEASE_MAX_SECONDS,
                         LEASE_MIN_SECONDS, LEASE_SHAPE, LEASE_WORDS, RENEW_SHAPE, RENEW_WORDS, duration_words,
                         parse_idle_timeout, parse_lease, parse_renewal)
@@ -320,10 +321,12 @@ def plan_launch(request: LaunchRequest, site, principal: Optional[str] = None) -
     """Decide model snapshot, tier, resources, runtime and server arguments, with a clear error for each refusal.
 
     `site` is the resolved site (or the portal's settings, see resolved_site); `principal` is who asks ("owner" or
-    "key:<name>", as portal.auth names them): flags that run code or read files are the owner's alone."""
+    "key:<name>", as portal.auth names them): flags that run code or read files are the owner's alone, and a key
+    limited to models launches only those."""
     site = resolved_site(site)
     config = site.config
     kind = get_kind(request.kind)
+    check_key_model(principal, request.model)  # before the model is looked for: a key learns nothing of others
     model = find_revision(request.model, request.revision, cache_dir=config.cache_dir, home_dir=config.home_dir)
     if model.kind and model.kind != kind.name:
         raise ValidationError("model", f"{model.repo_id} is a {model.kind} model, not {kind.name}: "

@@ -169,39 +169,50 @@ def due_stop(service, now: datetime) -> Optional[str]:
 
 RENEW_WORDS = ("true (renewed until stopped), false, how long it lives in all (8h, 2d) or when it ends "
                "(2026-12-01T18:00, the portal's local time, or with Z or an offset)")
-RENEW_SHAPE = f"^({_duration_shape('dhm')}|[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}[T ][0-9:.]{{5,15}}(Z|[+-][0-9:]{{4,5}})?)$"
-_RENEW_DURATION = re.compile(_duration_shape("dhm"))
-_RENEW = re.compile(RENEW_SHAPE)
+END_TIME_SHAPE = "[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9:.]{5,15}(Z|[+-][0-9:]{4,5})?"  # an ISO 8601 time, as parse_end
+END_SHAPE = f"^({_duration_shape('dhm')}|{END_TIME_SHAPE})$"  # what parse_end takes: a duration from now, or a time
+RENEW_SHAPE = END_SHAPE
+_END_DURATION = re.compile(_duration_shape("dhm"))
+_END = re.compile(END_SHAPE)
 RENEW_MAX_SECONDS = 366 * 86400
 RENEW_MIN_SECONDS = 2 * 60  # a job of a minute, and a successor
 
 
-def parse_renewal(value, now: datetime, field: str = "renew") -> Tuple[bool, Optional[datetime]]:
-    """(renew, until) of a launch's `renew`: true (until stopped: until None), false, a total lifetime from `now`
-    ("8h", "2d") or an end time (ISO 8601; naive: the portal's local time). `now` and `until` are naive UTC, as the
-    database holds times; anything else is a ValidationError naming `field`."""
-    if isinstance(value, bool):
-        return value, None
-    if not isinstance(value, str) or not _RENEW.fullmatch(value):
-        raise ValidationError(field, f"expected {RENEW_WORDS}, got {value!r}")
-    if _RENEW_DURATION.fullmatch(value):
+def parse_end(value, now: datetime, field: str, expected: str, shortest: int, longest: int) -> datetime:
+    """The end a user wrote: a duration from `now` ("8h", "2d", "1h30m") or a time (ISO 8601; naive: the portal's
+    local time), at least `shortest` and at most `longest` seconds after `now`. `now` and the end are naive UTC, as
+    the database holds times; anything else is a ValidationError naming `field` (`expected`: what it takes)."""
+    if not isinstance(value, str) or not _END.fullmatch(value):
+        raise ValidationError(field, f"expected {expected}, got {value!r}")
+    if _END_DURATION.fullmatch(value):
         seconds = sum(int(number) * _UNIT_SECONDS[letter] for number, letter in re.findall(r"([0-9]+)([dhm])", value))
-        if seconds > RENEW_MAX_SECONDS:
-            raise ValidationError(field, f"must end within {RENEW_MAX_SECONDS // 86400} days, got {value!r}")
-        until = now + timedelta(seconds=seconds)
+        if seconds > longest:
+            raise ValidationError(field, f"must end within {longest // 86400} days, got {value!r}")
+        end = now + timedelta(seconds=seconds)
     else:
         try:
             moment = datetime.fromisoformat(value)
             moment = moment.astimezone(timezone.utc)  # a naive time is taken as the portal's local time
         except (ValueError, OverflowError):  # not a time, or one at the calendar's ends
-            raise ValidationError(field, f"expected {RENEW_WORDS}, got {value!r}") from None
-        until = moment.replace(tzinfo=None)
-    seconds = (until - now).total_seconds()
-    if seconds < RENEW_MIN_SECONDS:
-        raise ValidationError(field, f"must end at least {RENEW_MIN_SECONDS // 60} minutes from now, got {value!r}")
-    if seconds > RENEW_MAX_SECONDS:
-        raise ValidationError(field, f"must end within {RENEW_MAX_SECONDS // 86400} days, got {value!r}")
-    return True, until
+            raise ValidationError(field, f"expected {expected}, got {value!r}") from None
+        end = moment.replace(tzinfo=None)
+    seconds = (end - now).total_seconds()
+    if seconds < shortest:
+        if shortest <= 1:
+            raise ValidationError(field, f"must be in the future, got {value!r}")
+        raise ValidationError(field, f"must end at least {duration_words(shortest).replace('min', 'minutes')} from "
+                                     f"now, got {value!r}")
+    if seconds > longest:
+        raise ValidationError(field, f"must end within {longest // 86400} days, got {value!r}")
+    return end
+
+
+def parse_renewal(value, now: datetime, field: str = "renew") -> Tuple[bool, Optional[datetime]]:
+    """(renew, until) of a launch's `renew`: true (until stopped: until None), false, a total lifetime from `now`
+    ("8h", "2d") or an end time (parse_end); anything else is a ValidationError naming `field`."""
+    if isinstance(value, bool):
+        return value, None
+    return True, parse_end(value, now, field, RENEW_WORDS, RENEW_MIN_SECONDS, RENEW_MAX_SECONDS)
 
 
 RENEW_MARGIN_SECONDS = 15.0  # besides twice the last start-up and the drain: the scheduler's own delays

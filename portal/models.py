@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from typing import Optional
 
 from .db import db
 from .lifetimes import expected_stop
@@ -234,6 +235,9 @@ class Condition(db.Model):
         return {"ok": self.ok, "message": self.message, "since": iso(self.since), "checked_at": iso(self.checked_at)}
 
 
+KEY_SCOPES = ("use", "read", "launch")  # what a named key may do (portal/keys.py), in the order they are listed
+
+
 class ApiKey(db.Model):
     """A named key for scripts and collaborators; only its SHA-256 is stored."""
     __tablename__ = "api_keys"
@@ -253,8 +257,22 @@ class ApiKey(db.Model):
     tokens_per_minute = db.Column(db.Integer)
     last_used_at = db.Column(db.DateTime)
 
+    @property
+    def scope_list(self) -> list:
+        written = set((self.scopes or "").split(","))
+        return [scope for scope in KEY_SCOPES if scope in written]
+
+    @property
+    def model_list(self) -> Optional[list]:
+        return json.loads(self.models_json) if self.models_json else None
+
     def to_dict(self) -> dict:
-        return {"id": self.id, "name": self.name, "hint": self.hint, "created_at": iso(self.created_at)}
+        """The key as the API, the pages and the CLI show it (never its secret)."""
+        return {"id": self.id, "name": self.name, "hint": self.hint, "created_at": iso(self.created_at),
+                "scopes": self.scope_list, "models": self.model_list, "expires_at": iso(self.expires_at),
+                "expired": self.expires_at is not None and self.expires_at <= utcnow(),
+                "requests_per_minute": self.requests_per_minute, "tokens_per_minute": self.tokens_per_minute,
+                "last_used_at": iso(self.last_used_at)}
 
 
 class Usage(db.Model):

@@ -226,6 +226,33 @@ def test_keys(env, portal):
     assert "cli-laptop" not in ok(pf(env, "keys", "ls")).stdout
 
 
+def test_keys_with_scopes_models_an_end_and_rates(env, portal):
+    created = json.loads(ok(pf(env, "keys", "create", "cli-student", "--scope", "read", "--scope", "use", "--model",
+                               "test/tiny", "--expires", "30d", "--rpm", "60", "--tpm", "5000", "--json")).stdout)
+    assert (created["scopes"], created["models"]) == (["use", "read"], ["test/tiny"])
+    assert (created["requests_per_minute"], created["tokens_per_minute"]) == (60, 5000)
+    assert created["expires_at"] and not created["expired"]
+    listing = ok(pf(env, "keys", "ls")).stdout.splitlines()
+    assert listing[0].split() == ["ID", "NAME", "HINT", "SCOPES", "MODELS", "EXPIRES", "LIMITS", "LAST_USED", "CREATED"]
+    row = next(line for line in listing if "cli-student" in line)
+    assert all(part in row for part in ("use,read", "test/tiny", "60 req/min, 5000 tok/min", "never")), row
+    # What its scopes allow, as --token of the other commands: reading, not launching.
+    as_key = (dict(env, PILOTFISH_HOME="/nonexistent"), "--url", portal.url, "--token", created["key"])
+    ok(pf(*as_key, "ls"))
+    one_line_error(pf(*as_key, "run", "text-generation", "--model", "test/tiny", "--dry-run"), 1,
+                   "API key 'cli-student' may not launch")
+    ok(pf(env, "keys", "revoke", created["id"]))
+
+
+def test_keys_create_refuses_bad_values_in_one_line_and_creates_nothing(env, portal):
+    for args, words in ((["--scope", "admin"], "--scope"), (["--expires", "soon"], "expires: expected how long"),
+                        (["--expires", "2020-01-01T00:00Z"], "expires: must be in the future"),
+                        (["--rpm", "0"], "requests_per_minute: expected a whole number"), (["--tpm", "many"], "--tpm"),
+                        (["--model", ""], "models: ")):
+        one_line_error(pf(env, "keys", "create", "cli-bad", *args), 2, words)
+    assert "cli-bad" not in {k["name"] for k in json.loads(ok(pf(env, "keys", "ls", "--json")).stdout)}
+
+
 def test_doctor_without_a_portal(tmp_path, env):
     # The runtimes here are the tiny stand-in service, not engines: the engine checks run in tests/e2e.
     result = ok(pf(dict(env, PILOTFISH_HOME=str(tmp_path / "home")), "doctor", "--no-engines"))

@@ -1,7 +1,7 @@
 """REST routes for load benchmarks: start one against a RUNNING service, read its figures, list, cancel or delete."""
 from __future__ import annotations
 
-from flask import jsonify, request
+from flask import g, jsonify, request
 
 from .. import benchmark_runs
 from . import schemas
@@ -14,7 +14,7 @@ from .openapi import described
            answers={202: schemas.Benchmark}, errors=(400, 404, 409))
 def start_benchmark():
     """Start a benchmark (it runs in a process of its own); GET /api/benchmarks/<id> follows it."""
-    run = benchmark_runs.start(json_body(), benchmark_runs.own_address(request.environ))
+    run = benchmark_runs.start(json_body(), benchmark_runs.own_address(request.environ), g.principal)
     return jsonify(run.to_dict()), 202
 
 

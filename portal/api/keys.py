@@ -1,4 +1,5 @@
-"""REST routes for named API keys (the portal owner only): list, create (the secret is shown once), revoke."""
+"""REST routes for named API keys (the portal owner only): list, create (the secret is shown once; with its scopes,
+models, end and rates), revoke."""
 from __future__ import annotations
 
 from flask import jsonify
@@ -18,12 +19,15 @@ def list_keys():
 
 
 @bp.post("/api/keys")
-@described("Create an API key (the portal owner only); the key is shown once", body=schemas.KeyBody,
+@described("Create an API key (the portal owner only), optionally limited to scopes, models, an end and rates; the "
+           "key is shown once", body=schemas.KeyBody,
            answers={201: schemas.NewKey}, errors=(400, 403))
 def create_key():
     require_owner()
     body = json_body(schemas.KeyBody, example='{"name": "laptop"}')
-    key, secret = create_api_key(body.name)
+    key, secret = create_api_key(body.name, scopes=body.scopes, models=body.models, expires=body.expires,
+                                 requests_per_minute=body.requests_per_minute,
+                                 tokens_per_minute=body.tokens_per_minute)
     return jsonify({**key.to_dict(), "key": secret, "note": "shown once: store it now"}), 201
 
 

@@ -22,8 +22,9 @@ from .blueprint import bp
 PAGES = {"ui", "auth", "static"}  # blueprints of HTML pages and their files: not part of the API
 ERROR_WORDS = {400: "bad input: the field named", 401: "no or wrong credential", 403: "not allowed for this caller",
                404: "not found", 409: "conflicts with the current state", 413: "request body too large",
-               422: "refused by the scheduler", 502: "the service did not answer", 503: "unavailable for now",
-               504: "the service did not answer in time"}
+               422: "refused by the scheduler",
+               429: "over the API key's rate: retry after the Retry-After header's seconds",
+               502: "the service did not answer", 503: "unavailable for now", 504: "the service did not answer in time"}
 
 
 @dataclass
@@ -49,7 +50,7 @@ def described(summary: str, **details):
 
 
 _ANY_OBJECT = {"type": "object", "additionalProperties": True}
-GATEWAY_ERRORS = (400, 401, 403, 404, 413, 502, 503, 504)
+GATEWAY_ERRORS = (400, 401, 403, 404, 413, 429, 502, 503, 504)
 
 
 def _gateway(summary, body="json"):
@@ -106,7 +107,8 @@ def document(app) -> dict:
     for (path, method), operation in GATEWAY.items():
         operations.append((path, method, operation, []))
     relay = Operation("Any request to the service itself (its own API), relayed with the service's key",
-                      answers={"default": "any"}, errors=(401, 403, 404, 502, 503, 504), tag="gateway", openai=True)
+                      answers={"default": "any"}, errors=(401, 403, 404, 429, 502, 503, 504), tag="gateway",
+                      openai=True)
     for method in SERVICE_RELAY[1]:
         operations.append((SERVICE_RELAY[0], method, relay, ["path", "service_id"]))
 
@@ -154,7 +156,7 @@ def _operation(operation: Operation, arguments, ref) -> dict:
     for status, answer in operation.answers.items():
         out["responses"][str(status)] = _answer(status, answer, ref)
     error = ref[schemas.OpenAIError if operation.openai else schemas.ErrorAnswer]
-    for status in sorted(set(operation.errors) | (set() if operation.public else {401})):
+    for status in sorted(set(operation.errors) | (set() if operation.public else {401, 403})):  # 403: a key's scopes
         out["responses"][str(status)] = {"description": ERROR_WORDS.get(status, "an error"),
                                          "content": {"application/json": {"schema": error}}}
     return out

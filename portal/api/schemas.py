@@ -8,6 +8,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
+from ..keys import EXPIRES_SHAPE, EXPIRES_WORDS, MODEL_NAME_MAX, MODELS_MAX, RATE_MAX
 from ..launching import REPO_ID_SHAPE, REVISION_SHAPE
 from ..validation import Query, Strict
 
@@ -91,6 +92,19 @@ class DownloadBody(Strict):
 
 class KeyBody(Strict):
     name: str = Field(pattern=r"^[^\x00-\x1f\x7f]{1,60}$", description="a name of 1 to 60 characters")
+    scopes: Optional[List[Literal["use", "read", "launch"]]] = Field(
+        None, min_length=1, max_length=3, description="one or more of use (call models), read (see the portal's "
+                                                      "state), launch (launch, stop, change); default: all three")
+    models: Optional[List[Annotated[str, Field(pattern=r"^[^\x00-\x1f\x7f]*[^\x00-\x1f\x7f ][^\x00-\x1f\x7f]*$",
+                                               max_length=MODEL_NAME_MAX)]]] = Field(
+        None, min_length=1, max_length=MODELS_MAX, description=f"a list of 1 to {MODELS_MAX} model names (repo "
+                                                               "ids) the key may call and launch; default: any")
+    expires: Optional[str] = Field(None, pattern=EXPIRES_SHAPE, description=EXPIRES_WORDS + "; default: never")
+    requests_per_minute: Optional[int] = Field(None, ge=1, le=RATE_MAX, description=f"a whole number from 1 to "
+                                               f"{RATE_MAX:,}: requests per minute to models (default: unlimited)")
+    tokens_per_minute: Optional[int] = Field(None, ge=1, le=RATE_MAX, description=f"a whole number from 1 to "
+                                             f"{RATE_MAX:,}: tokens per minute, prompt and completion (default: "
+                                             "unlimited)")
 
 
 class BenchmarkBody(BaseModel):
@@ -342,6 +356,13 @@ class Key(Answer):
     name: str
     hint: str
     created_at: Optional[str]
+    scopes: List[str] = Field(description="use, read, launch: what the key may do")
+    models: Optional[List[str]] = Field(description="the models it may call and launch (null: any)")
+    expires_at: Optional[str] = Field(description="when it stops working (null: never)")
+    expired: bool
+    requests_per_minute: Optional[int] = Field(description="null: unlimited")
+    tokens_per_minute: Optional[int] = Field(description="null: unlimited")
+    last_used_at: Optional[str] = Field(description="when it was last used to call a model (null: never)")
 
 
 class Keys(Answer):

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from .command import Failure, emit_json, human_size, main, note, portal_of, table
+from .command import Failure, emit_json, human_size, local_time, main, note, portal_of, table
 
 
 @main.group()
@@ -145,22 +145,51 @@ def tiers(ctx, model, as_json):
 
 @main.group()
 def keys():
-    """Named API keys for scripts and collaborators.
+    """Named API keys for scripts and collaborators, each limited to what it needs.
 
-    Example: pilotfish keys create laptop
+    \b
+    Example: pilotfish keys create student --scope use \\
+               --model Qwen/Qwen2.5-0.5B-Instruct --expires 30d --rpm 60
     """
+
+
+SCOPES = ("use", "read", "launch")
 
 
 @keys.command(name="create")
 @click.argument("name")
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(SCOPES),
+              help="What the key may do (repeat for several; default: all three): use = call models (/v1, "
+                   "/services/<id>/), read = see services, models, metrics and pages, launch = launch, stop and "
+                   "change (downloads, benchmarks, leases).")
+@click.option("--model", "models", multiple=True, metavar="REPO_ID",
+              help="A model the key may call and launch (repeat for several; default: any).")
+@click.option("--expires", metavar="WHEN",
+              help="When the key stops working: after a while (30d, 12h, 90m, 1d12h) or at a time (2026-12-31T18:00, "
+                   "the portal's local time, or with Z or an offset); at most 5 years away. Default: never.")
+@click.option("--rpm", type=int, metavar="N",
+              help="At most N requests per minute to models (N at once after a quiet minute, then one every 60/N s; "
+                   "over it: 429 with Retry-After). Default: unlimited.")
+@click.option("--tpm", type=int, metavar="N",
+              help="At most N tokens per minute (prompt and completion, counted as answers come back). Default: "
+                   "unlimited.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
-def keys_create(ctx, name, as_json):
+def keys_create(ctx, name, scopes, models, expires, rpm, tpm, as_json):
     """Create a key; it is shown once, so store it now.
 
+    The key works as a bearer token (Authorization: Bearer <key>, an OpenAI client's api_key, or this command's
+    --token) for what its scopes allow, on its models, until it expires, at its rates. Only the portal token
+    manages keys. Revoke a key with `pilotfish keys revoke ID`.
+
     Example: pilotfish keys create laptop
+
+    \b
+    Example: pilotfish keys create student --scope use \\
+               --model Qwen/Qwen2.5-0.5B-Instruct --expires 30d --rpm 60
     """
-    key = portal_of(ctx).create_key(name)
+    key = portal_of(ctx).create_key(name, scopes=list(scopes) or None, models=list(models) or None, expires=expires,
+                                    requests_per_minute=rpm, tokens_per_minute=tpm)
     if as_json:
         emit_json(key)
         return
@@ -168,11 +197,23 @@ def keys_create(ctx, name, as_json):
     note(f"key {key['id']} ({key['name']}) shown once: store it now")
 
 
+def _expiry(key: dict) -> str:
+    if not key.get("expires_at"):
+        return "never"
+    return ("expired " if key.get("expired") else "") + local_time(key["expires_at"])
+
+
+def _limits(key: dict) -> str:
+    parts = [f"{key[field]} {unit}/min" for field, unit in (("requests_per_minute", "req"),
+                                                              ("tokens_per_minute", "tok")) if key.get(field)]
+    return ", ".join(parts) or "-"
+
+
 @keys.command(name="ls")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def keys_ls(ctx, as_json):
-    """List the keys (names and hints, never the keys).
+    """List the keys (names and hints, never the keys): scopes, models, expiry, rates and last use.
 
     Example: pilotfish keys ls
     """
@@ -180,7 +221,10 @@ def keys_ls(ctx, as_json):
     if as_json:
         emit_json(found)
         return
-    table([[k["id"], k["name"], k["hint"], k["created_at"]] for k in found], ["ID", "NAME", "HINT", "CREATED"])
+    rows = [[k["id"], k["name"], k["hint"], ",".join(k.get("scopes") or []), ",".join(k.get("models") or ["any"]),
+             _expiry(k), _limits(k), local_time(k["last_used_at"]) if k.get("last_used_at") else "never",
+             local_time(k["created_at"])] for k in found]
+    table(rows, ["ID", "NAME", "HINT", "SCOPES", "MODELS", "EXPIRES", "LIMITS", "LAST_USED", "CREATED"])
 
 
 @keys.command(name="revoke")

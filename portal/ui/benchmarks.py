@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 
-from flask import redirect, render_template, request, url_for
+from flask import g, redirect, render_template, request, url_for
 
 from .. import benchmark_runs, services
 from ..errors import ConflictError, NotFoundError, PortalError, ValidationError
@@ -86,7 +86,7 @@ def benchmarks():
         values = {key: request.form.get(key, "") for key in FORM_FIELDS}
         try:
             run = benchmark_runs.start(benchmark_request(request.form),
-                                       benchmark_runs.own_address(request.environ))
+                                       benchmark_runs.own_address(request.environ), g.principal)
             return redirect(url_for("ui.benchmark", run_id=run.id), code=303)
         except ValidationError as exc:
             alert = place_problem(exc, FORM_CONTROLS, errors)

@@ -53,4 +53,5 @@ def cluster():
 @bp.get("/ui/keys")
 def keys():
     require_owner()
-    return render_template("ui/keys.html", title="API keys", keys=[key.to_dict() for key in list_api_keys()])
+    return render_template("ui/keys.html", title="API keys", keys=[key.to_dict() for key in list_api_keys()],
+                           models=[entry["repo_id"] for entry in inventory.list_models()])

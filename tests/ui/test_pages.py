@@ -130,6 +130,56 @@ def test_keys_are_created_shown_once_and_revoked(ui_portal, browser):
                                   timeout=10).status_code == 401, timeout=10, what="the revoked key to be refused")
 
 
+def test_a_scoped_key_is_created_with_its_models_end_and_rates(start_portal, browser):
+    browser.allow(r"status of 400")  # the refused form below
+    portal = start_portal("local")
+    wait_for(lambda: "test/tiny" in {m["repo_id"] for m in portal.request("GET", "/api/models").json()["models"]},
+             timeout=30, what="the inventory")
+    page = browser.new_page()
+    sign_in(page, portal)
+    page.goto(f"{portal.url}/ui/keys")
+    # A bad end: refused under its field, and nothing is created.
+    page.get_by_label("Name").fill("ui-bad")
+    page.get_by_label("Expires").fill("soon")
+    page.get_by_role("button", name="Create key").click()
+    expires = page.get_by_label("Expires")
+    expect(expires).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#key-expires-error")).to_contain_text("expires: expected how long it lasts")
+    expect(page.locator("#key-name")).not_to_have_attribute("aria-invalid", "true")
+    # No scope at all: refused on the scopes.
+    page.get_by_label("Expires").fill("")
+    for scope in ("use: call models", "read: see services, models and metrics", "launch: launch, stop and change"):
+        page.get_by_label(scope).uncheck()
+    page.get_by_role("button", name="Create key").click()
+    expect(page.locator("#key-scopes-error")).to_contain_text("scopes:")
+    assert "ui-bad" not in {k["name"] for k in portal.request("GET", "/api/keys").json()["keys"]}
+
+    # A key that may only call test/tiny, for a week, at 30 requests and 20000 tokens a minute.
+    page.get_by_label("Name").fill("ui-student")
+    page.get_by_label("use: call models").check()
+    page.get_by_label("Models", exact=True).select_option(["test/tiny"])
+    page.get_by_label("Expires").fill("7d")
+    page.get_by_label("Requests per minute").fill("30")
+    page.get_by_label("Tokens per minute").fill("20000")
+    page.get_by_role("button", name="Create key").click()
+    key = page.get_by_label("The new key")
+    expect(key).to_have_value(re.compile(r"^pf_"))
+    expect(page.locator("#key-scopes-error")).to_be_empty()
+    row = page.locator("#keys-table tbody tr", has_text="ui-student")
+    expect(row.locator('[data-field="scopes"]')).to_have_text("use")
+    expect(row.locator('[data-field="models"]')).to_have_text("test/tiny")
+    expect(row.locator('[data-field="limits"]')).to_have_text("30 requests/min, 20000 tokens/min")
+    expect(row.locator('[data-field="last-used"]')).to_have_text("never")
+    expect(row.locator('[data-field="expires"]')).not_to_have_text("never")
+    browser.screenshot(page, "keys-scoped")
+    listed = next(k for k in portal.request("GET", "/api/keys").json()["keys"] if k["name"] == "ui-student")
+    assert (listed["scopes"], listed["models"], listed["requests_per_minute"], listed["tokens_per_minute"]) == \
+        (["use"], ["test/tiny"], 30, 20000) and listed["expires_at"]
+    secret = {"Authorization": f"Bearer {key.input_value()}"}
+    assert requests.get(f"{portal.url}/v1/models", headers=secret, timeout=10).status_code == 200
+    assert requests.get(f"{portal.url}/api/services", headers=secret, timeout=10).status_code == 403
+
+
 def test_cluster_page_shows_partitions_free_gpus_and_the_users_jobs(ui_portal, running_service, browser):
     page = browser.new_page()
     sign_in(page, ui_portal)
