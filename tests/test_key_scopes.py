@@ -148,8 +148,6 @@ def test_a_use_only_key_calls_models_but_reads_and_launches_nothing(portal):
         assert refused.json()["error"].endswith("it has scopes use")
 
 
-@pytest.mark.xfail(strict=True, reason="the proxy's hot path (portal/proxy/) asks grant_of, scope_refusal and "
-                                      "model_refusal: wired with the proxy's change")
 def test_the_proxy_refuses_what_a_keys_scopes_and_models_do_not_allow(portal):
     reader = make_key(portal, name="proxy-reader", scopes=["read"])["key"]
     limited = make_key(portal, name="proxy-limited", models=["test/tiny"])["key"]

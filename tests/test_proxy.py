@@ -572,4 +572,55 @@ def test_each_request_is_counted_for_whoever_made_it(portal, chat_service):
     assert listed["counted-a"]["last_used_at"] and listed["counted-b"]["last_used_at"]
     cost = portal.request("GET", f"/api/services/{chat_service['id']}/cost").json()
     assert cost["tokens"]["total"] - busy_before["tokens"]["total"] == 10 + 4 + 5 + 5 + 25 + 17
-    assert cost["busy_seconds"] - busy_before["busy_seconds"] >= 0.8 * 2  # the two streams took 0.8 s each
+    assert cost["busy_seconds"] - busy_before["busy_seconds"] >= 1.1  # each stream: 4 tokens 0.2 s apart
+
+
+def test_a_keys_scopes_models_and_rates_hold_on_the_proxied_paths(portal, chat_service, audio_service):
+    """Through the gateway and a service's own path: a read-only key is refused (403 before its body is read), a key
+    limited to one model calls it and nothing else (and sees only it in /v1/models), and a rate-limited key gets 429
+    with Retry-After once over its rate, and is answered again when that time has passed."""
+    def key(name, **limits):
+        made = portal.request("POST", "/api/keys", json={"name": name, **limits})
+        assert made.status_code == 201, made.text
+        return made.json()["key"]
+
+    def api(token):
+        return openai.OpenAI(base_url=f"{portal.url}/v1", api_key=token, max_retries=0)
+
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    reader = key("reader", scopes=["read"])
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        api(reader).chat.completions.create(**chat)
+    assert refused.value.code == "insufficient_scope" and "scopes read" in refused.value.message
+    direct = requests.post(f"{portal.url}/services/{chat_service['id']}/v1/chat/completions", json=chat,
+                           headers={"Authorization": f"Bearer {reader}"}, timeout=10)
+    assert direct.status_code == 403 and direct.json()["error"]["code"] == "insufficient_scope"
+    assert requests.get(f"{portal.url}/api/services", headers={"Authorization": f"Bearer {reader}"},
+                        timeout=10).status_code == 200  # what it may do
+
+    audio_only = key("audio-only", models=[AUDIO_MODEL])
+    assert [model.id for model in api(audio_only).models.list()] == [AUDIO_MODEL]
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        api(audio_only).chat.completions.create(**chat)
+    assert refused.value.code == "model_not_allowed" and MODEL in refused.value.message
+    for path in (f"/services/{chat_service['id']}/v1/models", "/services/0123456789abcdef/v1/models"):
+        answer = requests.get(portal.url + path, headers={"Authorization": f"Bearer {audio_only}"}, timeout=10)
+        assert answer.status_code in (403, 404), answer.text  # another model's service; no such service
+    assert requests.get(f"{portal.url}/services/{audio_service['id']}/v1/models",
+                        headers={"Authorization": f"Bearer {audio_only}"}, timeout=10).status_code == 200
+
+    limited = api(key("limited", requests_per_minute=3))  # 3 at once after a quiet minute, then one every 20 s
+    for _ in range(3):
+        limited.chat.completions.create(**chat)
+    with pytest.raises(openai.RateLimitError) as over:
+        limited.chat.completions.create(**chat)
+    wait = int(over.value.response.headers["Retry-After"])
+    assert 1 <= wait <= 20 and over.value.code == "rate_limit_exceeded"
+    time.sleep(wait + 0.5)
+    assert limited.chat.completions.create(**chat).choices  # answered again after Retry-After
+
+    tokens = api(key("tokens", tokens_per_minute=12))  # each call below spends 5 prompt + 4 completion tokens
+    tokens.chat.completions.create(**dict(chat, max_tokens=4))
+    tokens.chat.completions.create(**dict(chat, max_tokens=4))
+    with pytest.raises(openai.RateLimitError):
+        tokens.chat.completions.create(**dict(chat, max_tokens=4))

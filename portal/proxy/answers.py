@@ -9,10 +9,13 @@ UNHEALTHY, or ended and why). The Flask blueprint serves GET /v1/models, the mod
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, current_app, g, jsonify
+
+from ..auth import grant_of
 
 from ..models import State
 from ..states import without_log_lines
@@ -53,10 +56,25 @@ def running_models(routes: Dict[str, Route]) -> List[dict]:
 
 @bp.get("/v1/models")
 def gateway_models():
-    return jsonify(object="list", data=running_models(current_app.extensions["pilotfish.directory"].routes()))
+    """The models of RUNNING services; to a named key limited to models, only those."""
+    models = running_models(current_app.extensions["pilotfish.directory"].routes())
+    grant = grant_of(current_app, getattr(g, "principal", None))
+    if grant is not None and grant.models is not None:
+        models = [entry for entry in models if grant.allows_model(entry["id"])]
+    return jsonify(object="list", data=models)
 
 
 SCALED_RETRY_AFTER = 10  # seconds: a service scaled to zero is starting a job
+MODEL_REFUSED = "model_not_allowed"  # portal.auth.model_refusal's code
+
+
+def rate_limited(grant, wait: float) -> Answer:
+    """The 429 of a named key over its rate (portal/rate_limits.py), with the seconds until it may call again."""
+    rates = [f"{rate} {unit} a minute" for rate, unit in ((grant.requests_per_minute, "requests"),
+                                                          (grant.tokens_per_minute, "tokens")) if rate]
+    seconds = max(1, math.ceil(wait))
+    return openai_error(429, f"API key {grant.name!r} is over its rate ({', '.join(rates)}): retry in {seconds} s",
+                        "rate_limit_error", "rate_limit_exceeded", retry_after=seconds)
 
 
 def not_running(service_id: str, state: Optional[str], reason: Optional[str] = None) -> Answer:

@@ -39,7 +39,7 @@ class Incoming:
     """The caller's request as the ASGI server hands it over (scope, receive, send), with what the proxy needs."""
 
     __slots__ = ("scope", "receive", "send", "method", "headers", "length", "chunked", "content_type", "gone",
-                 "body_read", "started", "_watcher", "limit", "spool", "received", "principal")
+                 "body_read", "started", "_watcher", "limit", "spool", "received", "principal", "grant")
 
     def __init__(self, scope, receive, send, limit: int = UNLIMITED, spool: Optional[Spool] = None):
         self.scope, self.receive, self.send = scope, receive, send
@@ -61,6 +61,7 @@ class Incoming:
         self.body_read = self.length == 0 or (self.length is None and not self.chunked)
         self._watcher: Optional[asyncio.Task] = None
         self.principal: Optional[str] = None  # who is asking ("owner", "key:<name>"), once the proxy accepted it
+        self.grant = None  # what a named key may do (portal.keys.KeyGrant); None for the owner
 
     def header(self, name: bytes) -> Optional[bytes]:
         for key, value in self.headers:

@@ -13,6 +13,7 @@ worker's view of the service directory (routes) and runs database work in a thre
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Dict, Optional, Tuple
 
@@ -24,6 +25,7 @@ from ..http_server import AnswerBody, answer_body
 from .incoming import ClientGone, Incoming, SpooledBody
 from .upstream import UpstreamConnection, UpstreamFailed, UpstreamPool
 from .usage import usage_reader
+from ..rate_limits import RateLimits
 from ..usage_ledger import usage_ledger
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class Relay:
         self.endpoint_load: Dict[tuple, int] = {}  # requests in flight per (host, port), in this worker
         self._refreshing: Optional[asyncio.Future] = None
         self.ledger = usage_ledger(app)  # who used what (portal/usage_ledger.py): each request, each busy spell
+        self.rate_limits = RateLimits(self.home)  # named keys' rates, shared by the workers (portal/rate_limits.py)
         self.directory.on_busy = self.ledger.busy
 
     # database work, off the event loop
@@ -96,6 +99,9 @@ class Relay:
         method = incoming.method
         upstream_path = target.partition(b"?")[0].decode("latin-1")
         record = recording.start(route.id, route.model, incoming.principal or "owner", self.ledger)
+        grant = incoming.grant
+        if grant is not None and grant.tokens_per_minute:
+            record.spend = functools.partial(self.rate_limits.spend, grant.name)
         usage = usage_reader(method, upstream_path, record.count_tokens)
         if usage is not None and isinstance(body, bytes):
             body = usage.ask(body, payload)

@@ -16,11 +16,11 @@ from typing import Optional, Tuple
 from werkzeug.formparser import MultiPartParser
 from werkzeug.http import parse_options_header
 
-from ..auth import NEEDS_LOOKUP, Refusal, caller_of_headers
+from ..auth import NEEDS_LOOKUP, Refusal, caller_of_headers, grant_of, model_refusal, scope_refusal
 from ..json_facts import JsonFacts
 from ..models import State
 from ..scaling import request_wake
-from .answers import json_answer, not_running, openai_error, running_models
+from .answers import MODEL_REFUSED, json_answer, not_running, openai_error, rate_limited, running_models
 from .directory import ROUTABLE, last_ended, stored_state
 from .incoming import BodyTooLarge, Incoming, SpooledBody, raw_tail
 from .recording import GATEWAY_ENDPOINT, SERVICE_ENDPOINT
@@ -50,8 +50,32 @@ class Proxy(Relay):
             who = await self.in_thread(caller_of_headers, self.app, incoming.method, incoming.header, False)
         if isinstance(who, Refusal):
             return None
+        if who != "owner":
+            incoming.grant = grant_of(self.app, who)
+            if incoming.grant is None:  # not in the cache after all: Flask asks the database (the same rule)
+                return None
         incoming.principal = who
         return who
+
+    # what a named key may do
+    async def key_refusal(self, incoming: Incoming, endpoint: str, model: Optional[str] = None):
+        """None if the caller may send this request on (for a named key: its `use` scope, `model` among its models
+        and its rates, the request then counted against them), else the answer that refuses it (sent here)."""
+        grant = incoming.grant
+        if grant is None:
+            return None
+        refused = scope_refusal(grant, incoming.method, "/v1") or (
+            model_refusal(grant, model) if isinstance(model, str) else None)
+        if refused is not None:
+            kind = "authentication_error" if refused.status == 401 else "permission_error"
+            return await self.reply(incoming, openai_error(refused.status, refused.message, kind, refused.code,
+                                                           param="model" if refused.code == MODEL_REFUSED else None),
+                                    endpoint)
+        if grant.rate_limited:
+            wait = self.rate_limits.admit(grant.name, grant.requests_per_minute, grant.tokens_per_minute)
+            if wait > 0:
+                return await self.reply(incoming, rate_limited(grant, wait), endpoint)
+        return None
 
     async def service(self, incoming: Incoming, service_id: str, path: str, skip: int) -> Tuple[int, int]:
         """/services/<id>/<path>: to that service, whatever it is."""
@@ -59,6 +83,12 @@ class Proxy(Relay):
         route = routes.get(service_id)
         if route is None or route.state not in ROUTABLE or not route.port:
             route = (await self.routes(fresh=True)).get(service_id)
+        if incoming.grant is not None:
+            refused = await self.key_refusal(incoming, SERVICE_ENDPOINT, route.model if route is not None else None)
+            if refused is not None:
+                return refused
+            if route is None and incoming.grant.models is not None:  # nothing said of other models' services
+                return await self.reply(incoming, not_running(service_id, None), SERVICE_ENDPOINT)
         if route is None or route.state not in ROUTABLE or not route.port:
             state, reason = (route.state, None) if route is not None else await self.in_thread(stored_state, service_id)
             if state == State.SCALED_TO_ZERO:
@@ -74,10 +104,17 @@ class Proxy(Relay):
     async def gateway(self, incoming: Incoming, path: str, skip: int) -> Tuple[int, int]:
         """/v1/<path>: to a running service of the body's `model` (the one with the fewest requests in flight). A
         spooled upload is given back to the worker's spool once answered, whoever answered it."""
+        if incoming.grant is not None and not incoming.grant.allows("use"):  # before reading a body
+            return await self.key_refusal(incoming, GATEWAY_ENDPOINT)
         model, payload, body, error = await self.model_of(incoming)
         try:
             if error is not None:
                 return await self.reply(incoming, error, GATEWAY_ENDPOINT)
+            if incoming.grant is not None:
+                asked = path[len("models/"):] if path.startswith("models/") and incoming.method == "GET" else model
+                refused = await self.key_refusal(incoming, GATEWAY_ENDPOINT, asked)
+                if refused is not None:
+                    return refused
             return await self._by_model(incoming, path, skip, model, payload, body)
         finally:
             if isinstance(body, SpooledBody):
