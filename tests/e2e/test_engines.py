@@ -241,6 +241,84 @@ def test_metrics_count_exactly_the_real_vllm_traffic(running):
     assert engine.value("vllm:request_success_total") >= 6
 
 
+def test_usage_per_principal_and_key_limits_on_real_vllm(running):
+    """The owner and two named keys call real vLLM through the gateway with known traffic (ignore_eos): /api/usage
+    counts each one's requests and tokens exactly as vLLM reported them; a key limited to the tiny Llama gets 403
+    on another model; a key past its end 401; a key over its rate 429 with Retry-After, and is answered after it.
+    Every answer names the service and the model's revision."""
+    from portal.usage_ledger import FLUSH_SECONDS
+    portal, vllm = running.portal, running.services["vllm"]
+
+    def key(name, **limits):
+        made = portal.request("POST", "/api/keys", json={"name": name, **limits})
+        assert made.status_code == 201, made.text
+        return made.json()["key"]
+
+    alice = key("usage-alice", models=[TINY_LLAMA])
+    bob = key("usage-bob", requests_per_minute=4)  # 4 at once, then one every 15 s
+    brief_end = int(time.time()) + 3
+    brief = key("usage-brief", expires=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(brief_end)))
+    time.sleep(FLUSH_SECONDS + 1)  # the usage of earlier tests is written by now
+
+    def usage():
+        return {row["principal"]: row for row in portal.request("GET", "/api/usage").json()["rows"]}
+
+    owner_before = usage().get("owner", {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0})
+    sent = {"owner": [], "key:usage-alice": [], "key:usage-bob": []}  # the usage vLLM reported for each call
+    chat = {"model": TINY_LLAMA, "messages": [{"role": "user", "content": "Count the waves."}],
+            "extra_body": {"ignore_eos": True}}
+    owner = client(running)
+    for tokens in (3, 5, 7):
+        raw = owner.chat.completions.with_raw_response.create(**chat, max_tokens=tokens)
+        assert raw.headers["x-pilotfish-service"] == vllm["id"]
+        assert raw.headers["x-pilotfish-model-revision"] == installer.snapshot_of(installer.models_dir(),
+                                                                                  TINY_LLAMA).name
+        sent["owner"].append(raw.parse().usage)
+    streamed = list(owner.chat.completions.create(**chat, max_tokens=6, stream=True))
+    assert streamed  # its usage: the same prompt as above, 6 tokens (the portal asked vLLM for it)
+    as_alice = client(running, token=alice)
+    for tokens in (2, 4):
+        sent["key:usage-alice"].append(as_alice.completions.create(model=TINY_LLAMA, prompt="The sea", max_tokens=tokens,
+                                                                   extra_body={"ignore_eos": True}).usage)
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        as_alice.chat.completions.create(**dict(chat, model=SMOLLM), max_tokens=2)
+    assert refused.value.code == "model_not_allowed"
+    as_bob = client(running, token=bob)
+    for _ in range(4):
+        sent["key:usage-bob"].append(as_bob.chat.completions.create(**chat, max_tokens=1).usage)
+    with pytest.raises(openai.RateLimitError) as over:
+        as_bob.chat.completions.create(**chat, max_tokens=1)
+    wait = int(over.value.response.headers["Retry-After"])
+    assert 1 <= wait <= 15, wait
+    time.sleep(wait + 0.5)
+    sent["key:usage-bob"].append(as_bob.chat.completions.create(**chat, max_tokens=1).usage)
+    time.sleep(max(0.0, brief_end + 0.5 - time.time()))
+    with pytest.raises(openai.AuthenticationError) as expired:
+        client(running, token=brief).chat.completions.create(**chat, max_tokens=1)
+    assert expired.value.code == "expired_api_key"
+
+    prompt = sent["owner"][0].prompt_tokens
+    expected = {principal: {"requests": len(calls), "errors": 0,
+                            "prompt_tokens": sum(u.prompt_tokens for u in calls),
+                            "completion_tokens": sum(u.completion_tokens for u in calls)}
+                for principal, calls in sent.items()}
+    expected["owner"]["requests"] += 1  # the stream
+    expected["owner"]["prompt_tokens"] += prompt
+    expected["owner"]["completion_tokens"] += 6
+    assert [u.completion_tokens for u in sent["owner"]] == [3, 5, 7]  # ignore_eos: exactly max_tokens
+    assert [u.completion_tokens for u in sent["key:usage-alice"]] == [2, 4]
+
+    def counted():
+        rows = usage()
+        found = {principal: {field: rows.get(principal, {}).get(field, 0) for field in expected[principal]}
+                 for principal in expected}
+        found["owner"] = {field: value - owner_before[field] for field, value in found["owner"].items()}
+        return found
+
+    wait_for(lambda: counted() == expected, timeout=20, what="the usage to be counted exactly")
+    assert counted() == expected
+
+
 def test_benchmark_against_real_vllm(running):
     run = run_benchmark(running.portal, running.services["vllm"]["id"], clients=4, requests=12, max_tokens=8,
                         prompt_len=16, timeout=300)
