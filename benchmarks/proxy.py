@@ -73,6 +73,7 @@ from benchmarks.support.report import MEASURE_ATTEMPTS, NOISY_FOREIGN_PCT, fmt, 
 from benchmarks.support.sse_upstream import MODEL, serve_upstream  # noqa: E402
 from portal.scheduler import processes  # noqa: E402
 from tests.support.portal_process import write_site_config  # noqa: E402
+import requests  # noqa: E402
 
 THIS = Path(__file__).resolve()
 DEFAULT_CONFIGS = "uvicorn:1,uvicorn:2"
@@ -143,6 +144,21 @@ class Bench:
         self.portals.append(portal)  # before start(): a half-started portal is torn down too
         return portal.start()
 
+    def use_named_key(self, rates: str) -> None:
+        """--as-key RPM:TPM: every portal target is called with one named key holding those rates (made through the
+        first portal; all portals share one home and database, so each accepts it, and a tree with key rates and usage
+        attribution applies them, as it would to a researcher's key)."""
+        rpm, _, tpm = rates.partition(":")
+        first = next(portal for portal in self.portals if getattr(portal, "token", None))
+        made = requests.post(first.url + "/api/keys", headers={"Authorization": f"Bearer {first.token}"}, timeout=10,
+                             json={"name": "proxy-benchmark", "requests_per_minute": int(rpm),
+                                   "tokens_per_minute": int(tpm)})
+        if made.status_code != 201:
+            raise RuntimeError(f"--as-key: {made.status_code} {made.text}")
+        for portal in self.portals:
+            portal.token = made.json()["key"]
+        self.notes.append(f"portal targets called with a named key of {rpm} requests and {tpm} tokens a minute")
+
     def launch_service(self, portal) -> None:
         response = portal.launch(model=MODEL, time=120)  # minutes: outlives the run
         if response.status_code >= 300:
@@ -203,6 +219,8 @@ class Bench:
             self.log(f"{config['label']} on port {portal.port}")
         if self.service is None:
             raise RuntimeError("no portal configuration started: nothing to measure")
+        if args.as_key:
+            self.use_named_key(args.as_key)
         self.targets.append(Target("direct", "direct", self.upstream_port, "/v1/chat/completions", self.service_key,
                                    lambda: []))
         if not args.no_nginx:
@@ -392,6 +410,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="time bound of one streaming phase, seconds (default 120)")
     parser.add_argument("--nginx-workers", type=int, default=2, help="nginx worker processes (default 2)")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
+    parser.add_argument("--as-key", metavar="RPM:TPM",
+                        help="call the portals with a named key of these rates (e.g. 10000000:10000000: never "
+                             "reached, but every request goes through the key's rate and usage accounting) instead "
+                             "of the portal token")
     parser.add_argument("--service-plain", action="store_true",
                         help="the portals reach the service over plain HTTP instead of TLS with its pinned "
                              "certificate (as every service is reached): to measure TLS's cost")
