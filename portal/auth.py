@@ -33,6 +33,7 @@ from .errors import PortalError
 from .keys import KEY_PREFIX, NEEDS_LOOKUP, SCOPE_WORDS, SCOPES, KeyGrant, init_keys, key_cache, live_grant
 from .models import iso
 from .sessions import Session, init_sessions, session_cache
+from .usage_ledger import EXTENSION as USAGE
 
 PUBLIC_ENDPOINTS = {"api.health", "auth.login", "auth.login_form"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
@@ -217,6 +218,8 @@ def authenticate():
         who = _within_scopes(who)
     if not isinstance(who, Refusal):
         g.principal, g.via_cookie = who, bearer is None
+        if who != "owner" and USAGE in current_app.extensions:  # a key's last use (portal/usage_ledger.py)
+            current_app.extensions[USAGE].seen(who)
         return None
     if who is NO_CREDENTIAL and request.blueprint == "ui" and request.method in SAFE_METHODS and prefers_html():
         here = request.script_root + request.full_path.rstrip("?")

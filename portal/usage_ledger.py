@@ -87,6 +87,14 @@ class UsageLedger:
         if not self._pending:
             self._mark_pending()
 
+    def seen(self, principal: str) -> None:
+        """A request of `principal` the portal answered itself (a page, an API call): only a key's last use moves."""
+        if principal.startswith(KEY_PRINCIPAL):
+            with self._lock:
+                self._last_use[principal[4:]] = self.clock()
+            if not self._pending:
+                self._mark_pending()
+
     def busy(self, service_id: str, seconds: float) -> None:
         """`seconds` more during which the service had a request in flight in this worker."""
         with self._lock:

@@ -230,3 +230,15 @@ def test_keys_list_what_they_may_do(portal):
     assert abs((ends - datetime.now(timezone.utc)) - timedelta(days=30)) < timedelta(minutes=1)
     assert (listed["requests_per_minute"], listed["tokens_per_minute"]) == (60, 10_000)
     assert listed["expired"] is False and listed["last_used_at"] is None
+
+
+def test_a_keys_last_use_counts_what_the_portal_answers_itself(portal):
+    """A key that only reads the portal's state (no model called) shows its last use all the same."""
+    from tests.conftest import wait_for
+    made = make_key(portal, name="only-reads", scopes=["read"])
+    assert made["last_used_at"] is None
+    assert call(portal, made["key"], "GET", "/api/services").status_code == 200
+
+    def last_use():
+        return {key["name"]: key["last_used_at"] for key in portal.request("GET", "/api/keys").json()["keys"]}
+    wait_for(lambda: last_use()["only-reads"] is not None, timeout=15, what="the key's last use to be written")
