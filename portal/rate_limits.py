@@ -23,6 +23,7 @@ wall clock (`time.time()`), shared by every process and kept across restarts. Ke
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import mmap
@@ -68,13 +69,8 @@ class RateLimits:
         """0.0 if a request of key `name` may go now (and it is counted), else the seconds until it may."""
         if not requests_per_minute and not tokens_per_minute:
             return 0.0
-        if self._pid != os.getpid():
-            self._open()
         now = time.time()
-        slots, fd = self._map, self._fd
-        self._thread_lock.acquire()
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
+        with self._locked() as slots:
             offset = self._slot(slots, name, now)
             key, request_tat, token_tat, per_token = SLOT.unpack_from(slots, offset)
             wait = 0.0
@@ -93,27 +89,30 @@ class RateLimits:
             if wait == 0.0:
                 SLOT.pack_into(slots, offset, key, max(request_tat, now), max(token_tat, now), per_token)
             return wait
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            self._thread_lock.release()
 
     def spend(self, name: str, tokens: int) -> None:
         """Count the tokens of an answer of key `name` (admitted earlier with a tokens_per_minute; else nothing)."""
         if tokens <= 0:
             return
-        if self._pid != os.getpid():
-            self._open()
         now = time.time()
-        slots, fd = self._map, self._fd
-        self._thread_lock.acquire()
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
+        with self._locked() as slots:
             offset = self._slot(slots, name, now, claim=False)
             if offset is None:
                 return
             key, request_tat, token_tat, per_token = SLOT.unpack_from(slots, offset)
             if per_token:
                 SLOT.pack_into(slots, offset, key, request_tat, max(token_tat, now) + tokens * per_token, per_token)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """The shared slots, held by this thread and this process alone (the file opened anew after a fork)."""
+        if self._pid != os.getpid():
+            self._open()
+        fd = self._fd
+        self._thread_lock.acquire()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield self._map
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             self._thread_lock.release()
