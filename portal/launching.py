@@ -19,9 +19,10 @@ from .catalog.kinds import KINDS, get_kind
 from .catalog.models import REPO_ID, REVISION, ModelRevision, find_revision, validate_repo_id, validate_revision
 from .catalog.tiers import (ResourceSpecs, Tier, TierSpecError, check_model_fits, check_time, recommend, resolve_tier,
                             tier_resources)
-from .engines.base import GUARD_DIR
+from .engines.base import GUARD_DIR, Preset
 from .errors import ForbiddenError, UnavailableError, ValidationError
 from .keys import check_key_model
+from .launch_options import check_flags_apply, check_kind, model_presets
 from .lifetimes import (IDLE_TIMEOUT_MAX_MINUTES, IDLE_TIMEOUT_SHAPE, IDLE_TIMEOUT_WORDS, LEASE_MAX_SECONDS,
                         LEASE_MIN_SECONDS, LEASE_SHAPE, LEASE_WORDS, RENEW_SHAPE, RENEW_WORDS, duration_words,
                         parse_idle_timeout, parse_lease, parse_renewal)
@@ -69,6 +70,7 @@ class LaunchPlan:
     scheduler_arguments: List[str] = field(default_factory=list)  # what the scheduler is asked (a dry run shows it)
     idle_timeout: Optional[int] = None  # minutes (None: no idle stop): the request's, else the tier's, else the site's
     idle_timeout_reason: str = ""  # where it came from, in words
+    presets: List[Preset] = field(default_factory=list)  # flags from what the model is (launch_options.py)
 
     def to_dict(self) -> dict:
         return {"kind": self.request.kind, "model": self.model.repo_id, "revision": self.model.revision,
@@ -78,7 +80,9 @@ class LaunchPlan:
                 "sbatch": self.scheduler_arguments,
                 "engine": self.runtime.engine.name, "runtime": self.runtime.runtime,
                 "image": str(self.image.path) if self.image else None,
-                "arguments": self.arguments, "idle_timeout": self.idle_timeout,
+                "arguments": self.arguments, "model_kinds": self.model.kinds,
+                "presets": [preset.to_dict(self.request.engine_args) for preset in self.presets],
+                "idle_timeout": self.idle_timeout,
                 "idle_timeout_reason": self.idle_timeout_reason, "lease": self.request.lease,
                 "renew": self.request.renew,
                 "replicas": dict(zip(("min", "max", "target_in_flight"), self.request.replicas))
@@ -328,11 +332,10 @@ def plan_launch(request: LaunchRequest, site, principal: Optional[str] = None) -
     kind = get_kind(request.kind)
     check_key_model(principal, request.model)  # before the model is looked for: a key learns nothing of others
     model = find_revision(request.model, request.revision, cache_dir=config.cache_dir, home_dir=config.home_dir)
-    if model.kind and model.kind != kind.name:
-        raise ValidationError("model", f"{model.repo_id} is a {model.kind} model, not {kind.name}: "
-                                       f"launch it as {model.kind}")
+    check_kind(model, kind)
     runtime = site.runtime(kind, site.engine_for(kind, model.meta.get("format")))
     runtime.check_args(request.engine_args)
+    check_flags_apply(runtime, kind, request.engine_args)
     check_owner_flags(request.engine_args, principal, model, config)
     specs = site_specs(site)
     if request.tier:
@@ -363,13 +366,14 @@ def plan_launch(request: LaunchRequest, site, principal: Optional[str] = None) -
         image = find_image(runtime.config_key or kind.name, cache_dir=config.cache_dir, home_dir=config.home_dir,
                            image=request.image, pins=site.image_pins)
     model_file = str(model.path / model.meta["model_file"]) if model.meta.get("model_file") else None
+    presets = model_presets(runtime, kind, model)
     arguments = runtime.engine.launch_arguments(str(model.path), model.repo_id, resources.gpus, resources.cpus or 1,
-                                                model_file, request.engine_args)
+                                                model_file, request.engine_args, presets)
     idle_timeout, idle_reason = choose_idle_timeout(request.idle_timeout, tier, config.idle_timeout)
     return LaunchPlan(request, runtime, model, tier, reason, resources, arguments, image,
                       exporters=site.exporters_for(resources.gpus),
                       scheduler_arguments=site.arguments(resources, Path("<job dir>"), "<job name>"),
-                      idle_timeout=idle_timeout, idle_timeout_reason=idle_reason)
+                      idle_timeout=idle_timeout, idle_timeout_reason=idle_reason, presets=presets)
 
 
 def choose_idle_timeout(requested: Optional[int], tier: Optional[Tier], site_default: Optional[int]) -> tuple:

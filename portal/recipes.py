@@ -46,7 +46,8 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$
 # The orchestrator's `service.type` values, and what they mean here.
 STUDENT_TYPES = {"ollama": "text-generation", "inference": "text-generation", "llm": "text-generation",
                  "text-generation": "text-generation", "whisper": "speech-recognition",
-                 "speech-recognition": "speech-recognition"}
+                 "speech-recognition": "speech-recognition", "embedding": "text-embedding",
+                 "embeddings": "text-embedding", "text-embedding": "text-embedding"}
 
 
 class RecipeError(Exception):

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
+from ..catalog.kinds import KINDS
 from ..keys import EXPIRES_SHAPE, EXPIRES_WORDS, MODEL_NAME_MAX, MODELS_MAX, RATE_MAX
 from ..launching import REPO_ID_SHAPE, REVISION_SHAPE
 from ..validation import Query, Strict
@@ -51,6 +52,13 @@ class RecommendQuery(Query):
     model: str = Field(pattern=REPO_ID_SHAPE, description="a Hugging Face repo id such as org/name")
     revision: Optional[str] = Field(None, pattern=REVISION_SHAPE, description="a branch, tag or commit")
     partition: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_\-]{1,64}$", description="a partition name")
+
+
+class LaunchOptionsQuery(Query):
+    model: str = Field(pattern=REPO_ID_SHAPE, description="a Hugging Face repo id such as org/name")
+    revision: Optional[str] = Field(None, pattern=REVISION_SHAPE, description="a branch, tag or commit")
+    kind: Optional[Literal[tuple(KINDS)]] = Field(None, description=f"one of {', '.join(KINDS)} (default: the "
+                                                                    "model's own kind)")
 
 
 class ModelsQuery(Query):
@@ -328,6 +336,20 @@ class Recommendation(Answer):
     fitting: List[Dict[str, Any]] = Field(description="each tier the model fits: ref, partition, name, start (the "
                                                       "scheduler's estimate: at, in_seconds, now, text, problem)")
     sooner: Optional[Dict[str, Any]] = Field(description="a tier that also fits and would start sooner: tier, reason")
+
+
+class LaunchOptions(Answer):
+    model: str
+    revision: str
+    kind: str = Field(description="the kind asked for, else the model's own")
+    kinds: List[str] = Field(description="the kinds the model can be launched as, its own first")
+    model_kind: Optional[str] = Field(description="what its files say it is (null: unknown, any kind may be tried)")
+    kind_reason: Optional[str]
+    engine: str
+    engine_title: str
+    presets: List[Dict[str, Any]] = Field(description="flags the launch gets from what the model is: purpose, flags, "
+                                                      "reason, yields_to (the user's flags that replace it), applied")
+    flags: List[str] = Field(description="the engine flags a launch of this kind may give (engine_args)")
 
 
 class Models(Answer):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import NotFoundError, ValidationError
+from .model_kinds import recognise
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
 REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]{0,199}$")
@@ -151,23 +152,18 @@ def choose_gguf(variants: Dict[str, List[Path]]) -> str:
 
 
 def describe_snapshot(snapshot: Path) -> dict:
-    """What a snapshot holds, from local files only: format, kind, parameters, dtype, weights_bytes, architectures.
-
-    kind: "speech-recognition" for Whisper (transformers or a CTranslate2 folder), "text-generation" for causal
-    language models (*ForCausalLM, *LMHeadModel) and GGUF files, else None. Problems go in "error", never raised.
+    """What a snapshot holds, from local files only: format, kind (and the kinds it can be launched as, and why:
+    catalog/model_kinds.py), parameters, dtype, weights_bytes, architectures. Problems go in "error", never raised.
     """
-    out = {"format": None, "kind": None, "parameters": None, "dtype": None, "weights_bytes": None,
-           "architectures": [], "error": None}
+    out = {"format": None, "kind": None, "kinds": [], "kind_reason": None, "parameters": None, "dtype": None,
+           "weights_bytes": None, "architectures": [], "model_type": None, "error": None}
     config = _read_json(snapshot / "config.json")
     config = config if isinstance(config, dict) else {}
     archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
     out["architectures"] = archs
     dtype = config.get("torch_dtype") or config.get("dtype")
     out["dtype"] = dtype if isinstance(dtype, str) else None
-    if "WhisperForConditionalGeneration" in archs or config.get("model_type") == "whisper":
-        out["kind"] = "speech-recognition"
-    elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        out["kind"] = "text-generation"
+    out["model_type"] = config["model_type"] if isinstance(config.get("model_type"), str) else None
     try:
         weights = _weight_files(snapshot)
         ggufs = sorted(p for p in snapshot.rglob("*.gguf") if p.is_file())
@@ -175,19 +171,18 @@ def describe_snapshot(snapshot: Path) -> dict:
             params, dtype, nbytes = safetensors_summary(weights)
             out.update(format="safetensors", parameters=params, dtype=dtype or out["dtype"], weights_bytes=nbytes)
         elif (snapshot / "model.bin").is_file() and WHISPER_CT2_FIELDS & set(config):
-            out.update(format="ctranslate2", kind="speech-recognition",
-                       weights_bytes=(snapshot / "model.bin").stat().st_size)
+            out.update(format="ctranslate2", weights_bytes=(snapshot / "model.bin").stat().st_size)
         elif ggufs:
             variants = gguf_variants(ggufs)
             chosen = choose_gguf(variants)
-            out.update(format="gguf", kind=out["kind"] or "text-generation",
-                       weights_bytes=sum(p.stat().st_size for p in variants[chosen]),
+            out.update(format="gguf", weights_bytes=sum(p.stat().st_size for p in variants[chosen]),
                        model_file=str(variants[chosen][0].relative_to(snapshot)),
                        gguf_variants=sorted(variants))
         elif list(snapshot.glob("pytorch_model*.bin")):
             out.update(format="pytorch", weights_bytes=sum(p.stat().st_size for p in snapshot.glob("pytorch_model*.bin")))
     except (OSError, ValueError, RecursionError) as exc:
         out["error"] = f"cannot read the weights: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+    out["kind"], out["kinds"], out["kind_reason"] = recognise(config, snapshot, out["format"])
     return out
 
 
@@ -209,6 +204,11 @@ class ModelRevision:
     def kind(self) -> Optional[str]:
         """The service kind this snapshot fits, or None."""
         return self.meta.get("kind")
+
+    @property
+    def kinds(self) -> List[str]:
+        """The kinds it can be launched as, its kind first (none known: any)."""
+        return list(self.meta.get("kinds") or ([self.kind] if self.kind else []))
 
     @property
     def size_gb(self) -> float:
@@ -236,7 +236,8 @@ class ModelEntry:
 
     def to_dict(self) -> dict:
         """Plain data for the API, revisions in lookup order."""
-        return {"repo_id": self.repo_id, "kind": self.kind, "size_bytes": self.size_bytes,
+        return {"repo_id": self.repo_id, "kind": self.kind,
+                "kinds": self.revisions[0].kinds if self.revisions else [], "size_bytes": self.size_bytes,
                 "revisions": [revision.to_dict() for revision in self.revisions]}
 
 

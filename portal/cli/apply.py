@@ -63,8 +63,10 @@ def apply(ctx, recipe_file, delete, dry_run, timeout, as_json):
             emit_json(plans)
         else:
             for body, plan in zip(recipe.launches, plans):
+                added = [" ".join(preset["flags"]) for preset in plan.get("presets") or [] if preset["applied"]]
                 click.echo(f"{body['name']}: {plan['kind']} {plan['model']} on {plan.get('tier') or 'explicit resources'}"
-                           f" ({plan.get('tier_reason')}); sbatch {' '.join(plan['sbatch'])}")
+                           f" ({plan.get('tier_reason')}); sbatch {' '.join(plan['sbatch'])}"
+                           + (f"; from the model: {'; '.join(added)}" if added else ""))
         return
     handles = []
     for body in recipe.launches:

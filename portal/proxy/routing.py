@@ -17,6 +17,7 @@ from werkzeug.formparser import MultiPartParser
 from werkzeug.http import parse_options_header
 
 from ..auth import NEEDS_LOOKUP, Refusal, caller_of_headers, grant_of, model_refusal, scope_refusal
+from ..catalog.kinds import kind_of_path
 from ..json_facts import JsonFacts
 from ..models import State
 from ..scaling import request_wake
@@ -153,6 +154,8 @@ class Proxy(Relay):
                                            f"{', '.join(available) if available else 'none (launch a service first)'}",
                                       "not_found_error", "model_not_found", param="model")
             return await self.reply(incoming, answer, GATEWAY_ENDPOINT)
+        wanted = kind_of_path(path)  # a model served as several kinds: a service of the kind answering this path
+        ready = [route for route in ready if route.kind == wanted] or ready
         in_flight = self.directory.in_flight
         route = min(ready, key=lambda r: in_flight.get(r.id, 0))
         return await self.forward(incoming, route, raw_tail(incoming.scope, skip), body, payload, GATEWAY_ENDPOINT)

@@ -1,7 +1,9 @@
 "use strict";
-// The launch form: models filtered by kind, the revisions of the chosen model, and the tier recommended for it
-// (GET /api/tiers/recommend) preselected with its reason, when each tier the model fits would start (and a tier that
-// would start sooner), renewal's box and its end kept in step. The portal checks everything again on submit.
+// The launch form: models filtered by the kinds they can be launched as, the revisions of the chosen model, the
+// options that apply to it as the chosen kind (GET /api/launch-options: the flags it gets from what it is, and the
+// engine flags that apply), the tier recommended for it (GET /api/tiers/recommend) preselected with its reason, when
+// each tier the model fits would start (and a tier that would start sooner), renewal's box and its end kept in step.
+// The portal checks everything again on submit.
 
 (() => {
   const data = PF.initial("launch-data");
@@ -34,11 +36,15 @@
     return entry.revisions.find((item) => item.revision === revision.value) || entry.revisions[0] || null;
   }
 
+  function kindsOf(entry) {
+    return entry ? entry.kinds || (entry.kind ? [entry.kind] : []) : [];
+  }
+
   function filterModels() {
     let firstVisible = null;
     for (const option of model.options) {
-      const entry = byRepo.get(option.value);
-      option.hidden = Boolean(entry && entry.kind && entry.kind !== kind.value);
+      const kinds = kindsOf(byRepo.get(option.value));
+      option.hidden = kinds.length > 0 && !kinds.includes(kind.value);
       if (!option.hidden && firstVisible === null) firstVisible = option;
     }
     for (const help of document.querySelectorAll("[data-kind-help]")) {
@@ -80,7 +86,8 @@
       format: item && item.format ? item.format : "—",
       parameters: item && item.parameters ? parameters(item.parameters) : "—",
       dtype: item && item.dtype ? item.dtype : "—",
-      kind: item && item.kind ? item.kind : "—",
+      kind: item && item.kind ? `${item.kind}` + (item.kind_reason ? `: ${item.kind_reason}` : "") : "—",
+      kinds: item ? (kindsOf(item).join(", ") || "any kind (nothing known about it)") : "—",
     };
     for (const [key, value] of Object.entries(values)) {
       PF.setText(document.querySelector(`[data-info="${key}"]`), value);
@@ -156,21 +163,80 @@
     showTier();
   }
 
+  // What applies to this model as this kind: the flags it gets from what it is (each replaced by a flag of the user's
+  // own among its yields_to), and the engine flags the site allows for the kind.
+  const engineArgs = document.getElementById("engine_args");
+  let options = null;
+  let askedOptions = 0;
+
+  function givenFlags() {
+    return new Set(engineArgs.value.split(/\s+/).filter((word) => word.startsWith("-")).map((word) => word.split("=")[0]));
+  }
+
+  function showPresets() {
+    const list = document.getElementById("options-presets");
+    const presets = options ? options.presets : [];
+    if (!presets.length) {
+      list.replaceChildren(PF.el("li", {class: "text-body-secondary"}, "None."));
+      return;
+    }
+    const given = givenFlags();
+    list.replaceChildren(...presets.map((preset) => {
+      const replaced = preset.yields_to.some((flag) => given.has(flag));
+      return PF.el("li", {"data-preset": preset.purpose, "data-applied": replaced ? "0" : "1"},
+        `${preset.purpose}: `, PF.el("code", {}, preset.flags.join(" ")),
+        replaced ? " (replaced by your engine options)" : ` (${preset.reason}; ${preset.yields_to.join(" or ")} ` +
+          "of yours replaces it)");
+    }));
+  }
+
+  async function showOptions() {
+    const mine = ++askedOptions;
+    const engine = document.getElementById("options-engine");
+    const flags = document.getElementById("options-flags");
+    options = null;
+    if (!byRepo.has(model.value)) {
+      PF.setText(engine, "This model is not in the inventory.");
+      PF.setText(flags, "—");
+      showPresets();
+      return;
+    }
+    const params = new URLSearchParams({model: model.value, kind: kind.value});
+    if (revision.value) params.set("revision", revision.value);
+    try {
+      const answer = await PF.api("GET", `/api/launch-options?${params}`);
+      if (mine !== askedOptions) return;
+      options = answer;
+      PF.setText(engine, `${answer.kind} on ${answer.engine_title}` +
+        (answer.kinds.length > 1 ? `; this model can also be launched as ${answer.kinds.filter((k) => k !== answer.kind).join(", ")}` : ""));
+      PF.setText(flags, answer.flags.join(" ") || "none");
+    } catch (err) {
+      if (mine !== askedOptions) return;
+      PF.setText(engine, `Not available: ${err.message}`);
+      PF.setText(flags, "—");
+    }
+    showPresets();
+  }
+
+  engineArgs.addEventListener("input", showPresets);
   kind.addEventListener("change", () => {
     if (filterModels()) {
       fillRevisions("");
       showInfo();
       recommend(true);
     }
+    showOptions();
   });
   model.addEventListener("change", () => {
     fillRevisions("");
     showInfo();
     recommend(true);
+    showOptions();
   });
   revision.addEventListener("change", () => {
     showInfo();
     recommend(true);
+    showOptions();
   });
   tier.addEventListener("change", showTier);
   // Renewal: an end written in "until" renews the service, so it ticks the box; unticking the box clears it.
@@ -189,4 +255,5 @@
   showInfo();
   showTier();
   recommend(!data.keep_tier);
+  showOptions();
 })();

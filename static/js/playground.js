@@ -1,7 +1,8 @@
 "use strict";
 // The playground talks to one service through the portal's proxy, as a notebook would:
 // chat streams tokens from POST /services/<id>/v1/chat/completions (stream: true, server-sent events read with
-// fetch and a ReadableStream); speech goes to POST /services/<id>/v1/audio/transcriptions as a multipart upload.
+// fetch and a ReadableStream); speech goes to POST /services/<id>/v1/audio/transcriptions as a multipart upload;
+// embeddings of two texts come from one POST /services/<id>/v1/embeddings, compared by their cosine similarity.
 
 (() => {
   let service = PF.initial("initial-service");
@@ -236,7 +237,60 @@
     });
   }
 
+  // --- embeddings --------------------------------------------------------------------------------------
+
+  function cosine(a, b) {
+    let dot = 0;
+    let normA = 0;
+    let normB = 0;
+    for (let i = 0; i < a.length; i += 1) {
+      dot += a[i] * b[i];
+      normA += a[i] * a[i];
+      normB += b[i] * b[i];
+    }
+    return normA && normB ? dot / Math.sqrt(normA * normB) : 0;
+  }
+
+  function setUpEmbeddings() {
+    const form = document.getElementById("embedding-form");
+    const submit = document.getElementById("compare-button");
+    const similarity = document.getElementById("similarity");
+    controls.push(submit);
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const texts = ["text-a", "text-b"].map((id) => document.getElementById(id).value);
+      if (texts.some((text) => !text.trim())) {
+        PF.alert(notices, "warning", "Write both texts first.");
+        return;
+      }
+      submit.dataset.busy = "1";
+      enable();
+      PF.setText(similarity, "Embedding…");
+      try {
+        const response = await fetch(`${v1}/embeddings`, {
+          method: "POST", credentials: "same-origin",
+          headers: {"Content-Type": "application/json", Accept: "application/json", "X-CSRF-Token": PF.csrf},
+          body: JSON.stringify({model: service.model, input: texts}),
+        });
+        if (!response.ok) throw new Error(await PF.errorMessage(response));
+        const answer = await response.json();
+        const vectors = [...answer.data].sort((x, y) => x.index - y.index).map((item) => item.embedding);
+        similarity.dataset.value = String(cosine(vectors[0], vectors[1]));
+        PF.setText(similarity, cosine(vectors[0], vectors[1]).toFixed(4));
+        PF.setText(document.getElementById("dimensions"), String(vectors[0].length));
+        PF.setText(document.getElementById("embedding-tokens"), String((answer.usage || {}).prompt_tokens ?? "—"));
+      } catch (err) {
+        PF.setText(similarity, "—");
+        PF.alert(notices, "danger", `The service did not answer: ${err.message}`);
+      } finally {
+        submit.dataset.busy = "0";
+        enable();
+      }
+    });
+  }
+
   if (service.kind === "speech-recognition") setUpAudio();
+  else if (service.kind === "text-embedding") setUpEmbeddings();
   else setUpChat();
   enable();
   // Watch the service's state: the page enables itself when the service runs, and disables itself when it ends.

@@ -47,7 +47,7 @@ def test_pins_default_and_site(folders):
     with pytest.raises(ValidationError) as info:
         images.pinned_images({"image-generation": "x:1"})
     assert str(info.value) == ("kind: unknown service kind or engine 'image-generation' in the image pins (known: "
-                               "text-generation, speech-recognition, vllm, llama-cpp, whisper)")
+                               "text-generation, text-embedding, speech-recognition, vllm, llama-cpp, whisper)")
     assert images.pinned_images({"llama-cpp": "ghcr.io/abetlen/llama-cpp-python:v0.3.5"})["llama-cpp"].endswith("v0.3.5")
 
 

@@ -79,7 +79,9 @@ def test_scan_reads_metadata_from_local_files(dirs):
         "path": str(cache / "models" / "models--org--llama" / "snapshots" / ("a" * 40)),
         "size_bytes": disk(llama), "size_gb": 0.0, "complete": True, "format": "safetensors",
         "kind": "text-generation", "parameters": LLAMA_PARAMS, "dtype": "bfloat16",  # the header, not config.json
-        "weights_bytes": LLAMA_TENSOR_BYTES, "architectures": ["LlamaForCausalLM"], "error": None}
+        "kinds": ["text-generation", "text-embedding"], "kind_reason": "a causal language model (LlamaForCausalLM)",
+        "model_type": "llama", "weights_bytes": LLAMA_TENSOR_BYTES, "architectures": ["LlamaForCausalLM"],
+        "error": None}
     assert rev.size_gb == LLAMA_TENSOR_BYTES / 1e9
     whisper_rev = entries["openai/whisper-tiny"].revisions[0]
     assert (whisper_rev.kind, whisper_rev.meta["parameters"], whisper_rev.meta["dtype"]) == ("speech-recognition", 768, "float16")
@@ -91,8 +93,11 @@ def test_scan_reads_metadata_from_local_files(dirs):
         "text-generation", "gguf", 3004, 3004 + 5004)
     assert (gguf_rev.meta["model_file"], gguf_rev.meta["gguf_variants"]) == ("gemma-Q4_K_M.gguf", ["gemma-Q4_K_M", "gemma-Q8_0"])
     bert_rev = entries["org/bert"].revisions[0]
-    assert (bert_rev.kind, bert_rev.meta["parameters"], bert_rev.meta["dtype"]) == (None, 100, "float32")
-    assert entries["org/llama"].to_dict()["kind"] == "text-generation"
+    assert (bert_rev.kind, bert_rev.meta["parameters"], bert_rev.meta["dtype"]) == ("text-embedding", 100, "float32")
+    assert (entries["org/llama"].to_dict()["kind"], entries["org/llama"].to_dict()["kinds"]) == (
+        "text-generation", ["text-generation", "text-embedding"])
+    assert (gguf_rev.kinds, ct2_rev.kinds, bert_rev.kinds) == (
+        ["text-generation"], ["speech-recognition"], ["text-embedding"])
 
 
 def test_sharded_weights_follow_the_index(dirs):
