@@ -68,7 +68,7 @@ def one_line_error(result, code, *fragments):
 
 
 COMMANDS = [["status"], ["doctor"], ["run"], ["ls"], ["details"], ["logs"], ["stop"], ["rm"], ["prune"],
-            ["models", "ls"], ["models", "add"], ["models", "rm"], ["images", "ls"], ["tiers"], ["keys", "create"],
+            ["models", "ls"], ["models", "options"], ["models", "add"], ["models", "rm"], ["images", "ls"], ["tiers"], ["keys", "create"],
             ["keys", "ls"], ["keys", "revoke"], ["apply"], ["start"], ["cluster"], ["demo"], ["export"]]
 
 
@@ -200,6 +200,36 @@ def test_catalog_commands(env, portal):
     ok(pf(env, "images", "ls"))
     one_line_error(pf(env, "models", "rm", "test/tiny"), 2, "cache_dir")  # the API refuses: 400
     one_line_error(pf(env, "tiers", "--model", "nobody/absent"), 2, "nobody/absent is not downloaded")
+
+
+def test_models_show_their_kinds_and_the_options_that_apply(env, portal):
+    rows = {line.split()[0]: line.split()[1:3] for line in ok(pf(env, "models", "ls")).stdout.splitlines()}
+    assert rows["MODEL"] == ["KIND", "ALSO"]
+    assert rows["test/tiny"] == ["text-generation", "text-embedding"] and rows["test/whisper"] == [
+        "speech-recognition", "-"]
+    shown = ok(pf(env, "models", "options", "test/tiny")).stdout.splitlines()
+    assert shown[0].endswith(": text-generation on vLLM (a causal language model (LlamaForCausalLM)); also launches "
+                             "as text-embedding")
+    assert shown[1] == "added from what the model is: nothing"  # a Llama whose tokenizer has no tool-call token
+    assert shown[2].startswith("engine options that apply: ") and "--tool-call-parser" in shown[2]
+    assert "--runner" not in shown[2]
+    pooled = ok(pf(env, "models", "options", "test/tiny", "--kind", "text-embedding")).stdout.splitlines()
+    assert pooled[1:4] == [
+        "added from what the model is:",
+        "  pooling: --runner pooling  (an embedding service runs vLLM's pooling runner; --runner replaces it)",
+        "  pooling: --convert embed  (LlamaForCausalLM is a language model: its hidden states are pooled into "
+        "embeddings; --convert replaces it)"]
+    assert "--runner" in pooled[4] and "--tool-call-parser" not in pooled[4]
+    assert json.loads(ok(pf(env, "models", "options", "test/tiny", "--json")).stdout)["kinds"] == [
+        "text-generation", "text-embedding"]
+    one_line_error(pf(env, "models", "options", "test/whisper", "--kind", "text-generation"), 2,
+                   "pilotfish: model: test/whisper is a speech-recognition model, not text-generation")
+    one_line_error(pf(env, "models", "options", "test/tiny", "--kind", "image-generation"), 2, "--kind")
+    one_line_error(pf(env, "run", "text-embedding", "--model", "test/tiny", "--dry-run", "--", "--tool-call-parser",
+                      "hermes"), 2, "pilotfish: engine_args: --tool-call-parser applies to text-generation services")
+    planned = ok(pf(env, "run", "text-embedding", "--model", "test/tiny", "--dry-run")).stdout
+    assert "# from the model (pooling): --convert embed (LlamaForCausalLM is a language model" in planned
+    assert "--runner pooling --convert embed" in planned
 
 
 def test_model_download_with_progress_then_remove(env, portal):

@@ -195,8 +195,10 @@
     const engine = document.getElementById("options-engine");
     const flags = document.getElementById("options-flags");
     options = null;
-    if (!byRepo.has(model.value)) {
-      PF.setText(engine, "This model is not in the inventory.");
+    const kinds = kindsOf(byRepo.get(model.value));
+    if (!byRepo.has(model.value) || (kinds.length && !kinds.includes(kind.value))) {
+      PF.setText(engine, byRepo.has(model.value) ? `This model is launched as ${kinds.join(" or ")}, not ${kind.value}.` :
+        "This model is not in the inventory.");
       PF.setText(flags, "—");
       showPresets();
       return;
