@@ -242,9 +242,6 @@ class Portal:
     def recommend(self, model: str, revision: Optional[str] = None) -> dict:
         return self.get("/api/tiers/recommend", model=model, revision=revision)
 
-    def launch_options(self, model: str, kind: Optional[str] = None, revision: Optional[str] = None) -> dict:
-        return self.get("/api/launch-options", model=model, kind=kind, revision=revision)
-
     def models(self, refresh: bool = False) -> dict:
         return self.get("/api/models", refresh="1" if refresh else None)
 

@@ -4,13 +4,24 @@ flags that mean something to its kind. One place for the launch and its dry run 
 page, `GET /api/launch-options` and `pilotfish models options`."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Literal, Optional, Sequence
+
+from pydantic import Field
 
 from .catalog.kinds import KINDS, ServiceKind, get_kind
-from .catalog.models import ModelRevision, find_revision
+from .catalog.models import REPO_ID, REVISION, ModelRevision, find_revision
 from .engines.base import Preset
 from .errors import ValidationError
 from .site import Runtime, Site
+from .validation import Query
+
+
+class LaunchOptionsQuery(Query):
+    """What GET /api/launch-options takes (the API describes it from here, as the launch's own LaunchBody)."""
+    model: str = Field(pattern=REPO_ID.pattern, description="a Hugging Face repo id such as org/name")
+    revision: Optional[str] = Field(None, pattern=REVISION.pattern, description="a branch, tag or commit")
+    kind: Optional[Literal[tuple(KINDS)]] = Field(None, description=f"one of {', '.join(KINDS)} (default: the "
+                                                                    "model's own kind)")
 
 
 def kinds_of(model: ModelRevision) -> List[str]:

@@ -11,7 +11,7 @@ from ..catalog.models import delete_model, find_revision
 from ..catalog.start_times import fitting_tiers, sooner_advice, tier_starts
 from ..catalog.tiers import recommend, tiers_as_dicts
 from ..errors import ValidationError
-from ..launch_options import launch_options as options_for
+from ..launch_options import LaunchOptionsQuery, launch_options as options_for
 from ..launching import site_specs
 from . import schemas
 from .blueprint import bp, json_body, query
@@ -64,10 +64,10 @@ def recommend_tier():
 
 @bp.get("/api/launch-options")
 @described("What a launch of a model as a kind gets: the kinds it can be launched as, its engine, the flags it gets "
-           "from what it is (presets) and the engine flags that apply to the kind", query=schemas.LaunchOptionsQuery,
+           "from what it is (presets) and the engine flags that apply to the kind", query=LaunchOptionsQuery,
            answers={200: schemas.LaunchOptions}, errors=(400,))
 def launch_options():
-    asked = query(schemas.LaunchOptionsQuery)
+    asked = query(LaunchOptionsQuery)
     return jsonify(options_for(current_app.extensions["pilotfish.site"], asked.model, asked.revision, asked.kind))
 
 

@@ -8,7 +8,6 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
-from ..catalog.kinds import KINDS
 from ..keys import EXPIRES_SHAPE, EXPIRES_WORDS, MODEL_NAME_MAX, MODELS_MAX, RATE_MAX
 from ..launching import REPO_ID_SHAPE, REVISION_SHAPE
 from ..validation import Query, Strict
@@ -52,13 +51,6 @@ class RecommendQuery(Query):
     model: str = Field(pattern=REPO_ID_SHAPE, description="a Hugging Face repo id such as org/name")
     revision: Optional[str] = Field(None, pattern=REVISION_SHAPE, description="a branch, tag or commit")
     partition: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_\-]{1,64}$", description="a partition name")
-
-
-class LaunchOptionsQuery(Query):
-    model: str = Field(pattern=REPO_ID_SHAPE, description="a Hugging Face repo id such as org/name")
-    revision: Optional[str] = Field(None, pattern=REVISION_SHAPE, description="a branch, tag or commit")
-    kind: Optional[Literal[tuple(KINDS)]] = Field(None, description=f"one of {', '.join(KINDS)} (default: the "
-                                                                    "model's own kind)")
 
 
 class ModelsQuery(Query):

@@ -54,7 +54,7 @@ def models_options(ctx, repo, kind, revision, as_json):
 
     Example: pilotfish models options Qwen/Qwen3-0.6B
     """
-    data = portal_of(ctx).launch_options(repo, kind=kind, revision=revision)
+    data = portal_of(ctx).get("/api/launch-options", model=repo, kind=kind, revision=revision)
     if as_json:
         emit_json(data)
         return
