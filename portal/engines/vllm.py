@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from ..catalog.model_kinds import is_generative
 from .base import GUARD_MODULE, Engine, EngineInstall, Preset
 from .vllm_parsers import parser_presets
 
@@ -65,11 +66,10 @@ class VLLM(Engine):
         if kind == "text-embedding":
             presets = [Preset("pooling", ("--runner", "pooling"), "an embedding service runs vLLM's pooling runner",
                               ("--runner",))]
-            generative = [arch for arch in meta.get("architectures") or []
-                          if arch.endswith(("ForCausalLM", "LMHeadModel"))]
-            if generative:
+            architectures = meta.get("architectures") or []
+            if is_generative(architectures):
                 presets.append(Preset("pooling", ("--convert", "embed"),
-                                      f"{generative[0]} is a language model: its hidden states are pooled into "
+                                      f"{architectures[0]} is a language model: its hidden states are pooled into "
                                       "embeddings", ("--convert",)))
             return presets
         if kind == "text-generation":
