@@ -3,6 +3,9 @@ models staged into a site cache, and one portal on the real test Slurm running a
 twice: SmolLM2, which carries its chat template, on the cluster's second node, and Gemma 3, which does not)."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import pytest
 
 from portal.engines import installer
@@ -48,6 +51,31 @@ class Running:
         return f"{self.portal.url}/services/{self.services[name]['id']}/v1"
 
 
+@contextlib.contextmanager
+def services_running(portal: PortalProcess, launches: dict, prefix: str, time: int) -> Iterator[dict]:
+    """Launch each of `launches` (name: launch body) as `<prefix>-<name>` on `portal` for `time` minutes, wait until
+    each is RUNNING (else fail with its reason and log), yield {name: service}; stop them all at the end."""
+    ids = {}
+    try:
+        for name, body in launches.items():
+            response = portal.request("POST", "/api/services", json=dict(body, name=f"{prefix}-{name}", time=time))
+            assert response.status_code == 201, response.text
+            ids[name] = response.json()["id"]
+        services = {}
+        for name, service_id in ids.items():
+            services[name] = portal.wait_state(service_id, {"RUNNING", "FAILED", "TIMEOUT"}, timeout=READY_TIMEOUT)
+            assert services[name]["state"] == "RUNNING", (
+                f"{name}: {services[name]['reason']}\n" + portal.request("GET", f"/api/services/{service_id}/logs")
+                .json().get("log", "")[-3000:])
+        yield services
+    finally:
+        for service_id in ids.values():
+            portal.request("POST", f"/api/services/{service_id}/stop", timeout=30)
+        wait_for(lambda: all(portal.service(i)["state"] not in ("SUBMITTED", "PENDING", "STARTING", "RUNNING",
+                                                                  "UNHEALTHY", "STOPPING") for i in ids.values()),
+                 timeout=120, what=f"the {prefix} services to stop")
+
+
 @pytest.fixture(scope="module")
 def running(tmp_path_factory, engine_site):
     home = tmp_path_factory.mktemp("e2e") / "home"
@@ -58,23 +86,8 @@ def running(tmp_path_factory, engine_site):
                               "resources": {"partition": "remote", "memory_gb": 2}},
                 "gemma": {"kind": "text-generation", "model": GEMMA},
                 "whisper": {"kind": "speech-recognition", "model": WHISPER}}
-    ids = {}
     try:
-        for name, body in launches.items():
-            response = portal.request("POST", "/api/services", json=dict(body, name=f"e2e-{name}", time=30))
-            assert response.status_code == 201, response.text
-            ids[name] = response.json()["id"]
-        services = {}
-        for name, service_id in ids.items():
-            services[name] = portal.wait_state(service_id, {"RUNNING", "FAILED", "TIMEOUT"}, timeout=READY_TIMEOUT)
-            assert services[name]["state"] == "RUNNING", (
-                f"{name}: {services[name]['reason']}\n" + portal.request("GET", f"/api/services/{service_id}/logs")
-                .json().get("log", "")[-3000:])
-        yield Running(portal, services)
+        with services_running(portal, launches, "e2e", 30) as services:
+            yield Running(portal, services)
     finally:
-        for service_id in ids.values():
-            portal.request("POST", f"/api/services/{service_id}/stop", timeout=30)
-        wait_for(lambda: all(portal.service(i)["state"] not in ("SUBMITTED", "PENDING", "STARTING", "RUNNING",
-                                                                  "UNHEALTHY", "STOPPING") for i in ids.values()),
-                 timeout=120, what="the end-to-end services to stop")
         portal.stop()

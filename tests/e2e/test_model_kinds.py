@@ -27,8 +27,8 @@ import requests
 
 from portal.engines import installer
 from portal.engines.demo_site import slurm_default_partition, write_site
-from tests.conftest import PortalProcess, wait_for
-from tests.e2e.conftest import READY_TIMEOUT, TINY_LLAMA
+from tests.conftest import PortalProcess
+from tests.e2e.conftest import TINY_LLAMA, services_running
 
 pytestmark = pytest.mark.slurm
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -95,24 +95,10 @@ def kinds(tmp_path_factory, slurm_cluster):
     assert partition, "the test Slurm does not answer sinfo"
     site = write_site(tmp_path_factory.mktemp("kinds-site"), ["vllm"], scheduler="slurm", partition=partition)
     portal = PortalProcess(tmp_path_factory.mktemp("kinds") / "home", site).start()
-    ids = {}
     try:
-        for name, body in LAUNCHES.items():
-            response = portal.request("POST", "/api/services", json=dict(body, name=f"kinds-{name}", time=60))
-            assert response.status_code == 201, response.text
-            ids[name] = response.json()["id"]
-        services = {}
-        for name, service_id in ids.items():
-            services[name] = portal.wait_state(service_id, {"RUNNING", "FAILED", "TIMEOUT"}, timeout=READY_TIMEOUT)
-            assert services[name]["state"] == "RUNNING", (
-                f"{name}: {services[name]['reason']}\n" + portal.request("GET", f"/api/services/{service_id}/logs")
-                .json().get("log", "")[-3000:])
-        yield Kinds(portal, services)
+        with services_running(portal, LAUNCHES, "kinds", 60) as services:
+            yield Kinds(portal, services)
     finally:
-        for service_id in ids.values():
-            portal.request("POST", f"/api/services/{service_id}/stop", timeout=30)
-        wait_for(lambda: all(portal.service(i)["state"] in ("STOPPED", "FAILED", "TIMEOUT") for i in ids.values()),
-                 timeout=120, what="the services to stop")
         portal.stop()
 
 
