@@ -64,6 +64,7 @@ class Engine:
     guarded_module: str = ""  # a server without a middleware option: `-m <it>` in its command runs as
     # `-m pilotfish_guard <it>`, the key guard's launcher (see guarded_command)
     tls_flags: tuple = ("--ssl-keyfile", "--ssl-certfile")  # how its server is given a TLS key and certificate
+    batch_concurrency: int = 2  # a batch shard's requests in flight at once, unless the batch says (portal/batches/)
 
     def tls_arguments(self, key_file: str, cert_file: str) -> List[str]:
         """The server's arguments to serve TLS with the service's key and certificate (portal/service_tls.py)."""

@@ -53,4 +53,5 @@ ENGINE = VLLM(
     container_command="python3 -m vllm.entrypoints.openai.api_server",
     allowed_flags=FLAGS, install=INSTALL, key_env=("VLLM_API_KEY",),
     check_arguments=("--max-model-len", "256"),  # the check model is tiny; vLLM's CPU build reserves per token
+    batch_concurrency=32,  # continuous batching: many requests in flight keep its batches full
 )
