@@ -103,6 +103,16 @@ def test_an_upload_over_the_limit_is_413_and_leaves_nothing(app, client, auth):
     assert len(os.listdir(app.config["PILOTFISH"].files_dir)) == 1  # nothing left of the refused ones
 
 
+def test_a_large_upload_streams_into_its_file(tmp_path):
+    site = write_site_config(tmp_path / "large.yaml", scheduler="local", batch_max_file_mb=8)
+    large = create_app({"home": tmp_path / "large-home", "site_config_path": site, "testing": True})
+    auth = {"Authorization": f"Bearer {large.config['PILOTFISH_TOKEN']}"}
+    data = jsonl([chat_line(n) for n in range(30000)])  # about 6 MB: many blocks of the parser
+    answer = upload(large.test_client(), auth, data)
+    assert answer.status_code == 200, answer.json
+    assert (large.config["PILOTFISH"].files_dir / answer.json["id"]).read_bytes() == data
+
+
 def test_an_upload_without_its_file_or_with_another_purpose_is_400(client, auth):
     answer = upload(client, auth, b"{}\n", purpose="fine-tune")
     assert answer.status_code == 400 and answer.json["error"]["param"] == "purpose"
@@ -220,7 +230,8 @@ class _Engine(BaseHTTPRequestHandler):
         self.seen.append(text)
         if body.get("max_tokens") == 0:
             return self._send(400, {"error": {"message": "max_tokens must be at least 1"}})
-        self._send(200, {"id": f"chatcmpl-{text}", "choices": [{"message": {"content": text}}]})
+        # U+2028 and U+0085 end lines for str.splitlines: the files escape them
+        self._send(200, {"id": f"chatcmpl-{text}", "choices": [{"message": {"content": text + "\u2028\x85"}}]})
 
 
 @pytest.fixture
@@ -248,13 +259,15 @@ def test_a_resumed_runner_skips_what_is_written_cuts_a_half_line_and_writes_each
     assert runner.run(start_timeout=10) == 0
     assert (runner.answered, runner.failed) == (16, 1)
     assert sorted(_Engine.seen) == sorted(f"Say {n}" for n in range(4, 21))  # 0-3 were not sent again
-    written = [json.loads(line) for line in output.read_text().splitlines()]  # every line whole again
+    written = [json.loads(line) for line in output.read_text().splitlines()]  # every line whole again, ASCII
+    assert len(written) == 19 and output.read_bytes().isascii()
     failed = [json.loads(line) for line in errors.read_text().splitlines()]
     ids = [line["custom_id"] for line in written + failed]
     assert sorted(ids) == sorted(f"request-{n}" for n in range(21)) and len(ids) == len(set(ids))
     answer = next(line for line in written if line["custom_id"] == "request-7")
     assert answer["response"] == {"status_code": 200, "request_id": "chatcmpl-Say 7",
-                                  "body": {"id": "chatcmpl-Say 7", "choices": [{"message": {"content": "Say 7"}}]}}
+                                  "body": {"id": "chatcmpl-Say 7",
+                                           "choices": [{"message": {"content": "Say 7\u2028\x85"}}]}}
     assert answer["id"].startswith("batch_req_") and answer["error"] is None
     refused = next(line for line in failed if line["custom_id"] == "request-20")
     assert refused["response"]["status_code"] == 400 and refused["error"]["code"] == "http_400"

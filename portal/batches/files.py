@@ -22,6 +22,7 @@ PURPOSES = ("batch",)  # what an upload may be for; batch_output is the portal's
 OUTPUT_PURPOSE = "batch_output"
 FILENAME_MAX = 255
 CHUNK = 64 * 1024
+FIELD_MAX = 1024 * 1024
 
 
 class FileTooLarge(PortalError):
@@ -87,13 +88,15 @@ def receive_upload(environ, principal: str) -> StoredFile:
         created.append(path)
         return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), "wb+")
 
-    parser = MultiPartParser(stream_factory, max_form_memory_size=64 * 1024, max_form_parts=10)
+    # A form field (purpose) is held in memory up to FIELD_MAX; the file part streams to its file (the parser's
+    # buffer holds a read block and what is left of the last, so the bound is larger than a block).
+    parser = MultiPartParser(stream_factory, max_form_memory_size=FIELD_MAX, max_form_parts=10, buffer_size=CHUNK)
     stream = _Capped(environ["wsgi.input"], limit + slack, config.batch_max_file_mb)
     try:
         try:
             form, files = parser.parse(stream, options["boundary"].encode(), length)
         except RequestEntityTooLarge:
-            raise ValidationError("purpose", "form field too large")
+            raise ValidationError("purpose", f"a form field is over {FIELD_MAX >> 10} KiB")
         except ValueError as exc:
             raise ValidationError("file", f"the upload is not a complete multipart form ({exc})")
         try:

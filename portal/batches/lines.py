@@ -48,7 +48,9 @@ def error_line(custom_id: str, code: str, message: str, status: Optional[int] = 
 
 
 def _encoded(line: dict) -> bytes:
-    return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    """One line of JSON. ASCII only: a model's text may hold characters that some readers also take for line ends
+    (U+2028, U+0085, ...: Python's str.splitlines), escaped here, so a newline is the only line end."""
+    return json.dumps(line, separators=(",", ":")).encode() + b"\n"
 
 
 def complete_lines(path: Path) -> Iterator[bytes]:

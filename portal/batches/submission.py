@@ -36,8 +36,9 @@ def plan_batch(kind: str, model: str, options: dict, config, principal: str) -> 
 def write_job_files(batch: Batch, plan: LaunchPlan, shard_count: int) -> Path:
     """The batch's job script, the runner's settings (batch.json) and a folder per task; returns the script."""
     folder = Path(batch.folder)
+    # The runner waits for the engine as long as the task may run: the scheduler's time limit ends a start that hangs.
     settings = {"endpoint": batch.endpoint, "model": batch.model, "concurrency": batch.concurrency,
-                "health_path": plan.runtime.health_path, "start_timeout": batch.time_limit * 60}
+                "health_path": plan.runtime.health_path, "start_timeout": batch.time_limit * 60 * 2 + 600}
     (folder / CONFIG_NAME).write_text(json.dumps(settings, indent=1))
     for index in range(shard_count):
         task_dir(folder, index).mkdir(parents=True, exist_ok=True, mode=0o700)
