@@ -22,6 +22,7 @@ from portal.batches.validation import write_shards
 from portal.db import db
 from portal.models import Batch, BatchEvent, StoredFile
 from portal.reconciler import Reconciler
+from portal.scheduler import array_ranges
 from tests.conftest import REPO, write_site_config
 
 UPSTREAM = f"{sys.executable} {REPO / 'tests' / 'support' / 'openai_upstream.py'}"
@@ -180,6 +181,11 @@ def test_the_input_is_split_into_shards_of_shard_size_lines(tmp_path):
     ids = [custom_id for index in range(3) for custom_id in batch_lines.input_ids(batch_lines.shard_path(tmp_path,
                                                                                                         index))]
     assert ids == [f"request-{n}" for n in range(25)]
+
+
+def test_array_indices_are_written_as_sbatch_ranges():
+    assert array_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert array_ranges([4]) == "4" and array_ranges([3, 1, 2, 2]) == "1-3"
 
 
 def test_the_merge_keeps_input_order_and_each_custom_id_once(tmp_path):

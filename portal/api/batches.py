@@ -48,11 +48,11 @@ def get_file(file_id):
 
 
 @bp.get("/v1/files/<file_id>/content")
-@described("A file's bytes", answers={200: "text"}, errors=(404,), **FILE_ID, **OPENAI)
+@described("A file's bytes (a batch's output or errors: JSONL)", answers={200: "file"}, errors=(404,), **FILE_ID,
+           **OPENAI)
 def file_content(file_id):
     record = files.get_file(file_id, principal())
-    return send_file(record.path, mimetype="application/jsonl" if record.filename.endswith(".jsonl") else
-                     "application/octet-stream", download_name=record.filename, max_age=0)
+    return send_file(record.path, mimetype="application/octet-stream", download_name=record.filename, max_age=0)
 
 
 @bp.delete("/v1/files/<file_id>")
