@@ -23,7 +23,7 @@ from portal.db import db
 from portal.models import Batch, BatchEvent, StoredFile
 from portal.reconciler import Reconciler
 from portal.scheduler import array_ranges
-from tests.conftest import REPO, write_site_config
+from tests.conftest import REPO, wait_for, write_site_config
 
 UPSTREAM = f"{sys.executable} {REPO / 'tests' / 'support' / 'openai_upstream.py'}"
 MODEL = "test/tiny"
@@ -375,3 +375,32 @@ def test_a_named_key_sees_only_its_own_files_and_batches(app, client, auth):
     assert refused.status_code == 403 and refused.json["error"]["type"] == "permission_error"
     read_only = client.post("/api/keys", headers=auth, json={"name": "reader", "scopes": ["read"]}).json["key"]
     assert client.get("/v1/batches", headers={"Authorization": f"Bearer {read_only}"}).status_code == 403
+
+
+def test_the_openai_client_uploads_and_is_refused_in_its_own_shapes_through_a_real_portal(start_portal, tmp_path):
+    """Through gunicorn and the ASGI layer: /v1/files and /v1/batches are the portal's own (not the gateway's), an
+    upload streams to its file, a refusal comes as the openai client's exceptions."""
+    import openai
+
+    portal = start_portal("local", runtimes={"text-generation": {"command": UPSTREAM}})
+    client = openai.OpenAI(base_url=portal.url + "/v1", api_key=portal.token, max_retries=0)
+    source = tmp_path / "input.jsonl"
+    source.write_bytes(jsonl([chat_line(n) for n in range(8000)]))  # about 1.5 MB: over the 1 MiB of other bodies
+    uploaded = client.files.create(file=open(source, "rb"), purpose="batch")
+    assert uploaded.bytes == source.stat().st_size
+    assert client.files.content(uploaded.id).content == source.read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(jsonl([chat_line(1), chat_line(1)]))
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.batches.create(input_file_id=client.files.create(file=open(bad, "rb"), purpose="batch").id,
+                              endpoint=CHAT, completion_window="24h")
+    assert "line 2: duplicated custom_id 'request-1'" in refused.value.message
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=portal.url + "/v1", api_key="wrong", max_retries=0).files.list()
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+    done = wait_for(lambda: (lambda b: b if b.status in ("completed", "failed") else None)(
+        client.batches.retrieve(batch.id)), timeout=120, interval=0.5, what="the batch to complete")
+    assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 8000, 0)
+    assert [json.loads(line)["custom_id"] for line in client.files.content(done.output_file_id).text.splitlines()] \
+        == [f"request-{n}" for n in range(8000)]
+    assert [entry.id for entry in client.batches.list()] == [batch.id]
