@@ -404,3 +404,44 @@ def test_the_openai_client_uploads_and_is_refused_in_its_own_shapes_through_a_re
     assert [json.loads(line)["custom_id"] for line in client.files.content(done.output_file_id).text.splitlines()] \
         == [f"request-{n}" for n in range(8000)]
     assert [entry.id for entry in client.batches.list()] == [batch.id]
+
+
+def local_portal(tmp_path, name: str, command: str, **settings):
+    site = write_site_config(tmp_path / f"{name}.yaml", scheduler="local", runtimes={"text-generation": {
+        "command": command}}, **settings)
+    app = create_app({"home": tmp_path / f"{name}-home", "site_config_path": site, "testing": True})
+    return app, app.test_client(), {"Authorization": f"Bearer {app.config['PILOTFISH_TOKEN']}"}
+
+
+def test_a_shard_whose_tasks_answer_nothing_is_given_up_and_its_lines_are_errors_with_the_reason(tmp_path):
+    app, client, auth = local_portal(tmp_path, "broken", UPSTREAM + " --exit 3", batch_max_attempts=2)
+    file_id = upload(client, auth, jsonl([chat_line(n) for n in range(6)])).json["id"]
+    batch = create(client, auth, file_id, shard_size="4").json
+    assert run_until(app, batch["id"], {"completed", "failed"}) == "completed"
+    done = client.get(f"/v1/batches/{batch['id']}", headers=auth).json
+    assert done["request_counts"] == {"total": 6, "completed": 0, "failed": 6} and done["output_file_id"] is None
+    assert [shard["attempts"] for shard in done["pilotfish"]["shards"]] == [2, 2]
+    assert [shard["state"] for shard in done["pilotfish"]["shards"]] == ["given_up", "given_up"]
+    assert sum("submitted again" in event["reason"] for event in done["pilotfish"]["events"]) == 2
+    errors = [json.loads(line) for line in
+              client.get(f"/v1/files/{done['error_file_id']}/content", headers=auth).data.decode().splitlines()]
+    assert [line["custom_id"] for line in errors] == [f"request-{n}" for n in range(6)]
+    assert errors[0]["error"]["code"] == "shard_given_up"
+    assert "2 task(s) in a row ended without a new answer" in errors[0]["error"]["message"]
+
+
+def test_a_batch_past_its_completion_window_expires_with_its_tasks_cancelled(tmp_path):
+    app, client, auth = local_portal(tmp_path, "late", UPSTREAM + " --delay 30")
+    file_id = upload(client, auth, jsonl([chat_line(n) for n in range(3)])).json["id"]
+    batch = create(client, auth, file_id).json
+    with app.app_context():
+        record = db.session.get(Batch, batch["id"])
+        record.expires_at = record.created_at  # its window has passed
+        db.session.commit()
+        folder = Path(record.folder)
+    assert run_until(app, batch["id"], {"expired"}, timeout=30) == "expired"
+    done = client.get(f"/v1/batches/{batch['id']}", headers=auth).json
+    assert done["expired_at"] is not None and done["request_counts"] == {"total": 3, "completed": 0, "failed": 3}
+    errors = client.get(f"/v1/files/{done['error_file_id']}/content", headers=auth).data.decode().splitlines()
+    assert [json.loads(line)["error"]["code"] for line in errors] == ["batch_expired"] * 3
+    assert (folder / "tasks" / "0" / "end_mark").read_text() == "cancelled"
