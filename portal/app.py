@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping, Optional
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import ROOT
@@ -57,20 +57,47 @@ def create_app(config: Optional[Mapping[str, Any]] = None) -> Flask:
 
     @app.errorhandler(PortalError)
     def portal_error(exc: PortalError):
+        if openai_path():
+            return openai_answer(exc.status, exc.message, exc.extra.get("field"), exc.extra.get("code"),
+                                 {key: value for key, value in exc.extra.items() if key not in ("field", "code")})
         return jsonify(exc.to_dict()), exc.status
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        response = jsonify(error=f"{exc.name}: {exc.description}" if exc.code != 404 else "not found")
+        message = f"{exc.name}: {exc.description}" if exc.code != 404 else "not found"
+        if openai_path():
+            return openai_answer(exc.code or 500, message)
+        response = jsonify(error=message)
         response.status_code = exc.code or 500
         return response
 
     @app.errorhandler(Exception)
     def unexpected_error(exc: Exception):
         log.exception("unexpected error")
+        if openai_path():
+            return openai_answer(500, "internal error: see the portal log")
         return jsonify(error="internal error: see the portal log"), 500
 
     return app
+
+
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                      404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
+                      422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
+def openai_path() -> bool:
+    """Whether this request is one of OpenAI's API (/v1/...): its errors then come in OpenAI's shape."""
+    return request.path == "/v1" or request.path.startswith("/v1/")
+
+
+def openai_answer(status: int, message: str, param=None, code=None, extra=None):
+    """{"error": {"message", "type", "param", "code"}}, the error the openai client parses (as the proxy's own:
+    portal/proxy/answers.openai_error)."""
+    response = jsonify(error={"message": message, "type": OPENAI_ERROR_TYPES.get(status, "api_error"), "param": param,
+                              "code": code, **(extra or {})})
+    response.status_code = status
+    return response
 
 
 def start_reconciler(app: Flask):

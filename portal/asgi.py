@@ -30,6 +30,10 @@ access_log = logging.getLogger("gunicorn.access")
 log = logging.getLogger(__name__)
 
 
+FLASK_GATEWAY_PATHS = ("files", "batches")  # OpenAI's Files and Batches API: the portal's own (portal/api/batches.py)
+UPLOAD_PATH = "/v1/files"  # its body streams to Flask as it arrives (an upload of up to batch_max_file_mb)
+
+
 def proxied(path: str, method: str):
     """("service", id, rest) or ("gateway", rest) for a path the proxy serves, else None."""
     if path.startswith("/services/"):
@@ -38,7 +42,8 @@ def proxied(path: str, method: str):
             return "service", service_id, rest
     elif path.startswith("/v1/"):
         rest = path[len("/v1/"):]
-        if rest and method in GATEWAY_METHODS and not (rest == "models" and method == "GET"):
+        if rest and method in GATEWAY_METHODS and not (rest == "models" and method == "GET") \
+                and rest.partition("/")[0] not in FLASK_GATEWAY_PATHS:
             return "gateway", rest
     return None
 
@@ -116,6 +121,17 @@ class PortalApp:
                 answer[1] += len(message.get("body", b""))
             await send(message)
 
+        if not refused and path == UPLOAD_PATH and scope["method"] == "POST":
+            # The Files API's upload is read by its view as it arrives, straight into its file (portal/batches/
+            # files.py, with its own size limit): a caller silent for client_read_timeout is cut off.
+            async def arriving():
+                try:
+                    return await asyncio.wait_for(receive(), self.client_read_timeout)
+                except asyncio.TimeoutError:
+                    return {"type": "http.disconnect"}
+
+            await self.wsgi(scope, arriving, counting_send)
+            return answer[0], answer[1]
         body = b"" if refused else await self._flask_body(scope, receive, counting_send, path)
         if body is not None:
             whole = [{"type": "http.request", "body": body, "more_body": False}]

@@ -32,6 +32,7 @@ from typing import Callable, List, Optional
 
 import requests
 
+from .batches.client import BatchesClient  # requests only
 from .connection import connection_path, read_connection  # standard library only, like states
 from .states import State  # plain Python: the client still needs only requests
 
@@ -106,7 +107,7 @@ def replicas_value(written, target_in_flight=None):
             "target_in_flight": int(target) if target.isascii() and target.isdigit() else target_in_flight}
 
 
-class Portal:
+class Portal(BatchesClient):
     """A running portal, through its REST API. As a context manager, stops the services it launched on exit."""
 
     def __init__(self, url: str, token: str, timeout: float = 30.0):
@@ -139,7 +140,7 @@ class Portal:
                 body = response.json()
                 error = body.get("error")
                 message = error.get("message") if isinstance(error, dict) else error
-                field = body.get("field")
+                field = error.get("param") if isinstance(error, dict) else body.get("field")
             except (ValueError, AttributeError):
                 message = None
             if not message:

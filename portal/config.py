@@ -73,6 +73,13 @@ class Config:
     scale_down_window: float = 300.0
     # Partitions whose jobs may be preempted: submitted with --requeue, followed back from the queue (portal/states.py).
     preemptible_partitions: list = field(default_factory=list)
+    # Batches (portal/batches/): the largest input file (MB), lines per shard (one array task each), attempts in a row
+    # without a new answer before a shard's remaining lines go to the error file, and where files and batches live
+    # (default: PILOTFISH_HOME).
+    batch_max_file_mb: float = 200.0
+    batch_shard_size: int = 10000
+    batch_max_attempts: int = 3
+    batch_scratch_dir: Optional[Path] = None
     testing: bool = False
 
     @property
@@ -90,6 +97,16 @@ class Config:
     @property
     def spool_dir(self) -> Path:
         return self.home / "spool"
+
+    @property
+    def files_dir(self) -> Path:
+        """Uploaded and produced files of the Files API (0600 each)."""
+        return (self.batch_scratch_dir or self.home) / "files"
+
+    @property
+    def batches_dir(self) -> Path:
+        """One folder per batch: its shards, their answers, its job script and its tasks' logs."""
+        return (self.batch_scratch_dir or self.home) / "batches"
 
 
 def _read_site_config(path: Path) -> dict:
@@ -184,6 +201,7 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
             r"[A-Za-z0-9_.\-]{1,100}", entry) for entry in preemptible):
         raise ConfigError("preemptible_partitions: expected a list of partition names such as [preempt, spot]")
     deadline = pick("job_deadline", "PILOTFISH_JOB_DEADLINE", None)
+    scratch = pick("batch_scratch_dir", "PILOTFISH_BATCH_SCRATCH_DIR", None)
     session_end = pick("session_end", "PILOTFISH_SESSION_END", None)
 
     config = Config(
@@ -222,6 +240,10 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         scale_up_window=_number("scale_up_window", pick("scale_up_window", None, 30.0), 0),
         scale_down_window=_number("scale_down_window", pick("scale_down_window", None, 300.0), 0),
         preemptible_partitions=list(preemptible),
+        batch_max_file_mb=_number("batch_max_file_mb", pick("batch_max_file_mb", None, 200.0), 0.001),
+        batch_shard_size=int(_number("batch_shard_size", pick("batch_shard_size", None, 10000), 1)),
+        batch_max_attempts=int(_number("batch_max_attempts", pick("batch_max_attempts", None, 3), 1)),
+        batch_scratch_dir=Path(scratch).expanduser() if scratch else None,
         testing=bool(overrides.pop("testing", False)),
     )
     if overrides:

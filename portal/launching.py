@@ -412,5 +412,10 @@ def render_job_script(service: Service, plan: LaunchPlan) -> str:
         tls_arguments=plan.runtime.engine.tls_arguments(*tls_files(service.job_dir)))
 
 
+def render_job_template(name: str, **values) -> str:
+    """Another template of templates/jobs/ (a batch's: batch.sh.j2), rendered with `values`."""
+    return _jinja.get_template(name).render(**values)
+
+
 def resources_dict(resources: Resources) -> dict:
     return {key: value for key, value in vars(resources).items() if value not in (None, {}, 0) or key == "time"}

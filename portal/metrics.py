@@ -87,6 +87,9 @@ class Instruments:
                                        "Scheduler commands the reconciler ran (squeue, sacct, ...)", registry=registry)
         self.scheduler_failures = Counter("pilotfish_scheduler_failures",
                                           "Reconcile cycles in which the scheduler did not answer", registry=registry)
+        self.batch_lines = Counter("pilotfish_batch_lines",
+                                   "Batch lines done, by model and outcome (completed: answered; failed: in the error "
+                                   "file)", ["model", "outcome"], registry=registry)
         self._route_children: Dict[Tuple[Optional[str], int], object] = {}
         self._services: Dict[Tuple[str, str], ServiceInstruments] = {}
         self._state_children = {state: self.services.labels(state) for state in SERVICE_STATES}

@@ -1,9 +1,8 @@
 """Database tables: services, their state events, portal-wide conditions, API keys, login sessions, the model
-inventory, downloads and benchmark runs."""
+inventory, downloads and benchmark runs; the Files and Batches API's are portal/batches/records.py's."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from typing import Optional
 
 from .db import db
@@ -11,12 +10,7 @@ from .lifetimes import expected_stop
 from .states import State  # the state machine lives in portal.states; State stays importable from here
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
-def iso(moment) -> str | None:
-    return moment.replace(tzinfo=timezone.utc).isoformat().replace("+00:00", "Z") if moment else None
+from .times import iso, utcnow  # noqa: F401  (importable from here, as they always were)
 
 
 class Service(db.Model):
@@ -379,3 +373,8 @@ class BenchmarkRun(db.Model):
         if full:
             data["result"] = json.loads(self.result_json) if self.result_json else None
         return data
+
+
+
+# The Files and Batches API's tables (portal/batches/records.py): part of the schema the migrations make.
+from .batches.records import Batch, BatchEvent, BatchShard, StoredFile, epoch  # noqa: E402,F401

@@ -24,6 +24,7 @@ import urllib3
 from sqlalchemy import select
 
 from . import change_marks
+from .batches.tracking import track as track_batches
 from .catalog.inventory import refresh_in_background
 from .site import KINDS, runtime_for
 from .db import db
@@ -61,6 +62,7 @@ class CycleReport:
     seconds: float = 0.0
     scheduler_ok: bool = True
     busy: bool = False  # a service is on its way up (or unwell): poll fast
+    batches: int = 0  # live batches (portal/batches/tracking.py): polled as live services are
 
 
 def _refused(exc: BaseException) -> bool:
@@ -191,7 +193,7 @@ class Reconciler:
             except Exception:  # the loop must survive anything one cycle meets
                 log.exception("reconcile cycle failed")
                 self._conditions.clear()  # what it wrote may not have been committed
-            if report is None or report.services:
+            if report is None or report.services or report.batches:
                 interval = self.config.fast_poll_interval if report and report.busy else self.config.poll_interval
             else:
                 interval = IDLE_CYCLE_SECONDS  # nothing live: nothing changes until a launch wakes us
@@ -296,6 +298,9 @@ class Reconciler:
         moment = utcnow()
         expired = [(service, reason) for service in services if (reason := due_stop(service, moment))]
         db.session.commit()  # writes only what changed (an unchanged cycle flushes nothing)
+        batches = track_batches(self.scheduler, self.config)  # its own scheduler query, only while batches are live
+        report.batches = batches.batches
+        db.session.commit()
         for service, reason in expired:
             self._stop_unused(service, reason)
         if report.transitions:

@@ -32,7 +32,8 @@ class Operation:
     summary: str
     query: Optional[Type[BaseModel]] = None
     body: Optional[Type[BaseModel]] = None
-    answers: Dict[int, object] = field(default_factory=dict)  # status -> answer model, "text", "multipart" or None
+    answers: Dict[int, object] = field(default_factory=dict)  # status -> answer model, "text", "file", "multipart" or
+    # None
     errors: Tuple[int, ...] = ()
     public: bool = False
     tag: str = "portal"
@@ -166,6 +167,9 @@ def _answer(status, answer, ref) -> dict:
     words = "the answer" if status == "default" or int(status) < 300 else ERROR_WORDS.get(status, "an error")
     if answer == "text":
         return {"description": words, "content": {"text/plain": {"schema": {"type": "string"}}}}
+    if answer == "file":
+        return {"description": "the file's bytes", "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
     if answer == "openai":
         return {"description": "OpenAI's answer (JSON, or server-sent events when streamed)",
                 "content": {"application/json": {"schema": _ANY_OBJECT},

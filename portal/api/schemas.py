@@ -414,3 +414,4 @@ class GatewayBody(BaseModel):
     """A request of OpenAI's API: any JSON object with the `model` to answer it (a RUNNING service's model)."""
     model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})
     model: str = Field(description="the model (repo id) of a RUNNING service")
+

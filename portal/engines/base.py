@@ -84,6 +84,7 @@ class Engine:
     # `-m pilotfish_guard <it>`, the key guard's launcher (see guarded_command)
     tls_flags: tuple = ("--ssl-keyfile", "--ssl-certfile")  # how its server is given a TLS key and certificate
     flag_kinds: Dict[str, tuple] = field(default_factory=dict)  # flags that apply only to some kinds: flag -> kinds
+    batch_concurrency: int = 2  # a batch shard's requests in flight at once, unless the batch says (portal/batches/)
 
     def flags_for(self, kind: str, allowed: FrozenSet[str]) -> List[str]:
         """The flags of `allowed` (the site's allow-list for this engine) that apply to a `kind` service, sorted."""

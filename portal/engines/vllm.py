@@ -86,4 +86,5 @@ ENGINE = VLLM(
     allowed_flags=FLAGS, install=INSTALL, key_env=("VLLM_API_KEY",),
     check_arguments=("--max-model-len", "256"),  # the check model is tiny; vLLM's CPU build reserves per token
     flag_kinds=FLAG_KINDS,
+    batch_concurrency=32,  # continuous batching: many requests in flight keep its batches full
 )

@@ -3,8 +3,9 @@ factory choosing one."""
 from __future__ import annotations
 
 from .base import (KEPT_VARIABLES, LOG_NAME, OWNER_SECRETS, PORTAL_PREFIX, PORTAL_VARIABLES,  # noqa: F401
-                   SCRUBBED_PREFIXES, Allocation, JobInfo, JobQuery, JobState, Resources, Scheduler, SchedulerError,
-                   SchedulerUnreachable, SubmissionRejected, job_environment, scrubbed_environment)
+                   SCRUBBED_PREFIXES, TASKS_DIR, Allocation, JobInfo, JobQuery, JobState, Resources, Scheduler, SchedulerError,
+                   SchedulerUnreachable, SubmissionRejected, array_ranges, job_environment, scrubbed_environment,
+                   task_dir)
 
 
 def make_scheduler(config) -> Scheduler:

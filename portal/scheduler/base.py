@@ -93,6 +93,13 @@ class Scheduler:
         """Submit `script` to run in `job_dir`; return the job id. Output goes to job_dir/job.log."""
         raise NotImplementedError
 
+    def submit_array(self, script: Path, job_dir: Path, name: str, resources: Resources,
+                     indices: List[int]) -> Dict[int, str]:
+        """Submit `script` once per index, as one job array: each task runs in `job_dir` with SLURM_ARRAY_TASK_ID set to
+        its index and its output appended to `task_dir(job_dir, index)`/job.log (the folder must exist). Returns each
+        task's job id by index: what `query` and `cancel` take, with the task's folder as its job_dir."""
+        raise NotImplementedError
+
     def query(self, jobs: Iterable[JobQuery]) -> Dict[str, JobInfo]:
         """States of the given jobs, keyed by job id, with as few scheduler calls as possible."""
         raise NotImplementedError
@@ -128,6 +135,25 @@ class Scheduler:
 
 
 LOG_NAME = "job.log"
+TASKS_DIR = "tasks"  # a job array's folder holds one folder per task: tasks/<index>/ (its log, its exit code)
+
+
+def task_dir(job_dir: Path, index: int) -> Path:
+    """The folder of a job array's task `index`: its log (LOG_NAME), exit code and, on the local scheduler, record."""
+    return Path(job_dir) / TASKS_DIR / str(index)
+
+
+def array_ranges(indices: Iterable[int]) -> str:
+    """Indices in sbatch --array's words: [0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    ordered = sorted(set(indices))
+    parts, start = [], None
+    for position, index in enumerate(ordered):
+        if start is None:
+            start = index
+        if position + 1 == len(ordered) or ordered[position + 1] != index + 1:
+            parts.append(str(start) if start == index else f"{start}-{index}")
+            start = None
+    return ",".join(parts)
 SCRUBBED_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_")
 KEPT_VARIABLES = {"SLURM_CONF"}  # names the cluster's config, not the enclosing job
 PORTAL_VARIABLES = {"PROMETHEUS_MULTIPROC_DIR"}  # the portal's own metrics folder (portal.metrics): not the engine's

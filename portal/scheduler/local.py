@@ -13,7 +13,7 @@ import psutil
 
 from . import processes
 from .base import (LOG_NAME, JobInfo, JobQuery, JobState, Resources, Scheduler, SubmissionRejected,
-                   job_environment)
+                   job_environment, task_dir)
 from .job_files import state_from_job_files
 from .sbatch import resource_options, sbatch_arguments
 
@@ -41,6 +41,24 @@ class LocalScheduler(Scheduler):
         except OSError as exc:
             raise SubmissionRejected(f"cannot start the job script: {exc.strerror}")
         return str(child.pid)
+
+    def submit_array(self, script: Path, job_dir: Path, name: str, resources: Resources,
+                     indices: List[int]) -> Dict[int, str]:
+        """One process group per task, started at once, each tracked in its task's folder (tasks/<index>/)."""
+        ids = {}
+        for index in indices:
+            env = job_environment()
+            env.update(PILOTFISH_JOB_NAME=name, SLURM_ARRAY_TASK_ID=str(index))  # as Slurm tells an array task
+            try:
+                child = processes.start(["bash", str(script)], task_dir(job_dir, index), LOG_NAME, env,
+                                        cwd=Path(job_dir), name=name, deadline=time.time() + resources.time * 60,
+                                        record_name=RECORD_FILE)
+            except OSError as exc:
+                for started, job_id in ids.items():
+                    self.cancel(job_id, task_dir(job_dir, started))
+                raise SubmissionRejected(f"cannot start the job script: {exc.strerror}")
+            ids[index] = str(child.pid)
+        return ids
 
     def query(self, jobs: Iterable[JobQuery]) -> Dict[str, JobInfo]:
         self.calls += 1

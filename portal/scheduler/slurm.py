@@ -11,8 +11,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-from .base import (Allocation, JobInfo, JobQuery, JobState, Resources, Scheduler, SchedulerUnreachable,
-                   SubmissionRejected, job_environment)
+from .base import (LOG_NAME, TASKS_DIR, Allocation, JobInfo, JobQuery, JobState, Resources, Scheduler,
+                   SchedulerUnreachable, SubmissionRejected, array_ranges, job_environment)
 from .job_files import state_from_job_files
 from .sbatch import resource_options, sbatch_arguments
 
@@ -120,6 +120,20 @@ class SlurmScheduler(Scheduler):
             raise SubmissionRejected(f"sbatch gave no job id: {result.stdout.strip()!r}")
         return job_id
 
+    def submit_array(self, script: Path, job_dir: Path, name: str, resources: Resources,
+                     indices: List[int]) -> Dict[int, str]:
+        """One `sbatch --array=<indices>`; each task's output in tasks/<index>/job.log (appended: a task submitted again
+        for the same index writes after the last one's lines)."""
+        args = [arg for arg in self.arguments(resources, job_dir, name) if not arg.startswith("--output=")]
+        result = self._run(["sbatch", f"--array={array_ranges(indices)}",
+                            f"--output={Path(job_dir) / TASKS_DIR / '%a' / LOG_NAME}", "--open-mode=append", *args,
+                            str(script)])
+        self._check(result, "sbatch")
+        job_id = result.stdout.strip().split(";")[0]
+        if not job_id.isdigit():
+            raise SubmissionRejected(f"sbatch gave no job id: {result.stdout.strip()!r}")
+        return {index: f"{job_id}_{index}" for index in indices}
+
     def estimate_start(self, resources: Resources, timeout: float = 5.0) -> Optional[datetime]:
         """Slurm's own estimate: `sbatch --test-only` with the job's resources (nothing is submitted)."""
         result = self._run(["sbatch", "--test-only", "--job-name=pilotfish-estimate", "--output=/dev/null",
@@ -135,7 +149,8 @@ class SlurmScheduler(Scheduler):
         if not jobs:
             return {}
         wanted = {job.job_id: job for job in jobs}
-        result = self._run(["squeue", "--noheader", "--states=all", f"--user={self.user}",
+        # --array: a job array's pending tasks one line each ("123_4"), as its running ones are
+        result = self._run(["squeue", "--noheader", "--array", "--states=all", f"--user={self.user}",
                             f"--format={SQUEUE_FORMAT}"])
         try:
             self._check(result, "squeue")

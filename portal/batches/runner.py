@@ -1,0 +1,253 @@
+"""The runner of one batch shard, inside its array task: `python -m portal.batches.runner --shard K --server-pid P`.
+
+The task's job script (templates/jobs/batch.sh.j2) has started the model's engine server exactly as a service's job
+does (the same command and arguments, behind the key guard), with a key made for this task and on a free port of the
+loopback; the runner waits until it answers its health path, then sends the shard's lines to it, at most
+`concurrency` at once, and appends each answer as one line to shard-NNNN.output.jsonl and each line that failed (a
+non-2xx answer, or no answer after retries) to shard-NNNN.errors.jsonl, one write per line as it arrives. A task
+killed at its time limit loses only the lines in flight.
+
+Resume: on start it reads the custom_ids both files already hold (a last line cut short by a kill is cut off) and
+skips them, so a task submitted again for the same shard carries on where the last one stopped, and no custom_id is
+ever written twice (the shard's lock file keeps a second runner of the same shard out). When the server goes away
+mid-run, or the task is told to stop, lines in flight are not written at all: they are sent again next time.
+
+Why not `vllm run-batch`: it writes its output file only once every line is done, so a shard killed by its time limit
+would lose everything; driving the same engine's server keeps each answer the moment it arrives, and works the same
+for every engine with an OpenAI server (vLLM, llama.cpp, our Whisper server).
+
+Standard library only (it runs with the portal's Python, the portal's code on PYTHONPATH). Exit codes: 0 every line
+answered or failed, 3 the server did not start or went away, 75 another runner holds the shard, 143 told to stop.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import http.client
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+from .lines import answered_ids, complete_lines, error_line, errors_path, output_line, shard_path, output_path
+
+CONFIG_NAME = "batch.json"  # written by the portal in the batch's folder (portal/batches/submission.py)
+RETRIES = 3  # tries of a line that met a transport error, a 429 or a 5xx
+BACKOFF_SECONDS = 1.0
+REQUEST_TIMEOUT = 600.0
+HEALTH_INTERVAL = 1.0
+EXIT_SERVER = 3
+EXIT_LOCKED = 75
+EXIT_STOPPED = 143
+
+
+class ServerGone(Exception):
+    """The engine's server no longer answers (it ended, or the task is stopping)."""
+
+
+def say(message: str) -> None:
+    print(f"pilotfish batch runner: {message}", flush=True)
+
+
+class Runner:
+    def __init__(self, folder: Path, shard: int, config: dict, port: int, key: str, server_pid: Optional[int]):
+        self.folder, self.shard, self.config = folder, shard, config
+        self.port, self.key, self.server_pid = port, key, server_pid
+        self.endpoint = config["endpoint"]
+        self.concurrency = max(1, int(config.get("concurrency", 1)))
+        self.stopping = threading.Event()
+        self.server_gone = threading.Event()
+        self._lines_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self.answered = self.failed = 0
+        self._output_fd = self._errors_fd = -1
+
+    # --- the server -----------------------------------------------------------------------------------
+
+    def server_alive(self) -> bool:
+        if self.server_pid is None:
+            return True
+        try:
+            os.kill(self.server_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        try:  # a zombie (ended, not yet reaped by the job script) is gone too
+            with open(f"/proc/{self.server_pid}/stat") as stat:
+                return stat.read().rpartition(")")[2].split()[0] != "Z"
+        except OSError:
+            return True
+
+    def wait_healthy(self, timeout: float) -> bool:
+        path = self.config.get("health_path") or "/health"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            if not self.server_alive():
+                say("the engine's server exited before it answered (see its lines above)")
+                return False
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            try:
+                connection.request("GET", path, headers={"Authorization": f"Bearer {self.key}"})
+                if connection.getresponse().status == 200:
+                    return True
+            except OSError:
+                pass
+            finally:
+                connection.close()
+            self.stopping.wait(HEALTH_INTERVAL)
+        return False
+
+    # --- the lines ------------------------------------------------------------------------------------
+
+    def pending(self, done: set) -> Iterator[Tuple[str, dict]]:
+        for raw in complete_lines(shard_path(self.folder, self.shard)):
+            line = json.loads(raw)
+            if line["custom_id"] not in done:
+                yield line["custom_id"], line.get("body") or {}
+
+    def send(self, connection: http.client.HTTPConnection, body: dict) -> Tuple[int, bytes, str]:
+        payload = json.dumps(body).encode()
+        connection.request("POST", self.endpoint, body=payload,
+                           headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"})
+        response = connection.getresponse()
+        data = response.read()
+        return response.status, data, response.getheader("x-request-id") or ""
+
+    def run_line(self, connection_box: list, custom_id: str, body: dict) -> Tuple[bytes, bool]:
+        """(the line to write, whether it is an error line) for one request; ServerGone when nothing may be written
+        (it is sent again when the shard runs again)."""
+        last_error = ""
+        for attempt in range(RETRIES):
+            if self.stopping.is_set() or self.server_gone.is_set():
+                raise ServerGone()
+            if connection_box[0] is None:
+                connection_box[0] = http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_TIMEOUT)
+            try:
+                status, data, request_id = self.send(connection_box[0], body)
+            except (OSError, http.client.HTTPException) as exc:
+                connection_box[0].close()
+                connection_box[0] = None
+                last_error = f"{type(exc).__name__}: {exc}"
+                if self.stopping.is_set() or not self.server_alive():
+                    self.server_gone.set()
+                    raise ServerGone()
+                time.sleep(BACKOFF_SECONDS * (2 ** attempt))
+                continue
+            try:
+                answer = json.loads(data) if data else None
+            except ValueError:
+                answer = data.decode("utf-8", "replace")
+            if not request_id and isinstance(answer, dict):
+                request_id = str(answer.get("id") or "")
+            if 200 <= status < 300:
+                return output_line(custom_id, status, request_id, answer), False
+            if (status == 429 or status >= 500) and attempt + 1 < RETRIES:
+                last_error = f"HTTP {status}"
+                time.sleep(BACKOFF_SECONDS * (2 ** attempt))
+                continue
+            message = answer.get("error", answer) if isinstance(answer, dict) else answer
+            if isinstance(message, dict):
+                message = message.get("message") or json.dumps(message)
+            return error_line(custom_id, f"http_{status}", str(message)[:2000], status=status, body=answer,
+                              request_id_=request_id), True
+        return error_line(custom_id, "no_answer", f"no answer after {RETRIES} tries: {last_error}"), True
+
+    def write(self, line: bytes, failed: bool) -> None:
+        with self._write_lock:
+            os.write(self._errors_fd if failed else self._output_fd, line)
+            if failed:
+                self.failed += 1
+            else:
+                self.answered += 1
+
+    def worker(self, lines: Iterator[Tuple[str, dict]]) -> None:
+        box = [None]
+        try:
+            while not self.stopping.is_set() and not self.server_gone.is_set():
+                with self._lines_lock:
+                    item = next(lines, None)
+                if item is None:
+                    return
+                try:
+                    line, failed = self.run_line(box, *item)
+                except ServerGone:
+                    return
+                self.write(line, failed)  # an answer that came back is kept, even while stopping
+        finally:
+            if box[0] is not None:
+                box[0].close()
+
+    def run(self, start_timeout: float) -> int:
+        lock = open(self.folder / f"shard-{self.shard:04d}.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            say(f"shard {self.shard}: another runner holds it; this one stops")
+            return EXIT_LOCKED
+        output, errors = output_path(self.folder, self.shard), errors_path(self.folder, self.shard)
+        done = answered_ids(output, errors)  # also cuts a line a killed runner left half-written
+        total = sum(1 for _ in complete_lines(shard_path(self.folder, self.shard)))
+        if len(done) >= total:
+            say(f"shard {self.shard}: all {total} lines already answered")
+            return 0
+        say(f"shard {self.shard}: {total} lines, {len(done)} already answered; waiting for the engine's server")
+        started = time.monotonic()
+        if not self.wait_healthy(start_timeout):
+            if self.stopping.is_set():
+                return EXIT_STOPPED
+            say(f"the engine's server did not answer within {start_timeout:g} s")
+            return EXIT_SERVER
+        say(f"the engine answered after {time.monotonic() - started:.1f} s; sending {total - len(done)} lines, "
+            f"{self.concurrency} at once")
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        self._output_fd, self._errors_fd = os.open(output, flags, 0o600), os.open(errors, flags, 0o600)
+        sending = time.monotonic()
+        lines = self.pending(done)
+        threads = [threading.Thread(target=self.worker, args=(lines,), name=f"line-{n}", daemon=True)
+                   for n in range(self.concurrency)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.5)
+        os.close(self._output_fd)
+        os.close(self._errors_fd)
+        seconds = time.monotonic() - sending
+        rate = (self.answered + self.failed) / seconds if seconds > 0 else 0.0
+        say(f"shard {self.shard}: {self.answered} answered, {self.failed} failed in {seconds:.1f} s "
+            f"({rate:.1f} lines/s)")
+        if self.stopping.is_set():
+            return EXIT_STOPPED
+        if self.server_gone.is_set():
+            say("the engine's server went away: the lines left are sent when the shard runs again")
+            return EXIT_SERVER
+        return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m portal.batches.runner")
+    parser.add_argument("--shard", type=int, required=True)
+    parser.add_argument("--server-pid", type=int)
+    parser.add_argument("--folder", default=".")
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    runner = Runner(folder, args.shard, config, int(os.environ["PILOTFISH_PORT"]), os.environ["PILOTFISH_API_KEY"],
+                    args.server_pid)
+
+    def stop(signum, frame):
+        say(f"signal {signum}: stopping (lines in flight are sent again next time)")
+        runner.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return runner.run(float(config.get("start_timeout", 3600)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Batches on the real test Slurm with the official `openai` client: the tiny Llama on the real vLLM, each shard an
+array task that starts vLLM as a service would and sends it the shard's lines.
+
+- A chat batch of a few hundred lines completes, every custom_id answered exactly once, in input order.
+- A shard whose task hits a one-minute time limit is submitted again, resumes where it stopped, and the batch
+  completes with each custom_id exactly once (counted).
+- A batch cancelled mid-run is `cancelled`, its jobs gone from squeue, its partial output downloadable.
+
+vLLM starts in about a minute on 2 busy cores: each batch here is one shard (one vLLM at a time on this machine).
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from tests.conftest import PortalProcess, wait_for
+from tests.e2e.conftest import TINY_LLAMA
+
+pytestmark = pytest.mark.slurm
+LONG = 10000  # lines of the batch that outlives its one-minute tasks
+ENGINE_ARGS = "--max-model-len 256"  # the tiny Llama's window; vLLM's CPU build reserves KV cache per token
+
+
+@pytest.fixture(scope="module")
+def portal(tmp_path_factory, engine_site):
+    root = tmp_path_factory.mktemp("batches")
+    site = yaml.safe_load(Path(engine_site).read_text())
+    site["batch_max_attempts"] = 3
+    site_path = root / "site.yaml"
+    site_path.write_text(yaml.safe_dump(site))
+    portal = PortalProcess(root / "home", site_path).start()
+    yield portal
+    for batch in portal.request("GET", "/v1/batches", params={"limit": 100}).json()["data"]:
+        if batch["status"] in ("validating", "in_progress", "finalizing"):
+            portal.request("POST", f"/v1/batches/{batch['id']}/cancel")
+    portal.stop()
+
+
+@pytest.fixture(scope="module")
+def client(portal):
+    return openai.OpenAI(base_url=portal.url + "/v1", api_key=portal.token, max_retries=0, timeout=120)
+
+
+def write_input(path: Path, count: int, max_tokens: int, prefix: str = "line") -> Path:
+    with open(path, "w") as out:
+        for number in range(count):
+            out.write(json.dumps({"custom_id": f"{prefix}-{number}", "method": "POST", "url": "/v1/chat/completions",
+                                  "body": {"model": TINY_LLAMA, "max_tokens": max_tokens, "ignore_eos": True,
+                                           "messages": [{"role": "user", "content": f"Count to {number}."}]}}) + "\n")
+    return path
+
+
+def wait_batch(client, batch_id: str, statuses, timeout: float, portal=None):
+    def ended():
+        batch = client.batches.retrieve(batch_id)
+        return batch if batch.status in statuses else None
+    try:
+        return wait_for(ended, timeout=timeout, interval=2, what=f"batch {batch_id} to reach {sorted(statuses)}")
+    except BaseException:
+        if portal is not None:  # what its tasks said, for the failure's report
+            print(json.dumps(portal.request("GET", f"/v1/batches/{batch_id}").json()["pilotfish"], indent=1))
+        raise
+
+
+def custom_ids(text: str) -> list:
+    return [json.loads(line)["custom_id"] for line in text.splitlines()]
+
+
+def runner_lines(portal, batch_id: str) -> list:
+    """What each task's runner said of its engine's start and its pace (from the tasks' logs)."""
+    found = []
+    for log in sorted((portal.home / "batches" / batch_id / "tasks").glob("*/job.log*")):
+        found += re.findall(r"the engine answered after [0-9.]+ s|[0-9]+ answered, [0-9]+ failed in [0-9.]+ s "
+                            r"\([0-9.]+ lines/s\)", log.read_text(errors="replace"))
+    return found
+
+
+def test_a_chat_batch_on_the_tiny_llama_completes_with_every_custom_id_once_in_input_order(portal, client, tmp_path):
+    source = write_input(tmp_path / "chat.jsonl", 300, max_tokens=8)
+    uploaded = client.files.create(file=open(source, "rb"), purpose="batch")
+    assert uploaded.id.startswith("file-") and uploaded.bytes == source.stat().st_size
+    started = time.monotonic()
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"engine_args": ENGINE_ARGS, "time": "15"})
+    assert batch.status == "in_progress" and batch.request_counts.total == 300
+    done = wait_batch(client, batch.id, {"completed", "failed", "expired", "cancelled"}, timeout=600, portal=portal)
+    seconds = time.monotonic() - started
+    assert done.status == "completed", done
+    assert (done.request_counts.completed, done.request_counts.failed) == (300, 0)
+    assert done.error_file_id is None
+    output = client.files.content(done.output_file_id).text
+    assert custom_ids(output) == [f"line-{n}" for n in range(300)]  # each once, in input order
+    first = json.loads(output.splitlines()[0])
+    assert first["response"]["status_code"] == 200 and first["error"] is None
+    answer = first["response"]["body"]
+    assert answer["model"] == TINY_LLAMA and answer["usage"]["completion_tokens"] == 8
+    assert [entry.id for entry in client.batches.list()][:1] == [batch.id]
+    print(f"\n300 chat lines on the tiny Llama: {seconds:.0f} s from create to completed; runner: "
+          f"{runner_lines(portal, batch.id)}")
+
+
+def test_a_shard_past_its_time_limit_is_resumed_and_each_custom_id_comes_back_once(portal, client, tmp_path):
+    # 90 to 140 lines a second once vLLM answers (25 to 40 s after its task starts; Slurm ends the task 60 to 90 s
+    # after it started): more than one task can do, one shard (one vLLM at a time on 2 cores).
+    source = write_input(tmp_path / "long.jsonl", LONG, max_tokens=128, prefix="long")
+    uploaded = client.files.create(file=open(source, "rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"engine_args": ENGINE_ARGS, "time": "1", "shard_size": str(LONG)})
+    done = wait_batch(client, batch.id, {"completed", "failed", "expired", "cancelled"}, timeout=900, portal=portal)
+    detail = portal.request("GET", f"/v1/batches/{batch.id}").json()["pilotfish"]
+    assert done.status == "completed", (done, detail)
+    shard = detail["shards"][0]
+    assert shard["attempts"] >= 2, detail  # one minute was not enough: its task was submitted again
+    assert any("submitted again" in event["reason"] for event in detail["events"]), detail["events"]
+    output = client.files.content(done.output_file_id).text
+    ids = custom_ids(output)
+    errors = custom_ids(client.files.content(done.error_file_id).text) if done.error_file_id else []
+    assert len(ids) == len(set(ids)) and not set(ids) & set(errors)
+    assert (done.request_counts.completed, done.request_counts.failed) == (len(ids), len(errors)) == (LONG, 0)
+    assert ids == [f"long-{n}" for n in range(LONG)]  # each exactly once, in input order
+    print(f"\nresumed: {shard['attempts']} tasks; runner: {runner_lines(portal, batch.id)}")
+
+
+def test_a_batch_cancelled_mid_run_ends_its_jobs_and_keeps_its_partial_output(portal, client, tmp_path):
+    source = write_input(tmp_path / "cancel.jsonl", 6000, max_tokens=64, prefix="cancel")
+    uploaded = client.files.create(file=open(source, "rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"engine_args": ENGINE_ARGS, "time": "15"})
+    wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 20, timeout=400, interval=2,
+             what="the batch's first answers")
+    job = portal.request("GET", f"/v1/batches/{batch.id}").json()["pilotfish"]["shards"][0]["job_id"]
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status == "cancelling"
+    done = wait_batch(client, batch.id, {"cancelled"}, timeout=120, portal=portal)
+    queue = subprocess.run(["squeue", "--noheader", "--array", "--format=%i|%T"], capture_output=True, text=True,
+                           timeout=30).stdout
+    assert not [line for line in queue.splitlines() if line.split("|")[0] == job and line.split("|")[1] in (
+        "PENDING", "RUNNING", "COMPLETING")], queue
+    assert done.output_file_id is not None
+    ids = custom_ids(client.files.content(done.output_file_id).text)
+    assert 20 <= len(ids) < 6000 and len(ids) == len(set(ids)) == done.request_counts.completed
+    assert ids == [f"cancel-{n}" for n in range(6000) if f"cancel-{n}" in set(ids)]  # in input order
