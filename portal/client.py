@@ -32,6 +32,7 @@ from typing import Callable, List, Optional
 
 import requests
 
+from .batches.client import BatchesClient  # requests only
 from .connection import connection_path, read_connection  # standard library only, like states
 from .states import State  # plain Python: the client still needs only requests
 
@@ -106,7 +107,7 @@ def replicas_value(written, target_in_flight=None):
             "target_in_flight": int(target) if target.isascii() and target.isdigit() else target_in_flight}
 
 
-class Portal:
+class Portal(BatchesClient):
     """A running portal, through its REST API. As a context manager, stops the services it launched on exit."""
 
     def __init__(self, url: str, token: str, timeout: float = 30.0):
@@ -273,50 +274,6 @@ class Portal:
 
     def revoke_key(self, key_id: str) -> dict:
         return self.request("DELETE", f"/api/keys/{key_id}").json()
-
-    # --- files and batches (OpenAI's API under /v1) ---------------------------------------------------------
-
-    def files_create(self, path, purpose: str = "batch") -> dict:
-        """Upload a file (a batch's JSONL input) from `path`; OpenAI's file object."""
-        with open(path, "rb") as handle:
-            return self.request("POST", "/v1/files", files={"file": (os.path.basename(str(path)), handle)},
-                                data={"purpose": purpose}, timeout=max(self.timeout, 600)).json()
-
-    def files(self, purpose: Optional[str] = None) -> List[dict]:
-        return self.get("/v1/files", purpose=purpose)["data"]
-
-    def file(self, file_id: str) -> dict:
-        return self.get(f"/v1/files/{file_id}")
-
-    def file_content(self, file_id: str) -> bytes:
-        """A file's bytes (a batch's output or errors: JSONL)."""
-        return self.request("GET", f"/v1/files/{file_id}/content", timeout=max(self.timeout, 600)).content
-
-    def file_delete(self, file_id: str) -> dict:
-        return self.request("DELETE", f"/v1/files/{file_id}").json()
-
-    def batch_create(self, input_file_id: str, endpoint: str = "/v1/chat/completions",
-                     completion_window: str = "24h", metadata: Optional[dict] = None, **options) -> dict:
-        """Start a batch of an uploaded file; `options` are Pilotfish's (tier, time, partition, shard_size,
-        concurrency, engine_args), sent as metadata strings. OpenAI's batch object."""
-        metadata = dict(metadata or {})
-        metadata.update({key: " ".join(value) if isinstance(value, (list, tuple)) else str(value)
-                         for key, value in options.items() if value is not None})
-        body = {"input_file_id": input_file_id, "endpoint": endpoint, "completion_window": completion_window}
-        if metadata:
-            body["metadata"] = metadata
-        return self.request("POST", "/v1/batches", json=body, timeout=max(self.timeout, 300)).json()
-
-    def batches(self, limit: Optional[int] = None, after: Optional[str] = None) -> List[dict]:
-        """Batches, newest first."""
-        return self.get("/v1/batches", limit=limit, after=after)["data"]
-
-    def batch(self, batch_id: str) -> dict:
-        """A batch, with its shards and events under `pilotfish`."""
-        return self.get(f"/v1/batches/{batch_id}")
-
-    def batch_cancel(self, batch_id: str) -> dict:
-        return self.request("POST", f"/v1/batches/{batch_id}/cancel").json()
 
     def openai(self, **kwargs):
         """An `openai.OpenAI` client for the gateway: any running model, chosen by the `model` argument."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from flask import g, jsonify, request, send_file
 
 from ..batches import batches, files
-from . import schemas
+from . import batch_schemas as schemas
 from .blueprint import bp, json_body, query
 from .openapi import described
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
-from ..db import db
 from ..metrics import instruments
 from ..models import Batch, BatchShard, utcnow
 from ..scheduler import JobInfo, JobState, SchedulerError
