@@ -88,8 +88,9 @@ def batch():
               help=f"The endpoint every line names in its `url`: {', '.join(ENDPOINTS)}.")
 @click.option("--tier", help="Resource tier of each task, e.g. Small (default: the model's recommendation; see "
                              "`pilotfish tiers`).")
-@click.option("--time", "time_limit", metavar="MIN", help="Time limit of each task: minutes or HH:MM:SS (default: the "
-                                                          "site's). A task killed by it is submitted again and resumes.")
+@click.option("--time", "time_limit", metavar="MIN",
+              help="Time limit of each task: minutes or HH:MM:SS (default: the site's). A task killed by it is "
+                   "submitted again and resumes.")
 @click.option("--partition", help="Override the tier's partition.")
 @click.option("--shard-size", type=click.IntRange(1), metavar="N",
               help="Lines per shard, each shard one task of the job array (default: the site's).")
