@@ -69,7 +69,8 @@ def one_line_error(result, code, *fragments):
 
 COMMANDS = [["status"], ["doctor"], ["run"], ["ls"], ["details"], ["logs"], ["stop"], ["rm"], ["prune"],
             ["models", "ls"], ["models", "options"], ["models", "add"], ["models", "rm"], ["images", "ls"], ["tiers"], ["keys", "create"],
-            ["keys", "ls"], ["keys", "revoke"], ["apply"], ["start"], ["cluster"], ["demo"], ["export"]]
+            ["keys", "ls"], ["keys", "revoke"], ["apply"], ["start"], ["cluster"], ["demo"], ["export"],
+            ["batch", "create"], ["batch", "ls"], ["batch", "show"], ["batch", "cancel"], ["batch", "download"]]
 
 
 def test_every_command_has_help_with_an_example(env):

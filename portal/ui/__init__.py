@@ -3,7 +3,7 @@ modules), plain JavaScript (static/js/) for live updates, and the login pages (l
 request's script root, so the pages work under Open OnDemand's /node/<host>/<port>/ prefix and at bare paths alike."""
 from __future__ import annotations
 
-from . import benchmarks, catalog, launch, login, services, usage  # noqa: F401  (registers the pages)
+from . import batches, benchmarks, catalog, launch, login, services, usage  # noqa: F401  (registers the pages)
 from .blueprint import NAV, bp, place_problem  # noqa: F401
 
 

@@ -18,6 +18,7 @@ bp = Blueprint("ui", __name__)
 NAV = [
     ("ui.dashboard", "Dashboard"),
     ("ui.launch", "Launch"),
+    ("ui.batches", "Batches"),
     ("ui.benchmarks", "Benchmarks"),
     ("ui.models", "Models"),
     ("ui.images", "Images"),

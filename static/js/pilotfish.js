@@ -86,7 +86,8 @@ const PF = (() => {
       let field = null;
       const message = await errorMessage(response.clone());
       try {
-        field = (await response.json()).field;
+        const data = await response.json();  // the REST API names a field; OpenAI's shape under /v1, a param
+        field = data.field || (data.error && typeof data.error === "object" ? data.error.param : null);
       } catch (err) {
         field = null;
       }

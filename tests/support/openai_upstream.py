@@ -2,7 +2,8 @@
 
 Serves on $PILOTFISH_PORT, requires $PILOTFISH_API_KEY on every path (as the engines behind the key guard), answers
 as $PILOTFISH_MODEL.
-Options: --token-delay S (pause between streamed tokens), --delay S (before listening), --exit CODE.
+Options: --token-delay S (pause between streamed tokens), --answer-delay S (before each whole answer), --delay S
+(before listening), --exit CODE.
 Extra routes for tests: /echo (what arrived), /status/<code>, /slow?seconds=N, /pauses?gaps=S,S (an event stream
 with pauses), /stats (streams, disconnects);
 /metrics answers Prometheus text (with the key, as vLLM's behind the key guard).
@@ -54,6 +55,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body are separate writes: without this each answer waits 40 ms
     token_delay = 0.0
+    answer_delay = 0.0
     key = ""
     model = ""
 
@@ -204,6 +206,8 @@ class Handler(BaseHTTPRequestHandler):
         if request.get("stream"):
             return self.stream(chat, words, request)
         text = "".join(words)
+        if self.answer_delay:
+            time.sleep(self.answer_delay)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
                   if chat else {"index": 0, "text": text, "finish_reason": "length"})
         return self.send_json(200, {"id": ANSWER_ID, "object": "chat.completion" if chat else "text_completion",
@@ -312,6 +316,7 @@ class _Headless:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--token-delay", type=float, default=0.0)
+    parser.add_argument("--answer-delay", type=float, default=0.0)
     parser.add_argument("--exit", type=int, default=None)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before listening")
     serving_tls.add_arguments(parser)
@@ -321,6 +326,7 @@ def main():
         sys.exit(args.exit)
     time.sleep(args.delay)
     Handler.token_delay = args.token_delay
+    Handler.answer_delay = args.answer_delay
     Handler.key = os.environ["PILOTFISH_API_KEY"]
     Handler.model = os.environ["PILOTFISH_MODEL"]
     server = ThreadingHTTPServer(("0.0.0.0", int(os.environ["PILOTFISH_PORT"])), Handler)

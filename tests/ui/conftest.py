@@ -48,7 +48,7 @@ def browser():
     with open_browser(SCREENSHOTS) as browser:
         # A page that polls the API has a call in flight now and then; leaving the page cancels it. Only that is
         # accepted: an asset that fails, or an API call that fails any other way, still fails the test.
-        browser.allow(r"^request failed: GET \S+/api/\S+: net::ERR_ABORTED$")
+        browser.allow(r"^request failed: GET \S+/(api|v1)/\S+: net::ERR_ABORTED$")
         yield browser
 
 

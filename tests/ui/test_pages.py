@@ -23,6 +23,7 @@ PAGES = {  # name: (path, title, main heading)
     "cluster": ("/ui/cluster", "Cluster", "Cluster"),
     "keys": ("/ui/keys", "API keys", "API keys"),
     "usage": ("/ui/usage", "Usage", "Usage"),
+    "batches": ("/ui/batches", "Batches", "Batches"),
     "service": ("/ui/services/{id}", "{name}", "{name}"),
     "playground": ("/ui/services/{id}/playground", "Playground · {name}", "Playground"),
 }
