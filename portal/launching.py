@@ -393,28 +393,24 @@ def choose_idle_timeout(requested: Optional[int], tier: Optional[Tier], site_def
 
 _jinja = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(Path(__file__).resolve().parent.parent / "templates" / "jobs")),
-    undefined=jinja2.StrictUndefined,
-    keep_trailing_newline=True,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
 _jinja.filters["q"] = lambda value: shlex.quote(str(value))
 _jinja.globals["guard_dir"] = str(GUARD_DIR)  # the key guard's folder: on the job's PYTHONPATH, bound into containers
+
+
+def render_job_template(name: str, **values) -> str:
+    """A template of templates/jobs/ (a runtime's, a batch's: batch.sh.j2), rendered with `values`."""
+    return _jinja.get_template(name).render(**values)
 
 
 def render_job_script(service: Service, plan: LaunchPlan) -> str:
     """The job script for `plan`, from templates/jobs/<runtime>.sh.j2 (every user value shell-quoted)."""
     model_root = plan.model.path.parent.parent  # models--org--name: the snapshot's links point into its blobs
-    return _jinja.get_template(f"{plan.runtime.runtime}.sh.j2").render(
-        service=service, runtime=plan.runtime, job_dir=service.job_dir, model_path=str(plan.model.path),
-        model_root=str(model_root), arguments=plan.arguments, gpus=plan.resources.gpus,
+    return render_job_template(
+        f"{plan.runtime.runtime}.sh.j2", service=service, runtime=plan.runtime, job_dir=service.job_dir,
+        model_path=str(plan.model.path), model_root=str(model_root), arguments=plan.arguments, gpus=plan.resources.gpus,
         image_path=str(plan.image.path) if plan.image else "", exporters=plan.exporters,
         tls_arguments=plan.runtime.engine.tls_arguments(*tls_files(service.job_dir)))
-
-
-def render_job_template(name: str, **values) -> str:
-    """Another template of templates/jobs/ (a batch's: batch.sh.j2), rendered with `values`."""
-    return _jinja.get_template(name).render(**values)
 
 
 def resources_dict(resources: Resources) -> dict:
