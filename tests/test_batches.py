@@ -37,16 +37,6 @@ def app(tmp_path):
     yield create_app({"home": tmp_path / "home", "site_config_path": site, "testing": True})
 
 
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
-@pytest.fixture
-def auth(app):
-    return {"Authorization": f"Bearer {app.config['PILOTFISH_TOKEN']}"}
-
-
 def chat_line(number: int, model: str = MODEL, **body) -> dict:
     return {"custom_id": f"request-{number}", "method": "POST", "url": CHAT,
             "body": {"model": model, "messages": [{"role": "user", "content": f"Say {number}"}], "max_tokens": 3,

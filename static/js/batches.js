@@ -140,31 +140,16 @@ function batchesPage() {
     render();
   }
 
-  function help(control) {
-    return control.getAttribute("aria-describedby").split(" ")[0];
-  }
+  const problems = PF.fieldProblems(fields);
 
   function clearProblems() {
-    for (const [control, errorId] of Object.values(fields)) {
-      control.classList.remove("is-invalid");
-      control.removeAttribute("aria-invalid");
-      control.setAttribute("aria-describedby", help(control));
-      document.getElementById(errorId).textContent = "";
-    }
+    problems.clear();
     notices.replaceChildren();
   }
 
   // A refusal next to its field; one the form has no field for above it.
   function showProblem(field, message) {
-    if (!(field in fields)) {
-      PF.alert(notices, "danger", message);
-      return;
-    }
-    const [control, errorId] = fields[field];
-    control.classList.add("is-invalid");
-    control.setAttribute("aria-invalid", "true");
-    document.getElementById(errorId).textContent = message;
-    control.setAttribute("aria-describedby", `${help(control)} ${errorId}`);
+    if (!problems.show(field, message)) PF.alert(notices, "danger", message);
   }
 
   async function upload(chosen) {

@@ -64,28 +64,11 @@
     }
   }
 
-  function help(control) {
-    return control.getAttribute("aria-describedby").split(" ")[0];
-  }
-
-  function clearProblems() {
-    for (const [control, errorId] of Object.values(fields)) {
-      control.classList.remove("is-invalid");
-      control.removeAttribute("aria-invalid");
-      control.setAttribute("aria-describedby", help(control));
-      document.getElementById(errorId).textContent = "";
-      document.getElementById(errorId).classList.remove("d-block");
-    }
-  }
+  const problems = PF.fieldProblems(fields);
+  const clearProblems = problems.clear;
 
   function showProblem(field, message) {
-    const [control, errorId] = fields[field] || fields.name;
-    control.classList.add("is-invalid");
-    control.setAttribute("aria-invalid", "true");
-    const error = document.getElementById(errorId);
-    error.textContent = message;
-    error.classList.add("d-block"); // a fieldset's feedback is not its control's sibling
-    control.setAttribute("aria-describedby", `${help(control)} ${errorId}`);
+    problems.show(field in fields ? field : "name", message);
   }
 
   // A number field as the API takes it: left out when empty, a number when it reads as one, else the text (which the

@@ -241,6 +241,36 @@ const PF = (() => {
     return box;
   }
 
+  // A form's refusals next to their fields. `fields`: {field: [control, id of its feedback element]}. A control's
+  // first aria-describedby id is its help; a shown refusal is added after it.
+  function fieldProblems(fields) {
+    const help = (control) => control.getAttribute("aria-describedby").split(" ")[0];
+    return {
+      clear() {
+        for (const [control, errorId] of Object.values(fields)) {
+          control.classList.remove("is-invalid");
+          control.removeAttribute("aria-invalid");
+          control.setAttribute("aria-describedby", help(control));
+          const error = document.getElementById(errorId);
+          error.textContent = "";
+          error.classList.remove("d-block");
+        }
+      },
+      // Shows `message` next to `field`'s control; false (nothing shown) for a field the form does not have.
+      show(field, message) {
+        if (!(field in fields)) return false;
+        const [control, errorId] = fields[field];
+        control.classList.add("is-invalid");
+        control.setAttribute("aria-invalid", "true");
+        const error = document.getElementById(errorId);
+        error.textContent = message;
+        error.classList.add("d-block"); // a fieldset's feedback is not its control's sibling
+        control.setAttribute("aria-describedby", `${help(control)} ${errorId}`);
+        return true;
+      },
+    };
+  }
+
   function initial(id) {
     return JSON.parse(document.getElementById(id).textContent);
   }
@@ -339,7 +369,7 @@ const PF = (() => {
 
   return {
     base, csrf, LIVE, ApiError, url, api, errorMessage, poll, now, duration, since, when, bytes, isLive, timeLeft, stopsIn,
-    renewal, replicas, jobPhase, el, setText, badge, alert, initial, confirm, copyButtons, stopService, deleteService,
+    renewal, replicas, jobPhase, el, setText, badge, alert, fieldProblems, initial, confirm, copyButtons, stopService, deleteService,
     serviceUrl,
   };
 })();
