@@ -143,6 +143,10 @@ class FakePortal:
     def services(self, state=None):
         return self.listed
 
+    def get(self, path, **params):  # GET /api/services/<id>/cost: nothing run yet
+        assert path.endswith("/cost"), path
+        return {"gpu_hours": 0.0, "cpu_hours": 0.0, "source": "job times", "tokens": {}, "jobs": []}
+
     def service(self, service_id):
         found = self.listed[0]
 

@@ -34,7 +34,7 @@ def build(tmp_path, **settings):
     ({"runtimes": {"vllm": {"env": {"A": {"b": 1}}}}}, "runtimes.vllm.env.A: expected a value such as 1 or /scratch"),
     ({"runtimes": {"ollama": {"command": "ollama serve"}}},
      "runtimes.ollama: not an engine or a service kind (known: vllm, llama-cpp, whisper, text-generation, "
-     "speech-recognition)"),
+     "text-embedding, speech-recognition)"),
     ({"runtimes": {"whisper": {"comand": "x"}}}, "runtimes.whisper: unknown setting(s) comand (known: runtime,"),
     ({"runtimes": {"whisper": "python -m whisper"}}, "runtimes.whisper: expected a mapping with `runtime`"),
     ({"runtimes": {"text-generation": {"allowed_args": ["-x"]}}},

@@ -13,8 +13,6 @@ from portal.app import create_app
 from portal.usage_ledger import UsageLedger
 from tests.ui.conftest import prefix, sign_in
 
-pytestmark = pytest.mark.slurm
-
 TODAY = datetime.now(timezone.utc).date()
 # day offset -> principal -> (requests, prompt tokens each, completion tokens each, model)
 TRAFFIC = {
@@ -25,8 +23,14 @@ TRAFFIC = {
 
 
 @pytest.fixture(scope="module")
-def usage_written(ui_portal):
-    app = create_app({"home": ui_portal.home, "site_config_path": ui_portal.site_config})
+def usage_portal(start_module_portal):
+    """A portal of this module's own: the other pages' tests (benchmarks, their keys) count usage too."""
+    return start_module_portal("local")
+
+
+@pytest.fixture(scope="module")
+def usage_written(usage_portal):
+    app = create_app({"home": usage_portal.home, "site_config_path": usage_portal.site_config})
     for back, principals in TRAFFIC.items():
         noon = datetime.combine(TODAY - timedelta(days=back), day_time(12), tzinfo=timezone.utc).timestamp()
         ledger = UsageLedger(app, clock=lambda noon=noon: noon)
@@ -78,10 +82,10 @@ def check_chart(page, metric: str) -> None:
         expect(page.locator("#usage-legend")).to_contain_text(f"{who} ({sum(days.values()):,})")
 
 
-def test_the_usage_page_charts_and_tabulates_usage(ui_portal, usage_written, browser):
+def test_the_usage_page_charts_and_tabulates_usage(usage_portal, usage_written, browser):
     page = browser.new_page()
-    base = prefix(ui_portal)
-    sign_in(page, ui_portal, base)
+    base = prefix(usage_portal)
+    sign_in(page, usage_portal, base)
     page.get_by_role("link", name="Usage").click()
     expect(page).to_have_title("Usage · Pilotfish")
     expect(page.get_by_role("img", name=re.compile("Requests per day, by principal"))).to_be_visible()
