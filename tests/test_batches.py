@@ -125,6 +125,8 @@ BAD_INPUTS = {
     "no model": ([chat_line(1), {**chat_line(2), "body": {"messages": []}}], 2, "body.model: missing"),
     "an empty line": ([chat_line(1), b"", chat_line(2)], 2, "empty line"),
     "a stream": ([chat_line(1, stream=True)], 1, "cannot stream"),
+    "a model of another kind": ([chat_line(1, model="test/whisper")], 1,
+                                "test/whisper is a speech-recognition model: it does not answer /v1/chat/completions"),
 }
 
 

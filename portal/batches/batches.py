@@ -150,7 +150,10 @@ def create_batch(input_file_id: str, endpoint: str, completion_window: str, meta
 
     checked = check_input(Path(source.path), endpoint, check_model)
     revision = found["revision"]
-    kind = revision.kind or ENDPOINT_KINDS[endpoint]
+    kind = ENDPOINT_KINDS[endpoint]
+    if revision.kinds and kind not in revision.kinds:
+        raise ValidationError(FIELD, f"line 1: body.model: {revision.repo_id} is a {revision.kind} model: it does "
+                                     f"not answer {endpoint} (it answers as {', '.join(revision.kinds)})", line=1)
     try:
         plan = plan_batch(kind, revision.repo_id, options, config, principal)
     except ValidationError as exc:

@@ -12,9 +12,10 @@ from typing import Callable, Dict, List
 from ..errors import ValidationError
 from .lines import shard_path
 
-# Endpoints a batch runs, and the kind of service that answers each (the model's own kind wins when it has one).
+# Endpoints a batch runs, and the kind of service that answers each (the model is launched as it: a causal model's
+# embeddings batch pools its states).
 ENDPOINT_KINDS = {"/v1/chat/completions": "text-generation", "/v1/completions": "text-generation",
-                  "/v1/embeddings": "text-generation"}
+                  "/v1/embeddings": "text-embedding"}
 LATER_ENDPOINTS = ("/v1/audio/transcriptions", "/v1/audio/translations")  # OpenAI's, not run as batches yet
 LINE_FIELDS = ("custom_id", "method", "url", "body")
 CUSTOM_ID_MAX = 512

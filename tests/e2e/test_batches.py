@@ -2,6 +2,8 @@
 array task that starts vLLM as a service would and sends it the shard's lines.
 
 - A chat batch of a few hundred lines completes, every custom_id answered exactly once, in input order.
+- An embeddings batch on a tiny sentence-transformers BERT (vLLM's pooling runner): the same text, the same vector.
+- A chat batch of a GGUF model (SmolLM2) on llama.cpp.
 - A shard whose task hits a one-minute time limit is submitted again, resumes where it stopped, and the batch
   completes with each custom_id exactly once (counted).
 - A batch cancelled mid-run is `cancelled`, its jobs gone from squeue, its partial output downloadable.
@@ -21,7 +23,8 @@ import pytest
 import yaml
 
 from tests.conftest import PortalProcess, wait_for
-from tests.e2e.conftest import TINY_LLAMA
+from portal.engines import installer
+from tests.e2e.conftest import SMOLLM, TINY_LLAMA
 
 pytestmark = pytest.mark.slurm
 LONG = 10000  # lines of the batch that outlives its one-minute tasks
@@ -30,6 +33,7 @@ ENGINE_ARGS = "--max-model-len 256"  # the tiny Llama's window; vLLM's CPU build
 
 @pytest.fixture(scope="module")
 def portal(tmp_path_factory, engine_site):
+    installer.stage_tiny_embedding(installer.models_dir(), installer.venv_python("vllm"))
     root = tmp_path_factory.mktemp("batches")
     site = yaml.safe_load(Path(engine_site).read_text())
     site["batch_max_attempts"] = 3
@@ -48,11 +52,11 @@ def client(portal):
     return openai.OpenAI(base_url=portal.url + "/v1", api_key=portal.token, max_retries=0, timeout=120)
 
 
-def write_input(path: Path, count: int, max_tokens: int, prefix: str = "line") -> Path:
+def write_input(path: Path, count: int, max_tokens: int, prefix: str = "line", model: str = TINY_LLAMA) -> Path:
     with open(path, "w") as out:
         for number in range(count):
             out.write(json.dumps({"custom_id": f"{prefix}-{number}", "method": "POST", "url": "/v1/chat/completions",
-                                  "body": {"model": TINY_LLAMA, "max_tokens": max_tokens, "ignore_eos": True,
+                                  "body": {"model": model, "max_tokens": max_tokens, "ignore_eos": True,
                                            "messages": [{"role": "user", "content": f"Count to {number}."}]}}) + "\n")
     return path
 
@@ -147,3 +151,38 @@ def test_a_batch_cancelled_mid_run_ends_its_jobs_and_keeps_its_partial_output(po
     ids = custom_ids(client.files.content(done.output_file_id).text)
     assert 20 <= len(ids) < 6000 and len(ids) == len(set(ids)) == done.request_counts.completed
     assert ids == [f"cancel-{n}" for n in range(6000) if f"cancel-{n}" in set(ids)]  # in input order
+
+
+def test_an_embeddings_batch_on_a_sentence_transformers_model_gives_one_vector_per_text(portal, client, tmp_path):
+    model = installer.TINY_EMBEDDING_REPO_ID
+    texts = ["Pilotfish runs models on the cluster.", "Hello, how are you today?"] * 20  # each text twice or more
+    source = tmp_path / "embeddings.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": f"text-{number}", "method": "POST", "url": "/v1/embeddings",
+                                          "body": {"model": model, "input": text}}) + "\n"
+                              for number, text in enumerate(texts)))
+    uploaded = client.files.create(file=open(source, "rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h",
+                                  metadata={"engine_args": "--max-model-len 128", "time": "15"})
+    done = wait_batch(client, batch.id, {"completed", "failed", "expired", "cancelled"}, timeout=600, portal=portal)
+    assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (40, 0), done
+    lines = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+    assert [line["custom_id"] for line in lines] == [f"text-{n}" for n in range(40)]
+    vectors = [line["response"]["body"]["data"][0]["embedding"] for line in lines]
+    hidden = json.loads((installer.snapshot_of(installer.models_dir(), model) / "config.json").read_text())
+    assert {len(vector) for vector in vectors} == {hidden["hidden_size"]}
+    assert vectors[0] == vectors[2] and vectors[1] == vectors[3] and vectors[0] != vectors[1]
+    assert portal.request("GET", f"/v1/batches/{batch.id}").json()["pilotfish"]["engine"] == "vllm"
+
+
+def test_a_chat_batch_of_a_gguf_model_runs_on_llama_cpp(portal, client, tmp_path):
+    source = write_input(tmp_path / "gguf.jsonl", 24, max_tokens=8, prefix="gguf", model=SMOLLM)
+    uploaded = client.files.create(file=open(source, "rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"time": "15"})
+    done = wait_batch(client, batch.id, {"completed", "failed", "expired", "cancelled"}, timeout=600, portal=portal)
+    assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (24, 0), done
+    lines = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+    assert [line["custom_id"] for line in lines] == [f"gguf-{n}" for n in range(24)]
+    answer = lines[0]["response"]["body"]
+    assert answer["choices"][0]["message"]["content"] and answer["usage"]["completion_tokens"] >= 1
+    assert portal.request("GET", f"/v1/batches/{batch.id}").json()["pilotfish"]["engine"] == "llama-cpp"
