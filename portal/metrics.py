@@ -90,6 +90,8 @@ class Instruments:
         self.batch_lines = Counter("pilotfish_batch_lines",
                                    "Batch lines done, by model and outcome (completed: answered; failed: in the error "
                                    "file)", ["model", "outcome"], registry=registry)
+        self.batch_tokens = Counter("pilotfish_batch_tokens", "Tokens of batch lines' answers, by model and kind "
+                                    "(prompt, completion)", ["model", "kind"], registry=registry)
         self._route_children: Dict[Tuple[Optional[str], int], object] = {}
         self._services: Dict[Tuple[str, str], ServiceInstruments] = {}
         self._state_children = {state: self.services.labels(state) for state in SERVICE_STATES}

@@ -278,7 +278,7 @@ class Usage(db.Model):
     day = db.Column(db.String(10), primary_key=True)  # YYYY-MM-DD
     principal = db.Column(db.String(80), primary_key=True)
     model = db.Column(db.String(300), primary_key=True)
-    service_id = db.Column(db.String(16), primary_key=True)
+    service_id = db.Column(db.String(40), primary_key=True)  # a service's id, or a batch's (batch_<hex>)
     requests = db.Column(db.Integer, nullable=False, default=0, server_default="0")
     errors = db.Column(db.Integer, nullable=False, default=0, server_default="0")
     prompt_tokens = db.Column(db.BigInteger, nullable=False, default=0, server_default="0")

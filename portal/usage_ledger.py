@@ -68,6 +68,12 @@ class UsageLedger:
               completion_tokens: int) -> None:
         """One proxied request of `principal` ("owner", "key:<name>") to a service's model: an error if `failed`,
         with the tokens its answer reported (0 when none)."""
+        self.add(principal, service_id, model, 1, 1 if failed else 0, prompt_tokens, completion_tokens)
+
+    def add(self, principal: str, service_id: str, model: str, requests: int, errors: int, prompt_tokens: int,
+            completion_tokens: int) -> None:
+        """`requests` of `principal` answered by `service_id` (a service's or a batch's id), `errors` of them
+        failed, with the tokens their answers reported."""
         now = self.clock()
         if now >= self._day_ends or now < self._day_ends - DAY_SECONDS:
             self._set_day(now)
@@ -75,11 +81,10 @@ class UsageLedger:
         with self._lock:
             entry = self._counts.get(key)
             if entry is None:
-                self._counts[key] = [1, 1 if failed else 0, prompt_tokens, completion_tokens]
+                self._counts[key] = [requests, errors, prompt_tokens, completion_tokens]
             else:
-                entry[0] += 1
-                if failed:
-                    entry[1] += 1
+                entry[0] += requests
+                entry[1] += errors
                 entry[2] += prompt_tokens
                 entry[3] += completion_tokens
             if principal.startswith(KEY_PRINCIPAL):

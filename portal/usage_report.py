@@ -13,7 +13,7 @@ from sqlalchemy import func
 
 from .db import db
 from .errors import ForbiddenError, ValidationError
-from .models import Service, Usage
+from .models import Batch, Service, Usage
 
 GROUPS = {"principal": Usage.principal, "model": Usage.model, "day": Usage.day, "service": Usage.service_id}
 SPAN = re.compile(r"^([1-9][0-9]{0,4})([dw])$")  # 7d, 2w
@@ -106,8 +106,10 @@ def usage_summary(query: UsageQuery) -> dict:
     else:
         rows.sort(key=lambda row: (-row["requests"], -row["total_tokens"], row[query.by]))
     if query.by == "service" and rows:
-        names = dict(db.session.query(Service.id, Service.name).filter(Service.id.in_([row["service"]
-                                                                                      for row in rows])))
+        ids = [row["service"] for row in rows]
+        names = dict(db.session.query(Service.id, Service.name).filter(Service.id.in_(ids)))
+        names.update((batch_id, f"batch ({endpoint})") for batch_id, endpoint in
+                     db.session.query(Batch.id, Batch.endpoint).filter(Batch.id.in_(ids)))
         for row in rows:
             row["name"] = names.get(row["service"])  # None: the service was deleted since
     totals = _figures(*[sum(row[name] for row in rows) for name in ("requests", "errors", "prompt_tokens",

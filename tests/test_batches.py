@@ -22,6 +22,7 @@ from portal.batches.validation import write_shards
 from portal.db import db
 from portal.models import Batch, BatchEvent, StoredFile
 from portal.reconciler import Reconciler
+from portal.usage_ledger import usage_ledger
 from portal.scheduler import array_ranges
 from tests.conftest import REPO, wait_for, write_site_config
 
@@ -329,6 +330,20 @@ def test_a_batch_runs_as_shards_and_its_output_keeps_input_order(app, client, au
     assert output_file["purpose"] == "batch_output"
     listed = client.get("/v1/batches", headers=auth).json
     assert [entry["id"] for entry in listed["data"]] == [batch["id"]] and listed["has_more"] is False
+    # Counted as the owner's usage under the batch's id: every line, the failed one an error, the answers' tokens.
+    usage_ledger(app).flush()
+    usage = client.get("/api/usage?by=service", headers=auth).json["rows"]
+    prompt = sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in answered)
+    completion = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in answered)
+    assert prompt and completion
+    assert [(row["service"], row["name"], row["requests"], row["errors"], row["prompt_tokens"],
+             row["completion_tokens"]) for row in usage] == [(batch["id"], f"batch ({CHAT})", 30, 1, prompt,
+                                                              completion)]
+    exposition = client.get("/metrics", headers=auth).data.decode()
+    for sample in (f'pilotfish_batch_lines_total{{model="{MODEL}",outcome="completed"}} 29.0',
+                   f'pilotfish_batch_lines_total{{model="{MODEL}",outcome="failed"}} 1.0',
+                   f'pilotfish_batch_tokens_total{{kind="completion",model="{MODEL}"}} {float(completion)}'):
+        assert sample in exposition.splitlines(), [line for line in exposition.splitlines() if "batch" in line]
 
 
 def test_a_cancelled_batch_stops_its_tasks_and_keeps_what_was_done(app, client, auth, tmp_path):

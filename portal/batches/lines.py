@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, Optional, Set, Tuple
 
@@ -113,26 +114,53 @@ def answered_ids(*paths: Path) -> Set[str]:
     return found
 
 
-def count_new_lines(path: Path, offset: int) -> Tuple[int, int]:
-    """(bytes up to the last whole line, whole lines) of a file past `offset`: what it grew by since last counted
-    there (a line still being written counts next time)."""
+@dataclass
+class Growth:
+    """What a shard's file grew by since it was last counted: the offset after its last whole line, its new whole
+    lines, and the tokens their answers reported (`usage` of each line's response body; 0 when none)."""
+    end: int
+    lines: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _add_tokens(growth: Growth, line: bytes) -> None:
+    try:
+        usage = json.loads(line)["response"]["body"]["usage"]
+        growth.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+        growth.completion_tokens += int(usage.get("completion_tokens") or 0)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass  # an error line, or an answer without usage (a transcription)
+
+
+def count_new_lines(path: Path, offset: int, tokens: bool = False) -> Growth:
+    """What a file grew by past `offset` (a line still being written counts next time); with `tokens`, the usage its
+    new lines' answers reported, summed."""
+    growth = Growth(end=offset)
     try:
         handle = open(path, "rb")
     except FileNotFoundError:
-        return offset, 0
+        return growth
     with handle:
         handle.seek(offset)
-        lines, position, last_end = 0, offset, offset
+        position, partial = offset, b""
         while True:
             chunk = handle.read(1 << 20)
             if not chunk:
                 break
             count = chunk.count(b"\n")
             if count:
-                lines += count
-                last_end = position + chunk.rfind(b"\n") + 1
+                growth.lines += count
+                growth.end = position + chunk.rfind(b"\n") + 1
+                if tokens:
+                    whole, _, rest = (partial + chunk).rpartition(b"\n")
+                    for line in whole.split(b"\n"):
+                        _add_tokens(growth, line)
+                    partial = rest
+            elif tokens:
+                partial += chunk
             position += len(chunk)
-        return last_end, lines
+        return growth
 
 
 def input_ids(path: Path) -> Iterator[str]:

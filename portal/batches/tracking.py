@@ -21,6 +21,7 @@ from typing import Dict, List
 from ..metrics import instruments
 from ..models import Batch, BatchShard, utcnow
 from ..scheduler import JobInfo, JobState, SchedulerError
+from ..usage_ledger import usage_ledger
 from .batches import (CANCELLED, CANCELLING, COMPLETED, EXPIRED, FINALIZING, IN_PROGRESS, LIVE, VALIDATING, note,
                       transition)
 from .files import OUTPUT_PURPOSE, files_dir, register
@@ -85,19 +86,23 @@ def track(scheduler, config) -> TrackReport:
 
 
 def count_lines(batch: Batch) -> None:
-    """What each unfinished shard's answers and errors files grew by; the batch's request_counts and the metrics."""
+    """What each unfinished shard's answers and errors files grew by: the batch's request_counts, the metrics, and
+    the lines and tokens counted as the batch owner's usage (portal/usage_ledger.py, under the batch's id)."""
     folder = Path(batch.folder)
-    added_output = added_errors = 0
+    added_output = added_errors = prompt_tokens = completion_tokens = 0
     for shard in batch.shards:
         if shard.state == BatchShard.DONE:
             continue
-        shard.output_bytes, new_output = count_new_lines(output_path(folder, shard.index), shard.output_bytes)
-        shard.error_bytes, new_errors = count_new_lines(errors_path(folder, shard.index), shard.error_bytes)
-        if new_output:
-            shard.output_lines += new_output
-        if new_errors:
-            shard.error_lines += new_errors
-        added_output, added_errors = added_output + new_output, added_errors + new_errors
+        output = count_new_lines(output_path(folder, shard.index), shard.output_bytes, tokens=True)
+        errors = count_new_lines(errors_path(folder, shard.index), shard.error_bytes)
+        shard.output_bytes, shard.error_bytes = output.end, errors.end
+        if output.lines:
+            shard.output_lines += output.lines
+        if errors.lines:
+            shard.error_lines += errors.lines
+        added_output, added_errors = added_output + output.lines, added_errors + errors.lines
+        prompt_tokens, completion_tokens = prompt_tokens + output.prompt_tokens, \
+            completion_tokens + output.completion_tokens
     if added_output or added_errors:
         batch.completed = sum(shard.output_lines for shard in batch.shards)
         batch.failed = sum(shard.error_lines for shard in batch.shards)
@@ -106,6 +111,12 @@ def count_lines(batch: Batch) -> None:
             metrics.batch_lines.labels(batch.model, "completed").inc(added_output)
         if added_errors:
             metrics.batch_lines.labels(batch.model, "failed").inc(added_errors)
+        ledger = usage_ledger()
+        ledger.add(batch.owner, batch.id, batch.model, requests=added_output + added_errors, errors=added_errors,
+                   prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        if prompt_tokens or completion_tokens:
+            metrics.batch_tokens.labels(batch.model, "prompt").inc(prompt_tokens)
+            metrics.batch_tokens.labels(batch.model, "completion").inc(completion_tokens)
 
 
 def follow(batch: Batch, shard: BatchShard, info, config) -> List[BatchShard]:

@@ -106,6 +106,14 @@ def test_a_chat_batch_on_the_tiny_llama_completes_with_every_custom_id_once_in_i
     answer = first["response"]["body"]
     assert answer["model"] == TINY_LLAMA and answer["usage"]["completion_tokens"] == 8
     assert [entry.id for entry in client.batches.list()][:1] == [batch.id]
+
+    def counted():  # the owner's usage, under the batch's id, as vLLM reported it
+        rows = portal.request("GET", "/api/usage", params={"by": "service"}).json()["rows"]
+        return [row for row in rows if row["service"] == batch.id and row["requests"] == 300] or None
+    row = wait_for(counted, timeout=30, what="the batch's usage")[0]
+    assert (row["errors"], row["completion_tokens"]) == (0, 300 * 8)
+    assert row["prompt_tokens"] == sum(json.loads(line)["response"]["body"]["usage"]["prompt_tokens"]
+                                       for line in output.splitlines())
     print(f"\n300 chat lines on the tiny Llama: {seconds:.0f} s from create to completed; runner: "
           f"{runner_lines(portal, batch.id)}")
 
