@@ -24,7 +24,7 @@ import urllib3
 from sqlalchemy import select
 
 from . import change_marks
-from .batches.tracking import track as track_batches
+from .batches.tracking import live_tasks as live_batch_tasks, track as track_batches
 from .catalog.inventory import refresh_in_background
 from .site import KINDS, runtime_for
 from .db import db
@@ -225,10 +225,11 @@ class Reconciler:
         others = db.session.scalars(OTHER_LIVE_JOBS).all()
         report.services = len(services)
         tracked = [service for service in services if service.job_id] + [job for job in others if job.job_id]
+        batches, batch_tasks = live_batch_tasks()  # asked in the same query
         infos: Dict[str, JobInfo] = {}
-        if tracked:
+        if tracked or batch_tasks:
             try:
-                infos = self.scheduler.query(job_query(job) for job in tracked)
+                infos = self.scheduler.query([job_query(job) for job in tracked] + batch_tasks)
                 self._set_condition(SCHEDULER_CONDITION, True, None)
             except SchedulerUnreachable as exc:
                 report.scheduler_ok = False
@@ -298,8 +299,7 @@ class Reconciler:
         moment = utcnow()
         expired = [(service, reason) for service in services if (reason := due_stop(service, moment))]
         db.session.commit()  # writes only what changed (an unchanged cycle flushes nothing)
-        batches = track_batches(self.scheduler, self.config)  # its own scheduler query, only while batches are live
-        report.batches = batches.batches
+        report.batches = track_batches(self.scheduler, self.config, batches, infos).batches
         db.session.commit()
         for service, reason in expired:
             self._stop_unused(service, reason)

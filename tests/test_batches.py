@@ -346,6 +346,23 @@ def test_a_batch_runs_as_shards_and_its_output_keeps_input_order(app, client, au
         assert sample in exposition.splitlines(), [line for line in exposition.splitlines() if "batch" in line]
 
 
+def test_a_cycle_asks_the_scheduler_once_for_its_services_and_its_batches_tasks(app, client, auth):
+    launched = client.post("/api/services", headers=auth, json={"kind": "text-generation", "model": MODEL})
+    assert launched.status_code == 201, launched.json
+    file_id = upload(client, auth, jsonl([chat_line(n) for n in range(12)])).json["id"]
+    batch = create(client, auth, file_id, shard_size="4").json
+    reconciler = Reconciler(app)
+    try:
+        with app.app_context():
+            reports = [reconciler.cycle() for _ in range(3)]
+    finally:
+        reconciler.stop()
+    assert [(report.services, report.batches, report.scheduler_calls) for report in reports] == [(1, 1, 1)] * 3
+    client.post(f"/v1/batches/{batch['id']}/cancel", headers=auth)
+    client.post(f"/api/services/{launched.json['id']}/stop", headers=auth)
+    assert run_until(app, batch["id"], {"cancelled", "completed"}) in ("cancelled", "completed")
+
+
 def test_a_cancelled_batch_stops_its_tasks_and_keeps_what_was_done(app, client, auth, tmp_path):
     site = write_site_config(tmp_path / "slow.yaml", scheduler="local",
                              runtimes={"text-generation": {"command": UPSTREAM + " --delay 30"}})

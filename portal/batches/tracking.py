@@ -1,5 +1,6 @@
-"""Batches followed by the reconciler, one step of its cycle (`track`): one scheduler query for every live shard's
-task, the answers and errors counted from what the shards' files grew by since the last look, and the batch moved on.
+"""Batches followed by the reconciler, one step of its cycle (`track`): what the cycle's one scheduler query said of
+every live shard's task (`live_tasks`), the answers and errors counted from what the shards' files grew by since the
+last look, and the batch moved on.
 
 - A task that ended with its shard not done (its time limit, preemption, a node failure, the server crashing, ...) is
   submitted again for that index; its runner skips what is already written. After `batch_max_attempts` tasks in a
@@ -16,11 +17,11 @@ import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from ..metrics import instruments
 from ..models import Batch, BatchShard, utcnow
-from ..scheduler import JobInfo, JobState, SchedulerError
+from ..scheduler import JobInfo, JobQuery, JobState, SchedulerError
 from ..usage_ledger import usage_ledger
 from .batches import (CANCELLED, CANCELLING, COMPLETED, EXPIRED, FINALIZING, IN_PROGRESS, LIVE, VALIDATING, note,
                       transition)
@@ -40,20 +41,20 @@ class TrackReport:
     changes: int = 0  # status changes and resubmissions
 
 
-def track(scheduler, config) -> TrackReport:
-    """Bring every live batch up to date (inside an app context; the caller commits)."""
-    report = TrackReport()
+def live_tasks() -> Tuple[List[Batch], List[JobQuery]]:
+    """The live batches, and the queries of their shards' tasks that may be in the scheduler (asked in the
+    reconciler's one scheduler query of its cycle)."""
     batches = Batch.query.filter(LIVE_BATCHES).all()
+    return batches, [shard_query(batch, shard) for batch in batches for shard in batch.shards
+                     if shard.state in BatchShard.LIVE and shard.job_id]
+
+
+def track(scheduler, config, batches: List[Batch], infos: Dict[str, JobInfo]) -> TrackReport:
+    """Bring these live batches up to date with what the scheduler said of their tasks (`infos` by job id: a task
+    missing from it is not looked at this time), inside an app context; the caller commits."""
+    report = TrackReport()
     if not batches:
         return report
-    live = [(batch, shard) for batch in batches for shard in batch.shards
-            if shard.state in BatchShard.LIVE and shard.job_id]
-    infos: Dict[str, JobInfo] = {}
-    if live:
-        try:
-            infos = scheduler.query(shard_query(batch, shard) for batch, shard in live)
-        except SchedulerError as exc:
-            log.warning("batches: the scheduler did not answer: %s", exc)
     now = utcnow()
     for batch in batches:
         count_lines(batch)
