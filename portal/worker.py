@@ -10,6 +10,7 @@ wakes it at once.
 """
 import asyncio
 import logging
+import signal
 import sys
 
 from gunicorn.arbiter import Arbiter
@@ -49,6 +50,12 @@ class PortalServer(Server):
         if waiter is not None:  # in the main thread, from a signal handler: wake the loop, never block it
             waiter.get_loop().call_soon_threadsafe(_release, waiter)
 
+    def quit_now(self) -> None:
+        """Stop without waiting for open connections (the loop's SIGQUIT handler)."""
+        self.should_exit = self.force_exit = True
+        if self._waiter is not None:
+            _release(self._waiter)
+
 
 class PortalWorker(UvicornWorker):
     CONFIG_KWARGS = {
@@ -76,7 +83,9 @@ class PortalWorker(UvicornWorker):
         """UvicornWorker._serve with PortalServer."""
         self.config.app = self.wsgi
         server = PortalServer(config=self.config)
-        self._install_sigquit_handler()
+        # gunicorn's quick stop (SIGINT or SIGQUIT to the master) sends its workers SIGQUIT: the server stops at once,
+        # open connections closed, instead of lingering until the master kills it after graceful_timeout.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, server.quit_now)
         await server.serve(sockets=self.sockets)
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)

@@ -6,6 +6,8 @@ with the local scheduler; the end-to-end tests repeat this against real vLLM and
 import hashlib
 import json
 import os
+import signal
+import sqlite3
 import stat
 import sys
 import time
@@ -468,6 +470,32 @@ def test_stopping_the_portal_ends_open_streams_and_the_service_sees_it(start_por
                          verify=False).json()), timeout=10)
         assert seen["disconnects"] == 1 and seen["streams_completed"] == 0
         assert "timeout graceful shutdown exceeded" in portal.log_text()  # cancelled by the worker, not killed
+    finally:
+        for process in psutil.process_iter(["cmdline"]):  # the service outlives its portal: end it here
+            if str(service["endpoint"]["port"]) in (process.info["cmdline"] or []):
+                process.terminate()
+
+
+def test_a_quick_stop_ends_the_workers_at_once_and_they_still_write_their_usage(start_portal):
+    """Ctrl-C (SIGINT to gunicorn's master) is its quick stop: the workers get SIGQUIT and stop at once, open streams
+    cut, rather than being killed by the master at the end of graceful_timeout; each still writes its last usage."""
+    portal = start_portal("local", runtimes={"text-generation": {"command": UPSTREAM + " --token-delay 0.2"}},
+                          workers=2)
+    service = portal.wait_state(portal.launch(model=MODEL).json()["id"], "RUNNING", timeout=30)
+    stream = portal.request("POST", f"/services/{service['id']}/v1/chat/completions", stream=True,
+                            json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 500,
+                                  "stream": True})
+    assert next(stream.iter_lines()).startswith(b"data: ")
+    portal.request("POST", f"/services/{service['id']}/v1/chat/completions",
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3})
+    try:
+        os.kill(portal.proc.pid, signal.SIGINT)
+        assert portal.proc.wait(timeout=60) == 0
+        log = portal.log_text()
+        assert "was sent SIGKILL" not in log and "timeout graceful shutdown exceeded" not in log, log[-2000:]
+        with sqlite3.connect(portal.home / "pilotfish.db") as database:
+            requests_counted = database.execute("SELECT SUM(requests) FROM usage").fetchone()[0]
+        assert requests_counted == 2  # the stream cut short and the answered request, written as the workers ended
     finally:
         for process in psutil.process_iter(["cmdline"]):  # the service outlives its portal: end it here
             if str(service["endpoint"]["port"]) in (process.info["cmdline"] or []):
