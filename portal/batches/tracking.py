@@ -20,9 +20,10 @@ from typing import Dict, List
 
 from ..metrics import instruments
 from ..models import Batch, BatchShard, utcnow
-from ..scheduler import JobInfo, JobState, SchedulerError
-from .batches import (CANCELLED, CANCELLING, COMPLETED, EXPIRED, FINALIZING, IN_PROGRESS, LIVE, VALIDATING, note,
-                      transition)
+from ..scheduler import JobInfo, JobState, SchedulerError, task_dir
+from ..scheduler.job_files import read_exit_code
+from .batches import (CANCELLED, CANCELLING, COMPLETED, EXPIRED, FINALIZING, IN_PROGRESS, LIVE, VALIDATING,
+                      is_folder, note, transition)
 from .files import OUTPUT_PURPOSE, files_dir, register
 from .lines import append_lines, count_new_lines, error_line, errors_path, input_ids, merge_shards, output_path, \
     shard_path, answered_ids
@@ -88,9 +89,12 @@ def count_lines(batch: Batch) -> None:
     """What each unfinished shard's answers and errors files grew by; the batch's request_counts and the metrics."""
     folder = Path(batch.folder)
     added_output = added_errors = 0
+    grows = is_folder(batch)  # a folder's shard gets a line per audio file its runner finds
     for shard in batch.shards:
         if shard.state == BatchShard.DONE:
             continue
+        if grows:
+            shard.lines = count_new_lines(shard_path(folder, shard.index), 0)[1]
         shard.output_bytes, new_output = count_new_lines(output_path(folder, shard.index), shard.output_bytes)
         shard.error_bytes, new_errors = count_new_lines(errors_path(folder, shard.index), shard.error_bytes)
         if new_output:
@@ -98,6 +102,8 @@ def count_lines(batch: Batch) -> None:
         if new_errors:
             shard.error_lines += new_errors
         added_output, added_errors = added_output + new_output, added_errors + new_errors
+    if grows:
+        batch.total = sum(shard.lines for shard in batch.shards)
     if added_output or added_errors:
         batch.completed = sum(shard.output_lines for shard in batch.shards)
         batch.failed = sum(shard.error_lines for shard in batch.shards)
@@ -109,8 +115,15 @@ def count_lines(batch: Batch) -> None:
 
 
 def follow(batch: Batch, shard: BatchShard, info, config) -> List[BatchShard]:
-    """Follow one shard's task; returns [shard] when it ended before its shard was done and should run again."""
-    if shard.answered >= shard.lines and (info is None or info.state.finished):
+    """Follow one shard's task; returns [shard] when it ended before its shard was done and should run again. A
+    folder's shard is done only once its task ended with exit code 0 (its last pass over the folder found nothing
+    new)."""
+    if is_folder(batch):
+        finished = info is not None and info.state.finished and \
+            read_exit_code(task_dir(Path(batch.folder), shard.index)) == 0
+    else:
+        finished = info is None or info.state.finished
+    if shard.answered >= shard.lines and finished:
         shard.state, shard.ended_at = BatchShard.DONE, shard.ended_at or utcnow()
         shard.reason = info.detail if info is not None else shard.reason
         return []
