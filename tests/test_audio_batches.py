@@ -17,7 +17,7 @@ import pytest
 from portal.app import create_app
 from portal.batches import lines as batch_lines
 from portal.batches.runner import FolderRunner
-from tests.conftest import REPO, write_site_config
+from tests.conftest import REPO, wait_for, write_site_config
 from tests.test_batches import jsonl, run_until, upload
 
 UPSTREAM = f"{__import__('sys').executable} {REPO / 'tests' / 'support' / 'openai_upstream.py'}"
@@ -243,3 +243,24 @@ def test_a_folder_runner_picks_up_a_file_added_while_it_runs(tmp_path):
     assert json.loads((out / "sub" / "late.json").read_text())["text"].startswith("heard ")
     again = FolderRunner(folder, 0, config, 9, "k3y", None)  # everything done: nothing is sent, no server needed
     assert again.run(start_timeout=1) == 0
+
+
+def test_a_folder_transcription_is_cancelled_and_keeps_the_transcripts_written(tmp_path):
+    site = write_site_config(tmp_path / "slow.yaml", scheduler="local", runtimes={
+        "speech-recognition": {"command": UPSTREAM + " --answer-delay 0.5"}})
+    slow = create_app({"home": tmp_path / "slow-home", "site_config_path": site, "testing": True})
+    client, auth = slow.test_client(), {"Authorization": f"Bearer {slow.config['PILOTFISH_TOKEN']}"}
+    source, out = tmp_path / "many", tmp_path / "out"
+    source.mkdir()
+    for number in range(40):
+        (source / f"{number:02d}.wav").write_bytes(b"RIFF" + bytes([number]))
+    batch = client.post("/api/batches/folders", headers=auth, json={"folder": str(source), "model": WHISPER,
+                                                                     "out": str(out)}).json
+    wait_for(lambda: list(out.glob("*.txt")), timeout=30, what="the first transcript")
+    assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=auth).json["status"] == "cancelling"
+    assert run_until(slow, batch["id"], {"cancelled"}, timeout=30) == "cancelled"
+    done = client.get(f"/v1/batches/{batch['id']}", headers=auth).json
+    written = sorted(path.name for path in out.glob("*.txt"))
+    assert 1 <= len(written) < 40 and done["request_counts"]["completed"] == len(written)
+    assert [line["custom_id"] for line in content(client, auth, done["output_file_id"])] == \
+        [name.replace(".txt", ".wav") for name in written]
