@@ -195,7 +195,7 @@ def wait_for_end(portal, batch_id: str, timeout=None) -> dict:
 @batch.command()
 @click.argument("folder", metavar="DIR")
 @click.option("--model", required=True, help="A speech-recognition (Whisper) model of the inventory "
-                                             "(`pilotfish models`).")
+                                             "(`pilotfish models ls`).")
 @click.option("--out", "out", required=True, metavar="DIR",
               help="Where the transcripts go (made if missing; not inside DIR): the same relative path as each audio "
                    "file, with the format's extension.")
