@@ -80,6 +80,9 @@ class Config:
     batch_shard_size: int = 10000
     batch_max_attempts: int = 3
     batch_scratch_dir: Optional[Path] = None
+    # Folders under which a named key's audio batches may name files and folders by path (the owner: anywhere the
+    # portal's user can read); none by default: a named key names only the files it uploaded.
+    key_audio_folders: list = field(default_factory=list)
     testing: bool = False
 
     @property
@@ -202,6 +205,9 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         raise ConfigError("preemptible_partitions: expected a list of partition names such as [preempt, spot]")
     deadline = pick("job_deadline", "PILOTFISH_JOB_DEADLINE", None)
     scratch = pick("batch_scratch_dir", "PILOTFISH_BATCH_SCRATCH_DIR", None)
+    key_audio = pick("key_audio_folders", None, None) or []
+    if not isinstance(key_audio, list) or not all(isinstance(entry, str) and entry.strip() for entry in key_audio):
+        raise ConfigError("key_audio_folders: expected a list of folders such as [/shared/recordings]")
     session_end = pick("session_end", "PILOTFISH_SESSION_END", None)
 
     config = Config(
@@ -244,6 +250,7 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         batch_shard_size=int(_number("batch_shard_size", pick("batch_shard_size", None, 10000), 1)),
         batch_max_attempts=int(_number("batch_max_attempts", pick("batch_max_attempts", None, 3), 1)),
         batch_scratch_dir=Path(scratch).expanduser() if scratch else None,
+        key_audio_folders=[Path(entry).expanduser() for entry in key_audio],
         testing=bool(overrides.pop("testing", False)),
     )
     if overrides:

@@ -1,6 +1,7 @@
 """`pilotfish batch` against a real portal on the local scheduler, whose text generation is the OpenAI-shaped test
 engine: create a batch from a JSONL file and wait for it, list and show it, download its output and errors (each line
-checked); cancel one mid-run and download what it kept; bad input is exit 2 with one line and leaves nothing behind."""
+checked); cancel one mid-run and download what it kept; transcribe a folder of audio into a mirror tree; bad input is
+exit 2 with one line and leaves nothing behind."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ CHAT = "/v1/chat/completions"
 @pytest.fixture(scope="module")
 def portal(start_module_portal):
     return start_module_portal("local", runtimes={"text-generation": {
-        "command": UPSTREAM, "allowed_args": ["--answer-delay"]}})
+        "command": UPSTREAM, "allowed_args": ["--answer-delay"]}, "speech-recognition": {"command": UPSTREAM}})
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def file_ids(portal) -> set:
 
 
 def test_every_batch_command_has_help_with_an_example(env):
-    for command in ("create", "ls", "show", "cancel", "download"):
+    for command in ("create", "transcribe", "ls", "show", "cancel", "download"):
         result = ok(pf(env, "batch", command, "--help"))
         assert "Example" in result.stdout, command
 
@@ -152,3 +153,49 @@ def test_bad_input_is_exit_2_in_one_line_and_leaves_nothing(env, portal, tmp_pat
     one_line_error(pf(env, "batch", "cancel", "batch_0123456789abcdef"), 2, "batch_0123456789abcdef")
     one_line_error(pf(env, "batch", "show"), 2, "Missing argument 'ID'")
     one_line_error(pf(env, "batch", "create", str(good), "--timeout", "5"), 2, "--timeout needs --wait")
+
+
+def test_a_folder_is_transcribed_into_a_mirror_tree_and_shown_as_a_batch(env, portal, tmp_path):
+    source, out = tmp_path / "talks", tmp_path / "text"
+    (source / "day2").mkdir(parents=True)
+    for relative in ("intro.wav", "day2/panel.mp3", "day2/keynote.flac"):
+        (source / relative).write_bytes(b"RIFF" + relative.encode() * 50)
+    (out / "day2").mkdir(parents=True)
+    (out / "day2" / "keynote.vtt").write_text("done before\n")
+    created = ok(pf(env, "batch", "transcribe", "talks", "--model", "test/whisper", "--out", "text", "--format", "vtt",
+                    "--wait", cwd=tmp_path, timeout=180))  # relative folders: the command's working folder's
+    batch_id = created.stdout.strip()
+    assert created.stderr.strip().splitlines()[-1] == \
+        f"pilotfish: {batch_id} completed: 2 done, 0 failed of 2; 0 of 1 shard running, 1 done"
+    assert sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file()) == [
+        "day2/keynote.vtt", "day2/panel.vtt", "intro.vtt"]
+    assert (out / "day2" / "keynote.vtt").read_text() == "done before\n"  # already done: skipped
+    assert (out / "intro.vtt").read_text().startswith("vtt: received 454 bytes ")
+    shown = ok(pf(env, "batch", "show", batch_id)).stdout
+    assert f"folder     {source} -> {out} (vtt)" in shown and "2 done, 0 failed of 2" in shown
+    row = next(line.split() for line in ok(pf(env, "batch", "ls")).stdout.splitlines() if line.startswith(batch_id))
+    assert row[1:5] == ["completed", "/v1/audio/transcriptions", "test/whisper", "2/0/2"]
+    ok(pf(env, "batch", "download", batch_id, "-o", str(tmp_path / "lists")))
+    done = read_jsonl(tmp_path / "lists" / f"{batch_id}.output.jsonl")
+    assert [line["custom_id"] for line in done] == ["intro.wav", "day2/panel.mp3"]  # a folder's files, then its subfolders'
+
+
+def test_a_bad_folder_request_is_exit_2_in_one_line(env, portal, tmp_path):
+    source = tmp_path / "talks"
+    source.mkdir()
+    (tmp_path / "one.wav").write_bytes(b"RIFF")
+    base = ["batch", "transcribe"]
+    one_line_error(pf(env, *base, str(tmp_path / "nowhere"), "--model", "test/whisper", "--out", str(tmp_path / "o")),
+                   2, "folder: ", "nowhere: no such folder")
+    one_line_error(pf(env, *base, str(tmp_path / "one.wav"), "--model", "test/whisper", "--out", str(tmp_path / "o")),
+                   2, "one.wav: not a folder")
+    one_line_error(pf(env, *base, str(source), "--model", "test/whisper", "--out", str(source / "out")), 2,
+                   "out: ", "inside the input folder")
+    one_line_error(pf(env, *base, str(source), "--model", "nobody/nothing", "--out", str(tmp_path / "o")), 2,
+                   "model: nobody/nothing is not downloaded")
+    one_line_error(pf(env, *base, str(source), "--model", MODEL, "--out", str(tmp_path / "o")), 2,
+                   "model: ", "not a speech-recognition (Whisper) model")
+    one_line_error(pf(env, *base, str(source), "--model", "test/whisper", "--out", str(tmp_path / "o"), "--format",
+                      "mp3"), 2, "Invalid value for '--format'")
+    one_line_error(pf(env, *base, str(source), "--out", str(tmp_path / "o")), 2, "Missing option '--model'")
+    assert not (source / "out").exists()

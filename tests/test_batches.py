@@ -127,7 +127,7 @@ BAD_INPUTS = {
     "an empty line": ([chat_line(1), b"", chat_line(2)], 2, "empty line"),
     "a stream": ([chat_line(1, stream=True)], 1, "cannot stream"),
     "a model of another kind": ([chat_line(1, model="test/whisper")], 1,
-                                "test/whisper is a speech-recognition model: it does not answer /v1/chat/completions"),
+                                "test/whisper is a speech-recognition model: it answers /v1/audio"),
 }
 
 

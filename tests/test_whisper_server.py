@@ -92,3 +92,23 @@ def test_key_is_required_on_every_path(server):
 def test_subtitles_number_and_time_each_segment():
     segments = [{"start": 0.0, "end": 0.5, "text": " a "}, {"start": 59.9996, "end": 61.0, "text": "b"}]
     assert subtitles(segments, "srt") == "1\n00:00:00,000 --> 00:00:00,500\na\n\n2\n00:01:00,000 --> 00:01:01,000\nb\n"
+
+
+def test_subtitles_keep_each_cue_whole_and_leave_out_segments_without_words():
+    segments = [{"start": 0.0, "end": 1.0, "text": " first\n\nline "}, {"start": 1.0, "end": 2.0, "text": "  "},
+                {"start": 2.0, "end": 3.25, "text": "a --> b"}]
+    assert subtitles(segments, "srt") == ("1\n00:00:00,000 --> 00:00:01,000\nfirst line\n\n"
+                                          "2\n00:00:02,000 --> 00:00:03,250\na -> b\n")
+    assert subtitles(segments, "vtt") == ("WEBVTT\n\n00:00:00.000 --> 00:00:01.000\nfirst line\n\n"
+                                          "00:00:02.000 --> 00:00:03.250\na -> b\n")
+    assert subtitles([], "srt") == "" and subtitles([], "vtt") == "WEBVTT\n\n"
+
+
+def test_every_response_format_a_folder_writes(server):
+    _, client = server
+    assert post(client, response_format="json").json == {"text": "Hello there. Bye."}
+    assert post(client, response_format="text").get_data(as_text=True) == "Hello there. Bye.\n"
+    assert post(client, response_format="srt").get_data(as_text=True) == (
+        "1\n00:00:00,000 --> 00:00:01,500\nHello there.\n\n2\n00:00:01,500 --> 01:01:01,250\nBye.\n")
+    assert post(client, response_format="vtt").get_data(as_text=True) == (
+        "WEBVTT\n\n00:00:00.000 --> 00:00:01.500\nHello there.\n\n00:00:01.500 --> 01:01:01.250\nBye.\n")

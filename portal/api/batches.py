@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import g, jsonify, request, send_file
 
-from ..batches import batches, files
+from ..batches import batches, files, folders
 from . import batch_schemas as schemas
 from .blueprint import bp, json_body, query
 from .openapi import described
@@ -94,3 +94,17 @@ def get_batch(batch_id):
            answers={200: schemas.BatchObject}, errors=(404, 409), **BATCH_ID, **OPENAI)
 def cancel_batch(batch_id):
     return jsonify(batches.batch_object(batches.cancel_batch(batch_id, principal())))
+
+
+@bp.post("/api/batches/folders")
+@described("Transcribe every audio file under a folder into a mirror tree of `out` (srt, vtt, json or txt), as a "
+           "batch of one Slurm task: files whose transcript exists are skipped, files added while it runs are picked "
+           "up; listed, shown and cancelled under /v1/batches", body=schemas.FolderBody,
+           answers={200: schemas.BatchObject}, errors=(400, 403, 422, 503), tag="batches")
+def transcribe_folder():
+    body = json_body(schemas.FolderBody, example='{"folder": "/data/interviews", "model": "org/whisper", '
+                                                 '"out": "/data/transcripts", "format": "srt"}')
+    batch = folders.transcribe_folder(body.folder, body.model, body.out, principal(), body.format, body.task,
+                                      body.language, body.prompt, body.temperature, body.completion_window,
+                                      body.metadata)
+    return jsonify(batches.batch_object(batch))

@@ -15,7 +15,7 @@ import shlex
 import shutil
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Callable, List, Optional
 
 from flask import current_app
 
@@ -26,8 +26,11 @@ from ..keys import check_key_model
 from ..launching import parse_time
 from ..models import Batch, BatchEvent, BatchShard, epoch, utcnow
 from ..scheduler import SchedulerError, SchedulerUnreachable, SubmissionRejected
+from .audio import is_audio_endpoint
+from .audio_input import audio_checker, key_roots, model_problem
 from .files import get_file, visible
-from .submission import cancel_shards, plan_batch, stored_resources, submit_shards, write_job_files
+from .submission import (cancel_shards, plan_batch, runner_settings, stored_resources, submit_shards,
+                         write_job_files)
 from .validation import ENDPOINT_KINDS, FIELD, check_endpoint, check_input, write_shards
 
 log = logging.getLogger(__name__)
@@ -140,46 +143,75 @@ def create_batch(input_file_id: str, endpoint: str, completion_window: str, meta
     if source is None or source.purpose != "batch":
         raise ValidationError(FIELD, f"{input_file_id!r} is not a file uploaded with purpose batch")
     found = {}
+    audio = is_audio_endpoint(endpoint)
+    check_body, audio_files = audio_checker(principal, config) if audio else (None, {})
 
     def check_model(model: str, number: int) -> None:
-        check_key_model(principal, model)  # a key limited to models: 403 before anything is looked for
         try:
-            found["revision"] = find_revision(model, None, cache_dir=config.cache_dir, home_dir=config.home_dir)
+            found["revision"] = find_model(model, principal)
         except ValidationError as exc:
             raise ValidationError(FIELD, f"line {number}: body.model: {exc.problem}", line=number) from None
+        problem = model_problem(model, found["revision"].kind, audio)
+        if problem:
+            raise ValidationError(FIELD, f"line {number}: body.model: {problem}", line=number)
 
-    checked = check_input(Path(source.path), endpoint, check_model)
+    checked = check_input(Path(source.path), endpoint, check_model, check_body)
     revision = found["revision"]
     kind = ENDPOINT_KINDS[endpoint]
     if revision.kinds and kind not in revision.kinds:
         raise ValidationError(FIELD, f"line 1: body.model: {revision.repo_id} is a {revision.kind} model: it does "
                                      f"not answer {endpoint} (it answers as {', '.join(revision.kinds)})", line=1)
-    try:
-        plan = plan_batch(kind, revision.repo_id, options, config, principal)
-    except ValidationError as exc:
-        field = exc.field if exc.field in ("engine_args",) or exc.field.startswith("metadata.") else \
-            f"metadata.{exc.field}" if exc.field in ("tier", "time", "resources") else exc.field
-        raise ValidationError(field, exc.problem) from None
+    plan = plan_for(kind, revision.repo_id, options, principal)
     shard_size = options.get("shard_size") or config.batch_shard_size
     shards = -(-checked.lines // shard_size)
     if shards > MAX_SHARDS:
         raise ValidationError("metadata.shard_size", f"{checked.lines} lines in shards of {shard_size} make {shards} "
                                                      f"shards: at most {MAX_SHARDS}; give a larger shard_size")
+    runner_settings = {"files": audio_files, "audio_roots": key_roots(principal, config)} if audio else {}
+    return start_batch(principal, endpoint, revision.repo_id, plan, options, completion_window, window, metadata,
+                       source.id, checked.lines, shard_size,
+                       lambda folder: write_shards(Path(source.path), folder, shard_size), runner_settings)
+
+
+def find_model(model: str, principal: str):
+    """The model's snapshot for a batch (a key limited to models: 403 before anything is looked for)."""
+    config = settings()
+    check_key_model(principal, model)
+    return find_revision(model, None, cache_dir=config.cache_dir, home_dir=config.home_dir)
+
+
+def plan_for(kind: str, model: str, options: dict, principal: str):
+    """The launch plan of a batch's tasks; a refusal names its option (metadata.<key>)."""
+    try:
+        return plan_batch(kind, model, options, settings(), principal)
+    except ValidationError as exc:
+        field = exc.field if exc.field in ("engine_args",) or exc.field.startswith("metadata.") else \
+            f"metadata.{exc.field}" if exc.field in ("tier", "time", "resources") else exc.field
+        raise ValidationError(field, exc.problem) from None
+
+
+def start_batch(principal: str, endpoint: str, model: str, plan, options: dict, completion_window: str,
+                window: timedelta, metadata: Optional[dict], input_file_id: str, lines: int, shard_size: int,
+                write_inputs: Callable[[Path], List[int]], runner_settings: dict, description: str = "") -> Batch:
+    """Record a checked batch, write its folder (`write_inputs(folder)` writes the shards and returns each one's line
+    count; the runner's settings with `runner_settings`) and submit its job array: the batch in_progress, or failed
+    with a 422 or 503 raised when the scheduler refused or did not answer."""
+    config = settings()
     batch_id = f"batch_{secrets.token_hex(12)}"
     folder = config.batches_dir / batch_id
     now = utcnow()
-    batch = Batch(id=batch_id, owner=principal, endpoint=endpoint, model=revision.repo_id,
-                  input_file_id=source.id, completion_window=completion_window,
+    batch = Batch(id=batch_id, owner=principal, endpoint=endpoint, model=model,
+                  input_file_id=input_file_id, completion_window=completion_window,
                   metadata_json=json.dumps(metadata) if metadata is not None else None, status=VALIDATING,
-                  total=checked.lines, completed=0, failed=0, folder=str(folder), scheduler=config.scheduler,
+                  total=lines, completed=0, failed=0, folder=str(folder), scheduler=config.scheduler,
                   engine=plan.runtime.engine.name, tier=plan.tier.ref if plan.tier else None,
                   time_limit=plan.resources.time, resources_json=stored_resources(plan), shard_size=shard_size,
                   concurrency=options.get("concurrency") or plan.runtime.engine.batch_concurrency,
                   created_at=now, expires_at=now + window)
     try:
         folder.mkdir(parents=True, mode=0o700)
-        counts = write_shards(Path(source.path), folder, shard_size)
-        write_job_files(batch, plan, len(counts))
+        counts = write_inputs(folder)
+        write_job_files(batch, plan, len(counts), runner_settings)
     except OSError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise UnavailableError(f"cannot write the batch's files in {folder}: {exc.strerror}")
@@ -188,8 +220,8 @@ def create_batch(input_file_id: str, endpoint: str, completion_window: str, meta
                     for index, count in enumerate(counts)]
     db.session.add(batch)
     db.session.add(BatchEvent(batch_id=batch_id, at=now, from_status=None, to_status=VALIDATING,
-                              reason=f"{checked.lines} lines of {revision.repo_id} in {len(counts)} shard(s) of up to "
-                                     f"{shard_size}"))
+                              reason=description or f"{lines} lines of {model} in {len(counts)} shard(s) of up to "
+                                                    f"{shard_size}"))
     db.session.commit()
     try:
         submit_shards(scheduler(), batch, batch.shards)
@@ -211,6 +243,11 @@ def create_batch(input_file_id: str, endpoint: str, completion_window: str, meta
     db.session.commit()
     _wake_reconciler()
     return batch
+
+
+def is_folder(batch: Batch) -> bool:
+    """Whether the batch transcribes a folder (portal/batches/folders.py): its lines are the files it finds."""
+    return not batch.input_file_id
 
 
 def get_batch(batch_id: str, principal: str) -> Batch:
@@ -273,6 +310,9 @@ def batch_object(batch: Batch, detail: bool = False) -> dict:
     extra = {"owner": batch.owner, "reason": batch.reason, "scheduler": batch.scheduler, "engine": batch.engine,
              "tier": batch.tier, "time_limit": batch.time_limit, "resources": batch.resources,
              "shard_size": batch.shard_size, "concurrency": batch.concurrency, "shards": len(batch.shards)}
+    if is_folder(batch):
+        spec = runner_settings(batch).get("folder") or {}
+        extra["folder"] = {key: spec.get(key) for key in ("source", "output", "format")}
     if detail:
         extra["shards"] = [shard.to_dict() for shard in batch.shards]
         extra["events"] = [event.to_dict() for event in batch.events]

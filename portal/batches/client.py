@@ -42,6 +42,20 @@ class BatchesClient:
             body["metadata"] = metadata
         return self.request("POST", "/v1/batches", json=body, timeout=max(self.timeout, 300)).json()
 
+    def batch_transcribe(self, folder, model: str, out, response_format: str = "txt", task: str = "transcribe",
+                         language: Optional[str] = None, completion_window: str = "24h", **options) -> dict:
+        """Transcribe every audio file under `folder` (a path the portal's user can read) into a mirror tree under
+        `out`; `options` are Pilotfish's (tier, time, partition, engine_args). OpenAI's batch object."""
+        body = {"folder": os.path.abspath(str(folder)), "model": model, "out": os.path.abspath(str(out)),
+                "format": response_format, "task": task, "completion_window": completion_window}
+        if language:
+            body["language"] = language
+        metadata = {key: " ".join(value) if isinstance(value, (list, tuple)) else str(value)
+                    for key, value in options.items() if value is not None}
+        if metadata:
+            body["metadata"] = metadata
+        return self.request("POST", "/api/batches/folders", json=body, timeout=max(self.timeout, 300)).json()
+
     def batches(self, limit: Optional[int] = None, after: Optional[str] = None) -> List[dict]:
         """Batches, newest first."""
         return self.get("/v1/batches", limit=limit, after=after)["data"]

@@ -18,7 +18,7 @@ from ..db import db
 from ..errors import NotFoundError, PortalError, ValidationError
 from ..models import StoredFile, utcnow
 
-PURPOSES = ("batch",)  # what an upload may be for; batch_output is the portal's own
+PURPOSES = ("batch", "user_data")  # an upload's (user_data: audio that batch lines name); batch_output is the portal's
 OUTPUT_PURPOSE = "batch_output"
 FILENAME_MAX = 255
 CHUNK = 64 * 1024

@@ -12,6 +12,11 @@ skips them, so a task submitted again for the same shard carries on where the la
 ever written twice (the shard's lock file keeps a second runner of the same shard out). When the server goes away
 mid-run, or the task is told to stop, lines in flight are not written at all: they are sent again next time.
 
+Audio lines (portal/batches/audio.py) go to the Whisper server as multipart, their file read as it is sent; a file
+that cannot be read when its line runs is an error line with the reason. A folder's transcription (FolderRunner)
+lists the folder's audio files as the shard's lines as it finds them and writes each answer as a transcript in the
+output folder's mirror tree (portal/batches/folder_files.py).
+
 Why not `vllm run-batch`: it writes its output file only once every line is done, so a shard killed by its time limit
 would lose everything; driving the same engine's server keeps each answer the moment it arrives, and works the same
 for every engine with an OpenAI server (vLLM, llama.cpp, our Whisper server).
@@ -33,7 +38,10 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
-from .lines import answered_ids, complete_lines, error_line, errors_path, output_line, shard_path, output_path
+from .audio import AudioFileError, is_audio_endpoint, multipart, resolve
+from .folder_files import new_files, write_transcript
+from .lines import (answered_ids, complete_lines, error_line, errors_path, input_ids, output_line, output_path,
+                    shard_path, trim_partial_line)
 
 CONFIG_NAME = "batch.json"  # written by the portal in the batch's folder (portal/batches/submission.py)
 RETRIES = 3  # tries of a line that met a transport error, a 429 or a 5xx
@@ -58,6 +66,8 @@ class Runner:
         self.folder, self.shard, self.config = folder, shard, config
         self.port, self.key, self.server_pid = port, key, server_pid
         self.endpoint = config["endpoint"]
+        self.audio = is_audio_endpoint(self.endpoint)
+        self.done: set = set()  # custom_ids answered or failed
         self.concurrency = max(1, int(config.get("concurrency", 1)))
         self.stopping = threading.Event()
         self.server_gone = threading.Event()
@@ -110,10 +120,18 @@ class Runner:
             if line["custom_id"] not in done:
                 yield line["custom_id"], line.get("body") or {}
 
-    def send(self, connection: http.client.HTTPConnection, body: dict) -> Tuple[int, bytes, str]:
-        payload = json.dumps(body).encode()
-        connection.request("POST", self.endpoint, body=payload,
-                           headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"})
+    def send(self, connection: http.client.HTTPConnection, body: dict, audio: Optional[Tuple[str, str]] = None) \
+            -> Tuple[int, bytes, str]:
+        """One request: the body as JSON, or for an audio line (`audio`: its file's path and name) as multipart with
+        the file read as it is sent."""
+        headers = {"Authorization": f"Bearer {self.key}"}
+        if audio is None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        else:
+            headers["Content-Type"], length, payload = multipart(body, *audio)
+            headers["Content-Length"] = str(length)
+        connection.request("POST", self.endpoint, body=payload, headers=headers)
         response = connection.getresponse()
         data = response.read()
         return response.status, data, response.getheader("x-request-id") or ""
@@ -122,13 +140,19 @@ class Runner:
         """(the line to write, whether it is an error line) for one request; ServerGone when nothing may be written
         (it is sent again when the shard runs again)."""
         last_error = ""
+        audio = None
+        if self.audio:
+            try:
+                audio = resolve(str(body.get("file", "")), self.config.get("files") or {}, self.config.get("audio_roots"))
+            except AudioFileError as exc:
+                return error_line(custom_id, "invalid_file", str(exc)), True
         for attempt in range(RETRIES):
             if self.stopping.is_set() or self.server_gone.is_set():
                 raise ServerGone()
             if connection_box[0] is None:
                 connection_box[0] = http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_TIMEOUT)
             try:
-                status, data, request_id = self.send(connection_box[0], body)
+                status, data, request_id = self.send(connection_box[0], body, audio)
             except (OSError, http.client.HTTPException) as exc:
                 connection_box[0].close()
                 connection_box[0] = None
@@ -145,7 +169,7 @@ class Runner:
             if not request_id and isinstance(answer, dict):
                 request_id = str(answer.get("id") or "")
             if 200 <= status < 300:
-                return output_line(custom_id, status, request_id, answer), False
+                return self.answer_line(custom_id, status, request_id, answer, body)
             if (status == 429 or status >= 500) and attempt + 1 < RETRIES:
                 last_error = f"HTTP {status}"
                 time.sleep(BACKOFF_SECONDS * (2 ** attempt))
@@ -156,6 +180,10 @@ class Runner:
             return error_line(custom_id, f"http_{status}", str(message)[:2000], status=status, body=answer,
                               request_id_=request_id), True
         return error_line(custom_id, "no_answer", f"no answer after {RETRIES} tries: {last_error}"), True
+
+    def answer_line(self, custom_id: str, status: int, request_id: str, answer, body: dict) -> Tuple[bytes, bool]:
+        """(the line to write, whether it is an error line) for an answer that came back."""
+        return output_line(custom_id, status, request_id, answer), False
 
     def write(self, line: bytes, failed: bool) -> None:
         with self._write_lock:
@@ -178,36 +206,40 @@ class Runner:
                 except ServerGone:
                     return
                 self.write(line, failed)  # an answer that came back is kept, even while stopping
+                self.done.add(item[0])
         finally:
             if box[0] is not None:
                 box[0].close()
 
-    def run(self, start_timeout: float) -> int:
-        lock = open(self.folder / f"shard-{self.shard:04d}.lock", "w")
+    def lock(self):
+        """The shard's lock (held while this process lives), or None when another runner holds it."""
+        handle = open(self.folder / f"shard-{self.shard:04d}.lock", "w")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             say(f"shard {self.shard}: another runner holds it; this one stops")
-            return EXIT_LOCKED
-        output, errors = output_path(self.folder, self.shard), errors_path(self.folder, self.shard)
-        done = answered_ids(output, errors)  # also cuts a line a killed runner left half-written
-        total = sum(1 for _ in complete_lines(shard_path(self.folder, self.shard)))
-        if len(done) >= total:
-            say(f"shard {self.shard}: all {total} lines already answered")
-            return 0
-        say(f"shard {self.shard}: {total} lines, {len(done)} already answered; waiting for the engine's server")
+            handle.close()
+            return None
+        return handle
+
+    def start(self, start_timeout: float) -> Optional[int]:
+        """Wait for the engine's server, then open the answers and errors files: None, or the exit code."""
         started = time.monotonic()
         if not self.wait_healthy(start_timeout):
             if self.stopping.is_set():
                 return EXIT_STOPPED
             say(f"the engine's server did not answer within {start_timeout:g} s")
             return EXIT_SERVER
-        say(f"the engine answered after {time.monotonic() - started:.1f} s; sending {total - len(done)} lines, "
-            f"{self.concurrency} at once")
+        say(f"the engine answered after {time.monotonic() - started:.1f} s")
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-        self._output_fd, self._errors_fd = os.open(output, flags, 0o600), os.open(errors, flags, 0o600)
-        sending = time.monotonic()
-        lines = self.pending(done)
+        self._output_fd = os.open(output_path(self.folder, self.shard), flags, 0o600)
+        self._errors_fd = os.open(errors_path(self.folder, self.shard), flags, 0o600)
+        self.sending = time.monotonic()
+        return None
+
+    def send_lines(self) -> None:
+        """Send every line of the shard file not done yet, `concurrency` at once, until done or stopped."""
+        lines = self.pending(self.done)
         threads = [threading.Thread(target=self.worker, args=(lines,), name=f"line-{n}", daemon=True)
                    for n in range(self.concurrency)]
         for thread in threads:
@@ -215,9 +247,11 @@ class Runner:
         for thread in threads:
             while thread.is_alive():
                 thread.join(0.5)
+
+    def finish(self) -> int:
         os.close(self._output_fd)
         os.close(self._errors_fd)
-        seconds = time.monotonic() - sending
+        seconds = time.monotonic() - self.sending
         rate = (self.answered + self.failed) / seconds if seconds > 0 else 0.0
         say(f"shard {self.shard}: {self.answered} answered, {self.failed} failed in {seconds:.1f} s "
             f"({rate:.1f} lines/s)")
@@ -228,6 +262,88 @@ class Runner:
             return EXIT_SERVER
         return 0
 
+    def run(self, start_timeout: float) -> int:
+        lock = self.lock()
+        if lock is None:
+            return EXIT_LOCKED
+        self.done = answered_ids(output_path(self.folder, self.shard), errors_path(self.folder, self.shard))
+        total = sum(1 for _ in complete_lines(shard_path(self.folder, self.shard)))
+        if len(self.done) >= total:
+            say(f"shard {self.shard}: all {total} lines already answered")
+            return 0
+        say(f"shard {self.shard}: {total} lines, {len(self.done)} already answered; waiting for the engine's server")
+        code = self.start(start_timeout)
+        if code is not None:
+            return code
+        say(f"sending {total - len(self.done)} lines, {self.concurrency} at once")
+        self.send_lines()
+        return self.finish()
+
+
+class FolderRunner(Runner):
+    """A folder's transcription (batch.json's `folder`: source, output, extension, and the body of each request): the
+    shard's lines are the folder's audio files, appended as passes over the folder find them (a file whose
+    transcript exists is skipped), each answer written as its transcript in the mirror tree; after each pass the
+    folder is looked at again, until a pass finds nothing new."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.spec = self.config["folder"]
+        self.skipped: set = set()
+
+    def scan(self, listed: set) -> int:
+        """Append a line for each new audio file of the folder; how many."""
+        spec, found = self.spec, []
+        for relative, path in new_files(spec["source"], spec["output"], spec["extension"], listed, self.skipped):
+            body = dict(spec["body"], model=self.config["model"], file=path)
+            found.append(json.dumps({"custom_id": relative, "method": "POST", "url": self.endpoint, "body": body},
+                                    separators=(",", ":")).encode() + b"\n")
+            listed.add(relative)
+        if found:
+            fd = os.open(shard_path(self.folder, self.shard), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                for line in found:
+                    os.write(fd, line)
+            finally:
+                os.close(fd)
+        return len(found)
+
+    def answer_line(self, custom_id: str, status: int, request_id: str, answer, body: dict) -> Tuple[bytes, bool]:
+        try:
+            target, size = write_transcript(self.spec["output"], custom_id, self.spec["extension"], answer,
+                                            self.config.get("audio_roots"))
+        except OSError as exc:
+            return error_line(custom_id, "output_not_written", f"the transcript was not written: "
+                                                               f"{exc.strerror or exc}"), True
+        return output_line(custom_id, status, request_id, {"file": body.get("file"), "output": str(target),
+                                                           "bytes": size}), False
+
+    def run(self, start_timeout: float) -> int:
+        lock = self.lock()
+        if lock is None:
+            return EXIT_LOCKED
+        shard = shard_path(self.folder, self.shard)
+        trim_partial_line(shard)
+        self.done = answered_ids(output_path(self.folder, self.shard), errors_path(self.folder, self.shard))
+        listed = set(input_ids(shard))
+        self.scan(listed)
+        if not listed - self.done:
+            say(f"{self.spec['source']}: nothing to transcribe ({len(self.skipped)} file(s) already done)")
+            return 0
+        say(f"{self.spec['source']}: {len(listed - self.done)} file(s) to transcribe, {len(self.skipped)} already "
+            f"done; waiting for the engine's server")
+        code = self.start(start_timeout)
+        if code is not None:
+            return code
+        passes = 0
+        while not self.stopping.is_set() and not self.server_gone.is_set():
+            self.send_lines()
+            passes += 1
+            if self.stopping.is_set() or self.server_gone.is_set() or not self.scan(listed):
+                break
+        say(f"{passes} pass(es) over {self.spec['source']}; {len(self.skipped)} file(s) skipped (already done)")
+        return self.finish()
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m portal.batches.runner")
@@ -237,8 +353,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     folder = Path(args.folder)
     config = json.loads((folder / CONFIG_NAME).read_text())
-    runner = Runner(folder, args.shard, config, int(os.environ["PILOTFISH_PORT"]), os.environ["PILOTFISH_API_KEY"],
-                    args.server_pid)
+    kind = FolderRunner if config.get("folder") else Runner
+    runner = kind(folder, args.shard, config, int(os.environ["PILOTFISH_PORT"]), os.environ["PILOTFISH_API_KEY"],
+                  args.server_pid)
 
     def stop(signum, frame):
         say(f"signal {signum}: stopping (lines in flight are sent again next time)")

@@ -33,12 +33,14 @@ def plan_batch(kind: str, model: str, options: dict, config, principal: str) -> 
     return plan_launch(request, config, principal)
 
 
-def write_job_files(batch: Batch, plan: LaunchPlan, shard_count: int) -> Path:
-    """The batch's job script, the runner's settings (batch.json) and a folder per task; returns the script."""
+def write_job_files(batch: Batch, plan: LaunchPlan, shard_count: int, extra: Optional[dict] = None) -> Path:
+    """The batch's job script, the runner's settings (batch.json, with `extra`: an audio batch's files and the
+    folders a named key may read, a folder's transcription) and a folder per task; returns the script."""
     folder = Path(batch.folder)
     # The runner waits for the engine as long as the task may run: the scheduler's time limit ends a start that hangs.
     settings = {"endpoint": batch.endpoint, "model": batch.model, "concurrency": batch.concurrency,
-                "health_path": plan.runtime.health_path, "start_timeout": batch.time_limit * 60 * 2 + 600}
+                "health_path": plan.runtime.health_path, "start_timeout": batch.time_limit * 60 * 2 + 600,
+                **(extra or {})}
     (folder / CONFIG_NAME).write_text(json.dumps(settings, indent=1))
     for index in range(shard_count):
         task_dir(folder, index).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -52,6 +54,14 @@ def write_job_files(batch: Batch, plan: LaunchPlan, shard_count: int) -> Path:
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     return script
+
+
+def runner_settings(batch: Batch) -> dict:
+    """What batch.json says (the runner's settings); {} when it cannot be read."""
+    try:
+        return json.loads((Path(batch.folder) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def batch_resources(batch: Batch) -> Resources:

@@ -21,10 +21,11 @@ from typing import Dict, List, Tuple
 
 from ..metrics import instruments
 from ..models import Batch, BatchShard, utcnow
-from ..scheduler import JobInfo, JobQuery, JobState, SchedulerError
+from ..scheduler import JobInfo, JobQuery, JobState, SchedulerError, task_dir
+from ..scheduler.job_files import read_exit_code
 from ..usage_ledger import usage_ledger
-from .batches import (CANCELLED, CANCELLING, COMPLETED, EXPIRED, FINALIZING, IN_PROGRESS, LIVE, VALIDATING, note,
-                      transition)
+from .batches import (CANCELLED, CANCELLING, COMPLETED, EXPIRED, FINALIZING, IN_PROGRESS, LIVE, VALIDATING,
+                      is_folder, note, transition)
 from .files import OUTPUT_PURPOSE, files_dir, register
 from .lines import append_lines, count_new_lines, error_line, errors_path, input_ids, merge_shards, output_path, \
     shard_path, answered_ids
@@ -91,9 +92,12 @@ def count_lines(batch: Batch) -> None:
     the lines and tokens counted as the batch owner's usage (portal/usage_ledger.py, under the batch's id)."""
     folder = Path(batch.folder)
     added_output = added_errors = prompt_tokens = completion_tokens = 0
+    grows = is_folder(batch)  # a folder's shard gets a line per audio file its runner finds
     for shard in batch.shards:
         if shard.state == BatchShard.DONE:
             continue
+        if grows:
+            shard.lines = count_new_lines(shard_path(folder, shard.index), 0).lines
         output = count_new_lines(output_path(folder, shard.index), shard.output_bytes, tokens=True)
         errors = count_new_lines(errors_path(folder, shard.index), shard.error_bytes)
         shard.output_bytes, shard.error_bytes = output.end, errors.end
@@ -104,6 +108,8 @@ def count_lines(batch: Batch) -> None:
         added_output, added_errors = added_output + output.lines, added_errors + errors.lines
         prompt_tokens, completion_tokens = prompt_tokens + output.prompt_tokens, \
             completion_tokens + output.completion_tokens
+    if grows:
+        batch.total = sum(shard.lines for shard in batch.shards)
     if added_output or added_errors:
         batch.completed = sum(shard.output_lines for shard in batch.shards)
         batch.failed = sum(shard.error_lines for shard in batch.shards)
@@ -121,8 +127,15 @@ def count_lines(batch: Batch) -> None:
 
 
 def follow(batch: Batch, shard: BatchShard, info, config) -> List[BatchShard]:
-    """Follow one shard's task; returns [shard] when it ended before its shard was done and should run again."""
-    if shard.answered >= shard.lines and (info is None or info.state.finished):
+    """Follow one shard's task; returns [shard] when it ended before its shard was done and should run again. A
+    folder's shard is done only once its task ended with exit code 0 (its last pass over the folder found nothing
+    new)."""
+    if is_folder(batch):
+        finished = info is not None and info.state.finished and \
+            read_exit_code(task_dir(Path(batch.folder), shard.index)) == 0
+    else:
+        finished = info is None or info.state.finished
+    if shard.answered >= shard.lines and finished:
         shard.state, shard.ended_at = BatchShard.DONE, shard.ended_at or utcnow()
         shard.reason = info.detail if info is not None else shard.reason
         return []

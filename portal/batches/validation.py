@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from ..errors import ValidationError
 from .lines import shard_path
@@ -15,8 +15,8 @@ from .lines import shard_path
 # Endpoints a batch runs, and the kind of service that answers each (the model is launched as it: a causal model's
 # embeddings batch pools its states).
 ENDPOINT_KINDS = {"/v1/chat/completions": "text-generation", "/v1/completions": "text-generation",
-                  "/v1/embeddings": "text-embedding"}
-LATER_ENDPOINTS = ("/v1/audio/transcriptions", "/v1/audio/translations")  # OpenAI's, not run as batches yet
+                  "/v1/embeddings": "text-embedding", "/v1/audio/transcriptions": "speech-recognition",
+                  "/v1/audio/translations": "speech-recognition"}
 LINE_FIELDS = ("custom_id", "method", "url", "body")
 CUSTOM_ID_MAX = 512
 FIELD = "input_file_id"
@@ -37,18 +37,17 @@ def _constant(name):
 
 
 def check_endpoint(endpoint: str) -> str:
-    if endpoint in LATER_ENDPOINTS:
-        raise ValidationError("endpoint", f"{endpoint} batches are not supported yet; supported: "
-                                          f"{', '.join(ENDPOINT_KINDS)}")
     if endpoint not in ENDPOINT_KINDS:
         raise ValidationError("endpoint", f"expected one of {', '.join(ENDPOINT_KINDS)}, got {endpoint!r}")
     return endpoint
 
 
-def check_input(path: Path, endpoint: str, check_model: Callable[[str, int], None]) -> CheckedInput:
+def check_input(path: Path, endpoint: str, check_model: Callable[[str, int], None],
+                check_body: Optional[Callable[[dict], Optional[str]]] = None) -> CheckedInput:
     """Read the input file once, line by line, and refuse the first bad line (ValidationError naming `input_file_id`
     and the line's number). `check_model(model, line_number)` refuses a model the portal does not have (it is asked
-    once, for the first line's model; every other line must name the same)."""
+    once, for the first line's model; every other line must name the same); `check_body(body)` says what else is wrong
+    with a line's body (an audio line's file: portal/batches/audio_input.py), or None."""
     seen: Dict[bytes, int] = {}  # a digest of each custom_id: the line it was first on
     model = None
     number = 0
@@ -87,6 +86,9 @@ def check_input(path: Path, endpoint: str, check_model: Callable[[str, int], Non
                 _reject(number, "body.model: missing (every line names the model)")
             if body.get("stream"):
                 _reject(number, "body.stream: a batch line cannot stream; leave it out")
+            problem = check_body(body) if check_body is not None else None
+            if problem:
+                _reject(number, problem)
             if model is None:
                 check_model(body["model"], number)
                 model = body["model"]

@@ -14,7 +14,8 @@ import click
 from .command import Failure, emit_json, main, note, portal_of, table
 from ..client import PortalClientError
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/audio/transcriptions",
+             "/v1/audio/translations")
 ENDED = ("completed", "failed", "expired", "cancelled")
 FILE_ID = re.compile(r"^file-[0-9a-f]{1,36}$")
 BAD_INPUT = (400, 404, 413)  # the caller's input: a refused line, an unknown batch or file, a file over the limit
@@ -73,12 +74,16 @@ def batch():
     written to an output file in input order and the lines that failed to an error file.
 
     Each input line is OpenAI's batch format: {"custom_id": "...", "method": "POST", "url": "/v1/chat/completions",
-    "body": {"model": "...", ...}}; every line names the same endpoint and model, and a custom_id once. The same
-    batches are reachable with the official `openai` client (client.batches.create).
+    "body": {"model": "...", ...}}; every line names the same endpoint and model, and a custom_id once. An audio
+    line (url /v1/audio/transcriptions or /v1/audio/translations) names its audio in "body": {"model": "...",
+    "file": "/abs/path.wav" or "file-..."} with Whisper's language, prompt, response_format and temperature. The
+    same batches are reachable with the official `openai` client (client.batches.create). `pilotfish batch
+    transcribe` turns a whole folder of audio into transcripts.
 
     \b
-    Example:
+    Examples:
       ID=$(pilotfish batch create prompts.jsonl --wait) && pilotfish batch download "$ID" -o results/
+      pilotfish batch transcribe recordings/ --model Systran/faster-whisper-small --out transcripts/ --format srt
     """
 
 
@@ -148,6 +153,11 @@ def create(ctx, source, endpoint, tier, time_limit, partition, shard_size, concu
                 except PortalClientError:
                     pass
             raise
+    finish_create(portal, created, wait, timeout, as_json)
+
+
+def finish_create(portal, created: dict, wait: bool, timeout, as_json: bool) -> None:
+    """Print a started batch (its id, or JSON), and with `wait` follow it to its end (exit 1 unless completed)."""
     if as_json and not wait:
         emit_json(created)
         return
@@ -180,6 +190,53 @@ def wait_for_end(portal, batch_id: str, timeout=None) -> dict:
             raise Failure(f"batch {batch_id} is still {current['status']} after {timeout:g} s ({counts(current)}); "
                           f"it goes on: `pilotfish batch show {batch_id}`, or `pilotfish batch cancel {batch_id}`")
         time.sleep(POLL_SECONDS)
+
+
+@batch.command()
+@click.argument("folder", metavar="DIR")
+@click.option("--model", required=True, help="A speech-recognition (Whisper) model of the inventory "
+                                             "(`pilotfish models ls`).")
+@click.option("--out", "out", required=True, metavar="DIR",
+              help="Where the transcripts go (made if missing; not inside DIR): the same relative path as each audio "
+                   "file, with the format's extension.")
+@click.option("--format", "response_format", type=click.Choice(["srt", "vtt", "json", "txt"]), default="txt",
+              show_default=True, help="Subtitles with timestamps (srt, vtt), Whisper's JSON, or plain text.")
+@click.option("--translate", is_flag=True, help="Translate into English instead of transcribing.")
+@click.option("--language", help="The audio's language code, e.g. en (default: detected per file).")
+@click.option("--tier", help="Resource tier of the task (default: the model's recommendation).")
+@click.option("--time", "time_limit", metavar="MIN",
+              help="Time limit of the task: minutes or HH:MM:SS. A task killed by it is submitted again and carries "
+                   "on with the files not done.")
+@click.option("--partition", help="Override the tier's partition.")
+@click.option("--wait", is_flag=True, help="Show progress on stderr until it ends; exit 1 unless it completed.")
+@click.option("--timeout", type=float, metavar="SECONDS", help="With --wait: stop waiting after this long (it goes "
+                                                              "on).")
+@click.option("--json", "as_json", is_flag=True, help="Print the batch as JSON (after --wait: as it ended).")
+@click.pass_context
+def transcribe(ctx, folder, model, out, response_format, translate, language, tier, time_limit, partition, wait,
+               timeout, as_json):
+    """Transcribe every audio file under DIR (wav, mp3, m4a, flac, ogg, opus, webm, ...; subfolders included) into a
+    mirror tree under --out, as one Slurm job running the Whisper model; prints the batch's id. A file whose
+    transcript already exists is skipped (run it again to finish or extend a folder), and files added to DIR while
+    it runs are picked up: it looks at DIR again after each pass until a pass finds nothing new.
+
+    It is a batch: `pilotfish batch ls|show|cancel` follow it (progress counts files), and `pilotfish batch download`
+    writes which files were transcribed (output) and which failed with the reason (errors). DIR and --out are paths
+    on the cluster's file system as the portal sees them.
+
+    \b
+    Examples:
+      pilotfish batch transcribe interviews/ --model Systran/faster-whisper-small --out transcripts/ --format srt
+      pilotfish batch transcribe /data/talks --model org/whisper --out /data/talks-text --wait
+    """
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout needs --wait", ctx)
+    portal = portal_of(ctx)
+    with BadInput():
+        created = portal.batch_transcribe(folder, model, out, response_format,
+                                          task="translate" if translate else "transcribe", language=language,
+                                          tier=tier, time=time_limit, partition=partition)
+    finish_create(portal, created, wait, timeout, as_json)
 
 
 @batch.command(name="ls")
@@ -226,7 +283,9 @@ def show(ctx, batch_id, as_json):
     fields = [
         ("id", found["id"]), ("status", found["status"]), ("reason", extra.get("reason") or ""),
         ("lines", counts(found)), ("endpoint", found["endpoint"]), ("model", found.get("model") or ""),
-        ("input", found["input_file_id"]), ("output", found.get("output_file_id") or "-"),
+        *([("folder", f"{extra['folder']['source']} -> {extra['folder']['output']} ({extra['folder']['format']})")]
+          if extra.get("folder") else [("input", found["input_file_id"])]),
+        ("output", found.get("output_file_id") or "-"),
         ("errors", found.get("error_file_id") or "-"),
         ("tier", extra.get("tier") or "-"),
         ("resources", ", ".join(f"{key} {value}" for key, value in sorted(resources.items()) if value not in (None, ""))

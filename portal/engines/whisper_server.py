@@ -55,13 +55,16 @@ def _timestamp(seconds: float, separator: str) -> str:
 
 
 def subtitles(segments: List[dict], style: str) -> str:
-    """SRT or WebVTT text from transcription segments."""
+    """SRT or WebVTT text from transcription segments: one cue per segment with words, its text on one line (a blank
+    line or an arrow inside a cue would end it or be read as its timing for a player)."""
     blocks = []
-    for number, segment in enumerate(segments, 1):
-        separator = "," if style == "srt" else "."
+    separator = "," if style == "srt" else "."
+    for segment in segments:
+        text = " ".join(segment["text"].split()).replace("-->", "->")
+        if not text:
+            continue
         times = f"{_timestamp(segment['start'], separator)} --> {_timestamp(segment['end'], separator)}"
-        text = segment["text"].strip()
-        blocks.append(f"{number}\n{times}\n{text}\n" if style == "srt" else f"{times}\n{text}\n")
+        blocks.append(f"{len(blocks) + 1}\n{times}\n{text}\n" if style == "srt" else f"{times}\n{text}\n")
     return ("WEBVTT\n\n" if style == "vtt" else "") + "\n".join(blocks)
 
 

@@ -119,7 +119,10 @@ function batchesPage() {
       PF.el("td", {"data-field": "progress"}, Batches.progress(batch),
         PF.el("div", {class: "small text-body-secondary", "data-field": "counts"}, Batches.counts(batch))),
       PF.el("td", {class: "text-break"}, batch.model || "—",
-        PF.el("div", {class: "small text-body-secondary"}, batch.endpoint)),
+        PF.el("div", {class: "small text-body-secondary"}, batch.endpoint),
+        ...((batch.pilotfish || {}).folder
+          ? [PF.el("div", {class: "small text-body-secondary text-break", "data-field": "folder"},
+            `${batch.pilotfish.folder.source} → ${batch.pilotfish.folder.output}`)] : [])),
       PF.el("td", {"data-field": "shards", class: "small"}, Batches.shards(shown)),
       PF.el("td", {class: "small"}, Batches.epochWhen(batch.created_at)),
       PF.el("td", {"data-field": "files", class: "small"}, ...Batches.files(batch)));
@@ -244,7 +247,10 @@ function batchPage() {
     const ended = ["completed", "failed", "expired", "cancelled"].find((name) => batch[`${name}_at`]);
     document.getElementById("batch-details").replaceChildren(
       ...detail("Endpoint", batch.endpoint, "endpoint"), ...detail("Model", batch.model || "—", "model"),
-      ...detail("Input file", batch.input_file_id, "input"), ...detail("Tier", extra.tier || "explicit resources", "tier"),
+      ...(extra.folder
+        ? detail("Folder", `${extra.folder.source} → ${extra.folder.output} (${extra.folder.format})`, "folder")
+        : detail("Input file", batch.input_file_id, "input")),
+      ...detail("Tier", extra.tier || "explicit resources", "tier"),
       ...detail("Resources", resources || "—", "resources"),
       ...detail("Each task", `${extra.time_limit} min, up to ${extra.shard_size} lines, ${extra.concurrency} requests in flight`, "task"),
       ...detail("Scheduler", `${extra.scheduler}, engine ${extra.engine}`, "scheduler"),

@@ -4,6 +4,7 @@ twice: SmolLM2, which carries its chat template, on the cluster's second node, a
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from typing import Iterator
 
 import pytest
@@ -18,6 +19,15 @@ GEMMA = installer.GEMMA_REPO_ID
 WHISPER = installer.WHISPER_REPO_ID
 ENGINES = ("vllm", "llama-cpp", "whisper")
 READY_TIMEOUT = 600  # vLLM takes one to two minutes to start on 2 busy cores
+SENTENCE = "The quick brown fox jumps over the lazy dog."  # spoken by espeak-ng for the Whisper tests
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory):
+    """The sentence spoken by espeak-ng, as a WAV file: real speech for Whisper."""
+    wav = tmp_path_factory.mktemp("speech") / "fox.wav"
+    subprocess.run(["espeak-ng", "-w", str(wav), SENTENCE], check=True, timeout=60)
+    return wav
 
 
 def _install_all() -> None:

@@ -28,7 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tests" / "apptainer"
 ARTIFACTS = REPO / "tests" / "artifacts"
 CACHE = Path(os.environ.get("PILOTFISH_APPTAINER_CACHE", Path.home() / ".cache" / "pilotfish" / "apptainer"))
-SENTENCE = "The quick brown fox jumps over the lazy dog."
 WHISPER = installer.WHISPER_REPO_ID
 HOME_MODEL = "pilotfish-test/whisper-in-home"
 PROBE = "written-from-the-container"
@@ -84,13 +83,6 @@ def site(tmp_path_factory, image):
                                     "runtimes": {"whisper": apptainer}}, sort_keys=False))
     yield path, {"cache": cache_model, "home": home_model}
     shutil.rmtree(home_dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def speech(tmp_path_factory):
-    wav = tmp_path_factory.mktemp("speech") / "fox.wav"
-    subprocess.run(["espeak-ng", "-w", str(wav), SENTENCE], check=True, timeout=60)
-    return wav
 
 
 def transcribe(portal, model, speech) -> str:

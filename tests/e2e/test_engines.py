@@ -29,7 +29,6 @@ from tests.support.prometheus_scrape import delta, scrape
 
 pytestmark = pytest.mark.slurm
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-SENTENCE = "The quick brown fox jumps over the lazy dog."
 
 
 def client(running, name=None, token=None, **kwargs):
@@ -48,13 +47,6 @@ def stream_chat(api, model, max_tokens=40):
             arrivals.append(time.monotonic() - started)
             text.append(chunk.choices[0].delta.content)
     return arrivals, "".join(text)
-
-
-@pytest.fixture(scope="module")
-def speech(tmp_path_factory):
-    wav = tmp_path_factory.mktemp("speech") / "fox.wav"
-    subprocess.run(["espeak-ng", "-w", str(wav), SENTENCE], check=True, timeout=60)
-    return wav
 
 
 def test_each_engine_was_chosen_from_the_model_format_and_its_phases_were_timed(running):

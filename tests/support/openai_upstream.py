@@ -37,9 +37,11 @@ class Sink:
     """A write-only file that hashes and counts, so uploads are never held in memory."""
 
     def __init__(self):
-        self.hash, self.size = hashlib.sha256(), 0
+        self.hash, self.size, self.head = hashlib.sha256(), 0, b""
 
     def write(self, data):
+        if len(self.head) < 16:
+            self.head += data[:16 - len(self.head)]
         self.hash.update(data)
         self.size += len(data)
         return len(data)
@@ -264,7 +266,22 @@ class Handler(BaseHTTPRequestHandler):
         if form.get("model") != self.model:
             return self.send_json(404, {"message": f"The model `{form.get('model')}` does not exist.", "code": 404})
         upload = sinks[0] if sinks else Sink()
-        return self.send_json(200, {"text": f"received {upload.size} bytes", "sha256": upload.hash.hexdigest()})
+        if upload.head.startswith(b"not audio"):  # as the Whisper server answers a file it cannot decode
+            return self.send_json(400, {"error": {"message": "could not decode the file as audio", "param": "file"}})
+        if self.answer_delay:
+            time.sleep(self.answer_delay)
+        text = f"received {upload.size} bytes"
+        if form.get("response_format") in ("text", "srt", "vtt"):
+            data = f"{form['response_format']}: {text} {upload.hash.hexdigest()}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return None
+        return self.send_json(200, {"text": text, "sha256": upload.hash.hexdigest(),
+                                    "fields": {name: form[name] for name in ("language", "prompt", "temperature")
+                                               if name in form}})
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = handle_any
 

@@ -1,7 +1,7 @@
 """The Batches page in Chromium, on a portal with the local scheduler whose engine answers each request after a pause:
 upload a JSONL file and start a batch, watch its progress bar move to completion, download its output and errors
 (each line checked), follow its shards, jobs and events on its page; a bad file is refused next to the file field
-and leaves nothing behind."""
+and leaves nothing behind; a folder transcription shows its folders in the list and on its page."""
 from __future__ import annotations
 
 import json
@@ -31,7 +31,8 @@ def jsonl(lines) -> str:
 @pytest.fixture(scope="module")
 def portal(start_module_portal):
     # Each answer takes 0.5 s: three shards of eight lines, one request at a time, take four seconds or more.
-    return start_module_portal("local", runtimes={"text-generation": {"command": f"{UPSTREAM} --answer-delay 0.5"}})
+    return start_module_portal("local", runtimes={"text-generation": {"command": f"{UPSTREAM} --answer-delay 0.5"},
+                                                  "speech-recognition": {"command": UPSTREAM}})
 
 
 def listed(portal, what: str) -> set:
@@ -158,3 +159,26 @@ def test_a_bad_file_is_refused_next_to_the_file_field_and_leaves_nothing(portal,
     browser.screenshot(page, "batches-refused")
     wait_for(lambda: listed(portal, "files") == files_before, timeout=10, what="the refused uploads to be deleted")
     assert listed(portal, "batches") == batches_before
+
+
+def test_a_folder_transcription_shows_its_folders_in_the_list_and_on_its_page(portal, browser, tmp_path):
+    source, out = tmp_path / "talks", tmp_path / "text"
+    (source / "day2").mkdir(parents=True)
+    for relative in ("a.wav", "day2/b.wav"):
+        (source / relative).write_bytes(b"RIFF" + relative.encode())
+    created = portal.request("POST", "/api/batches/folders", json={"folder": str(source), "model": "test/whisper",
+                                                                   "out": str(out), "format": "srt"})
+    assert created.status_code == 200, created.text
+    batch_id = created.json()["id"]
+    wait_for(lambda: portal.request("GET", f"/v1/batches/{batch_id}").json()["status"] == "completed", timeout=60,
+             what="the folder's batch to complete")
+    page = browser.new_page()
+    sign_in(page, portal)
+    page.goto(f"{portal.url}/ui/batches")
+    row = page.locator(f'#batches-table tr[data-batch-id="{batch_id}"]')
+    expect(row.locator('[data-field="folder"]')).to_have_text(f"{source} → {out}")
+    expect(row.locator('[data-field="counts"]')).to_contain_text("2 done")
+    row.get_by_role("link", name=batch_id, exact=True).click()
+    page.wait_for_url(f"{portal.url}/ui/batches/{batch_id}")
+    expect(page.locator("#batch-details")).to_contain_text(f"{source} → {out} (srt)")
+    expect(page.locator("#batch-details")).not_to_contain_text("Input file")

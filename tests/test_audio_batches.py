@@ -1,0 +1,266 @@
+"""Audio batches on a portal with the local scheduler, whose speech recognition is the OpenAI-shaped test engine (it
+answers each upload's size and sha256, and 400 to a file that is not audio): lines naming audio by path or file id,
+checked up front (a 400 naming the line) and at run time (the error file, with the reason); what a named key may
+name; a folder transcribed into a mirror tree (skipping what is done, picking up files added while it runs) and its
+refusals. The same with the real Whisper on the real Slurm: tests/e2e/test_audio_batches.py."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from portal.app import create_app
+from portal.batches import lines as batch_lines
+from portal.batches.runner import FolderRunner
+from tests.conftest import REPO, wait_for, write_site_config
+from tests.test_batches import jsonl, run_until, upload
+
+UPSTREAM = f"{__import__('sys').executable} {REPO / 'tests' / 'support' / 'openai_upstream.py'}"
+WHISPER = "test/whisper"
+TRANSCRIBE = "/v1/audio/transcriptions"
+
+
+@pytest.fixture
+def app(tmp_path):
+    site = write_site_config(tmp_path / "site.yaml", scheduler="local", key_audio_folders=[str(tmp_path / "shared")],
+                             runtimes={"text-generation": {"command": UPSTREAM},
+                                       "speech-recognition": {"command": UPSTREAM}})
+    yield create_app({"home": tmp_path / "home", "site_config_path": site, "testing": True})
+
+
+def audio_line(number: int, file: str, **body) -> dict:
+    return {"custom_id": f"audio-{number}", "method": "POST", "url": TRANSCRIBE,
+            "body": {"model": WHISPER, "file": file, **body}}
+
+
+def start(client, auth, lines, endpoint=TRANSCRIBE):
+    file_id = upload(client, auth, jsonl(lines)).json["id"]
+    return client.post("/v1/batches", headers=auth, json={"input_file_id": file_id, "endpoint": endpoint,
+                                                          "completion_window": "24h"})
+
+
+def content(client, auth, file_id) -> list:
+    return [json.loads(line) for line in client.get(f"/v1/files/{file_id}/content", headers=auth).data.splitlines()]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_audio_lines_by_path_and_file_id_are_sent_as_multipart_and_a_file_gone_at_run_time_is_an_error(
+        app, client, auth, tmp_path):
+    first, second, doomed, broken = (tmp_path / name for name in ("one.wav", "two.mp3", "doomed.wav", "broken.wav"))
+    first.write_bytes(b"RIFF" + os.urandom(3000))
+    second.write_bytes(os.urandom(70000))
+    doomed.write_bytes(b"RIFF....")
+    broken.write_bytes(b"not audio at all")
+    uploaded = client.post("/v1/files", headers=auth, content_type="multipart/form-data",
+                           data={"purpose": "user_data", "file": (open(second, "rb"), "two.mp3")}).json
+    created = start(client, auth, [audio_line(0, str(first), language="en", prompt="names", temperature=0.2),
+                                   audio_line(1, uploaded["id"], response_format="text"),
+                                   audio_line(2, str(doomed)), audio_line(3, str(broken))])
+    assert created.status_code == 200, created.json
+    doomed.unlink()  # gone before its line runs
+    assert run_until(app, created.json["id"], {"completed", "failed"}) == "completed"
+    done = client.get(f"/v1/batches/{created.json['id']}", headers=auth).json
+    assert done["request_counts"] == {"total": 4, "completed": 2, "failed": 2}
+    answers = {line["custom_id"]: line["response"]["body"] for line in content(client, auth, done["output_file_id"])}
+    assert answers["audio-0"] == {"text": "received 3004 bytes", "sha256": sha(first.read_bytes()),
+                                  "fields": {"language": "en", "prompt": "names", "temperature": "0.2"}}
+    assert answers["audio-1"] == f"text: received 70000 bytes {sha(second.read_bytes())}\n"
+    errors = {line["custom_id"]: line for line in content(client, auth, done["error_file_id"])}
+    assert errors["audio-2"]["error"]["code"] == "invalid_file"
+    assert errors["audio-2"]["error"]["message"] == f"{doomed}: no such file"
+    assert errors["audio-3"]["response"]["status_code"] == 400
+    assert "could not decode" in errors["audio-3"]["error"]["message"]
+
+
+def bad_audio_cases(tmp_path):
+    (tmp_path / "folder.wav").mkdir()
+    good = tmp_path / "good.wav"
+    good.write_bytes(b"RIFF")
+    return {
+        "a missing file": ([audio_line(0, str(good)), audio_line(1, str(tmp_path / "gone.wav"))], 2,
+                           f"body.file: {tmp_path / 'gone.wav'}: no such file"),
+        "a folder": ([audio_line(0, str(tmp_path / "folder.wav"))], 1, "not a file"),
+        "a relative path": ([audio_line(0, "talk.wav")], 1, "neither an absolute path nor a file id"),
+        "no file": ([{**audio_line(0, ""), "body": {"model": WHISPER}}], 1, "body.file: missing"),
+        "an unknown file id": ([audio_line(0, "file-0123abcd")], 1, "no file 'file-0123abcd'"),
+        "an unknown field": ([audio_line(0, str(good), speed=2)], 1, "body.speed: not a field of an audio line"),
+        "a bad format": ([audio_line(0, str(good), response_format="mp3")], 1, "body.response_format: expected one"),
+        "a hot temperature": ([audio_line(0, str(good), temperature=3)], 1, "body.temperature"),
+        "a chat model": ([audio_line(0, str(good)) | {"body": {"model": "test/tiny", "file": str(good)}}], 1,
+                         "not a speech-recognition (Whisper) model"),
+    }
+
+
+def test_a_bad_audio_line_is_a_400_naming_it(app, client, auth, tmp_path):
+    for case, (lines, number, words) in bad_audio_cases(tmp_path).items():
+        answer = start(client, auth, lines)
+        assert answer.status_code == 400, (case, answer.json)
+        message = answer.json["error"]["message"]
+        assert message.startswith(f"input_file_id: line {number}: ") and words in message, (case, message)
+    whisper_for_chat = start(client, auth, [{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                                             "body": {"model": WHISPER, "messages": []}}], "/v1/chat/completions")
+    assert whisper_for_chat.status_code == 400 and "speech-recognition model" in whisper_for_chat.json["error"]["message"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_an_unreadable_audio_file_is_a_400_naming_its_line(client, auth, tmp_path):
+    locked = tmp_path / "locked.wav"
+    locked.write_bytes(b"RIFF")
+    locked.chmod(0)
+    answer = start(client, auth, [audio_line(0, str(locked))])
+    assert answer.status_code == 400 and "not readable" in answer.json["error"]["message"]
+
+
+def test_a_named_key_names_only_its_own_uploads_or_paths_under_key_audio_folders(app, client, auth, tmp_path):
+    secret = client.post("/api/keys", headers=auth, json={"name": "student", "scopes": ["use", "read", "launch"]}
+                         ).json["key"]
+    key = {"Authorization": f"Bearer {secret}"}
+    private = tmp_path / "private.wav"  # the owner's file, outside key_audio_folders
+    private.write_bytes(b"RIFF secret")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "talk.wav").write_bytes(b"RIFF shared")
+    (shared / "link.wav").symlink_to(private)  # a link under the shared folder to the owner's file
+    owner_upload = upload(client, auth, b"RIFF owner", name="owner.wav", purpose="user_data").json["id"]
+    own_upload = upload(client, key, b"RIFF mine", name="mine.wav", purpose="user_data").json["id"]
+    for lines, words in (([audio_line(0, str(private))], "not under the folders a named key may read"),
+                         ([audio_line(0, str(shared / "link.wav"))], "not under the folders a named key may read"),
+                         ([audio_line(0, owner_upload)], f"no file {owner_upload!r}")):
+        refused = start(client, key, lines)
+        assert refused.status_code == 400 and words in refused.json["error"]["message"], refused.json
+    assert start(client, auth, [audio_line(0, str(private))]).status_code == 200  # the owner may
+    allowed = start(client, key, [audio_line(0, str(shared / "talk.wav")), audio_line(1, own_upload)])
+    assert allowed.status_code == 200, allowed.json
+    assert run_until(app, allowed.json["id"], {"completed"}) == "completed"
+    done = client.get(f"/v1/batches/{allowed.json['id']}", headers=key).json
+    assert done["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+    refused = client.post("/api/batches/folders", headers=key, json={"folder": str(tmp_path), "model": WHISPER,
+                                                                      "out": str(shared / "out")})
+    assert refused.status_code == 400 and refused.json["field"] == "folder"
+    refused = client.post("/api/batches/folders", headers=key, json={"folder": str(shared), "model": WHISPER,
+                                                                      "out": str(tmp_path / "out")})
+    assert refused.status_code == 400 and refused.json["field"] == "out" and not (tmp_path / "out").exists()
+
+
+def make_tree(root: Path) -> Path:
+    source = root / "audio"
+    (source / "sub" / "deeper").mkdir(parents=True)
+    (source / ".hidden").mkdir()
+    for relative in ("a.wav", "sub/b.mp3", "sub/deeper/c.flac", "sub/done.wav", ".hidden/x.wav"):
+        (source / relative).write_bytes(os.urandom(500))
+    (source / "notes.txt").write_text("not audio: left alone")
+    return source
+
+
+def test_a_folder_is_transcribed_into_a_mirror_tree_skipping_what_is_done(app, client, auth, tmp_path):
+    source, out = make_tree(tmp_path), tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "done.srt").write_text("done before")
+    created = client.post("/api/batches/folders", headers=auth, json={"folder": str(source), "model": WHISPER,
+                                                                       "out": str(out), "format": "srt"})
+    assert created.status_code == 200, created.json
+    batch = created.json
+    assert batch["endpoint"] == TRANSCRIBE and batch["pilotfish"]["folder"] == {
+        "source": str(source), "output": str(out), "format": "srt"}
+    assert run_until(app, batch["id"], {"completed", "failed"}) == "completed"
+    done = client.get(f"/v1/batches/{batch['id']}", headers=auth).json
+    assert done["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    written = sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file())
+    assert written == ["a.srt", "sub/b.srt", "sub/deeper/c.srt", "sub/done.srt"]
+    assert (out / "sub" / "done.srt").read_text() == "done before"
+    assert (out / "sub" / "b.srt").read_text() == \
+        f"srt: received 500 bytes {sha((source / 'sub' / 'b.mp3').read_bytes())}\n"
+    listed = content(client, auth, done["output_file_id"])
+    assert [line["custom_id"] for line in listed] == ["a.wav", "sub/b.mp3", "sub/deeper/c.flac"]
+    assert listed[1]["response"]["body"]["output"] == str(out / "sub" / "b.srt")
+    assert [entry["id"] for entry in client.get("/v1/batches", headers=auth).json["data"]] == [batch["id"]]
+
+
+def test_a_folder_request_is_refused_naming_its_field(app, client, auth, tmp_path):
+    source = make_tree(tmp_path)
+    (tmp_path / "file.wav").write_bytes(b"RIFF")
+    cases = [({"folder": str(tmp_path / "nowhere")}, "folder", "no such folder"),
+             ({"folder": str(tmp_path / "file.wav")}, "folder", "not a folder"),
+             ({"folder": "audio"}, "folder", "absolute path"),
+             ({"out": str(source / "sub" / "out")}, "out", "inside the input folder"),
+             ({"out": str(source)}, "out", "inside the input folder"),
+             ({"out": str(tmp_path / "file.wav")}, "out", "not a folder"),
+             ({"model": "nobody/nothing"}, "model", "not downloaded"),
+             ({"model": "test/tiny"}, "model", "not a speech-recognition (Whisper) model"),
+             ({"format": "mp3"}, "format", None),
+             ({"language": 7}, "language", None)]
+    for change, field, words in cases:
+        body = {"folder": str(source), "model": WHISPER, "out": str(tmp_path / "out"), **change}
+        answer = client.post("/api/batches/folders", headers=auth, json=body)
+        assert answer.status_code == 400 and answer.json["field"] == field, (change, answer.json)
+        assert words is None or words in answer.json["error"], (change, answer.json)
+    assert not (source / "sub" / "out").exists()
+    with app.app_context():
+        from portal.models import Batch
+        assert Batch.query.count() == 0
+
+
+def test_a_folder_runner_picks_up_a_file_added_while_it_runs(tmp_path):
+    from tests.test_batches import _Engine
+
+    source, out = make_tree(tmp_path), tmp_path / "out"
+    seen = []
+
+    class Handler(_Engine):
+        def do_POST(self):
+            length = int(self.headers["Content-Length"])
+            data = self.rfile.read(length)
+            seen.append(data)
+            if len(seen) == 1:
+                (source / "sub" / "late.wav").write_bytes(b"RIFF late")
+            self._send(200, {"text": f"heard {len(data)}"})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    batch_lines.shard_path(folder, 0).touch()
+    config = {"endpoint": TRANSCRIBE, "model": WHISPER, "concurrency": 1, "health_path": "/health",
+              "folder": {"source": str(source), "output": str(out), "format": "json", "extension": "json",
+                         "body": {"response_format": "json"}}}
+    try:
+        runner = FolderRunner(folder, 0, config, server.server_address[1], "k3y", None)
+        assert runner.run(start_timeout=10) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    written = sorted(str(path.relative_to(out)) for path in out.rglob("*.json"))
+    assert written == ["a.json", "sub/b.json", "sub/deeper/c.json", "sub/done.json", "sub/late.json"]
+    assert len(seen) == 5 and b"RIFF late" in seen[-1] and b'name="response_format"' in seen[-1]
+    assert json.loads((out / "sub" / "late.json").read_text())["text"].startswith("heard ")
+    again = FolderRunner(folder, 0, config, 9, "k3y", None)  # everything done: nothing is sent, no server needed
+    assert again.run(start_timeout=1) == 0
+
+
+def test_a_folder_transcription_is_cancelled_and_keeps_the_transcripts_written(tmp_path):
+    site = write_site_config(tmp_path / "slow.yaml", scheduler="local", runtimes={
+        "speech-recognition": {"command": UPSTREAM + " --answer-delay 0.5"}})
+    slow = create_app({"home": tmp_path / "slow-home", "site_config_path": site, "testing": True})
+    client, auth = slow.test_client(), {"Authorization": f"Bearer {slow.config['PILOTFISH_TOKEN']}"}
+    source, out = tmp_path / "many", tmp_path / "out"
+    source.mkdir()
+    for number in range(40):
+        (source / f"{number:02d}.wav").write_bytes(b"RIFF" + bytes([number]))
+    batch = client.post("/api/batches/folders", headers=auth, json={"folder": str(source), "model": WHISPER,
+                                                                     "out": str(out)}).json
+    wait_for(lambda: list(out.glob("*.txt")), timeout=30, what="the first transcript")
+    assert client.post(f"/v1/batches/{batch['id']}/cancel", headers=auth).json["status"] == "cancelling"
+    assert run_until(slow, batch["id"], {"cancelled"}, timeout=30) == "cancelled"
+    done = client.get(f"/v1/batches/{batch['id']}", headers=auth).json
+    written = sorted(path.name for path in out.glob("*.txt"))
+    assert 1 <= len(written) < 40 and done["request_counts"]["completed"] == len(written)
+    assert [line["custom_id"] for line in content(client, auth, done["output_file_id"])] == \
+        [name.replace(".txt", ".wav") for name in written]
