@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from portal.app import create_app
 from portal.batches import lines as batch_lines
+from portal.batches.folder_files import new_files
 from portal.batches.runner import FolderRunner
 from tests.conftest import REPO, wait_for, write_site_config
 from tests.test_batches import jsonl, run_until, upload
@@ -243,6 +245,20 @@ def test_a_folder_runner_picks_up_a_file_added_while_it_runs(tmp_path):
     assert json.loads((out / "sub" / "late.json").read_text())["text"].startswith("heard ")
     again = FolderRunner(folder, 0, config, 9, "k3y", None)  # everything done: nothing is sent, no server needed
     assert again.run(start_timeout=1) == 0
+
+
+def test_a_file_still_being_written_waits_for_a_later_pass(tmp_path):
+    source, out = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    (source / "old.wav").write_bytes(b"RIFF old")
+    (source / "copying.wav").write_bytes(b"RIFF half")
+    os.utime(source / "old.wav", (time.time() - 60, time.time() - 60))
+    unsettled, skipped = set(), set()
+    found = list(new_files(str(source), str(out), "txt", set(), skipped, time.time() - 2, unsettled))
+    assert [relative for relative, _ in found] == ["old.wav"] and unsettled == {"copying.wav"}
+    os.utime(source / "copying.wav", (time.time() - 60, time.time() - 60))  # the copy ended a while ago
+    assert [r for r, _ in new_files(str(source), str(out), "txt", {"old.wav"}, skipped, time.time() - 2)] == \
+        ["copying.wav"]
 
 
 def test_a_folder_transcription_is_cancelled_and_keeps_the_transcripts_written(tmp_path):

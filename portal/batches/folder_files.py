@@ -41,16 +41,27 @@ def audio_files(source: str) -> Iterator[Tuple[str, str]]:
                 yield os.path.relpath(path, source), path
 
 
-def new_files(source: str, output: str, extension: str, listed: Set[str], skipped: Set[str]) \
+def new_files(source: str, output: str, extension: str, listed: Set[str], skipped: Set[str],
+              settled_before: Optional[float] = None, unsettled: Optional[Set[str]] = None) \
         -> Iterator[Tuple[str, str]]:
     """A pass over the folder: the audio files neither listed before nor already done (their transcript exists; those
-    are added to `skipped`)."""
+    are added to `skipped`). With `settled_before` (epoch seconds), a file changed since then may still be being
+    copied in: it is left for a later pass, and named in `unsettled`."""
     for relative, path in audio_files(source):
         if relative in listed or relative in skipped:
             continue
         if transcript_path(output, relative, extension).exists():
             skipped.add(relative)
             continue
+        if settled_before is not None:
+            try:
+                changed = os.stat(path).st_mtime
+            except OSError:
+                continue  # gone since it was listed
+            if changed > settled_before:
+                if unsettled is not None:
+                    unsettled.add(relative)
+                continue
         yield relative, path
 
 

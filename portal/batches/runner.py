@@ -48,6 +48,7 @@ RETRIES = 3  # tries of a line that met a transport error, a 429 or a 5xx
 BACKOFF_SECONDS = 1.0
 REQUEST_TIMEOUT = 600.0
 HEALTH_INTERVAL = 1.0
+SETTLE_SECONDS = 2.0  # a folder's file changed more recently than this may still be being copied in: it waits
 EXIT_SERVER = 3
 EXIT_LOCKED = 75
 EXIT_STOPPED = 143
@@ -290,11 +291,14 @@ class FolderRunner(Runner):
         super().__init__(*args)
         self.spec = self.config["folder"]
         self.skipped: set = set()
+        self.unsettled: set = set()  # files changed in the last SETTLE_SECONDS: perhaps still being copied in
 
     def scan(self, listed: set) -> int:
-        """Append a line for each new audio file of the folder; how many."""
+        """Append a line for each new audio file of the folder that has not changed for SETTLE_SECONDS; how many."""
         spec, found = self.spec, []
-        for relative, path in new_files(spec["source"], spec["output"], spec["extension"], listed, self.skipped):
+        self.unsettled = set()
+        for relative, path in new_files(spec["source"], spec["output"], spec["extension"], listed, self.skipped,
+                                        time.time() - SETTLE_SECONDS, self.unsettled):
             body = dict(spec["body"], model=self.config["model"], file=path)
             found.append(json.dumps({"custom_id": relative, "method": "POST", "url": self.endpoint, "body": body},
                                     separators=(",", ":")).encode() + b"\n")
@@ -327,6 +331,8 @@ class FolderRunner(Runner):
         self.done = answered_ids(output_path(self.folder, self.shard), errors_path(self.folder, self.shard))
         listed = set(input_ids(shard))
         self.scan(listed)
+        while not listed - self.done and self.unsettled and not self.stopping.wait(SETTLE_SECONDS / 2):
+            self.scan(listed)  # only files still being written: wait until they settle
         if not listed - self.done:
             say(f"{self.spec['source']}: nothing to transcribe ({len(self.skipped)} file(s) already done)")
             return 0
@@ -339,7 +345,10 @@ class FolderRunner(Runner):
         while not self.stopping.is_set() and not self.server_gone.is_set():
             self.send_lines()
             passes += 1
-            if self.stopping.is_set() or self.server_gone.is_set() or not self.scan(listed):
+            found = self.scan(listed)
+            while not found and self.unsettled and not self.stopping.wait(SETTLE_SECONDS / 2):
+                found = self.scan(listed)  # files still being written: looked at again once settled
+            if self.stopping.is_set() or self.server_gone.is_set() or not found:
                 break
         say(f"{passes} pass(es) over {self.spec['source']}; {len(self.skipped)} file(s) skipped (already done)")
         return self.finish()
