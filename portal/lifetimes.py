@@ -8,7 +8,8 @@
   `POST /api/services/<id>/lease`) or its traffic is seen; once neither happened for the lease's length, it is
   stopped ("lease expired (no heartbeat for 612 s)").
 
-Durations as users write them (`parse_idle_timeout`, `parse_lease`), the reconciler's decision (`due_stop`), when a
+Durations as users write them (`parse_idle_timeout`, `parse_lease`, and a job's time limit: `parse_time`), the
+reconciler's decision (`due_stop`), when a
 service will stop if nothing happens (`expected_stop`), and durations in words. Plain Python: no Flask, no database;
 the service may be any object with the Service table's fields.
 """

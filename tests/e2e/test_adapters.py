@@ -90,7 +90,7 @@ def test_the_inventory_lists_each_adapter_with_its_base(adapters):
     assert pooled.stderr.strip() == "pilotfish: adapters: adapters apply to text-generation services, not text-embedding"
     planned = adapters.cli("run", "text-generation", "--model", TINY_LLAMA, "--adapter", SECOND, "--dry-run")
     assert planned.returncode == 0, planned.stderr
-    folder = installer.snapshot_of(installer.models_dir(), SECOND)
+    folder = listed[SECOND]["revisions"][0]["path"]  # the site's cache, as the inventory lists it
     assert f"--lora-modules {SECOND}={folder}" in planned.stdout and "--max-lora-rank 8" in planned.stdout
 
 
