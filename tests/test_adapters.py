@@ -172,3 +172,15 @@ def test_the_gateway_routes_and_lists_each_adapter_of_a_running_service():
         {"id": "org/llama", "object": "model", "created": 0, "owned_by": "pilotfish", "parent": None},
         {"id": "org/llama-lora", "object": "model", "created": 0, "owned_by": "pilotfish", "parent": "org/llama"}]
     assert adapter_names("not json") == () and adapter_names('{"a": 1}') == () and adapter_names(None) == ()
+
+
+def test_a_recipe_names_adapters_only_for_text_generation():
+    from portal.recipes import RecipeError, parse_recipe
+    recipe = parse_recipe({"name": "r", "services": [{"kind": "text-generation", "model": "org/llama",
+                                                      "adapters": ["org/llama-lora"]}]}, "r")
+    assert recipe.launches[0]["adapters"] == ["org/llama-lora"]
+    for entry, words in (({"kind": "text-embedding", "adapters": ["org/llama-lora"]}, "apply to text-generation"),
+                         ({"kind": "text-generation", "adapters": "org/llama-lora"}, "expected a list")):
+        with pytest.raises(RecipeError) as refused:
+            parse_recipe({"services": [{"model": "org/llama", **entry}]}, "r")
+        assert refused.value.field == "services[0].adapters" and words in str(refused.value)
