@@ -160,9 +160,10 @@ def live_grant(name: str) -> Optional[KeyGrant]:
     return grant_of_row(row) if row is not None else None
 
 
-def check_key_model(principal: Optional[str], model: str, doing: str = "launch") -> None:
-    """A key limited to models may launch (or benchmark) only those: else a 403 naming the model (field `model`).
-    Any principal but a key ("owner") may do it with any model."""
+def check_key_model(principal: Optional[str], model: str, doing: str = "launch", field: str = "model") -> None:
+    """A key limited to models may launch (or benchmark) only those: else a 403 naming the model (its `field`: an
+    adapter's is `adapters`). Any principal but a key ("owner") may do it with any model. An adapter is a model of its
+    own: a key limited to its base may not launch or call it."""
     if not (isinstance(principal, str) and principal.startswith("key:")):
         return
     name = principal[4:]
@@ -170,8 +171,8 @@ def check_key_model(principal: Optional[str], model: str, doing: str = "launch")
     if grant is None:
         raise ForbiddenError(f"API key {name!r} was revoked")
     if not grant.allows_model(model):
-        raise ForbiddenError(f"model: API key {name!r} may not {doing} {model!r}: it may use "
-                             f"{', '.join(sorted(grant.models))}", field="model")
+        raise ForbiddenError(f"{field}: API key {name!r} may not {doing} {model!r}: it may use "
+                             f"{', '.join(sorted(grant.models))}", field=field)
 
 
 # --- create, list, revoke, last use ----------------------------------------------------------------------------

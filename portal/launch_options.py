@@ -8,6 +8,7 @@ from typing import List, Literal, Optional, Sequence
 
 from pydantic import Field
 
+from .catalog.adapters import Adapter, check_not_adapter
 from .catalog.kinds import KINDS, ServiceKind, get_kind
 from .catalog.models import REPO_ID, REVISION, ModelRevision, find_revision
 from .engines.base import Preset
@@ -30,7 +31,9 @@ def kinds_of(model: ModelRevision) -> List[str]:
 
 
 def check_kind(model: ModelRevision, kind: ServiceKind) -> None:
-    """Refuse a kind the model cannot be served as (ValidationError naming model, and the kinds it can)."""
+    """Refuse a kind the model cannot be served as, and an adapter alone (ValidationError naming model, and the kinds it
+    can, or the base to launch)."""
+    check_not_adapter(model)
     if model.kinds and kind.name not in model.kinds:
         others = f" (or {', '.join(model.kinds[1:])})" if len(model.kinds) > 1 else ""
         raise ValidationError("model", f"{model.repo_id} is a {model.kind} model, not {kind.name} "
@@ -47,15 +50,19 @@ def check_flags_apply(runtime: Runtime, kind: ServiceKind, args: Sequence[str]) 
                                                  f"{kind.name}")
 
 
-def model_presets(runtime: Runtime, kind: ServiceKind, model: ModelRevision) -> List[Preset]:
-    """The flags a `kind` launch of `model` gets from what it is, unless the user gives their own."""
-    return runtime.engine.presets(kind.name, model.path, model.meta)
+def model_presets(runtime: Runtime, kind: ServiceKind, model: ModelRevision,
+                  adapters: Sequence[Adapter] = ()) -> List[Preset]:
+    """The flags a `kind` launch of `model` gets from what it is (unless the user gives their own), and those serving
+    its `adapters`."""
+    return runtime.engine.presets(kind.name, model.path, model.meta) + (
+        [runtime.engine.adapter_preset(adapters)] if adapters else [])
 
 
 def launch_options(site: Site, repo_id: str, revision: Optional[str] = None, kind: Optional[str] = None,
-                   engine_args: Sequence[str] = ()) -> dict:
+                   engine_args: Sequence[str] = (), adapters: Sequence[str] = ()) -> dict:
     """What a launch of `repo_id` as `kind` (default: the model's own kind) would get: its kinds, the engine, each
-    preset (applied, or replaced by `engine_args`) and the engine flags that apply to the kind."""
+    preset (applied, or replaced by `engine_args`), the engine flags that apply to the kind, and whether it can serve
+    adapters (`adapters`: the local adapters of the model, which the caller knows from the inventory)."""
     config = site.config
     model = find_revision(repo_id, revision, cache_dir=config.cache_dir, home_dir=config.home_dir)
     kinds = kinds_of(model)
@@ -64,7 +71,9 @@ def launch_options(site: Site, repo_id: str, revision: Optional[str] = None, kin
         raise ValidationError("kind", f"expected one of {', '.join(KINDS)}, got {kind!r}")
     check_kind(model, chosen)
     runtime = site.runtime(chosen, site.engine_for(chosen, model.meta.get("format")))
+    serves_adapters = runtime.engine.serves_adapters and chosen.name == "text-generation"
     return {"model": model.repo_id, "revision": model.revision, "kind": chosen.name, "kinds": kinds,
+            "adapters": sorted(adapters) if serves_adapters else [], "serves_adapters": serves_adapters,
             "model_kind": model.kind, "kind_reason": model.meta.get("kind_reason"),
             "engine": runtime.engine.name, "engine_title": runtime.engine.title,
             "presets": [preset.to_dict(engine_args) for preset in model_presets(runtime, chosen, model)],

@@ -14,6 +14,7 @@ import jinja2
 from flask import current_app, has_app_context
 from pydantic import Field, field_validator
 
+from .catalog.adapters import MAX_ADAPTERS, Adapter, resolve_adapters
 from .catalog.images import ImageFile, find_image
 from .catalog.kinds import KINDS, get_kind
 from .catalog.models import REPO_ID, REVISION, ModelRevision, find_revision, validate_repo_id, validate_revision
@@ -25,7 +26,7 @@ from .keys import check_key_model
 from .launch_options import check_flags_apply, check_kind, model_presets
 from .lifetimes import (IDLE_TIMEOUT_MAX_MINUTES, IDLE_TIMEOUT_SHAPE, IDLE_TIMEOUT_WORDS, LEASE_MAX_SECONDS,
                         LEASE_MIN_SECONDS, LEASE_SHAPE, LEASE_WORDS, RENEW_SHAPE, RENEW_WORDS, duration_words,
-                        parse_idle_timeout, parse_lease, parse_renewal)
+                        parse_idle_timeout, parse_lease, parse_renewal, parse_time)
 from .models import Service, utcnow
 from .scaling import REPLICAS_MAX, REPLICAS_SHAPE, REPLICAS_WORDS, parse_replicas
 from .scheduler import Resources
@@ -53,6 +54,7 @@ class LaunchRequest:
     lease: Optional[int] = None  # seconds it lives without a heartbeat or a request (None: no lease)
     renew: object = False  # True, False, or its end ("8h", an ISO time): read by lifetimes.parse_renewal at launch
     replicas: Optional[tuple] = None  # (min, max, target_in_flight) (portal/replicas.py); None: one job
+    adapters: List[str] = field(default_factory=list)  # LoRA adapters served beside the model (catalog/adapters.py)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class LaunchPlan:
     idle_timeout: Optional[int] = None  # minutes (None: no idle stop): the request's, else the tier's, else the site's
     idle_timeout_reason: str = ""  # where it came from, in words
     presets: List[Preset] = field(default_factory=list)  # flags from what the model is (launch_options.py)
+    adapters: List[Adapter] = field(default_factory=list)  # served beside the model, each under its own name
 
     def to_dict(self) -> dict:
         return {"kind": self.request.kind, "model": self.model.repo_id, "revision": self.model.revision,
@@ -81,41 +84,13 @@ class LaunchPlan:
                 "engine": self.runtime.engine.name, "runtime": self.runtime.runtime,
                 "image": str(self.image.path) if self.image else None,
                 "arguments": self.arguments, "model_kinds": self.model.kinds,
+                "adapters": [adapter.to_dict() for adapter in self.adapters],
                 "presets": [preset.to_dict(self.request.engine_args) for preset in self.presets],
                 "idle_timeout": self.idle_timeout,
                 "idle_timeout_reason": self.idle_timeout_reason, "lease": self.request.lease,
                 "renew": self.request.renew,
                 "replicas": dict(zip(("min", "max", "target_in_flight"), self.request.replicas))
                 if self.request.replicas else None}
-
-
-def parse_time(value) -> int:
-    """Minutes from an integer, or a Slurm-style "MM", "HH:MM:SS" or "D-HH:MM" string."""
-    if isinstance(value, bool):
-        raise ValidationError("time", f"expected minutes or HH:MM:SS, got {value!r}")
-    if isinstance(value, int):
-        minutes = value
-    elif isinstance(value, str) and re.fullmatch(r"[0-9]+", value):
-        minutes = int(value)
-    elif isinstance(value, str) and re.fullmatch(r"([0-9]+-)?[0-9]+(:[0-9][0-9]){1,2}", value):
-        text = value
-        days = 0
-        if "-" in text:
-            day_text, text = text.split("-", 1)
-            days = int(day_text)
-        parts = [int(part) for part in text.split(":")]
-        if len(parts) == 3:
-            hours, mins, secs = parts
-        elif days:
-            hours, mins, secs = parts[0], parts[1], 0
-        else:
-            hours, mins, secs = 0, parts[0], parts[1]
-        minutes = days * 1440 + hours * 60 + mins + (1 if secs else 0)
-    else:
-        raise ValidationError("time", f"expected minutes or HH:MM:SS, got {value!r}")
-    if minutes < 1:
-        raise ValidationError("time", "must be at least 1 minute")
-    return minutes
 
 
 REPO_ID_SHAPE = REPO_ID.pattern  # JSON Schema's patterns: ^...$ match whole values there (our own checks fullmatch)
@@ -172,6 +147,9 @@ class LaunchBody(Strict):
         False, description=RENEW_WORDS)
     replicas: Optional[Union[Annotated[int, Field(ge=1, le=REPLICAS_MAX)], Annotated[str, Field(pattern=REPLICAS_SHAPE)],
                              ReplicasBody]] = Field(None, description=REPLICAS_WORDS)
+    adapters: Optional[List[Annotated[str, Field(pattern=REPO_ID_SHAPE)]]] = Field(
+        None, max_length=MAX_ADAPTERS, description=f"at most {MAX_ADAPTERS} repo ids of local LoRA adapters of the "
+                                                   "model, each served beside it under its repo id")
 
     @field_validator("model")
     @classmethod
@@ -240,7 +218,7 @@ def parse_launch_request(body) -> LaunchRequest:
                          resources=checked.resources.model_dump(exclude_none=True) if checked.resources else {},
                          engine_args=list(checked.engine_args or []), force=checked.force, image=checked.image,
                          idle_timeout=checked.idle_timeout, lease=checked.lease, renew=checked.renew,
-                         replicas=checked.replicas)
+                         replicas=checked.replicas, adapters=list(checked.adapters or []))
 
 
 # --- flags that run code or read files ------------------------------------------------------------------
@@ -330,13 +308,16 @@ def plan_launch(request: LaunchRequest, site, principal: Optional[str] = None) -
     site = resolved_site(site)
     config = site.config
     kind = get_kind(request.kind)
-    check_key_model(principal, request.model)  # before the model is looked for: a key learns nothing of others
+    for name, field_name in ((request.model, "model"), *((adapter, "adapters") for adapter in request.adapters)):
+        check_key_model(principal, name, field=field_name)  # before any is looked for: a key learns nothing of others
     model = find_revision(request.model, request.revision, cache_dir=config.cache_dir, home_dir=config.home_dir)
     check_kind(model, kind)
     runtime = site.runtime(kind, site.engine_for(kind, model.meta.get("format")))
     runtime.check_args(request.engine_args)
     check_flags_apply(runtime, kind, request.engine_args)
     check_owner_flags(request.engine_args, principal, model, config)
+    adapters = resolve_adapters(request.adapters, model, kind.name, runtime.engine, lambda name: find_revision(
+        name, cache_dir=config.cache_dir, home_dir=config.home_dir))
     specs = site_specs(site)
     if request.tier:
         tier = resolve_tier(specs, request.tier)
@@ -366,14 +347,14 @@ def plan_launch(request: LaunchRequest, site, principal: Optional[str] = None) -
         image = find_image(runtime.config_key or kind.name, cache_dir=config.cache_dir, home_dir=config.home_dir,
                            image=request.image, pins=site.image_pins)
     model_file = str(model.path / model.meta["model_file"]) if model.meta.get("model_file") else None
-    presets = model_presets(runtime, kind, model)
+    presets = model_presets(runtime, kind, model, adapters)
     arguments = runtime.engine.launch_arguments(str(model.path), model.repo_id, resources.gpus, resources.cpus or 1,
                                                 model_file, request.engine_args, presets)
     idle_timeout, idle_reason = choose_idle_timeout(request.idle_timeout, tier, config.idle_timeout)
     return LaunchPlan(request, runtime, model, tier, reason, resources, arguments, image,
                       exporters=site.exporters_for(resources.gpus),
                       scheduler_arguments=site.arguments(resources, Path("<job dir>"), "<job name>"),
-                      idle_timeout=idle_timeout, idle_timeout_reason=idle_reason, presets=presets)
+                      idle_timeout=idle_timeout, idle_timeout_reason=idle_reason, presets=presets, adapters=adapters)
 
 
 def choose_idle_timeout(requested: Optional[int], tier: Optional[Tier], site_default: Optional[int]) -> tuple:
@@ -409,6 +390,7 @@ def render_job_script(service: Service, plan: LaunchPlan) -> str:
     return render_job_template(
         f"{plan.runtime.runtime}.sh.j2", service=service, runtime=plan.runtime, job_dir=service.job_dir,
         model_path=str(plan.model.path), model_root=str(model_root), arguments=plan.arguments, gpus=plan.resources.gpus,
+        adapter_roots=sorted({str(adapter.path.parent.parent) for adapter in plan.adapters}),
         image_path=str(plan.image.path) if plan.image else "", exporters=plan.exporters,
         tls_arguments=plan.runtime.engine.tls_arguments(*tls_files(service.job_dir)))
 

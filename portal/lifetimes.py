@@ -8,7 +8,8 @@
   `POST /api/services/<id>/lease`) or its traffic is seen; once neither happened for the lease's length, it is
   stopped ("lease expired (no heartbeat for 612 s)").
 
-Durations as users write them (`parse_idle_timeout`, `parse_lease`), the reconciler's decision (`due_stop`), when a
+Durations as users write them (`parse_idle_timeout`, `parse_lease`, and a job's time limit: `parse_time`), the
+reconciler's decision (`due_stop`), when a
 service will stop if nothing happens (`expected_stop`), and durations in words. Plain Python: no Flask, no database;
 the service may be any object with the Service table's fields.
 """
@@ -263,3 +264,32 @@ def successor_minutes(service, now: datetime, session_end: Optional[datetime]) -
         return service.time_limit
     left = int(-(-(until - now).total_seconds() // 60))
     return max(1, min(service.time_limit, left))
+
+
+def parse_time(value) -> int:
+    """Minutes from an integer, or a Slurm-style "MM", "HH:MM:SS" or "D-HH:MM" string."""
+    if isinstance(value, bool):
+        raise ValidationError("time", f"expected minutes or HH:MM:SS, got {value!r}")
+    if isinstance(value, int):
+        minutes = value
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]+", value):
+        minutes = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"([0-9]+-)?[0-9]+(:[0-9][0-9]){1,2}", value):
+        text = value
+        days = 0
+        if "-" in text:
+            day_text, text = text.split("-", 1)
+            days = int(day_text)
+        parts = [int(part) for part in text.split(":")]
+        if len(parts) == 3:
+            hours, mins, secs = parts
+        elif days:
+            hours, mins, secs = parts[0], parts[1], 0
+        else:
+            hours, mins, secs = 0, parts[0], parts[1]
+        minutes = days * 1440 + hours * 60 + mins + (1 if secs else 0)
+    else:
+        raise ValidationError("time", f"expected minutes or HH:MM:SS, got {value!r}")
+    if minutes < 1:
+        raise ValidationError("time", "must be at least 1 minute")
+    return minutes

@@ -31,6 +31,7 @@ class Service(db.Model):
     job_dir = db.Column(db.String(500), nullable=False)
     resources_json = db.Column(db.Text, nullable=False, default="{}")
     engine_args_json = db.Column(db.Text, nullable=False, default="[]")
+    adapters_json = db.Column(db.Text, nullable=False, default="[]", server_default="[]")  # LoRA adapters it serves
     time_limit = db.Column(db.Integer, nullable=False)  # minutes
     api_key = db.Column(db.String(100), nullable=False)
     tls_fingerprint = db.Column(db.String(64))  # SHA-256 of the service's certificate (portal/service_tls.py)
@@ -89,6 +90,11 @@ class Service(db.Model):
         return json.loads(self.engine_args_json or "[]")
 
     @property
+    def adapters(self) -> list:
+        """The names of the LoRA adapters it serves beside its model (each also a model requests may name)."""
+        return json.loads(self.adapters_json or "[]")
+
+    @property
     def is_live(self) -> bool:
         return self.state in State.LIVE
 
@@ -120,6 +126,7 @@ class Service(db.Model):
             "endpoint": {"host": self.host, "port": self.port} if self.port else None,
             "resources": self.resources,
             "engine_args": self.engine_args,
+            "adapters": self.adapters,
             "time_limit": self.time_limit,
             "created_at": iso(self.created_at),
             "submitted_at": iso(self.submitted_at),

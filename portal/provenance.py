@@ -180,6 +180,8 @@ def record(service, plan, scheduler_arguments: List[str], cache_file: Optional[P
         "image": image,
         "server_arguments": list(plan.arguments),
         "engine_args": list(request.engine_args),
+        "adapters": [{"repo_id": adapter.name, "revision": adapter.revision, "path": str(adapter.path),
+                      "files": snapshot_files(adapter.path, cache_file)} for adapter in plan.adapters],
         "tier": plan.tier.ref if plan.tier else None, "tier_reason": plan.tier_reason,
         "resources": {key: value for key, value in vars(plan.resources).items() if value not in (None, {})},
         "scheduler": service.scheduler, "scheduler_arguments": list(scheduler_arguments),
@@ -202,6 +204,8 @@ def read(service, cache_file: Optional[Path]) -> dict:
                             f"it, or its job folder is gone)")
     snapshot = Path(data["model"]["path"])
     changed = [fill_sha256(entry, snapshot / entry["name"], cache_file) for entry in data["model"]["files"]]
+    changed += [fill_sha256(entry, Path(adapter["path"]) / entry["name"], cache_file)
+                for adapter in data.get("adapters") or [] for entry in adapter["files"]]
     if data.get("image"):
         changed.append(fill_sha256(data["image"], Path(data["image"]["path"]), cache_file))
     if any(changed):
@@ -234,6 +238,8 @@ def recipe(data: dict, name: Optional[str] = None) -> dict:
         entry["resources"] = pinned
     if data.get("engine_args"):
         entry["engine_args"] = list(data["engine_args"])
+    if data.get("adapters"):
+        entry["adapters"] = [adapter["repo_id"] for adapter in data["adapters"]]
     if data.get("image"):
         entry["image"] = data["image"]["file"]
     entry["idle_timeout"] = data.get("idle_timeout") or 0
@@ -279,6 +285,10 @@ def methods(data: dict) -> str:
     job = "a Slurm job launched by Pilotfish" if data.get("scheduler") == "slurm" else \
         f"a process of one host, launched by Pilotfish's {data.get('scheduler')} scheduler"
     amounts = " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 1 else parts)
-    return (f"The model {model['repo_id']} (Hugging Face revision {model['revision']}; {hashes}) was served by "
-            f"{served}{where} through its OpenAI-compatible HTTP API,{options}. The server ran as {job}"
+    adapters = "".join(f", with its LoRA adapter {adapter['repo_id']} (revision {adapter['revision']}; "
+                       + "; ".join(f"{entry['name']}, SHA-256 {entry['sha256'] or 'not recorded'}"
+                                   for entry in adapter["files"] if entry.get("weights")) + ")"
+                       for adapter in data.get("adapters") or [])
+    return (f"The model {model['repo_id']} (Hugging Face revision {model['revision']}; {hashes}){adapters} was "
+            f"served by {served}{where} through its OpenAI-compatible HTTP API,{options}. The server ran as {job}"
             + (f" with {amounts}" if amounts else "") + (f" ({place})" if place else "") + ".")

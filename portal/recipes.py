@@ -14,6 +14,7 @@ Pilotfish format (YAML or JSON), a list of services or a mapping with `name` and
 
 `renew` as in a launch: true (a successor job takes over before each job's time limit, until stopped), false, how
 long the service lives in all (8h, 2d) or when it ends (2026-12-01T18:00); a duration counts from the launch.
+`adapters` (text-generation) as in a launch: repo ids of local LoRA adapters of the model, each served beside it.
 `image` (Apptainer) as in a launch: the SIF file or image tag to run instead of the pinned image.
 `replicas` as in a launch: 2, 1:3 or {min, max, target_in_flight}: one service served by several jobs, where `count`
 makes separate services. YAML text such as 1:3 or 1:00:00 stays text here (YAML 1.1 would read a number in base 60).
@@ -38,7 +39,7 @@ from .lifetimes import parse_idle_timeout, parse_renewal
 from .scaling import parse_replicas
 
 SERVICE_FIELDS = {"kind", "model", "revision", "tier", "resources", "time", "count", "name", "engine_args", "force",
-                  "idle_timeout", "renew", "replicas", "image"}
+                  "idle_timeout", "renew", "replicas", "image", "adapters"}
 NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,80}$")
 MAX_COUNT = 20
 IMAGE = re.compile(r"^[A-Za-z0-9_.\-/:@]{1,200}$")  # as a launch takes it
@@ -183,6 +184,13 @@ def _parse_entry(entry, where: str, recipe_name: str, first_index: int) -> List[
                                                  for arg in args):
             raise RecipeError(f"{where}.engine_args", "expected a list of strings such as [--max-model-len, '4096']")
         body["engine_args"] = [str(arg) for arg in args]
+    adapters = entry.get("adapters")
+    if adapters is not None:
+        if not isinstance(adapters, list) or not all(isinstance(a, str) and REPO_ID.fullmatch(a) for a in adapters):
+            raise RecipeError(f"{where}.adapters", "expected a list of adapters' repo ids such as [org/name-lora]")
+        if adapters and kind != "text-generation":
+            raise RecipeError(f"{where}.adapters", f"adapters apply to text-generation services, not {kind}")
+        body["adapters"] = adapters
     count = entry.get("count", 1)
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
         raise RecipeError(f"{where}.count", f"expected an integer from 1 to {MAX_COUNT}, got {count!r}")

@@ -116,6 +116,7 @@ def launch(body, principal: Optional[str]) -> Service:
         job_dir=str(job_dir),
         resources_json=json.dumps(resources_dict(plan.resources)),
         engine_args_json=json.dumps(request.engine_args),
+        adapters_json=json.dumps([adapter.name for adapter in plan.adapters]),
         time_limit=plan.resources.time,
         api_key=secrets.token_urlsafe(32),
         idle_timeout=plan.idle_timeout,

@@ -68,7 +68,8 @@ def recommend_tier():
            answers={200: schemas.LaunchOptions}, errors=(400,))
 def launch_options():
     asked = query(LaunchOptionsQuery)
-    return jsonify(options_for(current_app.extensions["pilotfish.site"], asked.model, asked.revision, asked.kind))
+    return jsonify(options_for(current_app.extensions["pilotfish.site"], asked.model, asked.revision, asked.kind,
+                               adapters=inventory.adapters_of(asked.model)))
 
 
 @bp.get("/api/models")

@@ -174,6 +174,7 @@ class Service(Answer):
     endpoint: Optional[Dict[str, Any]]
     resources: Optional[Dict[str, Any]]
     engine_args: Optional[List[str]]
+    adapters: List[str] = Field([], description="the LoRA adapters it serves beside its model, each a model name")
     time_limit: Optional[int]
     created_at: Optional[str]
     idle_timeout: Optional[int] = Field(None, description="minutes without a request before it stops (null: never)")
@@ -342,6 +343,8 @@ class LaunchOptions(Answer):
     presets: List[Dict[str, Any]] = Field(description="flags the launch gets from what the model is: purpose, flags, "
                                                       "reason, yields_to (the user's flags that replace it), applied")
     flags: List[str] = Field(description="the engine flags a launch of this kind may give (engine_args)")
+    serves_adapters: bool = Field(description="whether a launch of this kind on this engine may serve LoRA adapters")
+    adapters: List[str] = Field(description="the local LoRA adapters of the model a launch may serve (`adapters`)")
 
 
 class Models(Answer):

@@ -9,6 +9,7 @@ import time
 from ..db import db
 from ..errors import NotFoundError
 from ..models import DownloadRecord, ModelRecord, utcnow
+from .adapters import link_adapters
 from .downloads import STATES_LIVE, DownloadManager
 from .models import scan_models
 
@@ -49,7 +50,13 @@ def refresh_in_background(app, wait: float = 0.0) -> bool:
 
 
 def list_models() -> list:
-    return [record.to_dict() for record in ModelRecord.query.order_by(ModelRecord.repo_id).all()]
+    """The inventory's models, each base with the local adapters of it and each adapter with its base."""
+    return link_adapters([record.to_dict() for record in ModelRecord.query.order_by(ModelRecord.repo_id).all()])
+
+
+def adapters_of(repo_id: str) -> list:
+    """The repo ids of the inventory's adapters whose base is `repo_id`."""
+    return next((entry["adapters"] for entry in list_models() if entry["repo_id"] == repo_id), [])
 
 
 # --- downloads ------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import NotFoundError, ValidationError
+from .adapters import describe_adapter, recognise_adapter
 from .model_kinds import recognise
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
@@ -153,7 +154,8 @@ def choose_gguf(variants: Dict[str, List[Path]]) -> str:
 
 def describe_snapshot(snapshot: Path) -> dict:
     """What a snapshot holds, from local files only: format, kind (and the kinds it can be launched as, and why:
-    catalog/model_kinds.py), parameters, dtype, weights_bytes, architectures. Problems go in "error", never raised.
+    catalog/model_kinds.py), parameters, dtype, weights_bytes, architectures, adapter (a PEFT adapter's base, rank:
+    catalog/adapters.py). Problems go in "error", never raised.
     """
     out = {"format": None, "kind": None, "kinds": [], "kind_reason": None, "parameters": None, "dtype": None,
            "weights_bytes": None, "architectures": [], "model_type": None, "error": None}
@@ -182,7 +184,9 @@ def describe_snapshot(snapshot: Path) -> dict:
             out.update(format="pytorch", weights_bytes=sum(p.stat().st_size for p in snapshot.glob("pytorch_model*.bin")))
     except (OSError, ValueError, RecursionError) as exc:
         out["error"] = f"cannot read the weights: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
-    out["kind"], out["kinds"], out["kind_reason"] = recognise(config, snapshot, out["format"])
+    out["adapter"] = describe_adapter(snapshot)  # a LoRA adapter (catalog/adapters.py): launched with its base
+    out["kind"], out["kinds"], out["kind_reason"] = recognise_adapter(out["adapter"]) if out["adapter"] else \
+        recognise(config, snapshot, out["format"])
     return out
 
 

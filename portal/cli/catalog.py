@@ -22,7 +22,8 @@ def models():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def models_ls(ctx, refresh, as_json):
-    """List the models you can launch (site cache_dir, then your home_dir).
+    """List the models you can launch (site cache_dir, then your home_dir). ADAPTER OF: the base a LoRA adapter is
+    launched with; ADAPTERS: the local adapters a launch of the model may serve (`pilotfish run --adapter`).
 
     Example: pilotfish models ls --refresh
     """
@@ -36,8 +37,9 @@ def models_ls(ctx, refresh, as_json):
         where = ",".join(sorted({r.get("location") or "?" for r in revisions}))
         also = [kind for kind in model.get("kinds") or [] if kind != model.get("kind")]
         rows.append([model["repo_id"], model.get("kind") or "?", ",".join(also) or "-", where,
-                     human_size(model.get("size_bytes")), len(revisions)])
-    table(rows, ["MODEL", "KIND", "ALSO AS", "WHERE", "SIZE", "REVISIONS"])
+                     human_size(model.get("size_bytes")), len(revisions), model.get("base") or "-",
+                     ",".join(model.get("adapters") or []) or "-"])
+    table(rows, ["MODEL", "KIND", "ALSO AS", "WHERE", "SIZE", "REVISIONS", "ADAPTER OF", "ADAPTERS"])
     if data.get("refreshing"):
         note("the rescan is still running: run this again in a moment")
 
@@ -67,6 +69,9 @@ def models_options(ctx, repo, kind, revision, as_json):
         click.echo(f"  {preset['purpose']}: {' '.join(preset['flags'])}  ({preset['reason']}; "
                    f"{' or '.join(preset['yields_to'])} replaces it)")
     click.echo("engine options that apply: " + (" ".join(data["flags"]) or "none"))
+    if data.get("serves_adapters"):
+        click.echo("adapters it may serve (pilotfish run --adapter): "
+                   + (", ".join(data["adapters"]) or "none of them is local"))
 
 
 @models.command(name="add")

@@ -83,6 +83,9 @@ def status(ctx, as_json):
 @click.argument("kind", type=click.Choice(KINDS), metavar="KIND")
 @click.option("--model", required=True, help="Model repo id, e.g. Qwen/Qwen2.5-0.5B-Instruct (see `pilotfish models ls`).")
 @click.option("--revision", help="Branch, tag or commit of the model (default: the newest local one).")
+@click.option("--adapter", "adapters", multiple=True, metavar="REPO",
+              help="A local LoRA adapter of the model to serve beside it under its repo id (repeat for more; see "
+                   "`pilotfish models options MODEL`).")
 @click.option("--tier", help="Resource tier, e.g. Small or gpu.Small (default: the recommendation; see `pilotfish tiers`).")
 @click.option("--time", "time_limit", help="Time limit: minutes or HH:MM:SS (default: the site's).")
 @click.option("--name", help="A name for the service.")
@@ -114,9 +117,9 @@ def status(ctx, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the service (or the dry-run plan) as JSON.")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, renew, renew_until, replica_count,
-        target_in_flight, partition, account, memory_gb, cpus, gpus, force, dry_run, wait, timeout, as_json,
-        engine_args):
+def run(ctx, kind, model, revision, adapters, tier, time_limit, name, idle_timeout, renew, renew_until,
+        replica_count, target_in_flight, partition, account, memory_gb, cpus, gpus, force, dry_run, wait, timeout,
+        as_json, engine_args):
     """Launch a service and print its id. Engine flags go after `--`.
 
     \b
@@ -125,6 +128,7 @@ def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, renew,
       pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --idle 30m
       pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --time 60 --renew-until 8h
       pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --replicas 1:3 --target-in-flight 8
+      pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --adapter me/qwen-lora-legal
       pilotfish run text-generation --model Qwen/Qwen2.5-0.5B-Instruct --wait -- --max-model-len 4096
       pilotfish run speech-recognition --model Systran/faster-whisper-small --dry-run
       pilotfish run text-embedding --model BAAI/bge-small-en-v1.5
@@ -140,7 +144,7 @@ def run(ctx, kind, model, revision, tier, time_limit, name, idle_timeout, renew,
     fields = {"revision": revision, "time": time_limit, "name": name, "idle_timeout": idle_timeout,
               "renew": renew_until or (True if renew else None),
               "replicas": replicas_value(replica_count, target_in_flight), "resources": resources or None,
-              "engine_args": list(engine_args) or None, "force": force or None}
+              "engine_args": list(engine_args) or None, "force": force or None, "adapters": list(adapters) or None}
     if dry_run:
         plan = portal.dry_run(kind, model, tier=tier, **fields)
         if as_json:

@@ -85,6 +85,7 @@ class Engine:
     tls_flags: tuple = ("--ssl-keyfile", "--ssl-certfile")  # how its server is given a TLS key and certificate
     flag_kinds: Dict[str, tuple] = field(default_factory=dict)  # flags that apply only to some kinds: flag -> kinds
     batch_concurrency: int = 2  # a batch shard's requests in flight at once, unless the batch says (portal/batches/)
+    serves_adapters: bool = False  # LoRA adapters beside the model, each under its own name (adapter_preset)
 
     def flags_for(self, kind: str, allowed: FrozenSet[str]) -> List[str]:
         """The flags of `allowed` (the site's allow-list for this engine) that apply to a `kind` service, sorted."""
@@ -94,6 +95,10 @@ class Engine:
         """The flags a `kind` launch of this model gets unless the user gives their own (none for most engines).
         `meta` is what catalog/models.py's describe_snapshot read (architectures, model_type, format)."""
         return []
+
+    def adapter_preset(self, adapters: Sequence) -> Preset:
+        """The flags serving LoRA `adapters` (catalog/adapters.py's) beside the model, for engines that serve them."""
+        raise NotImplementedError(f"{self.title} serves no adapters")
 
     def tls_arguments(self, key_file: str, cert_file: str) -> List[str]:
         """The server's arguments to serve TLS with the service's key and certificate (portal/service_tls.py)."""

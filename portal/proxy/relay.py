@@ -98,7 +98,9 @@ class Relay:
         """Send the request to `route`; the answer streams back to the caller as it arrives."""
         method = incoming.method
         upstream_path = target.partition(b"?")[0].decode("latin-1")
-        record = recording.start(route.id, route.model, incoming.principal or "owner", self.ledger)
+        asked = payload.get("model") if isinstance(payload, dict) else None  # an adapter's requests are its own
+        record = recording.start(route.id, asked if route.adapters and route.serves(asked) else route.model,
+                                 incoming.principal or "owner", self.ledger)
         grant = incoming.grant
         if grant is not None and grant.tokens_per_minute:
             record.spend = functools.partial(self.rate_limits.spend, grant.name)

@@ -132,10 +132,10 @@ class Proxy(Relay):
             return await self.reply(incoming, openai_error(
                 400, "model: required, to choose the service (GET /v1/models lists them)", "invalid_request_error",
                 "model_required", param="model"), GATEWAY_ENDPOINT)
-        candidates = [route for route in routes.values() if route.model == model]
+        candidates = [route for route in routes.values() if route.serves(model)]
         if not any(route.state == State.RUNNING for route in candidates):
             routes = await self.routes(fresh=True)
-            candidates = [route for route in routes.values() if route.model == model]
+            candidates = [route for route in routes.values() if route.serves(model)]
         ready = [route for route in candidates if route.state == State.RUNNING and route.port]
         if not ready:
             ready = [route for route in candidates if route.state == State.UNHEALTHY and route.port]

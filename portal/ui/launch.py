@@ -16,10 +16,10 @@ from ..errors import PortalError, RejectedError, UnavailableError, ValidationErr
 from ..launching import site_specs
 from .blueprint import bp, place_problem
 
-FORM_FIELDS = ("kind", "model", "revision", "tier", "recommended_tier", "time", "idle_timeout", "renew", "renew_until",
+FORM_FIELDS = ("kind", "model", "revision", "adapters", "tier", "recommended_tier", "time", "idle_timeout", "renew", "renew_until",
                "replicas", "target_in_flight", "name", "engine_args", "account", "force")
 # Fields of the launch request shown by a control of the form (others are reported above the form).
-FIELD_CONTROLS = {"kind": "kind", "model": "model", "revision": "revision", "tier": "tier", "time": "time",
+FIELD_CONTROLS = {"kind": "kind", "model": "model", "revision": "revision", "adapters": "adapters", "tier": "tier", "time": "time",
                   "idle_timeout": "idle_timeout", "renew": "renew_until", "replicas": "replicas", "name": "name",
                   "engine_args": "engine_args", "resources.account": "account", "force": "force"}
 
@@ -32,6 +32,8 @@ def launch_request(form) -> dict:
     as written (2, 1:3), or with a target of requests in flight per job the object {min, max, target_in_flight}.
     """
     body = {"kind": form.get("kind") or None, "model": (form.get("model") or "").strip() or None}
+    if form.getlist("adapters"):  # the adapters ticked (the page offers the model's own)
+        body["adapters"] = form.getlist("adapters")
     for key in ("revision", "name", "time", "idle_timeout"):
         value = (form.get(key) or "").strip()
         if value:
@@ -64,6 +66,7 @@ def launch_request(form) -> dict:
 def launch():
     source = request.form if request.method == "POST" else request.args
     values = {key: source.get(key, "") for key in FORM_FIELDS}
+    values["adapters"] = source.getlist("adapters")
     errors, alert, plan, failed = {}, None, None, None
     if request.method == "POST":
         try:

@@ -88,6 +88,7 @@
       dtype: item && item.dtype ? item.dtype : "—",
       kind: item && item.kind ? `${item.kind}` + (item.kind_reason ? `: ${item.kind_reason}` : "") : "—",
       kinds: item ? (kindsOf(item).join(", ") || "any kind (nothing known about it)") : "—",
+      adapters: entry && entry.adapters && entry.adapters.length ? entry.adapters.join(", ") : "none local",
     };
     for (const [key, value] of Object.entries(values)) {
       PF.setText(document.querySelector(`[data-info="${key}"]`), value);
@@ -190,6 +191,23 @@
     }));
   }
 
+  // The adapters a launch of this model as this kind may serve (the options' answer), as boxes to tick; those ticked
+  // before (or sent with a form shown again) stay ticked while the model keeps them.
+  const adaptersField = document.getElementById("adapters-field");
+  let ticked = new Set(JSON.parse(adaptersField.dataset.submitted || "[]"));
+
+  function showAdapters() {
+    const names = options && options.serves_adapters ? options.adapters : [];
+    for (const box of adaptersField.querySelectorAll("input[name=adapters]")) {
+      if (!box.checked) ticked.delete(box.value); else ticked.add(box.value);
+    }
+    document.getElementById("adapters").replaceChildren(...names.map((name, index) => PF.el("div", {class: "form-check"},
+      PF.el("input", {class: "form-check-input", type: "checkbox", name: "adapters", value: name,
+                      id: `adapter-${index}`, checked: ticked.has(name)}),
+      PF.el("label", {class: "form-check-label", for: `adapter-${index}`}, name))));
+    adaptersField.hidden = !names.length;
+  }
+
   async function showOptions() {
     const mine = ++askedOptions;
     const engine = document.getElementById("options-engine");
@@ -201,6 +219,7 @@
         "This model is not in the inventory.");
       PF.setText(flags, "—");
       showPresets();
+      showAdapters();
       return;
     }
     const params = new URLSearchParams({model: model.value, kind: kind.value});
@@ -218,6 +237,7 @@
       PF.setText(flags, "—");
     }
     showPresets();
+    showAdapters();
   }
 
   engineArgs.addEventListener("input", showPresets);

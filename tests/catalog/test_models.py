@@ -81,7 +81,7 @@ def test_scan_reads_metadata_from_local_files(dirs):
         "kind": "text-generation", "parameters": LLAMA_PARAMS, "dtype": "bfloat16",  # the header, not config.json
         "kinds": ["text-generation", "text-embedding"], "kind_reason": "a causal language model (LlamaForCausalLM)",
         "model_type": "llama", "weights_bytes": LLAMA_TENSOR_BYTES, "architectures": ["LlamaForCausalLM"],
-        "error": None}
+        "error": None, "adapter": None}
     assert rev.size_gb == LLAMA_TENSOR_BYTES / 1e9
     whisper_rev = entries["openai/whisper-tiny"].revisions[0]
     assert (whisper_rev.kind, whisper_rev.meta["parameters"], whisper_rev.meta["dtype"]) == ("speech-recognition", 768, "float16")
