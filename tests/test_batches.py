@@ -285,6 +285,30 @@ def test_a_runner_whose_server_is_gone_writes_nothing_for_the_lines_it_could_not
     assert not batch_lines.output_path(tmp_path, 0).exists() and not batch_lines.errors_path(tmp_path, 0).exists()
 
 
+def test_a_runner_that_fails_itself_ends_with_an_error_and_leaves_the_lines_left_for_its_next_task(tmp_path, engine,
+                                                                                                     capsys):
+    source = tmp_path / "input.jsonl"
+    source.write_bytes(jsonl([chat_line(n) for n in range(10)]))
+    write_shards(source, tmp_path, 100)
+    config = {"endpoint": CHAT, "concurrency": 1, "health_path": "/health"}
+
+    class Faulty(Runner):
+        def answer_line(self, custom_id, *args):
+            if custom_id == "request-4":
+                raise KeyError("a fault of the runner's own")
+            return super().answer_line(custom_id, *args)
+
+    assert Faulty(tmp_path, 0, config, engine.server_address[1], "k3y", None).run(start_timeout=10) == 1
+    said = capsys.readouterr()
+    assert "stopped by an error of the runner (KeyError" in said.out and "Traceback" in said.err, said
+    written = [json.loads(line)["custom_id"] for line in batch_lines.output_path(tmp_path, 0).read_text().splitlines()]
+    assert written == [f"request-{n}" for n in range(4)]  # nothing for the line it failed on, nor after it
+    again = Runner(tmp_path, 0, config, engine.server_address[1], "k3y", None)
+    assert again.run(start_timeout=10) == 0
+    written = [json.loads(line)["custom_id"] for line in batch_lines.output_path(tmp_path, 0).read_text().splitlines()]
+    assert written == [f"request-{n}" for n in range(10)]
+
+
 # --- a whole batch on the local scheduler -----------------------------------------------------------------------
 
 def run_until(app, batch_id, statuses, timeout=60):

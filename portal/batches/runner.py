@@ -22,7 +22,8 @@ would lose everything; driving the same engine's server keeps each answer the mo
 for every engine with an OpenAI server (vLLM, llama.cpp, our Whisper server).
 
 Standard library only (it runs with the portal's Python, the portal's code on PYTHONPATH). Exit codes: 0 every line
-answered or failed, 3 the server did not start or went away, 75 another runner holds the shard, 143 told to stop.
+answered or failed, 1 an error of the runner itself (its traceback in the task's log), 3 the server did not start or
+went away, 75 another runner holds the shard, 143 told to stop.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
@@ -49,6 +51,7 @@ BACKOFF_SECONDS = 1.0
 REQUEST_TIMEOUT = 600.0
 HEALTH_INTERVAL = 1.0
 SETTLE_SECONDS = 2.0  # a folder's file changed more recently than this may still be being copied in: it waits
+EXIT_FAILED = 1
 EXIT_SERVER = 3
 EXIT_LOCKED = 75
 EXIT_STOPPED = 143
@@ -72,6 +75,8 @@ class Runner:
         self.concurrency = max(1, int(config.get("concurrency", 1)))
         self.stopping = threading.Event()
         self.server_gone = threading.Event()
+        self.broken = threading.Event()  # a sender met an error of the runner's own (self.failure)
+        self.failure = ""
         self._lines_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self.answered = self.failed = 0
@@ -197,7 +202,7 @@ class Runner:
     def worker(self, lines: Iterator[Tuple[str, dict]]) -> None:
         box = [None]
         try:
-            while not self.stopping.is_set() and not self.server_gone.is_set():
+            while not self.stopping.is_set() and not self.server_gone.is_set() and not self.broken.is_set():
                 with self._lines_lock:
                     item = next(lines, None)
                 if item is None:
@@ -208,6 +213,10 @@ class Runner:
                     return
                 self.write(line, failed)  # an answer that came back is kept, even while stopping
                 self.done.add(item[0])
+        except Exception as exc:  # a fault of the runner itself: the task ends with it, the lines left run again
+            self.failure = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+            self.broken.set()
         finally:
             if box[0] is not None:
                 box[0].close()
@@ -256,6 +265,10 @@ class Runner:
         rate = (self.answered + self.failed) / seconds if seconds > 0 else 0.0
         say(f"shard {self.shard}: {self.answered} answered, {self.failed} failed in {seconds:.1f} s "
             f"({rate:.1f} lines/s)")
+        if self.broken.is_set():
+            say(f"stopped by an error of the runner ({self.failure}): the lines left are sent when the shard runs "
+                f"again")
+            return EXIT_FAILED
         if self.stopping.is_set():
             return EXIT_STOPPED
         if self.server_gone.is_set():
