@@ -204,23 +204,24 @@ def test_catalog_commands(env, portal):
 
 
 def test_models_show_their_kinds_and_the_options_that_apply(env, portal):
-    rows = {line.split()[0]: line.split()[1:3] for line in ok(pf(env, "models", "ls")).stdout.splitlines()}
-    assert rows["MODEL"] == ["KIND", "ALSO"]
-    assert rows["test/tiny"] == ["text-generation", "text-embedding"] and rows["test/whisper"] == [
-        "speech-recognition", "-"]
+    rows = {line.split()[0]: line.split()[1:4] for line in ok(pf(env, "models", "ls")).stdout.splitlines()}
+    assert rows["MODEL"] == ["KIND", "ALSO", "AS"]
+    assert rows["test/tiny"] == ["text-generation", "text-embedding", "text"] and rows["test/whisper"] == [
+        "speech-recognition", "-", "audio"]
     shown = ok(pf(env, "models", "options", "test/tiny")).stdout.splitlines()
     assert shown[0].endswith(": text-generation on vLLM (a causal language model (LlamaForCausalLM)); also launches "
                              "as text-embedding")
-    assert shown[1] == "added from what the model is: nothing"  # a Llama whose tokenizer has no tool-call token
-    assert shown[2].startswith("engine options that apply: ") and "--tool-call-parser" in shown[2]
-    assert "--runner" not in shown[2]
+    assert shown[1] == "takes as input: text"
+    assert shown[2] == "added from what the model is: nothing"  # a Llama whose tokenizer has no tool-call token
+    assert shown[3].startswith("engine options that apply: ") and "--tool-call-parser" in shown[3]
+    assert "--runner" not in shown[3] and "--limit-mm-per-prompt" not in shown[3]  # it takes no images
     pooled = ok(pf(env, "models", "options", "test/tiny", "--kind", "text-embedding")).stdout.splitlines()
-    assert pooled[1:4] == [
+    assert pooled[2:5] == [
         "added from what the model is:",
         "  pooling: --runner pooling  (an embedding service runs vLLM's pooling runner; --runner replaces it)",
         "  pooling: --convert embed  (LlamaForCausalLM is a language model: its hidden states are pooled into "
         "embeddings; --convert replaces it)"]
-    assert "--runner" in pooled[4] and "--tool-call-parser" not in pooled[4]
+    assert "--runner" in pooled[5] and "--tool-call-parser" not in pooled[5]
     assert json.loads(ok(pf(env, "models", "options", "test/tiny", "--json")).stdout)["kinds"] == [
         "text-generation", "text-embedding"]
     one_line_error(pf(env, "models", "options", "test/whisper", "--kind", "text-generation"), 2,
