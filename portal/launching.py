@@ -81,6 +81,7 @@ class LaunchPlan:
                 "engine": self.runtime.engine.name, "runtime": self.runtime.runtime,
                 "image": str(self.image.path) if self.image else None,
                 "arguments": self.arguments, "model_kinds": self.model.kinds,
+                "model_modalities": self.model.meta.get("modalities") or [],
                 "presets": [preset.to_dict(self.request.engine_args) for preset in self.presets],
                 "idle_timeout": self.idle_timeout,
                 "idle_timeout_reason": self.idle_timeout_reason, "lease": self.request.lease,

@@ -232,6 +232,7 @@ def test_models_show_their_kinds_and_the_options_that_apply(env, portal):
     planned = ok(pf(env, "run", "text-embedding", "--model", "test/tiny", "--dry-run")).stdout
     assert "# from the model (pooling): --convert embed (LlamaForCausalLM is a language model" in planned
     assert "--runner pooling --convert embed" in planned
+    assert "# the model: text-embedding, taking text\n" in planned
 
 
 def test_model_download_with_progress_then_remove(env, portal):
@@ -335,6 +336,9 @@ def test_apply_student_recipe_maps_and_warns(tmp_path, env, portal):
     assert plan["kind"] == "text-generation" and plan["resources"]["partition"] == "cpu"
     assert plan["resources"]["memory_gb"] == 1 and plan["resources"]["account"] == "p200981"
     assert plan["resources"]["time"] == 5
+    assert plan["model_modalities"] == ["text"]
+    shown = ok(pf(env, "apply", str(recipe), "--dry-run")).stdout
+    assert shown.startswith("ollama_inference_job-0: text-generation test/tiny (taking text) on cpu.Tiny ")
     assert "nodes" in result.stderr and "pilotfish bench" in result.stderr and "n_requests_per_client" in result.stderr
     recipe.write_text(json.dumps({"job": {"service": {"type": "ollama", "model": "llama2"}}}))
     one_line_error(pf(env, "apply", str(recipe)), 2, "job.service.model")

@@ -264,6 +264,12 @@ def test_the_launch_page_and_the_cli_show_what_the_model_takes(vision):
     assert shown.returncode == 0, shown.stderr
     assert "takes as input: text, image" in shown.stdout
     assert f"images: --allowed-media-domains {NO_REMOTE_MEDIA}" in shown.stdout
+    planned = subprocess.run([pilotfish, "run", "text-generation", "--model", VISION, "--dry-run"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert planned.returncode == 0, planned.stderr
+    assert "# the model: text-generation, taking text, image\n" in planned.stdout
+    assert f"# from the model (images): --allowed-media-domains {NO_REMOTE_MEDIA} (remote image URLs are refused" \
+        in planned.stdout
     refused = subprocess.run([pilotfish, "run", "text-embedding", "--model", VISION, "--dry-run"], env=env,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and refused.stdout == ""
