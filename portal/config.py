@@ -46,6 +46,9 @@ class Config:
     # Folders whose files engine flags may name (--chat-template, ...) besides the model's own (default: cache_dir
     # and home_dir).
     allowed_paths: list = field(default_factory=list)
+    # Host names whose image URLs vLLM services may fetch (exact names, redirects not followed); by default none:
+    # the nodes are offline and a fetch is a way out, so images come as base64 data URLs.
+    media_domains: list = field(default_factory=list)
     scheduler_timeout: float = 30.0
     health_timeout: float = 3.0
     health_concurrency: int = 16
@@ -198,6 +201,10 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
     if allowed_paths is not None and (not isinstance(allowed_paths, list) or not all(
             isinstance(entry, str) and entry.strip() for entry in allowed_paths)):
         raise ConfigError("allowed_paths: expected a list of folders such as [/shared/templates]")
+    media_domains = pick("media_domains", None, None) or []
+    if not isinstance(media_domains, list) or not all(isinstance(entry, str) and re.fullmatch(
+            r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,62}\.)*[A-Za-z0-9\-]{1,63}", entry) for entry in media_domains):
+        raise ConfigError("media_domains: expected a list of host names such as [images.example.org]")
     specs = pick("resource_specs", "PILOTFISH_RESOURCE_SPECS", None)
     preemptible = pick("preemptible_partitions", None, None) or []
     if not isinstance(preemptible, list) or not all(isinstance(entry, str) and re.fullmatch(
@@ -227,6 +234,7 @@ def load_config(overrides: Optional[Mapping[str, Any]] = None, environ: Optional
         allowed_paths=[Path(entry).expanduser() for entry in allowed_paths] if allowed_paths is not None else
         [path for path in (Path(cache_dir).expanduser() if cache_dir else None,
                            Path(home_dir).expanduser() if home_dir else home) if path is not None],
+        media_domains=[entry.lower() for entry in media_domains],
         scheduler_timeout=_number("scheduler_timeout", pick("scheduler_timeout", None, 30.0), 1),
         health_timeout=_number("health_timeout", pick("health_timeout", None, 3.0), 0.1),
         health_concurrency=int(_number("health_concurrency", pick("health_concurrency", None, 16), 1)),

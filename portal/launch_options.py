@@ -1,7 +1,8 @@
-"""What applies to a launch of a model as a kind: the kinds the model can be launched as, the engine serving it, the
-flags it gets from what it is (the engine's presets: a pooling runner, tool-call and reasoning parsers) and the engine
-flags that mean something to its kind. One place for the launch and its dry run (launching.plan_launch), the launch
-page, `GET /api/launch-options` and `pilotfish models options`."""
+"""What applies to a launch of a model as a kind: the kinds the model can be launched as, what it takes as input, the
+engine serving it, the flags it gets from what it is (the engine's presets: a pooling runner, tool-call and reasoning
+parsers, where image URLs may come from) and the engine flags that mean something to its kind and its inputs. One
+place for the launch and its dry run (launching.plan_launch), the launch page, `GET /api/launch-options` and
+`pilotfish models options`."""
 from __future__ import annotations
 
 from typing import List, Literal, Optional, Sequence
@@ -11,8 +12,9 @@ from pydantic import Field
 from .catalog.adapters import Adapter, check_not_adapter
 from .catalog.kinds import KINDS, ServiceKind, get_kind
 from .catalog.models import REPO_ID, REVISION, ModelRevision, find_revision
+from .config import Config
 from .engines.base import Preset
-from .errors import ValidationError
+from .errors import NotFoundError, ValidationError
 from .site import Runtime, Site
 from .validation import Query
 
@@ -30,6 +32,15 @@ def kinds_of(model: ModelRevision) -> List[str]:
     return model.kinds or list(KINDS)
 
 
+def model_modalities(config: Config, repo_id: str, revision: Optional[str] = None) -> List[str]:
+    """What a model (a service's) takes as input: text, image, audio; [] when its snapshot is gone or unknown."""
+    try:
+        return find_revision(repo_id, revision, cache_dir=config.cache_dir, home_dir=config.home_dir) \
+            .meta.get("modalities") or []
+    except (ValidationError, NotFoundError):
+        return []
+
+
 def check_kind(model: ModelRevision, kind: ServiceKind) -> None:
     """Refuse a kind the model cannot be served as, and an adapter alone (ValidationError naming model, and the kinds it
     can, or the base to launch)."""
@@ -40,21 +51,28 @@ def check_kind(model: ModelRevision, kind: ServiceKind) -> None:
                                        f"({model.meta.get('kind_reason')}): launch it as {model.kind}{others}")
 
 
-def check_flags_apply(runtime: Runtime, kind: ServiceKind, args: Sequence[str]) -> None:
-    """Refuse engine flags that mean nothing to this kind (ValidationError naming engine_args and where they apply)."""
+def check_flags_apply(runtime: Runtime, kind: ServiceKind, args: Sequence[str],
+                      modalities: Sequence[str] = ()) -> None:
+    """Refuse engine flags that mean nothing to this kind, or to a model taking `modalities` (ValidationError naming
+    engine_args and where they apply)."""
     for arg in args:
         flag = arg.split("=", 1)[0]
+        if not arg.startswith("-"):
+            continue
         kinds = runtime.engine.flag_kinds.get(flag)
-        if arg.startswith("-") and kinds and kind.name not in kinds:
+        if kinds and kind.name not in kinds:
             raise ValidationError("engine_args", f"{flag} applies to {' and '.join(kinds)} services, not "
                                                  f"{kind.name}")
+        refusal = runtime.engine.modality_refusal(flag, modalities)
+        if refusal:
+            raise ValidationError("engine_args", refusal)
 
 
 def model_presets(runtime: Runtime, kind: ServiceKind, model: ModelRevision,
-                  adapters: Sequence[Adapter] = ()) -> List[Preset]:
-    """The flags a `kind` launch of `model` gets from what it is (unless the user gives their own), and those serving
-    its `adapters`."""
-    return runtime.engine.presets(kind.name, model.path, model.meta) + (
+                  media_domains: Sequence[str] = (), adapters: Sequence[Adapter] = ()) -> List[Preset]:
+    """The flags a `kind` launch of `model` gets from what it is, unless the user gives their own (`media_domains`:
+    the site's hosts image URLs may come from), and those serving its `adapters`."""
+    return runtime.engine.presets(kind.name, model.path, model.meta, media_domains) + (
         [runtime.engine.adapter_preset(adapters)] if adapters else [])
 
 
@@ -76,5 +94,7 @@ def launch_options(site: Site, repo_id: str, revision: Optional[str] = None, kin
             "adapters": sorted(adapters) if serves_adapters else [], "serves_adapters": serves_adapters,
             "model_kind": model.kind, "kind_reason": model.meta.get("kind_reason"),
             "engine": runtime.engine.name, "engine_title": runtime.engine.title,
-            "presets": [preset.to_dict(engine_args) for preset in model_presets(runtime, chosen, model)],
-            "flags": runtime.engine.flags_for(chosen.name, runtime.allowed_flags)}
+            "modalities": model.meta.get("modalities") or [],
+            "presets": [preset.to_dict(engine_args)
+                        for preset in model_presets(runtime, chosen, model, config.media_domains)],
+            "flags": runtime.engine.flags_for(chosen.name, runtime.allowed_flags, model.meta.get("modalities") or [])}

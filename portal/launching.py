@@ -85,6 +85,7 @@ class LaunchPlan:
                 "image": str(self.image.path) if self.image else None,
                 "arguments": self.arguments, "model_kinds": self.model.kinds,
                 "adapters": [adapter.to_dict() for adapter in self.adapters],
+                "model_modalities": self.model.meta.get("modalities") or [],
                 "presets": [preset.to_dict(self.request.engine_args) for preset in self.presets],
                 "idle_timeout": self.idle_timeout,
                 "idle_timeout_reason": self.idle_timeout_reason, "lease": self.request.lease,
@@ -314,7 +315,7 @@ def plan_launch(request: LaunchRequest, site, principal: Optional[str] = None) -
     check_kind(model, kind)
     runtime = site.runtime(kind, site.engine_for(kind, model.meta.get("format")))
     runtime.check_args(request.engine_args)
-    check_flags_apply(runtime, kind, request.engine_args)
+    check_flags_apply(runtime, kind, request.engine_args, model.meta.get("modalities") or [])
     check_owner_flags(request.engine_args, principal, model, config)
     adapters = resolve_adapters(request.adapters, model, kind.name, runtime.engine, lambda name: find_revision(
         name, cache_dir=config.cache_dir, home_dir=config.home_dir))
@@ -347,7 +348,7 @@ def plan_launch(request: LaunchRequest, site, principal: Optional[str] = None) -
         image = find_image(runtime.config_key or kind.name, cache_dir=config.cache_dir, home_dir=config.home_dir,
                            image=request.image, pins=site.image_pins)
     model_file = str(model.path / model.meta["model_file"]) if model.meta.get("model_file") else None
-    presets = model_presets(runtime, kind, model, adapters)
+    presets = model_presets(runtime, kind, model, config.media_domains, adapters)
     arguments = runtime.engine.launch_arguments(str(model.path), model.repo_id, resources.gpus, resources.cpus or 1,
                                                 model_file, request.engine_args, presets)
     idle_timeout, idle_reason = choose_idle_timeout(request.idle_timeout, tier, config.idle_timeout)

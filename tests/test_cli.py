@@ -204,23 +204,24 @@ def test_catalog_commands(env, portal):
 
 
 def test_models_show_their_kinds_and_the_options_that_apply(env, portal):
-    rows = {line.split()[0]: line.split()[1:3] for line in ok(pf(env, "models", "ls")).stdout.splitlines()}
-    assert rows["MODEL"] == ["KIND", "ALSO"]
-    assert rows["test/tiny"] == ["text-generation", "text-embedding"] and rows["test/whisper"] == [
-        "speech-recognition", "-"]
+    rows = {line.split()[0]: line.split()[1:4] for line in ok(pf(env, "models", "ls")).stdout.splitlines()}
+    assert rows["MODEL"] == ["KIND", "ALSO", "AS"]
+    assert rows["test/tiny"] == ["text-generation", "text-embedding", "text"] and rows["test/whisper"] == [
+        "speech-recognition", "-", "audio"]
     shown = ok(pf(env, "models", "options", "test/tiny")).stdout.splitlines()
     assert shown[0].endswith(": text-generation on vLLM (a causal language model (LlamaForCausalLM)); also launches "
                              "as text-embedding")
-    assert shown[1] == "added from what the model is: nothing"  # a Llama whose tokenizer has no tool-call token
-    assert shown[2].startswith("engine options that apply: ") and "--tool-call-parser" in shown[2]
-    assert "--runner" not in shown[2]
+    assert shown[1] == "takes as input: text"
+    assert shown[2] == "added from what the model is: nothing"  # a Llama whose tokenizer has no tool-call token
+    assert shown[3].startswith("engine options that apply: ") and "--tool-call-parser" in shown[3]
+    assert "--runner" not in shown[3] and "--limit-mm-per-prompt" not in shown[3]  # it takes no images
     pooled = ok(pf(env, "models", "options", "test/tiny", "--kind", "text-embedding")).stdout.splitlines()
-    assert pooled[1:4] == [
+    assert pooled[2:5] == [
         "added from what the model is:",
         "  pooling: --runner pooling  (an embedding service runs vLLM's pooling runner; --runner replaces it)",
         "  pooling: --convert embed  (LlamaForCausalLM is a language model: its hidden states are pooled into "
         "embeddings; --convert replaces it)"]
-    assert "--runner" in pooled[4] and "--tool-call-parser" not in pooled[4]
+    assert "--runner" in pooled[5] and "--tool-call-parser" not in pooled[5]
     assert json.loads(ok(pf(env, "models", "options", "test/tiny", "--json")).stdout)["kinds"] == [
         "text-generation", "text-embedding"]
     one_line_error(pf(env, "models", "options", "test/whisper", "--kind", "text-generation"), 2,
@@ -231,6 +232,7 @@ def test_models_show_their_kinds_and_the_options_that_apply(env, portal):
     planned = ok(pf(env, "run", "text-embedding", "--model", "test/tiny", "--dry-run")).stdout
     assert "# from the model (pooling): --convert embed (LlamaForCausalLM is a language model" in planned
     assert "--runner pooling --convert embed" in planned
+    assert "# the model: text-embedding, taking text\n" in planned
 
 
 def test_model_download_with_progress_then_remove(env, portal):
@@ -334,6 +336,9 @@ def test_apply_student_recipe_maps_and_warns(tmp_path, env, portal):
     assert plan["kind"] == "text-generation" and plan["resources"]["partition"] == "cpu"
     assert plan["resources"]["memory_gb"] == 1 and plan["resources"]["account"] == "p200981"
     assert plan["resources"]["time"] == 5
+    assert plan["model_modalities"] == ["text"]
+    shown = ok(pf(env, "apply", str(recipe), "--dry-run")).stdout
+    assert shown.startswith("ollama_inference_job-0: text-generation test/tiny (taking text) on cpu.Tiny ")
     assert "nodes" in result.stderr and "pilotfish bench" in result.stderr and "n_requests_per_client" in result.stderr
     recipe.write_text(json.dumps({"job": {"service": {"type": "ollama", "model": "llama2"}}}))
     one_line_error(pf(env, "apply", str(recipe)), 2, "job.service.model")

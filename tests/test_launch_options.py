@@ -39,6 +39,8 @@ MODELS = {
                          "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<think>", "</think>", ascii_only=True)},
     "org/bge": {**WEIGHTS, "config.json": config_json(architectures=["BertModel"], model_type="bert"),
                 "modules.json": b"[]"},
+    "org/smolvlm": {**WEIGHTS, "config.json": config_json(architectures=["Idefics3ForConditionalGeneration"],
+                                                          model_type="idefics3", vision_config={"patch_size": 8})},
 }
 
 
@@ -86,6 +88,7 @@ def preset_flags(answer):
     ("org/deepseek", None, [("tool calls", "--enable-auto-tool-choice --tool-call-parser deepseek_v3", True),
                             ("reasoning", "--reasoning-parser deepseek_v3", True)]),
     ("org/bge", None, [("pooling", "--runner pooling", True)]),
+    ("org/smolvlm", None, [("images", "--allowed-media-domains remote-image-urls-are-refused.invalid", True)]),
     ("org/llama-3", "text-embedding", [("pooling", "--runner pooling", True), ("pooling", "--convert embed", True)]),
 ])
 def test_presets_follow_the_family_and_the_tokenizer(api, model, kind, presets):
@@ -195,3 +198,40 @@ def test_tokens_are_found_escaped_or_not_and_hostile_files_are_not_opened(tmp_pa
     os.mkfifo(tmp_path / "tokenizer.json")
     assert vllm_parsers.tokenizer_text(tmp_path) == b"\n\n\n"
     assert vllm_parsers.parser_presets(tmp_path, {"model_type": "qwen3"}) == []
+
+
+def test_a_vision_language_model_takes_images_from_data_urls_only_and_gets_the_image_flags(api):
+    vision = options(api, "org/smolvlm")
+    assert (vision["kind"], vision["kinds"], vision["modalities"]) == ("text-generation", ["text-generation"],
+                                                                       ["text", "image"])
+    assert vision["presets"][0]["reason"].startswith("remote image URLs are refused")
+    assert vision["presets"][0]["yields_to"] == []  # the user's flags never replace it
+    assert "--limit-mm-per-prompt" in vision["flags"]
+    llama = options(api, "org/llama-3")
+    assert llama["modalities"] == ["text"] and "--limit-mm-per-prompt" not in llama["flags"]
+    assert "images" not in [preset["purpose"] for preset in llama["presets"]]
+    plan = dry_run(api, "org/smolvlm", "text-generation", ["--limit-mm-per-prompt", '{"image": 2}'])
+    assert "--allowed-media-domains remote-image-urls-are-refused.invalid" in plan["job_script"]
+    assert "export VLLM_MEDIA_URL_ALLOW_REDIRECTS=0" in plan["job_script"]
+    refused = api("POST", "/api/services?dry_run=1", json={"kind": "text-generation", "model": "org/llama-3",
+                                                          "engine_args": ["--limit-mm-per-prompt", '{"image": 2}']})
+    assert refused.status_code == 400
+    assert (refused.get_json()["field"], refused.get_json()["error"]) == (
+        "engine_args", "engine_args: --limit-mm-per-prompt applies to models taking image input; this one takes text")
+    sneaked = api("POST", "/api/services?dry_run=1", json={"kind": "text-generation", "model": "org/smolvlm",
+                                                          "engine_args": ["--allowed-media-domains", "evil.example"]})
+    assert sneaked.status_code == 400 and sneaked.get_json()["field"] == "engine_args"
+    assert sneaked.get_json()["error"].startswith("engine_args: --allowed-media-domains is not an allowed vLLM option")
+
+
+def test_the_sites_media_domains_are_the_hosts_image_urls_may_come_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    site = write_site_config(tmp_path / "site.yaml", scheduler="local", media_domains=["Images.Example.org"],
+                             runtimes={"vllm": {"command": "python -m vllm.entrypoints.openai.api_server"}})
+    write_cache_repo(tmp_path / "cache" / "models", "org/smolvlm", MODELS["org/smolvlm"])
+    app = create_app({"home": tmp_path / "home", "site_config_path": site, "testing": True})
+    refresh_inventory(app)
+    answer = app.test_client().get("/api/launch-options", query_string={"model": "org/smolvlm"},
+                                   headers={"Authorization": f"Bearer {app.config['PILOTFISH_TOKEN']}"}).get_json()
+    assert preset_flags(answer) == [("images", "--allowed-media-domains images.example.org", True)]
+    assert "images.example.org" in answer["presets"][0]["reason"]

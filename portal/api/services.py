@@ -8,7 +8,7 @@ from ..connection import portal_links
 from ..launching import LaunchBody
 from ..reconciler import conditions
 from ..service_cost import cost_of
-from . import schemas
+from . import schemas, usage_schemas
 from .blueprint import bp, json_body, query
 from .openapi import described
 
@@ -96,7 +96,7 @@ def service_provenance(service_id):
 @bp.get("/api/services/<service_id>/cost")
 @described("What a service cost: GPU-hours and CPU-hours of each of its jobs (Slurm's accounting, else the jobs' "
            "times x their allocation), its tokens, tokens per GPU-hour and the share of its time it was idle",
-           answers={200: schemas.Cost}, errors=(404,))
+           answers={200: usage_schemas.Cost}, errors=(404,))
 def service_cost(service_id):
     """sacct is waited on for at most 2 s (cached 30 s); past that, or when it fails, the job times count."""
     return jsonify(cost_of(current_app._get_current_object(), services.get_service(service_id)))

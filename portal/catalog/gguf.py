@@ -4,12 +4,15 @@
 Layout (GGUF v2/v3, little-endian): b"GGUF", u32 version, u64 tensor count, u64 key-value count, then each pair:
 a string key (u64 length + UTF-8), a u32 value type and the value. Arrays (token lists of 100k+ strings) are
 skipped, not kept: only their length is reported.
+
+Also the GGUF files of a folder grouped into models (a split model's parts together) and the one a launch loads.
 """
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
-from typing import BinaryIO, Dict, Union
+from typing import BinaryIO, Dict, List, Union
 
 SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 STRING, ARRAY = 8, 9
@@ -92,3 +95,24 @@ def read_metadata(path: Path) -> Dict[str, Value]:
             out[key] = _value(handle, value_type)
         return out
 
+
+GGUF_SPLIT = re.compile(r"^(?P<stem>.+)-\d{5}-of-\d{5}\.gguf$")
+GGUF_PREFERRED = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q8_0")  # the usual default quantizations, best first
+
+
+def gguf_variants(files: List[Path]) -> Dict[str, List[Path]]:
+    """GGUF files grouped into models: name -> files (a split model's parts in order, its first part first)."""
+    groups: Dict[str, List[Path]] = {}
+    for path in sorted(files):
+        match = GGUF_SPLIT.fullmatch(path.name)
+        groups.setdefault(match["stem"] if match else path.name[:-len(".gguf")], []).append(path)
+    return groups
+
+
+def choose_gguf(variants: Dict[str, List[Path]]) -> str:
+    """The variant a launch loads: a usual default quantization when there is one, else the first by name."""
+    for preferred in GGUF_PREFERRED:
+        for name in sorted(variants):
+            if preferred.lower() in name.lower():
+                return name
+    return sorted(variants)[0]

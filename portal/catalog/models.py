@@ -12,7 +12,8 @@ from typing import Dict, List, Optional, Tuple
 
 from ..errors import NotFoundError, ValidationError
 from .adapters import describe_adapter, recognise_adapter
-from .model_kinds import recognise
+from .gguf import choose_gguf, gguf_variants
+from .model_kinds import modalities, recognise
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
 REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]{0,199}$")
@@ -130,35 +131,14 @@ def _weight_files(snapshot: Path) -> List[Path]:
     return sorted(snapshot.glob("*.safetensors"))
 
 
-GGUF_SPLIT = re.compile(r"^(?P<stem>.+)-\d{5}-of-\d{5}\.gguf$")
-GGUF_PREFERRED = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q8_0")  # the usual default quantizations, best first
-
-
-def gguf_variants(files: List[Path]) -> Dict[str, List[Path]]:
-    """GGUF files grouped into models: name -> files (a split model's parts in order, its first part first)."""
-    groups: Dict[str, List[Path]] = {}
-    for path in sorted(files):
-        match = GGUF_SPLIT.fullmatch(path.name)
-        groups.setdefault(match["stem"] if match else path.name[:-len(".gguf")], []).append(path)
-    return groups
-
-
-def choose_gguf(variants: Dict[str, List[Path]]) -> str:
-    """The variant a launch loads: a usual default quantization when there is one, else the first by name."""
-    for preferred in GGUF_PREFERRED:
-        for name in sorted(variants):
-            if preferred.lower() in name.lower():
-                return name
-    return sorted(variants)[0]
-
-
 def describe_snapshot(snapshot: Path) -> dict:
     """What a snapshot holds, from local files only: format, kind (and the kinds it can be launched as, and why:
-    catalog/model_kinds.py), parameters, dtype, weights_bytes, architectures, adapter (a PEFT adapter's base, rank:
-    catalog/adapters.py). Problems go in "error", never raised.
+    catalog/model_kinds.py), what it takes as input (modalities: text, image, audio), parameters, dtype,
+    weights_bytes, architectures, adapter (a PEFT adapter's base, rank: catalog/adapters.py). Problems go in "error",
+    never raised.
     """
-    out = {"format": None, "kind": None, "kinds": [], "kind_reason": None, "parameters": None, "dtype": None,
-           "weights_bytes": None, "architectures": [], "model_type": None, "error": None}
+    out = {"format": None, "kind": None, "kinds": [], "kind_reason": None, "modalities": [], "parameters": None,
+           "dtype": None, "weights_bytes": None, "architectures": [], "model_type": None, "error": None}
     config = _read_json(snapshot / "config.json")
     config = config if isinstance(config, dict) else {}
     archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
@@ -187,6 +167,7 @@ def describe_snapshot(snapshot: Path) -> dict:
     out["adapter"] = describe_adapter(snapshot)  # a LoRA adapter (catalog/adapters.py): launched with its base
     out["kind"], out["kinds"], out["kind_reason"] = recognise_adapter(out["adapter"]) if out["adapter"] else \
         recognise(config, snapshot, out["format"])
+    out["modalities"] = modalities(config, out["kind"])
     return out
 
 
@@ -241,7 +222,9 @@ class ModelEntry:
     def to_dict(self) -> dict:
         """Plain data for the API, revisions in lookup order."""
         return {"repo_id": self.repo_id, "kind": self.kind,
-                "kinds": self.revisions[0].kinds if self.revisions else [], "size_bytes": self.size_bytes,
+                "kinds": self.revisions[0].kinds if self.revisions else [],
+                "modalities": self.revisions[0].meta.get("modalities") or [] if self.revisions else [],
+                "size_bytes": self.size_bytes,
                 "revisions": [revision.to_dict() for revision in self.revisions]}
 
 

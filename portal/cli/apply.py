@@ -64,7 +64,9 @@ def apply(ctx, recipe_file, delete, dry_run, timeout, as_json):
         else:
             for body, plan in zip(recipe.launches, plans):
                 added = [" ".join(preset["flags"]) for preset in plan.get("presets") or [] if preset["applied"]]
-                click.echo(f"{body['name']}: {plan['kind']} {plan['model']} on {plan.get('tier') or 'explicit resources'}"
+                takes = ",".join(plan.get("model_modalities") or []) or "unknown input"
+                click.echo(f"{body['name']}: {plan['kind']} {plan['model']} (taking {takes}) on "
+                           f"{plan.get('tier') or 'explicit resources'}"
                            f" ({plan.get('tier_reason')}); sbatch {' '.join(plan['sbatch'])}"
                            + (f"; from the model: {'; '.join(added)}" if added else ""))
         return

@@ -36,10 +36,10 @@ def models_ls(ctx, refresh, as_json):
         revisions = model.get("revisions") or []
         where = ",".join(sorted({r.get("location") or "?" for r in revisions}))
         also = [kind for kind in model.get("kinds") or [] if kind != model.get("kind")]
-        rows.append([model["repo_id"], model.get("kind") or "?", ",".join(also) or "-", where,
-                     human_size(model.get("size_bytes")), len(revisions), model.get("base") or "-",
-                     ",".join(model.get("adapters") or []) or "-"])
-    table(rows, ["MODEL", "KIND", "ALSO AS", "WHERE", "SIZE", "REVISIONS", "ADAPTER OF", "ADAPTERS"])
+        rows.append([model["repo_id"], model.get("kind") or "?", ",".join(also) or "-",
+                     ",".join(model.get("modalities") or []) or "?", where, human_size(model.get("size_bytes")),
+                     len(revisions), model.get("base") or "-", ",".join(model.get("adapters") or []) or "-"])
+    table(rows, ["MODEL", "KIND", "ALSO AS", "INPUT", "WHERE", "SIZE", "REVISIONS", "ADAPTER OF", "ADAPTERS"])
     if data.get("refreshing"):
         note("the rescan is still running: run this again in a moment")
 
@@ -64,6 +64,7 @@ def models_options(ctx, repo, kind, revision, as_json):
     click.echo(f"{data['model']} @ {data['revision'][:12]}: {data['kind']} on {data['engine_title']}"
                + (f" ({data['kind_reason']})" if data.get("kind_reason") else "")
                + (f"; also launches as {', '.join(others)}" if others else ""))
+    click.echo("takes as input: " + (", ".join(data.get("modalities") or []) or "unknown"))
     click.echo("added from what the model is:" + ("" if data["presets"] else " nothing"))
     for preset in data["presets"]:
         click.echo(f"  {preset['purpose']}: {' '.join(preset['flags'])}  ({preset['reason']}; "

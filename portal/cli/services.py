@@ -158,6 +158,7 @@ def run(ctx, kind, model, revision, adapters, tier, time_limit, name, idle_timeo
                       if renewed else "")
                    + (f"; replicas: {replicas(plan)}" if plan.get("replicas") else ""))
         click.echo("# sbatch " + " ".join(shlex.quote(arg) for arg in plan["sbatch"]))
+        click.echo(f"# the model: {plan['kind']}, taking {', '.join(plan.get('model_modalities') or ['unknown input'])}")
         for preset in plan.get("presets") or []:
             click.echo(f"# from the model ({preset['purpose']}): {' '.join(preset['flags'])} "
                        + (f"({preset['reason']})" if preset["applied"] else "(replaced by your engine options)"))

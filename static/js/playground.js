@@ -1,7 +1,8 @@
 "use strict";
 // The playground talks to one service through the portal's proxy, as a notebook would:
 // chat streams tokens from POST /services/<id>/v1/chat/completions (stream: true, server-sent events read with
-// fetch and a ReadableStream); speech goes to POST /services/<id>/v1/audio/transcriptions as a multipart upload;
+// fetch and a ReadableStream), with an attached image as an image_url part holding a base64 data URL when the model
+// takes images; speech goes to POST /services/<id>/v1/audio/transcriptions as a multipart upload;
 // embeddings of two texts come from one POST /services/<id>/v1/embeddings, compared by their cosine similarity.
 
 (() => {
@@ -60,20 +61,29 @@
     let controller = null;
     controls.push(send, prompt);
 
-    function bubble(role, text) {
+    const image = setUpImage();
+
+    function bubble(role, text, imageUrl) {
       const empty = document.getElementById("chat-empty");
       if (empty) empty.remove();
       const body = PF.el("div", {class: "chat-text"}, text);
       const node = PF.el("div", {class: `chat-message from-${role}`},
         PF.el("span", {class: "chat-role"}, role === "user" ? "You" : service.model), body);
+      if (imageUrl) {
+        const shown = PF.el("img", {class: "chat-image d-block mt-1", alt: "Your image"});
+        shown.src = imageUrl;
+        shown.style.maxHeight = "8rem";
+        node.append(shown);
+      }
       log.append(node);
       log.scrollTop = log.scrollHeight;
       return {node, body};
     }
 
-    async function ask(text) {
-      history.push({role: "user", content: text});
-      bubble("user", text);
+    async function ask(text, imageUrl) {
+      history.push({role: "user", content: imageUrl
+        ? [{type: "text", text}, {type: "image_url", image_url: {url: imageUrl}}] : text});
+      bubble("user", text, imageUrl);
       const answer = bubble("assistant", "");
       answer.node.dataset.state = "streaming";
       const system = document.getElementById("system-prompt").value.trim();
@@ -133,7 +143,7 @@
       const text = prompt.value.trim();
       if (!text || !ready() || controller) return;
       prompt.value = "";
-      ask(text);
+      ask(text, image.take());
     });
     prompt.addEventListener("keydown", (event) => {
       if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
@@ -148,6 +158,51 @@
       log.replaceChildren(PF.el("p", {class: "text-body-secondary small mb-0", id: "chat-empty"}, "Conversation cleared."));
       PF.setText(stats, "");
     });
+  }
+
+  // The image attached to the next message, read as a data URL (the model's node fetches nothing: web image URLs are
+  // refused). Without the attach control (a model taking no images), take() is always null.
+  function setUpImage() {
+    const file = document.getElementById("image-file");
+    if (!file) return {take: () => null};
+    const preview = document.getElementById("image-preview");
+    const remove = document.getElementById("image-remove");
+    const maxBytes = Number(file.dataset.maxMb) * 1048576;
+    let dataUrl = null;
+
+    function clear() {
+      dataUrl = null;
+      file.value = "";
+      preview.hidden = remove.hidden = true;
+      preview.removeAttribute("src");
+    }
+    file.addEventListener("change", () => {
+      const chosen = file.files[0];
+      dataUrl = null;
+      if (!chosen) return clear();
+      if (chosen.size * 4 / 3 > maxBytes) {  // base64 grows it by a third; the portal refuses bigger bodies (413)
+        PF.alert(notices, "danger", `The image is ${PF.bytes(chosen.size)}: as a data URL it would exceed the ` +
+          `portal's request limit of ${file.dataset.maxMb} MB (max_upload_mb).`);
+        return clear();
+      }
+      const reader = new FileReader();
+      reader.addEventListener("load", () => {
+        dataUrl = reader.result;
+        preview.src = dataUrl;
+        preview.hidden = remove.hidden = false;
+      });
+      reader.addEventListener("error", () => {
+        PF.alert(notices, "danger", `The image could not be read: ${reader.error && reader.error.message}`);
+        clear();
+      });
+      reader.readAsDataURL(chosen);
+    });
+    remove.addEventListener("click", clear);
+    return {take() {
+      const taken = dataUrl;
+      if (taken) clear();
+      return taken;
+    }};
   }
 
   // --- speech ------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from portal.catalog import gguf
 from portal.catalog.kinds import ENGINES, KINDS
-from portal.catalog.models import choose_gguf, gguf_variants
+from portal.catalog.gguf import choose_gguf, gguf_variants
 from portal.config import ConfigError, load_config
 from portal.engines import llama_cpp
 from portal.engines.base import GUARD_DIR

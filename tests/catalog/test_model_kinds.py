@@ -78,3 +78,47 @@ def test_a_modules_json_in_a_gguf_folder_does_not_make_it_an_embedding_model(dir
 ])
 def test_the_kind_answering_each_gateway_path(path, kind):
     assert kind_of_path(path) == kind
+
+
+TOWER = {"model_type": "siglip_vision_model", "hidden_size": 64, "image_size": 32, "patch_size": 8}
+VISION_CASES = [
+    # (name, config fields, kind, kinds, modalities): a head generating text after a vision tower takes images.
+    ("idefics3", {"architectures": ["Idefics3ForConditionalGeneration"], "model_type": "idefics3",
+                  "vision_config": TOWER}, "text-generation", ["text-generation"], ["text", "image"]),
+    ("llava-hf", {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+                  "vision_config": {**TOWER, "model_type": "clip_vision_model"}}, "text-generation",
+     ["text-generation"], ["text", "image"]),
+    ("qwen2-vl", {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+                  "vision_config": {"depth": 2}}, "text-generation", ["text-generation"], ["text", "image"]),
+    # The original LLaVA names its tower in the config and its head is a causal LM's: not pooled as embeddings.
+    ("llava-original", {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
+                        "mm_vision_tower": "openai/clip-vit-large-patch14"}, "text-generation", ["text-generation"],
+     ["text", "image"]),
+    # CLIP has a vision tower and no head generating text; T5 generates without a tower; an empty tower is none.
+    ("clip", {"architectures": ["CLIPModel"], "model_type": "clip", "vision_config": TOWER}, "text-embedding",
+     ["text-embedding"], ["text"]),
+    ("t5", {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5"}, None, [], []),
+    ("empty-tower", {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vision_config": {}},
+     "text-generation", ["text-generation", "text-embedding"], ["text"]),
+]
+
+
+@pytest.mark.parametrize("name, fields, kind, kinds, modalities", VISION_CASES, ids=[c[0] for c in VISION_CASES])
+def test_a_vision_language_model_is_text_generation_taking_images(dirs, name, fields, kind, kinds, modalities):
+    cache, home = dirs
+    write_cache_repo(home / "models", f"org/{name}", with_config(**fields))
+    entry = models.scan_models(cache, home)[0]
+    assert (entry.revisions[0].kind, entry.revisions[0].kinds) == (kind, kinds)
+    assert entry.revisions[0].meta["modalities"] == modalities
+    assert entry.to_dict()["modalities"] == modalities
+    if "image" in modalities:
+        assert entry.revisions[0].meta["kind_reason"] == (f"a vision-language model ({fields['architectures'][0]}): "
+                                                          "text from text and images")
+
+
+@pytest.mark.parametrize("files, modalities", [(tiny_whisper(), ["audio"]), (tiny_llama(), ["text"]),
+                                               (gguf_model(), ["text"]), (WEIGHTS, [])])
+def test_what_each_other_model_takes_as_input(dirs, files, modalities):
+    cache, home = dirs
+    write_cache_repo(home / "models", "org/model", files)
+    assert models.scan_models(cache, home)[0].to_dict()["modalities"] == modalities

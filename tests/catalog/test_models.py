@@ -80,6 +80,7 @@ def test_scan_reads_metadata_from_local_files(dirs):
         "size_bytes": disk(llama), "size_gb": 0.0, "complete": True, "format": "safetensors",
         "kind": "text-generation", "parameters": LLAMA_PARAMS, "dtype": "bfloat16",  # the header, not config.json
         "kinds": ["text-generation", "text-embedding"], "kind_reason": "a causal language model (LlamaForCausalLM)",
+        "modalities": ["text"],
         "model_type": "llama", "weights_bytes": LLAMA_TENSOR_BYTES, "architectures": ["LlamaForCausalLM"],
         "error": None, "adapter": None}
     assert rev.size_gb == LLAMA_TENSOR_BYTES / 1e9

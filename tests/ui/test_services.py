@@ -70,6 +70,7 @@ def test_launch_watch_chat_read_the_log_stop_and_delete(ui_portal, browser):
     # Chat: the answer grows token by token while the service is still sending.
     page.get_by_role("link", name="Open the playground").click()
     expect(page).to_have_title(re.compile(r"^Playground · "))
+    expect(page.get_by_label("Image (optional)")).to_have_count(0)  # a text-only model: nothing to attach
     tokens = 10
     page.get_by_label("Max tokens").fill(str(tokens))
     page.get_by_label("Message").fill("Hello there")
