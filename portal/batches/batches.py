@@ -161,7 +161,9 @@ def create_batch(input_file_id: str, endpoint: str, completion_window: str, meta
     if revision.kinds and kind not in revision.kinds:
         raise ValidationError(FIELD, f"line 1: body.model: {revision.repo_id} is a {revision.kind} model: it does "
                                      f"not answer {endpoint} (it answers as {', '.join(revision.kinds)})", line=1)
-    plan = plan_for(kind, revision.repo_id, options, principal)
+    adapter = revision.meta.get("adapter")  # a LoRA adapter's lines run on its base, serving it under its name
+    plan = plan_for(kind, adapter["base"] if adapter else revision.repo_id, options, principal,
+                    [revision.repo_id] if adapter else None)
     shard_size = options.get("shard_size") or config.batch_shard_size
     shards = -(-checked.lines // shard_size)
     if shards > MAX_SHARDS:
@@ -180,11 +182,13 @@ def find_model(model: str, principal: str):
     return find_revision(model, None, cache_dir=config.cache_dir, home_dir=config.home_dir)
 
 
-def plan_for(kind: str, model: str, options: dict, principal: str):
+def plan_for(kind: str, model: str, options: dict, principal: str, adapters: Optional[List[str]] = None):
     """The launch plan of a batch's tasks; a refusal names its option (metadata.<key>)."""
     try:
-        return plan_batch(kind, model, options, settings(), principal)
+        return plan_batch(kind, model, options, settings(), principal, adapters)
     except ValidationError as exc:
+        if exc.field in ("model", "adapters"):  # the lines' model (an adapter: its base) cannot be launched so
+            raise ValidationError(FIELD, f"line 1: body.model: {exc.problem}", line=1) from None
         field = exc.field if exc.field in ("engine_args",) or exc.field.startswith("metadata.") else \
             f"metadata.{exc.field}" if exc.field in ("tier", "time", "resources") else exc.field
         raise ValidationError(field, exc.problem) from None

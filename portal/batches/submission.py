@@ -24,12 +24,13 @@ def job_name(batch: Batch) -> str:
     return f"pilotfish-{batch.id}"
 
 
-def plan_batch(kind: str, model: str, options: dict, config, principal: str) -> LaunchPlan:
-    """What a launch of `model` would run (its engine, arguments, tier and resources), with the batch's options
-    (`tier`, `time`, `partition`, `engine_args`) as a launch's fields."""
+def plan_batch(kind: str, model: str, options: dict, config, principal: str,
+               adapters: Optional[List[str]] = None) -> LaunchPlan:
+    """What a launch of `model` (serving `adapters` beside it) would run (its engine, arguments, tier and resources),
+    with the batch's options (`tier`, `time`, `partition`, `engine_args`) as a launch's fields."""
     request = LaunchRequest(kind=kind, model=model, tier=options.get("tier"), time=options.get("time"),
                             resources={"partition": options["partition"]} if options.get("partition") else {},
-                            engine_args=list(options.get("engine_args") or []))
+                            engine_args=list(options.get("engine_args") or []), adapters=list(adapters or []))
     return plan_launch(request, config, principal)
 
 
@@ -48,6 +49,7 @@ def write_job_files(batch: Batch, plan: LaunchPlan, shard_count: int, extra: Opt
     text = render_job_template(
         "batch.sh.j2", batch=batch, runtime=plan.runtime, job_dir=str(folder), model_path=str(plan.model.path),
         model_root=str(plan.model.path.parent.parent), arguments=plan.arguments, gpus=plan.resources.gpus,
+        adapter_roots=sorted({str(adapter.path.parent.parent) for adapter in plan.adapters}),
         image_path=str(plan.image.path) if plan.image else "", tls_arguments=[], listen_host="127.0.0.1",
         portal_root=str(PORTAL_ROOT), python=sys.executable)
     fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)

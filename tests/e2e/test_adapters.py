@@ -224,3 +224,23 @@ def stop(portal: PortalProcess, service_id: str) -> None:
     portal.request("POST", f"/api/services/{service_id}/stop", timeout=30)
     wait_for(lambda: portal.service(service_id)["state"] in ("STOPPED", "FAILED", "TIMEOUT"), timeout=120,
              what=f"service {service_id} to stop")
+
+
+def test_a_batch_on_an_adapter_runs_its_base_serving_it(adapters, tmp_path):
+    """A batch whose lines name an adapter: its task launches the base serving that adapter, and vLLM answers each
+    line as the adapter (a model name it did not serve would be an error line)."""
+    source = tmp_path / "adapter-batch.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": f"lora-{number}", "method": "POST", "url": "/v1/chat/completions",
+                                          "body": {"model": FIRST, "messages": QUESTION, **GREEDY}}) + "\n"
+                              for number in range(12)))
+    api = adapters.api()
+    uploaded = api.files.create(file=open(source, "rb"), purpose="batch")
+    batch = api.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                               metadata={"engine_args": " ".join(ENGINE_ARGS), "time": "15"})
+    done = wait_for(lambda: (lambda b: b if b.status in ("completed", "failed", "cancelled", "expired") else None)(
+        api.batches.retrieve(batch.id)), timeout=600, interval=2, what="the adapter's batch")
+    assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (12, 0), done
+    lines = [json.loads(line) for line in api.files.content(done.output_file_id).text.splitlines()]
+    assert {line["response"]["body"]["model"] for line in lines} == {FIRST}
+    script = (adapters.portal.home / "batches" / batch.id / "batch.sh").read_text()
+    assert "--lora-modules" in script and FIRST in script
