@@ -15,7 +15,29 @@ from tests.support.portal_process import (REPO, TEST_ENGINE_FLAGS, TEST_MODELS, 
                                           wait_for, write_site_config)
 
 __all__ = ["REPO", "TEST_ENGINE_FLAGS", "TEST_MODELS", "TEST_SPECS", "TINY_SERVICE", "PortalFactory", "PortalProcess",
-           "free_port", "make_site_cache", "port_open", "squeue_ids", "wait_for", "write_site_config"]
+           "free_port", "make_site_cache", "port_open", "squeue_ids", "vllm_dry_run_api", "wait_for",
+           "write_site_config"]
+
+
+def vllm_dry_run_api(tmp_path: Path, monkeypatch, models: dict):
+    """`call(method, path, token=<the portal token>, **kwargs)` on a portal app whose site serves every kind with vLLM
+    and whose cache holds `models` (repo id: files); for dry runs and launch options: nothing is submitted."""
+    from portal.catalog.inventory import refresh_inventory
+    from tests.support.model_builders import write_cache_repo
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    site = write_site_config(tmp_path / "site.yaml", scheduler="local",
+                             runtimes={"vllm": {"command": "python -m vllm.entrypoints.openai.api_server"}})
+    for repo_id, files in models.items():
+        write_cache_repo(tmp_path / "cache" / "models", repo_id, files)
+    app = create_app({"home": tmp_path / "home", "site_config_path": site, "testing": True})
+    refresh_inventory(app)
+    client = app.test_client()
+
+    def call(method, path, token=app.config["PILOTFISH_TOKEN"], **kwargs):
+        return client.open(path, method=method, headers={"Authorization": f"Bearer {token}"}, **kwargs)
+    call.app = app
+    return call
 
 
 @pytest.fixture(scope="session")

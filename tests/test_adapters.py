@@ -10,14 +10,12 @@ import json
 
 import pytest
 
-from portal.app import create_app
 from portal.catalog.adapters import base_repo_id, describe_adapter
-from portal.catalog.inventory import refresh_inventory
 from portal.models import State
 from portal.proxy.answers import running_models
 from portal.proxy.directory import Route, adapter_names
-from tests.conftest import write_site_config
-from tests.support.model_builders import config_json, safetensors_bytes, tiny_llama, write_cache_repo
+from tests.conftest import vllm_dry_run_api
+from tests.support.model_builders import config_json, safetensors_bytes, tiny_llama
 
 LORA_WEIGHTS = safetensors_bytes({"base_model.model.layers.0.q_proj.lora_A.weight": ("F32", [8, 16]),
                                   "base_model.model.layers.0.q_proj.lora_B.weight": ("F32", [16, 8])})
@@ -44,21 +42,8 @@ MODELS = {
 
 @pytest.fixture
 def api(tmp_path, monkeypatch):
-    """A portal app on the local scheduler whose site serves every kind with vLLM (dry runs only)."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    site = write_site_config(tmp_path / "site.yaml", scheduler="local",
-                             runtimes={"vllm": {"command": "python -m vllm.entrypoints.openai.api_server"}})
-    for repo_id, files in MODELS.items():
-        write_cache_repo(tmp_path / "cache" / "models", repo_id, files)
-    app = create_app({"home": tmp_path / "home", "site_config_path": site, "testing": True})
-    refresh_inventory(app)
-    client = app.test_client()
-    token = app.config["PILOTFISH_TOKEN"]
-
-    def call(method, path, token=token, **kwargs):
-        return client.open(path, method=method, headers={"Authorization": f"Bearer {token}"}, **kwargs)
-    call.app = app
-    return call
+    """A portal app whose site serves every kind with vLLM (dry runs only: nothing is submitted)."""
+    return vllm_dry_run_api(tmp_path, monkeypatch, MODELS)
 
 
 def dry_run(api, **body):

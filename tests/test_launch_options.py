@@ -13,7 +13,7 @@ import pytest
 from portal.app import create_app
 from portal.catalog.inventory import refresh_inventory
 from portal.engines import vllm_parsers
-from tests.conftest import write_site_config
+from tests.conftest import vllm_dry_run_api, write_site_config
 from tests.support.model_builders import config_json, safetensors_bytes, tiny_llama, write_cache_repo
 
 WEIGHTS = {"model.safetensors": safetensors_bytes({"w": ("BF16", [8, 4])})}
@@ -47,19 +47,7 @@ MODELS = {
 @pytest.fixture
 def api(tmp_path, monkeypatch):
     """A portal app whose site serves every kind with vLLM (dry runs only: nothing is submitted)."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    site = write_site_config(tmp_path / "site.yaml", scheduler="local",
-                             runtimes={"vllm": {"command": "python -m vllm.entrypoints.openai.api_server"}})
-    for repo_id, files in MODELS.items():
-        write_cache_repo(tmp_path / "cache" / "models", repo_id, files)
-    app = create_app({"home": tmp_path / "home", "site_config_path": site, "testing": True})
-    refresh_inventory(app)
-    client = app.test_client()
-    token = app.config["PILOTFISH_TOKEN"]
-
-    def call(method, path, **kwargs):
-        return client.open(path, method=method, headers={"Authorization": f"Bearer {token}"}, **kwargs)
-    return call
+    return vllm_dry_run_api(tmp_path, monkeypatch, MODELS)
 
 
 def options(api, model, kind=None):

@@ -132,6 +132,8 @@ class Relay:
                         log.info("service %s: %s:%d %s; trying its next job", route.id, *where, failure.kind)
                         continue
                     record.failed(failure.metric_kind)
+                    log.warning("service %s at %s:%d: %s%s", route.id, *where, failure.kind,
+                                f" ({failure.detail})" if failure.detail else "")
                     return await self.reply(incoming, await self._failure_answer(route, failure, where), endpoint)
             out, content_type, stream, encoding, length = answer_headers(conn.headers)
             out.extend(route.answer_marks)

@@ -4,10 +4,14 @@ twice: SmolLM2, which carries its chat template, on the cluster's second node, a
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
-from typing import Iterator
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
 
 import pytest
+import yaml
 
 from portal.engines import installer
 from portal.engines.demo_site import slurm_default_partition, write_site
@@ -84,6 +88,37 @@ def services_running(portal: PortalProcess, launches: dict, prefix: str, time: i
         wait_for(lambda: all(portal.service(i)["state"] not in ("SUBMITTED", "PENDING", "STARTING", "RUNNING",
                                                                   "UNHEALTHY", "STOPPING") for i in ids.values()),
                  timeout=120, what=f"the {prefix} services to stop")
+
+
+def pilotfish_cli(portal: PortalProcess, *arguments: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The `pilotfish` command of this virtualenv against `portal` (its URL and token; no other PILOTFISH_ setting)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PILOTFISH_")}
+    env.update(PILOTFISH_URL=portal.url, PILOTFISH_TOKEN=portal.token)
+    return subprocess.run([str(Path(sys.executable).parent / "pilotfish"), *arguments], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def vllm_portal(tmp_path_factory, name: str, launches: dict, site_settings: Optional[dict] = None,
+                stage=()) -> Iterator[tuple]:
+    """A portal on the real test Slurm whose site has vLLM only (with `site_settings`), after vLLM is installed and each
+    of `stage` (a function of the models folder and vLLM's Python) has staged its model; yields (portal, services)
+    with each of `launches` RUNNING (services_running), and stops it all at the end."""
+    errors = installer.install_engines(["vllm"], progress=lambda line: print(line, flush=True))
+    assert not errors, errors
+    for staging in stage:
+        staging(installer.models_dir(), installer.venv_python("vllm"))
+    partition = slurm_default_partition()
+    assert partition, "the test Slurm does not answer sinfo"
+    site = write_site(tmp_path_factory.mktemp(f"{name}-site"), ["vllm"], scheduler="slurm", partition=partition)
+    if site_settings:
+        site.write_text(yaml.safe_dump({**yaml.safe_load(site.read_text()), **site_settings}))
+    portal = PortalProcess(tmp_path_factory.mktemp(name) / "home", site).start()
+    try:
+        with services_running(portal, launches, name, 60) as services:
+            yield portal, services
+    finally:
+        portal.stop()
 
 
 @pytest.fixture(scope="module")

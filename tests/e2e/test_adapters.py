@@ -6,9 +6,7 @@ extra start-up time of loading 0, 1 and 4 adapters is taken from the services' p
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,9 +14,8 @@ import openai
 import pytest
 
 from portal.engines import installer
-from portal.engines.demo_site import slurm_default_partition, write_site
 from tests.conftest import PortalProcess, wait_for
-from tests.e2e.conftest import READY_TIMEOUT, TINY_LLAMA, services_running
+from tests.e2e.conftest import READY_TIMEOUT, TINY_LLAMA, pilotfish_cli, vllm_portal
 
 pytestmark = pytest.mark.slurm
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -40,27 +37,15 @@ class Adapters:
                              timeout=120)
 
     def cli(self, *arguments) -> subprocess.CompletedProcess:
-        env = {key: value for key, value in os.environ.items() if not key.startswith("PILOTFISH_")}
-        env.update(PILOTFISH_URL=self.portal.url, PILOTFISH_TOKEN=self.portal.token)
-        return subprocess.run([str(Path(sys.executable).parent / "pilotfish"), *arguments], env=env,
-                              capture_output=True, text=True, timeout=60)
+        return pilotfish_cli(self.portal, *arguments)
 
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, slurm_cluster):
-    errors = installer.install_engines(["vllm"], progress=lambda line: print(line, flush=True))
-    assert not errors, errors
-    python = installer.venv_python("vllm")
-    installer.stage_tiny_loras(installer.models_dir(), python, installer.engines_dir() / "peft")
-    partition = slurm_default_partition()
-    assert partition, "the test Slurm does not answer sinfo"
-    site = write_site(tmp_path_factory.mktemp("adapters-site"), ["vllm"], scheduler="slurm", partition=partition)
-    portal = PortalProcess(tmp_path_factory.mktemp("adapters") / "home", site).start()
-    try:
-        with services_running(portal, LAUNCHES, "adapters", 60) as services:
-            yield Adapters(portal, services)
-    finally:
-        portal.stop()
+    def stage_loras(models, python):
+        installer.stage_tiny_loras(models, python, installer.engines_dir() / "peft")
+    with vllm_portal(tmp_path_factory, "adapters", LAUNCHES, stage=(stage_loras,)) as (portal, services):
+        yield Adapters(portal, services)
 
 
 def answer(api, model) -> tuple:
@@ -160,25 +145,19 @@ def test_the_launch_page_offers_the_models_adapters_and_launches_one(adapters):
     from playwright.sync_api import expect
 
     from tests.support.browser import open_browser
-    from tests.ui.conftest import sign_in
+    from tests.ui.conftest import choose_launch, open_launch_page
 
     portal = adapters.portal
     with open_browser() as browser:
-        page = browser.new_page()
-        sign_in(page, portal)
-        page.goto(f"{portal.url}/ui/launch")
-        page.get_by_label("Service kind").select_option("text-generation")
-        page.get_by_label("Model", exact=True).select_option(TINY_LLAMA)
+        page = open_launch_page(browser, portal, "text-generation", TINY_LLAMA)
         assert FIRST not in page.get_by_label("Model", exact=True).inner_text()  # an adapter is no model to launch
         expect(page.get_by_label(FIRST)).to_be_visible(timeout=15_000)
         assert page.locator("#adapters input").count() == len(ADAPTERS)
         assert page.locator('[data-info="adapters"]').inner_text() == ", ".join(ADAPTERS)
         page.get_by_label(FIRST).check()
-        page.get_by_label("Service kind").select_option("text-embedding")
-        page.get_by_label("Model", exact=True).select_option(TINY_LLAMA)
+        choose_launch(page, "text-embedding", TINY_LLAMA)
         expect(page.locator("#adapters-field")).to_be_hidden(timeout=15_000)  # pooled states: no adapters
-        page.get_by_label("Service kind").select_option("text-generation")
-        page.get_by_label("Model", exact=True).select_option(TINY_LLAMA)
+        choose_launch(page, "text-generation", TINY_LLAMA)
         expect(page.get_by_label(FIRST)).to_be_checked(timeout=15_000)  # still ticked
         page.get_by_label("Time limit").fill("30")
         page.get_by_text("Advanced options").click()

@@ -10,8 +10,6 @@ import re
 import runpy
 import signal
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import requests
 from tests.conftest import squeue_ids, wait_for
 from portal.catalog.kinds import ENGINES
 from portal.engines import installer
-from tests.e2e.conftest import GEMMA, READY_TIMEOUT, SMOLLM, TINY_LLAMA, WHISPER
+from tests.e2e.conftest import GEMMA, READY_TIMEOUT, SMOLLM, TINY_LLAMA, WHISPER, pilotfish_cli
 from tests.support.benchmark_checks import check_load_figures, run_benchmark
 from tests.support.prometheus_scrape import delta, scrape
 
@@ -454,17 +452,13 @@ def test_provenance_of_real_vllm_and_its_relaunch_from_the_exported_recipe(runni
     assert version in data["methods"] and data["model"]["revision"] in data["methods"]
     assert on_disk["model.safetensors"] in data["methods"]
 
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PILOTFISH_")}
-    env.update(PILOTFISH_URL=portal.url, PILOTFISH_TOKEN=portal.token)
-    pilotfish = str(Path(sys.executable).parent / "pilotfish")
     recipe = tmp_path / "again.yaml"
-    exported = subprocess.run([pilotfish, "export", original["id"], "-o", str(recipe), "--name", "e2e-vllm-again"],
-                              env=env, capture_output=True, text=True, timeout=60)
+    exported = pilotfish_cli(portal, "export", original["id"], "-o", str(recipe), "--name", "e2e-vllm-again")
     assert exported.returncode == 0, exported.stderr
     assert exported.stdout.strip() == data["methods"]
     try:
-        applied = subprocess.run([pilotfish, "apply", str(recipe), "--json", "--timeout", str(READY_TIMEOUT)], env=env,
-                                 capture_output=True, text=True, timeout=READY_TIMEOUT + 60)
+        applied = pilotfish_cli(portal, "apply", str(recipe), "--json", "--timeout", str(READY_TIMEOUT),
+                                timeout=READY_TIMEOUT + 60)
         assert applied.returncode == 0, f"{applied.stdout}\n{applied.stderr}"
         again = json.loads(applied.stdout)[0]
         assert again["id"] != original["id"] and again["state"] == "RUNNING" and again["name"] == "e2e-vllm-again"
@@ -474,6 +468,5 @@ def test_provenance_of_real_vllm_and_its_relaunch_from_the_exported_recipe(runni
                                                        max_tokens=4)
         assert chat.choices[0].message.content is not None
     finally:
-        deleted = subprocess.run([pilotfish, "apply", "--delete", str(recipe)], env=env, capture_output=True, text=True,
-                                 timeout=300)
+        deleted = pilotfish_cli(portal, "apply", "--delete", str(recipe), timeout=300)
         assert deleted.returncode == 0, deleted.stderr

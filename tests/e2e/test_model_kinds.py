@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,9 +24,8 @@ import pytest
 import requests
 
 from portal.engines import installer
-from portal.engines.demo_site import slurm_default_partition, write_site
 from tests.conftest import PortalProcess
-from tests.e2e.conftest import TINY_LLAMA, services_running
+from tests.e2e.conftest import TINY_LLAMA, pilotfish_cli, vllm_portal
 
 pytestmark = pytest.mark.slurm
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -86,20 +83,9 @@ class Kinds:
 
 @pytest.fixture(scope="module")
 def kinds(tmp_path_factory, slurm_cluster):
-    errors = installer.install_engines(["vllm"], progress=lambda line: print(line, flush=True))
-    assert not errors, errors
-    models = installer.models_dir()
-    installer.stage_tiny_llama(models, installer.venv_python("vllm"))
-    installer.stage_tiny_embedding(models, installer.venv_python("vllm"))
-    partition = slurm_default_partition()
-    assert partition, "the test Slurm does not answer sinfo"
-    site = write_site(tmp_path_factory.mktemp("kinds-site"), ["vllm"], scheduler="slurm", partition=partition)
-    portal = PortalProcess(tmp_path_factory.mktemp("kinds") / "home", site).start()
-    try:
-        with services_running(portal, LAUNCHES, "kinds", 60) as services:
-            yield Kinds(portal, services)
-    finally:
-        portal.stop()
+    with vllm_portal(tmp_path_factory, "kinds", LAUNCHES,
+                     stage=(installer.stage_tiny_llama, installer.stage_tiny_embedding)) as (portal, services):
+        yield Kinds(portal, services)
 
 
 def staged_config(repo_id: str) -> dict:
@@ -266,22 +252,17 @@ print(json.dumps(failed))
 
 def test_the_launch_page_and_the_cli_show_each_kind_and_its_options(kinds):
     from tests.support.browser import open_browser
-    from tests.ui.conftest import sign_in
+    from tests.ui.conftest import choose_launch, open_launch_page
 
     portal = kinds.portal
     with open_browser() as browser:
-        page = browser.new_page()
-        sign_in(page, portal)
-        page.goto(f"{portal.url}/ui/launch")
-        page.get_by_label("Service kind").select_option("text-embedding")
-        page.get_by_label("Model", exact=True).select_option(EMBEDDING)
+        page = open_launch_page(browser, portal, "text-embedding", EMBEDDING)
         presets = page.locator("#options-presets")
         expect_text(presets, "--runner pooling")
         assert "--tool-call-parser" not in page.locator("#options-flags").inner_text()
         assert "--pooler-config" in page.locator("#options-flags").inner_text()
         assert page.locator('[data-info="kind"]').inner_text().startswith("text-embedding: a sentence-transformers")
-        page.get_by_label("Service kind").select_option("text-generation")
-        page.get_by_label("Model", exact=True).select_option(TINY_LLAMA)
+        choose_launch(page, "text-generation", TINY_LLAMA)
         expect_text(presets, "--tool-call-parser llama3_json")
         assert page.locator('[data-info="kinds"]').inner_text() == "text-generation, text-embedding"
         page.get_by_text("Advanced options").click()
@@ -293,25 +274,19 @@ def test_the_launch_page_and_the_cli_show_each_kind_and_its_options(kinds):
         assert "llama3_json" not in page.locator("#plan-script").inner_text()
         browser.screenshot(page, "launch-options")
 
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PILOTFISH_")}
-    env.update(PILOTFISH_URL=portal.url, PILOTFISH_TOKEN=portal.token)
-    pilotfish = str(Path(sys.executable).parent / "pilotfish")
-    listed = subprocess.run([pilotfish, "models", "ls"], env=env, capture_output=True, text=True, timeout=60)
+    listed = pilotfish_cli(portal, "models", "ls")
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line.split()[1:3] for line in listed.stdout.splitlines()[1:]}
     assert rows[EMBEDDING] == ["text-embedding", "-"] and rows[TINY_LLAMA] == ["text-generation", "text-embedding"]
-    shown = subprocess.run([pilotfish, "models", "options", TINY_LLAMA, "--kind", "text-embedding"], env=env,
-                           capture_output=True, text=True, timeout=60)
+    shown = pilotfish_cli(portal, "models", "options", TINY_LLAMA, "--kind", "text-embedding")
     assert shown.returncode == 0, shown.stderr
     assert "text-embedding on vLLM" in shown.stdout and "pooling: --convert embed" in shown.stdout
-    refused = subprocess.run([pilotfish, "run", "text-generation", "--model", EMBEDDING, "--dry-run"], env=env,
-                             capture_output=True, text=True, timeout=60)
+    refused = pilotfish_cli(portal, "run", "text-generation", "--model", EMBEDDING, "--dry-run")
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.strip().splitlines() == [
         f"pilotfish: model: {EMBEDDING} is a text-embedding model, not text-generation (a sentence-transformers model "
         "(modules.json)): launch it as text-embedding"]
-    planned = subprocess.run([pilotfish, "run", "text-generation", "--model", TINY_LLAMA, "--dry-run"], env=env,
-                             capture_output=True, text=True, timeout=60)
+    planned = pilotfish_cli(portal, "run", "text-generation", "--model", TINY_LLAMA, "--dry-run")
     assert planned.returncode == 0, planned.stderr
     assert "# from the model (tool calls): --enable-auto-tool-choice --tool-call-parser llama3_json" in planned.stdout
 

@@ -14,8 +14,6 @@ import json
 import os
 import random
 import struct
-import subprocess
-import sys
 import threading
 import zlib
 from pathlib import Path
@@ -23,13 +21,11 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-import yaml
 
 from portal.engines import installer
-from portal.engines.demo_site import slurm_default_partition, write_site
 from portal.engines.vllm import NO_REMOTE_MEDIA
 from tests.conftest import PortalProcess
-from tests.e2e.conftest import services_running
+from tests.e2e.conftest import pilotfish_cli, vllm_portal
 
 pytestmark = pytest.mark.slurm
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -73,20 +69,9 @@ class Vision:
 
 @pytest.fixture(scope="module")
 def vision(tmp_path_factory, slurm_cluster):
-    errors = installer.install_engines(["vllm"], progress=lambda line: print(line, flush=True))
-    assert not errors, errors
-    installer.stage_tiny_vision(installer.models_dir(), installer.venv_python("vllm"))
-    partition = slurm_default_partition()
-    assert partition, "the test Slurm does not answer sinfo"
-    site = write_site(tmp_path_factory.mktemp("vision-site"), ["vllm"], scheduler="slurm", partition=partition)
-    settings = yaml.safe_load(site.read_text())
-    site.write_text(yaml.safe_dump({**settings, "max_upload_mb": MAX_UPLOAD_MB}))
-    portal = PortalProcess(tmp_path_factory.mktemp("vision") / "home", site).start()
-    try:
-        with services_running(portal, {"vision": LAUNCH}, "vision", 60) as services:
-            yield Vision(portal, services["vision"])
-    finally:
-        portal.stop()
+    with vllm_portal(tmp_path_factory, "vision", {"vision": LAUNCH}, {"max_upload_mb": MAX_UPLOAD_MB},
+                     stage=(installer.stage_tiny_vision,)) as (portal, services):
+        yield Vision(portal, services["vision"])
 
 
 def test_the_inventory_knows_the_model_takes_images_and_the_service_refuses_remote_ones(vision):
@@ -237,41 +222,31 @@ def test_the_launch_page_and_the_cli_show_what_the_model_takes(vision):
     from playwright.sync_api import expect
 
     from tests.support.browser import open_browser
-    from tests.ui.conftest import sign_in
+    from tests.ui.conftest import open_launch_page
 
     portal = vision.portal
     with open_browser() as browser:
-        page = browser.new_page()
-        sign_in(page, portal)
-        page.goto(f"{portal.url}/ui/launch")
-        page.get_by_label("Service kind").select_option("text-generation")
-        page.get_by_label("Model", exact=True).select_option(VISION)
+        page = open_launch_page(browser, portal, "text-generation", VISION)
         expect(page.locator('[data-info="modalities"]')).to_have_text("text, image")
         expect(page.locator("#options-presets")).to_contain_text(f"--allowed-media-domains {NO_REMOTE_MEDIA}")
         assert "--limit-mm-per-prompt" in page.locator("#options-flags").inner_text()
         assert page.locator('[data-info="kind"]').inner_text().startswith("text-generation: a vision-language model")
         browser.screenshot(page, "launch-vision")
 
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PILOTFISH_")}
-    env.update(PILOTFISH_URL=portal.url, PILOTFISH_TOKEN=portal.token)
-    pilotfish = str(Path(sys.executable).parent / "pilotfish")
-    listed = subprocess.run([pilotfish, "models", "ls"], env=env, capture_output=True, text=True, timeout=60)
+    listed = pilotfish_cli(portal, "models", "ls")
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line.split()[1:4] for line in listed.stdout.splitlines()[1:]}
     assert rows[VISION] == ["text-generation", "-", "text,image"]
-    shown = subprocess.run([pilotfish, "models", "options", VISION], env=env, capture_output=True, text=True,
-                           timeout=60)
+    shown = pilotfish_cli(portal, "models", "options", VISION)
     assert shown.returncode == 0, shown.stderr
     assert "takes as input: text, image" in shown.stdout
     assert f"images: --allowed-media-domains {NO_REMOTE_MEDIA}" in shown.stdout
-    planned = subprocess.run([pilotfish, "run", "text-generation", "--model", VISION, "--dry-run"], env=env,
-                             capture_output=True, text=True, timeout=60)
+    planned = pilotfish_cli(portal, "run", "text-generation", "--model", VISION, "--dry-run")
     assert planned.returncode == 0, planned.stderr
     assert "# the model: text-generation, taking text, image\n" in planned.stdout
     assert f"# from the model (images): --allowed-media-domains {NO_REMOTE_MEDIA} (remote image URLs are refused" \
         in planned.stdout
-    refused = subprocess.run([pilotfish, "run", "text-embedding", "--model", VISION, "--dry-run"], env=env,
-                             capture_output=True, text=True, timeout=60)
+    refused = pilotfish_cli(portal, "run", "text-embedding", "--model", VISION, "--dry-run")
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.strip().splitlines() == [
         f"pilotfish: model: {VISION} is a text-generation model, not text-embedding (a vision-language model "

@@ -68,6 +68,21 @@ def sign_in(page: Page, portal, base: str = "") -> None:
     expect(page).to_have_title("Dashboard · Pilotfish")
 
 
+def choose_launch(page: Page, kind: str, model: str) -> None:
+    """On the launch page: the service kind, then the model."""
+    page.get_by_label("Service kind").select_option(kind)
+    page.get_by_label("Model", exact=True).select_option(model)
+
+
+def open_launch_page(browser, portal, kind: str, model: str) -> Page:
+    """A new page of `browser`, signed in to `portal`, on the launch page with `kind` and `model` chosen."""
+    page = browser.new_page()
+    sign_in(page, portal)
+    page.goto(f"{portal.url}/ui/launch")
+    choose_launch(page, kind, model)
+    return page
+
+
 def watch_navigations(page: Page) -> list:
     """The URLs the page's main frame navigates to from now on (a live update must add none)."""
     seen = []
