@@ -1,17 +1,19 @@
 """The start-up cost of LoRA adapters: the tiny Llama on real vLLM (CPU build), one job on the real test Slurm per
 service, launched through a real portal with 0, 1 and 4 of the tiny adapters (interleaved: 0, 1, 4, 0, 1, 4, ...),
-one service at a time, each stopped before the next. Reports each service's start-up phases (the service's `phases`:
+one service at a time, each stopped before the next, after an unmeasured warm-up launch (the first start after the
+portal's reads the engine and the model from disk). Reports each service's start-up phases (the service's `phases`:
 queued, job start to endpoint, endpoint to answering its health check, and the total) per adapter count as the median
 and the range, and the extra seconds of 1 and 4 adapters over none (medians of the totals and of the engine's start:
 job start to healthy).
 
-Run: .venv/bin/python benchmarks/adapters.py [--rounds 3] [--json]
+Run: .venv/bin/python benchmarks/adapters.py [--rounds 3] [--warmup 1] [--json]
 Needs the test Slurm (tests/cluster/start.sh) and installs the vLLM engine and stages the tiny models if missing.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -65,10 +67,12 @@ def summary(runs: list) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="launches per adapter count, interleaved (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured launches (no adapter) first (default 1)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error("--rounds: at least 1")
+    if args.rounds < 1 or args.warmup < 0:
+        parser.error("--rounds: at least 1; --warmup: at least 0")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stop ends the running service and the portal
 
     python = installer.venv_python("vllm")
     errors = installer.install_engines(["vllm"], progress=lambda line: print(line, flush=True))
@@ -88,6 +92,9 @@ def main() -> int:
         site = write_site(Path(folder), ["vllm"], scheduler="slurm", partition=partition)
         portal = PortalProcess(Path(folder) / "home", site).start()
         try:
+            for number in range(1, args.warmup + 1):
+                phases = launch_once(portal, [], f"adapters-warmup-{number}")
+                print(f"warm-up {number}: total {phases['total']}", flush=True)
             for round_number in range(1, args.rounds + 1):
                 for count in COUNTS:
                     phases = launch_once(portal, adapters[:count], f"adapters-{count}-round-{round_number}")
