@@ -50,9 +50,12 @@ def test_every_kind_and_runtime_passes_bash_and_shellcheck(tmp_path, kind, model
     assert "--served-model-name " + model in text
     assert ("--tensor-parallel-size 2" in text) == (kind == "text-generation" and gpus == 2)
     assert "PILOTFISH_API_KEY" in text and "--api-key" not in text  # the key travels in the environment only
+    vllm = kind == "text-generation"  # vLLM's job folder: --allowed-local-media-path's empty folder
+    assert ("\nmkdir -p -m 0500 no-local-media || exit 1" in text) == vllm
     if runtime == "apptainer":
         assert "apptainer exec --contain --pwd / " in text and ("--nv " in text) == bool(gpus)
         assert ":ro" in text and ".sif" in text
+        assert ('--bind "$PWD"/no-local-media:/no-local-media:ro ' in text) == vllm
     else:
         assert "apptainer" not in text
 

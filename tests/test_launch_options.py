@@ -76,7 +76,8 @@ def preset_flags(answer):
     ("org/deepseek", None, [("tool calls", "--enable-auto-tool-choice --tool-call-parser deepseek_v3", True),
                             ("reasoning", "--reasoning-parser deepseek_v3", True)]),
     ("org/bge", None, [("pooling", "--runner pooling", True)]),
-    ("org/smolvlm", None, [("images", "--allowed-media-domains remote-image-urls-are-refused.invalid", True)]),
+    ("org/smolvlm", None, [("images", "--allowed-media-domains remote-image-urls-are-refused.invalid "
+                                      "--allowed-local-media-path no-local-media", True)]),
     ("org/llama-3", "text-embedding", [("pooling", "--runner pooling", True), ("pooling", "--convert embed", True)]),
 ])
 def test_presets_follow_the_family_and_the_tokenizer(api, model, kind, presets):
@@ -199,8 +200,12 @@ def test_a_vision_language_model_takes_images_from_data_urls_only_and_gets_the_i
     assert llama["modalities"] == ["text"] and "--limit-mm-per-prompt" not in llama["flags"]
     assert "images" not in [preset["purpose"] for preset in llama["presets"]]
     plan = dry_run(api, "org/smolvlm", "text-generation", ["--limit-mm-per-prompt", '{"image": 2}'])
-    assert "--allowed-media-domains remote-image-urls-are-refused.invalid" in plan["job_script"]
-    assert "export VLLM_MEDIA_URL_ALLOW_REDIRECTS=0" in plan["job_script"]
+    script = plan["job_script"]
+    assert ("--allowed-media-domains remote-image-urls-are-refused.invalid --allowed-local-media-path no-local-media"
+            in script)
+    assert "export VLLM_MEDIA_URL_ALLOW_REDIRECTS=0" in script
+    # the folder file:// URLs would be read from is made empty and read-only before the server starts
+    assert script.index("mkdir -p -m 0500 no-local-media || exit 1") < script.index("--allowed-local-media-path")
     refused = api("POST", "/api/services?dry_run=1", json={"kind": "text-generation", "model": "org/llama-3",
                                                           "engine_args": ["--limit-mm-per-prompt", '{"image": 2}']})
     assert refused.status_code == 400
@@ -221,5 +226,6 @@ def test_the_sites_media_domains_are_the_hosts_image_urls_may_come_from(tmp_path
     refresh_inventory(app)
     answer = app.test_client().get("/api/launch-options", query_string={"model": "org/smolvlm"},
                                    headers={"Authorization": f"Bearer {app.config['PILOTFISH_TOKEN']}"}).get_json()
-    assert preset_flags(answer) == [("images", "--allowed-media-domains images.example.org", True)]
+    assert preset_flags(answer) == [("images", "--allowed-media-domains images.example.org --allowed-local-media-path "
+                                               "no-local-media", True)]
     assert "images.example.org" in answer["presets"][0]["reason"]

@@ -87,6 +87,9 @@ class Engine:
     # flags that apply only to models taking some inputs: flag -> modalities (catalog/model_kinds.py: image, audio)
     flag_modalities: Dict[str, tuple] = field(default_factory=dict)
     server_env: Dict[str, str] = field(default_factory=dict)  # exported in its every job (before the site's env)
+    # empty folders its every job makes in its own folder (read-only) before the server starts, for arguments naming
+    # them by a relative path; a container sees each at /<name>, its working folder being /
+    job_folders: tuple = ()
     batch_concurrency: int = 2  # a batch shard's requests in flight at once, unless the batch says (portal/batches/)
     serves_adapters: bool = False  # LoRA adapters beside the model, each under its own name (adapter_preset)
 

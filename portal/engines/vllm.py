@@ -14,9 +14,11 @@ from .vllm_parsers import parser_presets
 
 GENERATION, EMBEDDING = ("text-generation",), ("text-embedding",)
 # vLLM fetches an image URL of a chat message from any host unless --allowed-media-domains names some: naming only a
-# host that cannot exist (.invalid, RFC 2606) refuses every http(s) URL before any connection. file:// URLs are refused
-# without --allowed-local-media-path, which the portal never sets.
+# host that cannot exist (.invalid, RFC 2606) refuses every http(s) URL before any connection. A file:// URL is read only
+# below --allowed-local-media-path (without it vLLM answers 500): naming an empty folder the job makes refuses every
+# other path with a 400 after a stat of it, never an open (vLLM's MediaConnector._load_file_url).
 NO_REMOTE_MEDIA = "remote-image-urls-are-refused.invalid"
+NO_LOCAL_MEDIA = "no-local-media"
 
 # Engine flags a user may add (vLLM's names); everything the portal sets itself (model, port, host, key,
 # served name, tensor parallelism, middleware) is deliberately absent.
@@ -102,13 +104,14 @@ class VLLM(Engine):
 
 def media_preset(domains: Sequence[str]) -> Preset:
     """Where image URLs may come from: the site's `media_domains`, else nowhere (data URLs only)."""
+    local = ("--allowed-local-media-path", NO_LOCAL_MEDIA)  # the job's empty folder: every file:// URL refused (400)
     if domains:
-        return Preset("images", ("--allowed-media-domains", *domains),
-                      f"image URLs only from the site's media_domains ({', '.join(domains)}); any other image comes "
-                      "as a base64 data URL", ())
-    return Preset("images", ("--allowed-media-domains", NO_REMOTE_MEDIA),
-                  "remote image URLs are refused (the nodes are offline, and a fetch is a way out): images come as "
-                  "base64 data URLs", ())
+        return Preset("images", ("--allowed-media-domains", *domains, *local),
+                      f"image URLs only from the site's media_domains ({', '.join(domains)}), no local files; any "
+                      "other image comes as a base64 data URL", ())
+    return Preset("images", ("--allowed-media-domains", NO_REMOTE_MEDIA, *local),
+                  "remote image URLs are refused (the nodes are offline, and a fetch is a way out), and so are local "
+                  "files: images come as base64 data URLs", ())
 
 
 ENGINE = VLLM(
@@ -122,6 +125,7 @@ ENGINE = VLLM(
     flag_kinds=FLAG_KINDS,
     flag_modalities={"--limit-mm-per-prompt": (IMAGE,)},  # images (or other media) per request: a model taking them
     server_env={"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0"},  # an allowed media host cannot send a fetch elsewhere
+    job_folders=(NO_LOCAL_MEDIA,),  # --allowed-local-media-path's empty folder
     batch_concurrency=32,  # continuous batching: many requests in flight keep its batches full
     serves_adapters=True,
 )

@@ -1,6 +1,6 @@
 """A vision-language model on real vLLM (CPU build), a job on the real test Slurm, called through the portal with the
 official openai client: chat with an image part (a base64 data URL) through the gateway and the service's own URL,
-remote and local image URLs refused by the engine before anything is fetched, the playground's image attach driven in
+remote and local image URLs refused by the engine (400) before anything is fetched or opened, the playground's image attach driven in
 Chromium, and what the inventory, the launch page and the CLI say the model is.
 
 The model is a tiny random Idefics3 (portal/engines/tiny_vision.py), so its words mean nothing; what holds is what the
@@ -9,6 +9,7 @@ picture changes the first token's log-probabilities while the same picture gives
 from __future__ import annotations
 
 import base64
+import errno
 import http.server
 import json
 import os
@@ -23,7 +24,7 @@ import pytest
 import requests
 
 from portal.engines import installer
-from portal.engines.vllm import NO_REMOTE_MEDIA
+from portal.engines.vllm import NO_LOCAL_MEDIA, NO_REMOTE_MEDIA
 from tests.conftest import PortalProcess
 from tests.e2e.conftest import pilotfish_cli, vllm_portal
 
@@ -81,7 +82,8 @@ def test_the_inventory_knows_the_model_takes_images_and_the_service_refuses_remo
     service_id = vision.service["id"]
     arguments = vision.portal.request("GET", f"/api/services/{service_id}/provenance").json()["server_arguments"]
     at = arguments.index("--served-model-name") + 2
-    assert arguments[at:] == ["--allowed-media-domains", NO_REMOTE_MEDIA] + LAUNCH["engine_args"], arguments
+    assert arguments[at:] == ["--allowed-media-domains", NO_REMOTE_MEDIA, "--allowed-local-media-path", NO_LOCAL_MEDIA
+                              ] + LAUNCH["engine_args"], arguments
     phases = vision.portal.service(service_id)["phases"]
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "e2e-vision-phases.json").write_text(json.dumps({"vision": phases}, indent=2))
@@ -164,8 +166,27 @@ def bait():
         server.server_close()
 
 
+@pytest.fixture
+def local_bait(tmp_path):
+    """Local files the engine's job could read (the test Slurm's node is this machine): a real PNG, and a named pipe
+    that an open for reading would wait on (so a reader would show)."""
+    picture, pipe = tmp_path / "red.png", tmp_path / "pipe.png"
+    picture.write_bytes(png(40, 30, (200, 30, 30)))
+    os.mkfifo(pipe)
+    return picture, pipe
+
+
+def reader_waits_on(pipe: Path) -> bool:
+    try:
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))  # succeeds only while someone has it open for reading
+        return True
+    except OSError as error:
+        assert error.errno == errno.ENXIO, error
+        return False
+
+
 @pytest.mark.parametrize("route", ["gateway", "service"])
-def test_image_urls_are_refused_by_the_engine_and_nothing_is_fetched(vision, bait, route):
+def test_image_urls_are_refused_by_the_engine_and_nothing_is_fetched(vision, bait, local_bait, route):
     api = vision.api(route)
     assert requests.get(f"http://127.0.0.1:{bait}/probe.png", timeout=10).status_code == 200  # the bait answers
     Recorder.seen.clear()
@@ -176,11 +197,17 @@ def test_image_urls_are_refused_by_the_engine_and_nothing_is_fetched(vision, bai
             api.chat.completions.create(model=VISION, messages=with_image(url), max_tokens=2)
         assert refused.value.status_code == 400
         assert NO_REMOTE_MEDIA in str(refused.value) and "Input URL domain" in str(refused.value)
-    # file:// is refused too: vLLM reads local files only below --allowed-local-media-path, never set. It answers 500.
-    with pytest.raises(openai.APIStatusError) as refused:
-        api.chat.completions.create(model=VISION, messages=with_image("file:///etc/passwd"), max_tokens=2)
-    assert "Cannot load local files without `--allowed-local-media-path`" in str(refused.value)
-    assert "root:" not in str(refused.value)
+    # file:// is refused too: vLLM reads local files only below --allowed-local-media-path, the job's empty folder; a
+    # path outside it is refused after a stat, before any open (the pipe would hold an open for reading).
+    picture, pipe = local_bait
+    for url in ("file:///etc/passwd", picture.as_uri(), pipe.as_uri(), f"file:///{NO_LOCAL_MEDIA}/../etc/passwd",
+                f"file://{picture.parent}/{NO_LOCAL_MEDIA}/../{picture.name}"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            api.chat.completions.create(model=VISION, messages=with_image(url), max_tokens=2)
+        assert refused.value.status_code == 400
+        assert "must be a subpath of `--allowed-local-media-path" in str(refused.value), url
+        assert "root:" not in str(refused.value)
+    assert not reader_waits_on(pipe)
     assert Recorder.seen == []
 
 
@@ -244,8 +271,8 @@ def test_the_launch_page_and_the_cli_show_what_the_model_takes(vision):
     planned = pilotfish_cli(portal, "run", "text-generation", "--model", VISION, "--dry-run")
     assert planned.returncode == 0, planned.stderr
     assert "# the model: text-generation, taking text, image\n" in planned.stdout
-    assert f"# from the model (images): --allowed-media-domains {NO_REMOTE_MEDIA} (remote image URLs are refused" \
-        in planned.stdout
+    assert (f"# from the model (images): --allowed-media-domains {NO_REMOTE_MEDIA} --allowed-local-media-path "
+            f"{NO_LOCAL_MEDIA} (remote image URLs are refused") in planned.stdout
     refused = pilotfish_cli(portal, "run", "text-embedding", "--model", VISION, "--dry-run")
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.strip().splitlines() == [
