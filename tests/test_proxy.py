@@ -3,6 +3,7 @@
 An OpenAI-shaped test server (tests/support/openai_upstream.py) runs as the services, launched by the portal
 with the local scheduler; the end-to-end tests repeat this against real vLLM and Whisper.
 """
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -288,6 +289,18 @@ def test_a_kept_alive_connection_the_service_dropped_is_retried_on_a_new_one(por
                                timeout=10)
             assert answer.status_code == 200 and answer.json() == {"once": True}
     assert portal.request("GET", stats).json()["dropped"] >= before + 3
+
+
+def test_the_retry_after_a_dropped_kept_alive_connection_goes_on_a_new_one_not_another_idle_one(portal,
+                                                                                                chat_service):
+    """After a busy spell a worker holds several idle connections the service may all have closed: the request that
+    met one closed is sent again on a new connection, not on the next idle one (which could be closed too)."""
+    once = f"/services/{chat_service['id']}/once?seconds=1"
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three connections at once, each dropped on its next use
+        answers = list(pool.map(lambda _: portal.request("POST", once, json={}, timeout=10), range(3)))
+    assert [answer.status_code for answer in answers] == [200] * 3
+    answer = portal.request("POST", f"/services/{chat_service['id']}/echo", data=b"again", timeout=10)
+    assert answer.status_code == 200 and answer.json()["length"] == 5, answer.text
 
 
 def test_read_timeout_is_504_naming_the_service(portal, chat_service):

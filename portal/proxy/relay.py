@@ -211,7 +211,8 @@ class Relay:
         head = b"\r\n".join(lines) + b"\r\n\r\n"
         replayable = streamed is None
         for attempt in (1, 2):
-            conn, reused = await self.pool.connect(host, port, self.connect_timeout, route.tls_fingerprint)
+            conn, reused = await self.pool.connect(host, port, self.connect_timeout, route.tls_fingerprint,
+                                                   new=attempt > 1)
             try:
                 if isinstance(body, bytes):
                     conn.write(head + body)

@@ -40,13 +40,13 @@ class UpstreamPool:
     def __init__(self):
         self.idle: Dict[tuple, List[UpstreamConnection]] = {}
 
-    async def connect(self, host: str, port: int, timeout: float,
-                      pin: Optional[str] = None) -> Tuple[UpstreamConnection, bool]:
-        """(connection, reused): an idle connection if there is a live one, else a new one. With `pin` (the service's
-        certificate fingerprint) the connection is TLS, and a peer without that certificate is UpstreamFailed
-        "impostor" before anything is sent to it."""
+    async def connect(self, host: str, port: int, timeout: float, pin: Optional[str] = None,
+                      new: bool = False) -> Tuple[UpstreamConnection, bool]:
+        """(connection, reused): an idle connection if there is a live one (unless `new`), else a new one. With `pin`
+        (the service's certificate fingerprint) the connection is TLS, and a peer without that certificate is
+        UpstreamFailed "impostor" before anything is sent to it."""
         key = (host, port, pin)
-        idle = self.idle.get(key)
+        idle = None if new else self.idle.get(key)
         while idle:
             conn = idle.pop()
             if not conn.lost:

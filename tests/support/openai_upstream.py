@@ -138,8 +138,9 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(200, {"slept": True})
         if url.path == "/stats":
             return self.send_json(200, STATS)
-        if url.path == "/once":  # answered, kept alive, but the next request on this connection is dropped
+        if url.path == "/once":  # answered (after ?seconds=), kept alive, but the next request on it is dropped
             self.read_body()
+            time.sleep(float(parse_qs(url.query).get("seconds", ["0"])[0]))
             self.drop_next = True
             return self.send_json(200, {"once": True})
         if url.path == "/big":  # N MiB of bytes 0..255 repeated, as fast as the reader takes them
