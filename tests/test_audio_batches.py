@@ -8,6 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from http.server import ThreadingHTTPServer
@@ -112,13 +116,28 @@ def test_a_bad_audio_line_is_a_400_naming_it(app, client, auth, tmp_path):
     assert whisper_for_chat.status_code == 400 and "speech-recognition model" in whisper_for_chat.json["error"]["message"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
 def test_an_unreadable_audio_file_is_a_400_naming_its_line(client, auth, tmp_path):
-    locked = tmp_path / "locked.wav"
-    locked.write_bytes(b"RIFF")
-    locked.chmod(0)
-    answer = start(client, auth, [audio_line(0, str(locked))])
-    assert answer.status_code == 400 and "not readable" in answer.json["error"]["message"]
+    """A file the portal's user cannot read: refused naming its line. Root reads every file, so there the same check
+    runs as another user of the node (nobody), against the kernel's own permissions."""
+    folder = Path(tempfile.mkdtemp(prefix="pilotfish-unreadable-"))
+    try:
+        folder.chmod(0o755)
+        locked = folder / "locked.wav"
+        locked.write_bytes(b"RIFF")
+        locked.chmod(0)
+        if os.geteuid() != 0:
+            answer = start(client, auth, [audio_line(0, str(locked))])
+            assert answer.status_code == 400 and "not readable" in answer.json["error"]["message"]
+            return
+        script = ("import sys\nfrom portal.batches.audio import AudioFileError, readable_file\n"
+                  "try:\n    readable_file(sys.argv[1])\nexcept AudioFileError as exc:\n    print(exc)\n")
+        checked = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                                  script, str(locked)], capture_output=True, text=True, timeout=60,
+                                 env={"PYTHONPATH": str(REPO), "PATH": os.environ["PATH"]}, cwd="/")
+        assert checked.returncode == 0, checked.stderr
+        assert checked.stdout.strip() == f"{locked}: not readable (permission denied)"
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_a_named_key_names_only_its_own_uploads_or_paths_under_key_audio_folders(app, client, auth, tmp_path):
