@@ -14,7 +14,7 @@ import jinja2
 from flask import current_app, has_app_context
 from pydantic import Field, field_validator
 
-from .catalog.adapters import MAX_ADAPTERS, Adapter, resolve_adapters
+from .catalog.adapters import MAX_ADAPTERS, Adapter, resolve_adapters, split_reference
 from .catalog.images import ImageFile, find_image
 from .catalog.kinds import KINDS, get_kind
 from .catalog.models import REPO_ID, REVISION, ModelRevision, find_revision, validate_repo_id, validate_revision
@@ -96,6 +96,7 @@ class LaunchPlan:
 
 REPO_ID_SHAPE = REPO_ID.pattern  # JSON Schema's patterns: ^...$ match whole values there (our own checks fullmatch)
 REVISION_SHAPE = REVISION.pattern
+ADAPTER_SHAPE = f"{REPO_ID_SHAPE[:-1]}(@{REVISION_SHAPE[1:-1]})?$"  # org/name, or org/name@<revision>
 TIME_SHAPE = r"^([0-9]+|([0-9]+-)?[0-9]+(:[0-9][0-9]){1,2})$"
 SlurmWord = Annotated[str, Field(pattern=SLURM_WORD.pattern)]
 A_SLURM_NAME = "a Slurm name"
@@ -148,9 +149,10 @@ class LaunchBody(Strict):
         False, description=RENEW_WORDS)
     replicas: Optional[Union[Annotated[int, Field(ge=1, le=REPLICAS_MAX)], Annotated[str, Field(pattern=REPLICAS_SHAPE)],
                              ReplicasBody]] = Field(None, description=REPLICAS_WORDS)
-    adapters: Optional[List[Annotated[str, Field(pattern=REPO_ID_SHAPE)]]] = Field(
+    adapters: Optional[List[Annotated[str, Field(pattern=ADAPTER_SHAPE)]]] = Field(
         None, max_length=MAX_ADAPTERS, description=f"at most {MAX_ADAPTERS} repo ids of local LoRA adapters of the "
-                                                   "model, each served beside it under its repo id")
+                                                   "model (org/name, or org/name@<revision> to pin one), each served "
+                                                   "beside it under its repo id")
 
     @field_validator("model")
     @classmethod
@@ -309,7 +311,8 @@ def plan_launch(request: LaunchRequest, site, principal: Optional[str] = None) -
     site = resolved_site(site)
     config = site.config
     kind = get_kind(request.kind)
-    for name, field_name in ((request.model, "model"), *((adapter, "adapters") for adapter in request.adapters)):
+    for name, field_name in ((request.model, "model"),
+                             *((split_reference(adapter)[0], "adapters") for adapter in request.adapters)):
         check_key_model(principal, name, field=field_name)  # before any is looked for: a key learns nothing of others
     model = find_revision(request.model, request.revision, cache_dir=config.cache_dir, home_dir=config.home_dir)
     check_kind(model, kind)
@@ -317,8 +320,8 @@ def plan_launch(request: LaunchRequest, site, principal: Optional[str] = None) -
     runtime.check_args(request.engine_args)
     check_flags_apply(runtime, kind, request.engine_args, model.meta.get("modalities") or [])
     check_owner_flags(request.engine_args, principal, model, config)
-    adapters = resolve_adapters(request.adapters, model, kind.name, runtime.engine, lambda name: find_revision(
-        name, cache_dir=config.cache_dir, home_dir=config.home_dir))
+    adapters = resolve_adapters(request.adapters, model, kind.name, runtime.engine, lambda name, revision: find_revision(
+        name, revision, cache_dir=config.cache_dir, home_dir=config.home_dir))
     specs = site_specs(site)
     if request.tier:
         tier = resolve_tier(specs, request.tier)

@@ -239,7 +239,7 @@ def recipe(data: dict, name: Optional[str] = None) -> dict:
     if data.get("engine_args"):
         entry["engine_args"] = list(data["engine_args"])
     if data.get("adapters"):
-        entry["adapters"] = [adapter["repo_id"] for adapter in data["adapters"]]
+        entry["adapters"] = [f"{adapter['repo_id']}@{adapter['revision']}" for adapter in data["adapters"]]
     if data.get("image"):
         entry["image"] = data["image"]["file"]
     entry["idle_timeout"] = data.get("idle_timeout") or 0

@@ -14,7 +14,8 @@ Pilotfish format (YAML or JSON), a list of services or a mapping with `name` and
 
 `renew` as in a launch: true (a successor job takes over before each job's time limit, until stopped), false, how
 long the service lives in all (8h, 2d) or when it ends (2026-12-01T18:00); a duration counts from the launch.
-`adapters` (text-generation) as in a launch: repo ids of local LoRA adapters of the model, each served beside it.
+`adapters` (text-generation) as in a launch: repo ids of local LoRA adapters of the model (`org/name@<revision>` pins
+one), each served beside it.
 `image` (Apptainer) as in a launch: the SIF file or image tag to run instead of the pinned image.
 `replicas` as in a launch: 2, 1:3 or {min, max, target_in_flight}: one service served by several jobs, where `count`
 makes separate services. YAML text such as 1:3 or 1:00:00 stays text here (YAML 1.1 would read a number in base 60).
@@ -34,7 +35,7 @@ import yaml
 
 from .catalog.kinds import KINDS
 from .errors import ValidationError
-from .launching import parse_resources, parse_time
+from .launching import ADAPTER_SHAPE, parse_resources, parse_time
 from .lifetimes import parse_idle_timeout, parse_renewal
 from .scaling import parse_replicas
 
@@ -44,6 +45,7 @@ NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,80}$")
 MAX_COUNT = 20
 IMAGE = re.compile(r"^[A-Za-z0-9_.\-/:@]{1,200}$")  # as a launch takes it
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+ADAPTER = re.compile(ADAPTER_SHAPE)  # org/name, or org/name@<revision>
 # The orchestrator's `service.type` values, and what they mean here.
 STUDENT_TYPES = {"ollama": "text-generation", "inference": "text-generation", "llm": "text-generation",
                  "text-generation": "text-generation", "whisper": "speech-recognition",
@@ -186,8 +188,9 @@ def _parse_entry(entry, where: str, recipe_name: str, first_index: int) -> List[
         body["engine_args"] = [str(arg) for arg in args]
     adapters = entry.get("adapters")
     if adapters is not None:
-        if not isinstance(adapters, list) or not all(isinstance(a, str) and REPO_ID.fullmatch(a) for a in adapters):
-            raise RecipeError(f"{where}.adapters", "expected a list of adapters' repo ids such as [org/name-lora]")
+        if not isinstance(adapters, list) or not all(isinstance(a, str) and ADAPTER.fullmatch(a) for a in adapters):
+            raise RecipeError(f"{where}.adapters", "expected a list of adapters' repo ids such as [org/name-lora] "
+                                                   "(org/name-lora@<revision> pins one)")
         if adapters and kind != "text-generation":
             raise RecipeError(f"{where}.adapters", f"adapters apply to text-generation services, not {kind}")
         body["adapters"] = adapters

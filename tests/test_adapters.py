@@ -15,7 +15,9 @@ from portal.models import State
 from portal.proxy.answers import running_models
 from portal.proxy.directory import Route, adapter_names
 from tests.conftest import vllm_dry_run_api
-from tests.support.model_builders import config_json, safetensors_bytes, tiny_llama
+from portal import provenance
+from portal.recipes import parse_recipe
+from tests.support.model_builders import commit_for, config_json, safetensors_bytes, tiny_llama
 
 LORA_WEIGHTS = safetensors_bytes({"base_model.model.layers.0.q_proj.lora_A.weight": ("F32", [8, 16]),
                                   "base_model.model.layers.0.q_proj.lora_B.weight": ("F32", [16, 8])})
@@ -101,6 +103,20 @@ def test_a_launch_serves_its_adapters_from_their_snapshots(api):
     assert arguments[arguments.index("--max-loras") + 1] == "2" and "--enable-lora" in arguments
     assert "--lora-modules org/llama-lora=" in plan["job_script"]
     assert [preset["purpose"] for preset in plan["presets"]][-1] == "adapters"
+
+
+def test_an_adapter_revision_can_be_pinned_and_the_exported_recipe_pins_it(api):
+    commit = commit_for("org/llama-lora", MODELS["org/llama-lora"])
+    pinned = dry_run(api, adapters=[f"org/llama-lora@{commit}"])
+    assert pinned.status_code == 200, pinned.get_json()
+    assert [(item["name"], item["revision"]) for item in pinned.get_json()["adapters"]] == [("org/llama-lora", commit)]
+    assert "--lora-modules org/llama-lora=" in pinned.get_json()["job_script"]  # served under its repo id
+    missing = dry_run(api, adapters=["org/llama-lora@" + "0" * 40])
+    assert missing.status_code == 400 and missing.get_json()["field"] == "adapters", missing.get_json()
+    exported = provenance.recipe({"kind": "text-generation", "model": {"repo_id": "org/llama", "revision": "r"},
+                                  "adapters": [{"repo_id": "org/llama-lora", "revision": commit}]}, "again")
+    assert exported["services"][0]["adapters"] == [f"org/llama-lora@{commit}"]
+    assert parse_recipe(exported, "again").launches[0]["adapters"] == [f"org/llama-lora@{commit}"]
 
 
 @pytest.mark.parametrize("body, status, words", [

@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ValidationError
 
@@ -97,9 +97,17 @@ def check_not_adapter(model) -> None:
                                        f"launch {base} with adapters [{model.repo_id}]")
 
 
+def split_reference(reference: str) -> Tuple[str, Optional[str]]:
+    """(repo id, revision or None) of an adapter as a launch names it: `org/name`, or `org/name@<revision>` (a
+    commit, branch or tag: what an exported recipe pins)."""
+    name, _, revision = reference.partition("@")
+    return name, revision or None
+
+
 def resolve_adapters(names: Sequence[str], model, kind: str, engine, find_revision) -> List[Adapter]:
-    """The adapters `names` as a launch of `model` (a ModelRevision) as `kind` on `engine` serves them; each refusal
-    a ValidationError naming `adapters`. `find_revision(repo_id)` finds a local snapshot (catalog/models.py's)."""
+    """The adapters `names` (`org/name`, or `org/name@<revision>`) as a launch of `model` (a ModelRevision) as `kind`
+    on `engine` serves them; each refusal a ValidationError naming `adapters`. `find_revision(repo_id, revision)` finds
+    a local snapshot (catalog/models.py's)."""
     if not names:
         return []
     if not engine.serves_adapters:
@@ -107,11 +115,12 @@ def resolve_adapters(names: Sequence[str], model, kind: str, engine, find_revisi
     if kind != "text-generation":
         raise ValidationError("adapters", f"adapters apply to text-generation services, not {kind}")
     found: List[Adapter] = []
-    for name in names:
+    for reference in names:
+        name, revision = split_reference(reference)
         if name == model.repo_id or name in (adapter.name for adapter in found):
             raise ValidationError("adapters", f"{name} is named twice: each served name must be one model's")
         try:
-            snapshot = find_revision(name)
+            snapshot = find_revision(name, revision)
         except ValidationError as exc:
             raise ValidationError("adapters", exc.problem) from None
         adapter = snapshot.meta.get("adapter")

@@ -83,9 +83,9 @@ def status(ctx, as_json):
 @click.argument("kind", type=click.Choice(KINDS), metavar="KIND")
 @click.option("--model", required=True, help="Model repo id, e.g. Qwen/Qwen2.5-0.5B-Instruct (see `pilotfish models ls`).")
 @click.option("--revision", help="Branch, tag or commit of the model (default: the newest local one).")
-@click.option("--adapter", "adapters", multiple=True, metavar="REPO",
-              help="A local LoRA adapter of the model to serve beside it under its repo id (repeat for more; see "
-                   "`pilotfish models options MODEL`).")
+@click.option("--adapter", "adapters", multiple=True, metavar="REPO[@REV]",
+              help="A local LoRA adapter of the model to serve beside it under its repo id; REPO@REV pins its "
+                   "revision (repeat for more; see `pilotfish models options MODEL`).")
 @click.option("--tier", help="Resource tier, e.g. Small or gpu.Small (default: the recommendation; see `pilotfish tiers`).")
 @click.option("--time", "time_limit", help="Time limit: minutes or HH:MM:SS (default: the site's).")
 @click.option("--name", help="A name for the service.")
