@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import secrets
-from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 AUDIO_ENDPOINTS = ("/v1/audio/transcriptions", "/v1/audio/translations")
@@ -79,10 +78,15 @@ def readable_file(path: str, roots: Optional[Sequence[str]] = None) -> str:
     return path
 
 
+def is_file_id(name: str) -> bool:
+    """Whether a line's `file` names an uploaded file (file-...) rather than a path."""
+    return name.startswith(FILE_ID_PREFIX) and not os.path.isabs(name)
+
+
 def resolve(name: str, files: dict, roots: Optional[Sequence[str]]) -> Tuple[str, str]:
     """(path, file name to send) of a line's `file`: an uploaded file's stored path (`files`: id -> {path, filename},
     written when the batch was created), or the path itself."""
-    if name.startswith(FILE_ID_PREFIX) and not os.path.isabs(name):
+    if is_file_id(name):
         stored = files.get(name)
         if stored is None:
             raise AudioFileError(f"{name}: not a file of this batch's owner")
@@ -129,9 +133,3 @@ def multipart(body: dict, path: str, filename: str) -> Tuple[str, int, Iterator[
 
 def is_audio_endpoint(endpoint: str) -> bool:
     return endpoint in AUDIO_ENDPOINTS
-
-
-def relative_output(relative: str, extension: str) -> Path:
-    """Where a folder's audio file's transcript goes under the output folder: the same relative path, the format's
-    extension instead of the audio's."""
-    return Path(relative).with_suffix(f".{extension}")

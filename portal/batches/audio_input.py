@@ -3,13 +3,13 @@ or a Files API file the caller sees) and, for a named key, the rule that keeps i
 owner's files: a named key names only files it uploaded, or paths under the site's `key_audio_folders` (none unless
 the site lists some); the owner names any path the portal's user can read. The same rule holds for folders
 (portal/batches/folders.py): a named key's input and output folders must lie under `key_audio_folders`.
-docs/security.md states it."""
+docs/security.md states it. Which models answer audio: portal/batches/validation.py's model_problem."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional
 
 from ..errors import NotFoundError
-from .audio import FILE_ID_PREFIX, AudioFileError, body_problem, readable_file
+from .audio import AudioFileError, body_problem, is_file_id, readable_file
 from .files import OUTPUT_PURPOSE, get_file
 
 
@@ -33,7 +33,7 @@ def audio_checker(principal: str, config) -> tuple:
         if problem:
             return problem
         name = body["file"]
-        if name.startswith(FILE_ID_PREFIX) and not name.startswith("/"):
+        if is_file_id(name):
             if name in files:
                 return None
             try:
@@ -54,13 +54,3 @@ def audio_checker(principal: str, config) -> tuple:
         return None
 
     return check_body, files
-
-
-def model_problem(model: str, kind: Optional[str], audio: bool) -> Optional[str]:
-    """Whether `model`, of `kind`, answers a batch of audio lines (`audio`) or of text lines: the problem, or None."""
-    if audio and kind != "speech-recognition":
-        return (f"{model} is a {kind or 'model of unknown kind'} model, not a speech-recognition (Whisper) model: "
-                f"audio needs one")
-    if not audio and kind == "speech-recognition":
-        return f"{model} is a speech-recognition model: it answers /v1/audio/transcriptions and translations only"
-    return None

@@ -27,11 +27,11 @@ from ..launching import parse_time
 from ..models import Batch, BatchEvent, BatchShard, epoch, utcnow
 from ..scheduler import SchedulerError, SchedulerUnreachable, SubmissionRejected
 from .audio import is_audio_endpoint
-from .audio_input import audio_checker, key_roots, model_problem
+from .audio_input import audio_checker, key_roots
 from .files import get_file, visible
 from .submission import (cancel_shards, plan_batch, runner_settings, stored_resources, submit_shards,
                          write_job_files)
-from .validation import ENDPOINT_KINDS, FIELD, check_endpoint, check_input, write_shards
+from .validation import ENDPOINT_KINDS, FIELD, check_endpoint, check_input, model_problem, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +151,14 @@ def create_batch(input_file_id: str, endpoint: str, completion_window: str, meta
             found["revision"] = find_model(model, principal)
         except ValidationError as exc:
             raise ValidationError(FIELD, f"line {number}: body.model: {exc.problem}", line=number) from None
-        problem = model_problem(model, found["revision"].kind, audio)
+        problem = model_problem(model, found["revision"].kind, found["revision"].kinds, endpoint)
         if problem:
             raise ValidationError(FIELD, f"line {number}: body.model: {problem}", line=number)
 
     checked = check_input(Path(source.path), endpoint, check_model, check_body)
     revision = found["revision"]
-    kind = ENDPOINT_KINDS[endpoint]
-    if revision.kinds and kind not in revision.kinds:
-        raise ValidationError(FIELD, f"line 1: body.model: {revision.repo_id} is a {revision.kind} model: it does "
-                                     f"not answer {endpoint} (it answers as {', '.join(revision.kinds)})", line=1)
     adapter = revision.meta.get("adapter")  # a LoRA adapter's lines run on its base, serving it under its name
-    plan = plan_for(kind, adapter["base"] if adapter else revision.repo_id, options, principal,
+    plan = plan_for(ENDPOINT_KINDS[endpoint], adapter["base"] if adapter else revision.repo_id, options, principal,
                     [revision.repo_id] if adapter else None)
     shard_size = options.get("shard_size") or config.batch_shard_size
     shards = -(-checked.lines // shard_size)

@@ -14,8 +14,9 @@ from typing import Optional
 from ..errors import ValidationError
 from ..models import Batch
 from .audio import body_problem, under
-from .audio_input import key_roots, model_problem
+from .audio_input import key_roots
 from .batches import find_model, parse_options, parse_window, plan_for, settings, start_batch
+from .validation import model_problem
 from .folder_files import FORMATS
 from .lines import shard_path
 
@@ -79,7 +80,7 @@ def transcribe_folder(folder: str, model: str, out: str, principal: str, respons
         revision = find_model(model, principal)
     except ValidationError as exc:
         raise ValidationError("model", exc.problem) from None
-    problem = model_problem(model, revision.kind, audio=True)
+    problem = model_problem(model, revision.kind, revision.kinds, TASKS[task])
     if problem:
         raise ValidationError("model", problem)
     plan = plan_for("speech-recognition", revision.repo_id, options, principal)

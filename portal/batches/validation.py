@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from ..catalog.model_kinds import SPEECH_RECOGNITION
 from ..errors import ValidationError
 from .lines import shard_path
 
@@ -40,6 +41,20 @@ def check_endpoint(endpoint: str) -> str:
     if endpoint not in ENDPOINT_KINDS:
         raise ValidationError("endpoint", f"expected one of {', '.join(ENDPOINT_KINDS)}, got {endpoint!r}")
     return endpoint
+
+
+def model_problem(model: str, kind: Optional[str], kinds: List[str], endpoint: str) -> Optional[str]:
+    """Whether `model`, of `kind` and launchable as `kinds` (catalog/model_kinds.py), answers `endpoint`'s lines: the
+    problem, or None. Audio needs a speech-recognition (Whisper) model; a model of unknown kind may try the rest."""
+    wanted = ENDPOINT_KINDS[endpoint]
+    if wanted == SPEECH_RECOGNITION and kind != SPEECH_RECOGNITION:
+        return (f"{model} is a {kind or 'model of unknown kind'} model, not a speech-recognition (Whisper) model: "
+                f"audio needs one")
+    if kind == SPEECH_RECOGNITION and wanted != SPEECH_RECOGNITION:
+        return f"{model} is a speech-recognition model: it answers /v1/audio/transcriptions and translations only"
+    if kinds and wanted not in kinds:
+        return f"{model} is a {kind} model: it does not answer {endpoint} (it answers as {', '.join(kinds)})"
+    return None
 
 
 def check_input(path: Path, endpoint: str, check_model: Callable[[str, int], None],
