@@ -12,9 +12,8 @@ from pydantic import Field
 from .catalog.adapters import Adapter, check_not_adapter
 from .catalog.kinds import KINDS, ServiceKind, get_kind
 from .catalog.models import REPO_ID, REVISION, ModelRevision, find_revision
-from .config import Config
 from .engines.base import Preset
-from .errors import NotFoundError, ValidationError
+from .errors import ValidationError
 from .site import Runtime, Site
 from .validation import Query
 
@@ -30,15 +29,6 @@ class LaunchOptionsQuery(Query):
 def kinds_of(model: ModelRevision) -> List[str]:
     """The kinds `model` can be launched as, its own first; every kind when nothing about it is known."""
     return model.kinds or list(KINDS)
-
-
-def model_modalities(config: Config, repo_id: str, revision: Optional[str] = None) -> List[str]:
-    """What a model (a service's) takes as input: text, image, audio; [] when its snapshot is gone or unknown."""
-    try:
-        return find_revision(repo_id, revision, cache_dir=config.cache_dir, home_dir=config.home_dir) \
-            .meta.get("modalities") or []
-    except (ValidationError, NotFoundError):
-        return []
 
 
 def check_kind(model: ModelRevision, kind: ServiceKind) -> None:

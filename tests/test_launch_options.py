@@ -12,6 +12,7 @@ import pytest
 
 from portal.app import create_app
 from portal.catalog.inventory import refresh_inventory
+from portal.catalog import inventory
 from portal.engines import vllm_parsers
 from tests.conftest import vllm_dry_run_api, write_site_config
 from tests.support.model_builders import config_json, safetensors_bytes, tiny_llama, write_cache_repo
@@ -198,6 +199,10 @@ def test_a_vision_language_model_takes_images_from_data_urls_only_and_gets_the_i
     assert "--limit-mm-per-prompt" in vision["flags"]
     llama = options(api, "org/llama-3")
     assert llama["modalities"] == ["text"] and "--limit-mm-per-prompt" not in llama["flags"]
+    with api.app.app_context():  # what the playground reads to offer an image: the inventory, not the files again
+        assert inventory.model_modalities("org/smolvlm") == ["text", "image"]
+        assert inventory.model_modalities("org/llama-3") == ["text"]
+        assert inventory.model_modalities("org/smolvlm", "0" * 40) == [] and inventory.model_modalities("no/such") == []
     assert "images" not in [preset["purpose"] for preset in llama["presets"]]
     plan = dry_run(api, "org/smolvlm", "text-generation", ["--limit-mm-per-prompt", '{"image": 2}'])
     script = plan["job_script"]

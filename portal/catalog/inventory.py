@@ -5,6 +5,7 @@ import json
 import logging
 import threading
 import time
+from typing import List, Optional
 
 from ..db import db
 from ..errors import NotFoundError
@@ -57,6 +58,15 @@ def list_models() -> list:
 def adapters_of(repo_id: str) -> list:
     """The repo ids of the inventory's adapters whose base is `repo_id`."""
     return next((entry["adapters"] for entry in list_models() if entry["repo_id"] == repo_id), [])
+
+
+def model_modalities(repo_id: str, revision: Optional[str] = None) -> List[str]:
+    """What the inventory says a model's revision (default: the one used without a revision) takes as input: text,
+    image, audio; [] when the inventory does not have it."""
+    record = db.session.get(ModelRecord, repo_id)
+    revisions = record.to_dict().get("revisions") or [] if record is not None else []
+    found = next((entry for entry in revisions if revision in (None, entry.get("revision"))), None)
+    return list((found or {}).get("modalities") or [])
 
 
 # --- downloads ------------------------------------------------------------------------------------------

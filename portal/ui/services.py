@@ -8,7 +8,8 @@ from .. import services
 from ..auth import prefers_html
 from ..connection import portal_links, portal_url
 from ..errors import UnavailableError
-from ..launch_options import model_modalities
+from ..catalog.inventory import model_modalities
+from ..catalog.model_kinds import IMAGE
 from ..launching import site_specs
 from ..reconciler import conditions
 from ..service_cost import cost_of
@@ -56,5 +57,5 @@ def playground(service_id):
     found = services.get_service(service_id)
     config = _config()
     return render_template("ui/playground.html", title=f"Playground · {found.name}", service=found.to_dict(),
-                           takes_images="image" in model_modalities(config, found.model, found.revision),
+                           takes_images=IMAGE in model_modalities(found.model, found.revision),
                            max_upload_mb=config.max_upload_mb)
