@@ -14,16 +14,15 @@ import sys
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
-                          Idefics3Processor, Idefics3VisionConfig, LlamaConfig, PreTrainedTokenizerFast)
+                          Idefics3Processor, Idefics3VisionConfig)
+
+from tiny_llama import CHAT_TEMPLATE, byte_level_tokenizer, llama_config  # the script's own folder is on sys.path
 
 IMAGE_SIZE, PATCH_SIZE, SCALE_FACTOR = 32, 8, 2
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR ** 2
 IMAGE_MARKS = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>",
                *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7))]
-CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Pilotfish runs models on the cluster.",
           "What is in this picture? A red square on a white background.", "Describe the image in one sentence.",
           "0 1 2 3 4 5 6 7 8 9 10 11 12", "What colour is the cat? The cat is black."] * 20
@@ -31,22 +30,12 @@ CORPUS = ["The quick brown fox jumps over the lazy dog.", "Pilotfish runs models
 
 def main(out: Path) -> None:
     torch.manual_seed(0)
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>", "<pad>", *IMAGE_MARKS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = CHAT_TEMPLATE
+    fast = byte_level_tokenizer(CORPUS, IMAGE_MARKS)
     images = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": IMAGE_SIZE},
                                        max_image_size={"longest_edge": IMAGE_SIZE})
     processor = Idefics3Processor(image_processor=images, tokenizer=fast, image_seq_len=IMAGE_TOKENS,
                                   chat_template=CHAT_TEMPLATE)
-    text = LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                       bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
-                       tie_word_embeddings=False)
+    text = llama_config(fast)
     vision = Idefics3VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
                                   image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
     config = Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=SCALE_FACTOR,

@@ -1,14 +1,13 @@
 """LoRA adapters on real vLLM (CPU build), a job on the real test Slurm, called through the portal with the official
 openai client: adapters of the tiny Llama written with peft (seeded, non-zero weights) are listed with their base,
 served by one job beside it, listed in /v1/models with the base as parent, and answered under their own names; under
-greedy decoding each answers otherwise than the base. The launch page's adapter choice is driven in Chromium, and the
-extra start-up time of loading 0, 1 and 4 adapters is taken from the services' phase records."""
+greedy decoding each answers otherwise than the base. The launch page's adapter choice is driven in Chromium. The
+extra start-up time of loading adapters is measured by benchmarks/adapters.py."""
 from __future__ import annotations
 
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import openai
 import pytest
@@ -18,7 +17,6 @@ from tests.conftest import PortalProcess, wait_for
 from tests.e2e.conftest import READY_TIMEOUT, TINY_LLAMA, pilotfish_cli, vllm_portal
 
 pytestmark = pytest.mark.slurm
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 ADAPTERS = list(installer.TINY_LORA_REPO_IDS)
 FIRST, SECOND = ADAPTERS[0], ADAPTERS[1]
 ENGINE_ARGS = ["--max-model-len", "256"]
@@ -30,7 +28,6 @@ QUESTION = [{"role": "user", "content": "Hello, how are you today?"}]
 class Adapters:
     def __init__(self, portal: PortalProcess, services: dict):
         self.portal, self.services = portal, services
-        self.phases = {"4": services["four"]["phases"]}
 
     def api(self, token=None) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.portal.url}/v1", api_key=token or self.portal.token, max_retries=0,
@@ -141,7 +138,7 @@ def test_usage_and_key_limits_treat_an_adapter_as_a_model_of_its_own(adapters):
 
 def test_the_launch_page_offers_the_models_adapters_and_launches_one(adapters):
     """The adapters of the chosen model are offered (none for a kind that serves none); the one ticked reaches the
-    plan and the service launched from the page, whose start-up is measured with the others'."""
+    plan and the service launched from the page."""
     from playwright.sync_api import expect
 
     from tests.support.browser import open_browser
@@ -175,28 +172,8 @@ def test_the_launch_page_offers_the_models_adapters_and_launches_one(adapters):
         one = portal.wait_state(service_id, {"RUNNING", "FAILED", "TIMEOUT"}, timeout=READY_TIMEOUT)
         assert one["state"] == "RUNNING", one["reason"]
         assert one["adapters"] == [FIRST]
-        adapters.phases["1"] = one["phases"]
     finally:
         stop(portal, service_id)
-
-
-def test_start_up_with_no_adapter_for_the_measurement(adapters):
-    """The base alone, launched as the others: the phase records of 0, 1 and 4 adapters go to the artifacts."""
-    portal = adapters.portal
-    made = portal.request("POST", "/api/services", json={"kind": "text-generation", "model": TINY_LLAMA,
-                                                         "engine_args": ENGINE_ARGS, "name": "adapters-none",
-                                                         "time": 30})
-    assert made.status_code == 201, made.text
-    try:
-        none = portal.wait_state(made.json()["id"], {"RUNNING", "FAILED", "TIMEOUT"}, timeout=READY_TIMEOUT)
-        assert none["state"] == "RUNNING", none["reason"]
-        adapters.phases["0"] = none["phases"]
-    finally:
-        stop(portal, made.json()["id"])
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "e2e-adapters-phases.json").write_text(json.dumps(adapters.phases, indent=2, sort_keys=True))
-    print("start-up phases by adapters loaded:", json.dumps(adapters.phases, sort_keys=True))
-    assert set(adapters.phases) >= {"0", "4"}
 
 
 def stop(portal: PortalProcess, service_id: str) -> None:
