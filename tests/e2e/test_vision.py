@@ -1,7 +1,8 @@
 """A vision-language model on real vLLM (CPU build), a job on the real test Slurm, called through the portal with the
 official openai client: chat with an image part (a base64 data URL) through the gateway and the service's own URL,
-remote and local image URLs refused by the engine (400) before anything is fetched or opened, the playground's image attach driven in
-Chromium, and what the inventory, the launch page and the CLI say the model is.
+remote and local image URLs refused by the engine (400) before anything is fetched or opened, the same in a batch of
+image lines, the playground's image attach driven in Chromium, and what the inventory, the launch page and the CLI say
+the model is.
 
 The model is a tiny random Idefics3 (portal/engines/tiny_vision.py), so its words mean nothing; what holds is what the
 engine guarantees: the image goes through the vision tower (it adds its image tokens to the prompt, and a different
@@ -25,7 +26,7 @@ import requests
 
 from portal.engines import installer
 from portal.engines.vllm import NO_LOCAL_MEDIA, NO_REMOTE_MEDIA
-from tests.conftest import PortalProcess
+from tests.conftest import PortalProcess, wait_for
 from tests.e2e.conftest import pilotfish_cli, vllm_portal
 
 pytestmark = pytest.mark.slurm
@@ -209,6 +210,45 @@ def test_image_urls_are_refused_by_the_engine_and_nothing_is_fetched(vision, bai
         assert "root:" not in str(refused.value)
     assert not reader_waits_on(pipe)
     assert Recorder.seen == []
+
+
+def test_a_batch_of_image_lines_runs_them_through_the_vision_tower_and_refuses_image_urls(vision, bait, local_bait,
+                                                                                          tmp_path):
+    """A chat batch whose lines carry images: its task launches the model as a service would (the same image-URL
+    refusals), one line at a time so the answers are deterministic; an image URL is an error line with the engine's
+    reason, and nothing is fetched or opened."""
+    api = vision.api()
+    picture, pipe = local_bait
+    greedy = {"model": VISION, "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 5}
+    lines = {"text": [{"role": "user", "content": QUESTION}], "red": with_image(RED), "red-again": with_image(RED),
+             "blue": with_image(BLUE), "remote": with_image(f"http://127.0.0.1:{bait}/cat.png"),
+             "local": with_image(picture.as_uri()), "pipe": with_image(pipe.as_uri())}
+    source = tmp_path / "images.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": name, "method": "POST", "url": "/v1/chat/completions",
+                                          "body": dict(greedy, messages=messages)}) + "\n"
+                              for name, messages in lines.items()))
+    uploaded = api.files.create(file=open(source, "rb"), purpose="batch")
+    batch = api.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                               metadata={"engine_args": "--max-model-len 256", "time": "15", "concurrency": "1"})
+
+    def ended():
+        found = api.batches.retrieve(batch.id)
+        return found if found.status in ("completed", "failed", "expired", "cancelled") else None
+    done = wait_for(ended, timeout=600, interval=2, what="the image batch")
+    assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 4, 3), done
+    answers = {line["custom_id"]: line["response"]["body"]
+               for line in map(json.loads, api.files.content(done.output_file_id).text.splitlines())}
+    errors = {line["custom_id"]: line for line in map(json.loads, api.files.content(done.error_file_id).text.splitlines())}
+    assert set(answers) == {"text", "red", "red-again", "blue"} and set(errors) == {"remote", "local", "pipe"}
+
+    def first_token(name):
+        return [(top["token"], top["logprob"]) for top in answers[name]["choices"][0]["logprobs"]["content"][0]["top_logprobs"]]
+    assert answers["red"]["usage"]["prompt_tokens"] - answers["text"]["usage"]["prompt_tokens"] >= 4 + 2
+    assert first_token("red") == first_token("red-again") != first_token("blue")
+    assert NO_REMOTE_MEDIA in json.dumps(errors["remote"]) and errors["remote"]["response"]["status_code"] == 400
+    for name in ("local", "pipe"):
+        assert "allowed-local-media-path" in json.dumps(errors[name]), errors[name]
+    assert Recorder.seen == [] and not reader_waits_on(pipe)
 
 
 def test_the_playground_attaches_an_image_and_the_answer_arrives(vision, tmp_path):
