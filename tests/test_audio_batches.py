@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from portal.app import create_app
-from portal.batches import lines as batch_lines
+from portal.batches import audio, lines as batch_lines
 from portal.batches.folder_files import new_files
 from portal.batches.runner import FolderRunner
 from tests.conftest import REPO, wait_for, write_site_config
@@ -169,6 +169,48 @@ def test_a_named_key_names_only_its_own_uploads_or_paths_under_key_audio_folders
     refused = client.post("/api/batches/folders", headers=key, json={"folder": str(shared), "model": WHISPER,
                                                                       "out": str(tmp_path / "out")})
     assert refused.status_code == 400 and refused.json["field"] == "out" and not (tmp_path / "out").exists()
+
+
+def test_the_file_sent_is_the_file_checked_even_when_a_link_is_swapped_in_between(tmp_path, monkeypatch):
+    """A named key's path is checked on the file opened: a link under key_audio_folders that points at the owner's
+    file while it is opened and back at an allowed file while it is checked is refused; a named pipe is refused as
+    not a file without waiting for a writer."""
+    shared, private = tmp_path / "shared", tmp_path / "private.wav"
+    shared.mkdir()
+    (shared / "talk.wav").write_bytes(b"RIFF shared")
+    private.write_bytes(b"RIFF secret")
+    link = shared / "swap.wav"
+
+    def point(target: Path) -> None:
+        (shared / ".next").symlink_to(target)
+        os.replace(shared / ".next", link)
+    point(shared / "talk.wav")
+    fd = audio.open_audio(str(link), [str(shared)])
+    try:
+        assert os.pread(fd, 100, 0) == b"RIFF shared"
+    finally:
+        os.close(fd)
+    real_open = os.open
+
+    def swapped_while_opening(path, flags, *rest):
+        point(private)  # the owner's file is what gets opened ...
+        try:
+            return real_open(path, flags, *rest)
+        finally:
+            point(shared / "talk.wav")  # ... and an allowed one is what the name shows afterwards
+    monkeypatch.setattr(os, "open", swapped_while_opening)
+    with pytest.raises(audio.AudioFileError, match="not under the folders a named key may read"):
+        audio.open_audio(str(link), [str(shared)])
+    monkeypatch.undo()
+    pipe = shared / "pipe.wav"
+    os.mkfifo(pipe)
+    outcome = []
+    opener = threading.Thread(target=lambda: outcome.append(pytest.raises(audio.AudioFileError, audio.open_audio,
+                                                                          str(pipe), [str(shared)])), daemon=True)
+    opener.start()
+    opener.join(10)
+    assert not opener.is_alive(), "opening a named pipe waited for a writer"
+    assert "not a file" in str(outcome[0].value)
 
 
 def make_tree(root: Path) -> Path:

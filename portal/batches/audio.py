@@ -4,7 +4,8 @@ it names found at run time, and the multipart request the runner sends the Whisp
 A line's body: `model`, `file` (an absolute path, or the id of a file uploaded through the Files API), and Whisper's
 own fields `language`, `prompt`, `response_format` (json, text, verbose_json, srt, vtt) and `temperature` (0 to 1).
 A batch started by a named key carries `audio_roots` in its settings: a path must then lie under one of them once
-its links are resolved (checked when the batch is created and again when the line runs).
+its links are resolved (checked when the batch is created and again when the line runs, then of the file opened: the
+file sent is the one checked).
 
 Standard library only: the runner (portal/batches/runner.py) imports it inside a job.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 AUDIO_ENDPOINTS = ("/v1/audio/transcriptions", "/v1/audio/translations")
@@ -59,22 +61,42 @@ def under(path: str, roots: Sequence[str]) -> bool:
     return False
 
 
-def readable_file(path: str, roots: Optional[Sequence[str]] = None) -> str:
-    """The path if it is a regular file this process can read (and, with `roots`, lies under one of them); else
-    AudioFileError with the reason."""
-    if roots is not None and not under(path, roots):
-        raise AudioFileError(f"{path} is not under the folders a named key may read (the site's key_audio_folders)")
+def open_audio(path: str, roots: Optional[Sequence[str]] = None) -> int:
+    """A descriptor of the regular file at `path`, opened for reading (and, with `roots`, lying under one of them);
+    else AudioFileError with the reason. The checks are of the file opened, not of its name: a link swapped between
+    a check and the open cannot lead elsewhere, and a named pipe or device is never waited on."""
     try:
-        if not os.path.exists(path):
-            raise AudioFileError(f"{path}: no such file")
-        if not os.path.isfile(path):
-            raise AudioFileError(f"{path}: not a file")
-        with open(path, "rb"):
-            pass
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise AudioFileError(f"{path}: no such file") from None
     except PermissionError:
         raise AudioFileError(f"{path}: not readable (permission denied)") from None
     except OSError as exc:
         raise AudioFileError(f"{path}: cannot read it ({exc.strerror})") from None
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise AudioFileError(f"{path}: not a file")
+        if roots is not None:
+            real = os.path.realpath(path)
+            try:
+                named = os.stat(real)
+            except OSError:
+                named = None
+            if not under(real, roots) or named is None or (named.st_dev, named.st_ino) != (opened.st_dev,
+                                                                                          opened.st_ino):
+                raise AudioFileError(f"{path} is not under the folders a named key may read (the site's "
+                                     f"key_audio_folders)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def readable_file(path: str, roots: Optional[Sequence[str]] = None) -> str:
+    """The path if it is a regular file this process can read (and, with `roots`, lies under one of them); else
+    AudioFileError with the reason."""
+    os.close(open_audio(path, roots))
     return path
 
 
@@ -83,27 +105,27 @@ def is_file_id(name: str) -> bool:
     return name.startswith(FILE_ID_PREFIX) and not os.path.isabs(name)
 
 
-def resolve(name: str, files: dict, roots: Optional[Sequence[str]]) -> Tuple[str, str]:
-    """(path, file name to send) of a line's `file`: an uploaded file's stored path (`files`: id -> {path, filename},
-    written when the batch was created), or the path itself."""
+def resolve(name: str, files: dict, roots: Optional[Sequence[str]]) -> Tuple[int, str]:
+    """(an open descriptor, file name to send) of a line's `file`: an uploaded file's stored path (`files`: id ->
+    {path, filename}, written when the batch was created), or the path itself. The caller closes the descriptor."""
     if is_file_id(name):
         stored = files.get(name)
         if stored is None:
             raise AudioFileError(f"{name}: not a file of this batch's owner")
         try:
-            return readable_file(stored["path"]), stored["filename"]
+            return open_audio(stored["path"]), stored["filename"]
         except AudioFileError:
             raise AudioFileError(f"{name}: the uploaded file is gone (deleted?)") from None
-    return readable_file(name, roots), os.path.basename(name)
+    return open_audio(name, roots), os.path.basename(name)
 
 
 def _quoted(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
 
 
-def multipart(body: dict, path: str, filename: str) -> Tuple[str, int, Iterator[bytes]]:
-    """(content type, length, the parts) of the multipart request for an audio line: its fields, then the file read
-    in chunks as it is sent (never whole in memory)."""
+def multipart(body: dict, fd: int, filename: str) -> Tuple[str, int, Iterator[bytes]]:
+    """(content type, length, the parts) of the multipart request for an audio line: its fields, then the open file
+    `fd` read from its start in chunks as it is sent (never whole in memory; sent again from the start on a retry)."""
     boundary = f"pilotfish-{secrets.token_hex(16)}"
     head: List[bytes] = []
     for field in BODY_FIELDS:
@@ -114,18 +136,17 @@ def multipart(body: dict, path: str, filename: str) -> Tuple[str, int, Iterator[
     head.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{_quoted(filename)}"\r\n'
                 f"Content-Type: application/octet-stream\r\n\r\n".encode())
     preamble, tail = b"".join(head), f"\r\n--{boundary}--\r\n".encode()
-    size = os.stat(path).st_size
+    size = os.fstat(fd).st_size
 
     def parts() -> Iterator[bytes]:
         yield preamble
-        left = size
-        with open(path, "rb") as handle:
-            while left > 0:
-                chunk = handle.read(min(CHUNK, left))
-                if not chunk:
-                    raise OSError(f"{path} shrank while it was sent")
-                left -= len(chunk)
-                yield chunk
+        offset = 0
+        while offset < size:
+            chunk = os.pread(fd, min(CHUNK, size - offset), offset)
+            if not chunk:
+                raise OSError(f"{filename} shrank while it was sent")
+            offset += len(chunk)
+            yield chunk
         yield tail
 
     return f"multipart/form-data; boundary={boundary}", len(preamble) + size + len(tail), parts()

@@ -126,9 +126,9 @@ class Runner:
             if line["custom_id"] not in done:
                 yield line["custom_id"], line.get("body") or {}
 
-    def send(self, connection: http.client.HTTPConnection, body: dict, audio: Optional[Tuple[str, str]] = None) \
+    def send(self, connection: http.client.HTTPConnection, body: dict, audio: Optional[Tuple[int, str]] = None) \
             -> Tuple[int, bytes, str]:
-        """One request: the body as JSON, or for an audio line (`audio`: its file's path and name) as multipart with
+        """One request: the body as JSON, or for an audio line (`audio`: its open file and its name) as multipart with
         the file read as it is sent."""
         headers = {"Authorization": f"Bearer {self.key}"}
         if audio is None:
@@ -145,13 +145,22 @@ class Runner:
     def run_line(self, connection_box: list, custom_id: str, body: dict) -> Tuple[bytes, bool]:
         """(the line to write, whether it is an error line) for one request; ServerGone when nothing may be written
         (it is sent again when the shard runs again)."""
+        if not self.audio:
+            return self.request_line(connection_box, custom_id, body, None)
+        try:
+            fd, filename = resolve(str(body.get("file", "")), self.config.get("files") or {},
+                                   self.config.get("audio_roots"))
+        except AudioFileError as exc:
+            return error_line(custom_id, "invalid_file", str(exc)), True
+        try:
+            return self.request_line(connection_box, custom_id, body, (fd, filename))
+        finally:
+            os.close(fd)
+
+    def request_line(self, connection_box: list, custom_id: str, body: dict, audio: Optional[Tuple[int, str]]) \
+            -> Tuple[bytes, bool]:
+        """run_line's request, tried up to RETRIES times (`audio`: the open file of an audio line, and its name)."""
         last_error = ""
-        audio = None
-        if self.audio:
-            try:
-                audio = resolve(str(body.get("file", "")), self.config.get("files") or {}, self.config.get("audio_roots"))
-            except AudioFileError as exc:
-                return error_line(custom_id, "invalid_file", str(exc)), True
         for attempt in range(RETRIES):
             if self.stopping.is_set() or self.server_gone.is_set():
                 raise ServerGone()
