@@ -21,7 +21,7 @@ import pytest
 
 from portal.app import create_app
 from portal.batches import audio, lines as batch_lines
-from portal.batches.folder_files import new_files
+from portal.batches.folder_files import new_files, write_transcript
 from portal.batches.runner import FolderRunner
 from tests.conftest import REPO, wait_for, write_site_config
 from tests.test_batches import jsonl, run_until, upload
@@ -211,6 +211,36 @@ def test_the_file_sent_is_the_file_checked_even_when_a_link_is_swapped_in_betwee
     opener.join(10)
     assert not opener.is_alive(), "opening a named pipe waited for a writer"
     assert "not a file" in str(outcome[0].value)
+
+
+def test_a_transcript_is_written_in_the_folder_checked_even_when_a_link_is_swapped_in_between(tmp_path, monkeypatch):
+    """A named key's transcript goes only into a folder under key_audio_folders, checked as opened: an output
+    sub-folder that is a link to the owner's folder while it is opened, and a real folder again while it is checked,
+    gets nothing written; a transcript is written whole in the folder checked."""
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    (shared / "out" / "real").mkdir(parents=True)
+    private.mkdir()
+    target, size = write_transcript(str(shared / "out"), "real/talk.wav", "txt", "hello", [str(shared)])
+    assert (target, size, target.read_text()) == (shared / "out" / "real" / "talk.txt", 5, "hello")
+    sub, parked = shared / "out" / "sub", shared / "out" / "parked"
+    sub.mkdir()
+    real_open = os.open
+
+    def swapped_while_opening(path, flags, *rest, **named):
+        if str(path) == str(sub):
+            os.rename(sub, parked)
+            sub.symlink_to(private)  # the owner's folder is what gets opened ...
+            try:
+                return real_open(path, flags, *rest, **named)
+            finally:
+                sub.unlink()
+                os.rename(parked, sub)  # ... and a folder under the allowed one is what the name shows afterwards
+        return real_open(path, flags, *rest, **named)
+    monkeypatch.setattr(os, "open", swapped_while_opening)
+    with pytest.raises(OSError, match="not under the folders a named key may write"):
+        write_transcript(str(shared / "out"), "sub/talk.wav", "txt", "stolen", [str(shared)])
+    monkeypatch.undo()
+    assert list(private.iterdir()) == [] and list(sub.iterdir()) == []
 
 
 def make_tree(root: Path) -> Path:

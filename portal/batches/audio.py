@@ -61,6 +61,17 @@ def under(path: str, roots: Sequence[str]) -> bool:
     return False
 
 
+def opened_under(fd: int, path: str, roots: Sequence[str]) -> bool:
+    """Whether the file open as `fd` is the one `path` names once its links are resolved (the same device and inode),
+    and that lies in one of the folders `roots`: checked after the open, so a link swapped in between shows."""
+    real = os.path.realpath(path)
+    try:
+        named, opened = os.stat(real), os.fstat(fd)
+    except OSError:
+        return False
+    return under(real, roots) and (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
 def open_audio(path: str, roots: Optional[Sequence[str]] = None) -> int:
     """A descriptor of the regular file at `path`, opened for reading (and, with `roots`, lying under one of them);
     else AudioFileError with the reason. The checks are of the file opened, not of its name: a link swapped between
@@ -77,16 +88,9 @@ def open_audio(path: str, roots: Optional[Sequence[str]] = None) -> int:
         opened = os.fstat(fd)
         if not stat.S_ISREG(opened.st_mode):
             raise AudioFileError(f"{path}: not a file")
-        if roots is not None:
-            real = os.path.realpath(path)
-            try:
-                named = os.stat(real)
-            except OSError:
-                named = None
-            if not under(real, roots) or named is None or (named.st_dev, named.st_ino) != (opened.st_dev,
-                                                                                          opened.st_ino):
-                raise AudioFileError(f"{path} is not under the folders a named key may read (the site's "
-                                     f"key_audio_folders)")
+        if roots is not None and not opened_under(fd, path, roots):
+            raise AudioFileError(f"{path} is not under the folders a named key may read (the site's "
+                                 f"key_audio_folders)")
     except BaseException:
         os.close(fd)
         raise

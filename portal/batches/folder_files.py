@@ -12,7 +12,7 @@ import secrets
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Set, Tuple
 
-from .audio import under
+from .audio import opened_under
 
 # --format as users write it: (Whisper's response_format, the transcript's extension).
 FORMATS = {"srt": ("srt", "srt"), "vtt": ("vtt", "vtt"), "json": ("json", "json"), "txt": ("text", "txt")}
@@ -71,18 +71,27 @@ def write_transcript(output: str, relative: str, extension: str, answer, roots: 
     cannot be written (or, for a named key's batch, its folder lies outside `roots`)."""
     target = transcript_path(output, relative, extension)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if roots is not None and not under(str(target.parent), roots):
-        raise OSError(f"{target.parent} is not under the folders a named key may write (key_audio_folders)")
-    if isinstance(answer, str):
-        data = answer.encode()
-    else:
-        data = (json.dumps(answer, ensure_ascii=False, indent=1) + "\n").encode()
-    partial = target.parent / f".{target.name}.{secrets.token_hex(4)}.partial"
-    try:
-        with open(partial, "xb") as handle:
-            handle.write(data)
-        os.replace(partial, target)
+    folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:  # the folder is checked as opened, and written through that descriptor: a link swapped in leads nowhere
+        if roots is not None and not opened_under(folder, str(target.parent), roots):
+            raise OSError(f"{target.parent} is not under the folders a named key may write (key_audio_folders)")
+        if isinstance(answer, str):
+            data = answer.encode()
+        else:
+            data = (json.dumps(answer, ensure_ascii=False, indent=1) + "\n").encode()
+        partial = f".{target.name}.{secrets.token_hex(4)}.partial"
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+                     dir_fd=folder)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(partial, target.name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            try:
+                os.unlink(partial, dir_fd=folder)
+            except OSError:
+                pass
+            raise
     finally:
-        if partial.exists():
-            partial.unlink()
+        os.close(folder)
     return target, len(data)
