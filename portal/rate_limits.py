@@ -12,7 +12,8 @@ The rule, per key, is a token bucket (in its "theoretical arrival time" form, GC
 `admit(name, rpm, tpm)` answers 0.0 (admitted, and the request counted) or the seconds until the key would be admitted
 (the `Retry-After` of a 429, rounded up). A refused request is not counted.
 
-Every worker maps the same small file, `PILOTFISH_HOME/rate_limits` (0600): a header and SLOTS fixed slots of
+Every worker maps the same small file, `rate_limits` (0600) in the node's own folder for this PILOTFISH_HOME
+(portal/node_local.py: memory or local disk, not the network file system a home is on): a header and SLOTS fixed slots of
 (a 64-bit hash of the key's name, its requests' arrival time, its tokens' arrival time, seconds per token). A key's
 slot is found by its hash (linear probing over at most PROBE slots); each admit or spend is one read-modify-write of
 its slot under an exclusive `flock` of the file (and a thread lock within the process): no database, no file
@@ -52,10 +53,10 @@ def name_hash(name: str) -> int:
 
 
 class RateLimits:
-    """The rates of named keys on this node, shared by the portal's processes through `home`/rate_limits."""
+    """The rates of named keys on this node, shared by the portal's processes through `folder`/rate_limits."""
 
-    def __init__(self, home):
-        self.path = Path(home) / FILE_NAME
+    def __init__(self, folder):
+        self.path = Path(folder) / FILE_NAME
         self._thread_lock = threading.Lock()
         self._open_lock = threading.Lock()
         self._pid: Optional[int] = None  # the process that opened the file (a forked child opens its own)

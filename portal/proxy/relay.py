@@ -25,6 +25,7 @@ from ..http_server import AnswerBody, answer_body
 from .incoming import ClientGone, Incoming, SpooledBody
 from .upstream import UpstreamConnection, UpstreamFailed, UpstreamPool
 from .usage import usage_reader
+from ..node_local import node_local_dir
 from ..rate_limits import RateLimits
 from ..usage_ledger import usage_ledger
 
@@ -54,7 +55,8 @@ class Relay:
         self.endpoint_load: Dict[tuple, int] = {}  # requests in flight per (host, port), in this worker
         self._refreshing: Optional[asyncio.Future] = None
         self.ledger = usage_ledger(app)  # who used what (portal/usage_ledger.py): each request, each busy spell
-        self.rate_limits = RateLimits(self.home)  # named keys' rates, shared by the workers (portal/rate_limits.py)
+        # named keys' rates, shared by the workers on this node (portal/rate_limits.py), kept off the network file system
+        self.rate_limits = RateLimits(node_local_dir(self.home))
         self.directory.on_busy = self.ledger.busy
 
     # database work, off the event loop
