@@ -4,8 +4,8 @@ array task that starts vLLM as a service would and sends it the shard's lines.
 - A chat batch of a few hundred lines completes, every custom_id answered exactly once, in input order.
 - An embeddings batch on a tiny sentence-transformers BERT (vLLM's pooling runner): the same text, the same vector.
 - A chat batch of a GGUF model (SmolLM2) on llama.cpp.
-- A shard whose task hits a one-minute time limit (cut to one minute once it answers) is submitted again, resumes where it stopped, and the batch
-  completes with each custom_id exactly once (counted).
+- A shard whose task hits a one-minute time limit (its runner frozen once it answers, so on any machine) is submitted
+  again, resumes where it stopped, and the batch completes with each custom_id exactly once (counted).
 - A batch cancelled mid-run is `cancelled`, its jobs gone from squeue, its partial output downloadable.
 
 vLLM starts in about a minute on 2 busy cores: each batch here is one shard (one vLLM at a time on this machine).
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import openai
+import psutil
 import pytest
 import yaml
 
@@ -27,7 +28,7 @@ from portal.engines import installer
 from tests.e2e.conftest import SMOLLM, TINY_LLAMA
 
 pytestmark = pytest.mark.slurm
-LONG = 10000  # lines of the batch that outlives its one-minute tasks
+LONG = 3000  # lines of the batch whose first task hits its time limit
 ENGINE_ARGS = "--max-model-len 256"  # the tiny Llama's window; vLLM's CPU build reserves KV cache per token
 
 
@@ -119,18 +120,29 @@ def test_a_chat_batch_on_the_tiny_llama_completes_with_every_custom_id_once_in_i
           f"{runner_lines(portal, batch.id)}")
 
 
+def runner_of(batch_folder: Path) -> psutil.Process:
+    """The batch runner of shard 0 working in `batch_folder` (its task runs on this machine, the test Slurm's node)."""
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        cmdline = process.info["cmdline"] or []
+        if "portal.batches.runner" in cmdline and process.info["cwd"] == str(batch_folder):
+            return process
+    raise AssertionError(f"no batch runner works in {batch_folder}")
+
+
 def test_a_shard_past_its_time_limit_is_resumed_and_each_custom_id_comes_back_once(portal, client, tmp_path):
-    # The batch asks 15 minutes per task; once its first task has written answers, the task's time limit is cut to
-    # one minute (as an admin's `scontrol update` would): Slurm ends it 60 to 90 s after it started, about 150 s of
-    # work short here (90 to 140 lines a second), and the task submitted again has the batch's 15 minutes to finish.
-    # Two tasks on any machine, unless one does the whole shard in a minute (2.5 times this one's pace).
-    source = write_input(tmp_path / "long.jsonl", LONG, max_tokens=200, prefix="long")
+    # Once the first task has written answers, its runner is frozen (SIGSTOP) and the task's time limit cut to one
+    # minute: Slurm ends it 60 to 90 s after it started, on any machine however fast, with lines left to do; the task
+    # submitted again has the batch's 15 minutes to finish them.
+    source = write_input(tmp_path / "long.jsonl", LONG, max_tokens=64, prefix="long")
     uploaded = client.files.create(file=open(source, "rb"), purpose="batch")
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
                                   metadata={"engine_args": ENGINE_ARGS, "time": "15", "shard_size": str(LONG)})
-    answers = portal.home / "batches" / batch.id / "shard-0000.output.jsonl"
-    wait_for(lambda: answers.exists() and answers.read_bytes().count(b"\n") >= 20, timeout=400, interval=0.2,
+    folder = portal.home / "batches" / batch.id
+    answers = folder / "shard-0000.output.jsonl"
+    wait_for(lambda: answers.exists() and answers.read_bytes().count(b"\n") >= 20, timeout=400, interval=0.1,
              what="the first task's first answers")
+    runner_of(folder).suspend()
+    first_task = answers.read_bytes().count(b"\n")
     first = portal.request("GET", f"/v1/batches/{batch.id}").json()["pilotfish"]["shards"][0]["job_id"]
     subprocess.run(["scontrol", "update", f"JobId={first}", "TimeLimit=1"], check=True, timeout=30)
     done = wait_batch(client, batch.id, {"completed", "failed", "expired", "cancelled"}, timeout=900, portal=portal)
@@ -146,6 +158,7 @@ def test_a_shard_past_its_time_limit_is_resumed_and_each_custom_id_comes_back_on
     assert len(ids) == len(set(ids)) and not set(ids) & set(errors)
     assert (done.request_counts.completed, done.request_counts.failed) == (len(ids), len(errors)) == (LONG, 0)
     assert ids == [f"long-{n}" for n in range(LONG)]  # each exactly once, in input order
+    assert 20 <= first_task < LONG  # the first task wrote some, the second the rest
     print(f"\nresumed: {shard['attempts']} tasks; runner: {runner_lines(portal, batch.id)}")
 
 
