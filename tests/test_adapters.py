@@ -185,3 +185,24 @@ def test_a_recipe_names_adapters_only_for_text_generation():
         with pytest.raises(RecipeError) as refused:
             parse_recipe({"services": [{"model": "org/llama", **entry}]}, "r")
         assert refused.value.field == "services[0].adapters" and words in str(refused.value)
+
+
+def test_a_request_for_an_adapter_nothing_serves_says_how_to_serve_it(api):
+    """The gateway's 404 for a model nothing serves (routing.py) adds not_served_detail: for an adapter, the base to
+    launch with it, or the ended service that last served it beside its base."""
+    from portal.db import db
+    from portal.models import Service, utcnow
+    from portal.proxy.directory import not_served_detail
+
+    with api.app.app_context():
+        assert not_served_detail("org/llama-lora") == (
+            " (a LoRA adapter of org/llama: launch org/llama with adapters [org/llama-lora])")
+        assert not_served_detail("org/llama") == not_served_detail("org/nothing") == ""
+        db.session.add(Service(id="3fa2c0ffee000001", name="lora", kind="text-generation", model="org/llama",
+                               state=State.STOPPED, reason="stopped by the owner", scheduler="local", job_dir="/x",
+                               time_limit=30, api_key="k", adapters_json=json.dumps(["org/llama-lora"]),
+                               ended_at=utcnow()))
+        db.session.commit()
+        assert not_served_detail("org/llama-lora") == (
+            ": its last service 3fa2c0ffee000001, which served it beside org/llama, STOPPED (stopped by the owner)")
+        assert not_served_detail("org/llama") == ": its last service 3fa2c0ffee000001 STOPPED (stopped by the owner)"

@@ -9,7 +9,7 @@ most every ACTIVITY_FLUSH_SECONDS per service, by one timer on the event loop th
 flight or an activity is not written yet. It notes a request in flight as activity at each of its turns (a 40-minute stream is not idle) and writes what ended since the last write
 once its time comes, so the database holds each service's last request to the second; with nothing in flight and
 nothing to write, no timer is set. The same timer reports the busy time so far of services with a request in flight
-(on_busy: the usage ledger), as their last request ending does. stored_state and last_ended read what the database says of a service or model
+(on_busy: the usage ledger), as their last request ending does. stored_state and not_served_detail read what the database says of a service or model
 that is not routable, for the answers. Database work needs an app context and runs off the event loop (the relay's
 in_thread, or the loop's executor with the directory's app).
 """
@@ -25,8 +25,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from flask import current_app
+
 from .. import change_marks
+from ..catalog.models import find_revision
 from ..db import db
+from ..errors import PortalError
 from ..models import Service, ServiceJob, State, utcnow
 from ..scaling import LoadFile
 from ..states import without_log_lines
@@ -293,16 +297,30 @@ def stored_state(service_id: str) -> Tuple[Optional[str], Optional[str]]:
         db.session.remove()
 
 
-def last_ended(model: str) -> str:
-    """', its last service 3fa2... FAILED (the server crashed: ...)' for a model whose service ended in the last hour,
-    else '' (needs an app context)."""
+def not_served_detail(model: str) -> str:
+    """What to add to "model X is not served here" (needs an app context): ', its last service 3fa2... FAILED (the
+    server crashed: ...)' for a model or adapter whose service ended in the last hour; for a LoRA adapter served by
+    nothing lately, ' (a LoRA adapter of B: launch B with adapters [X])'; else ''."""
     try:
-        row = db.session.query(Service.id, Service.state, Service.reason).filter(
-            Service.model == model, Service.state.in_(State.TERMINAL),
-            Service.ended_at >= utcnow() - timedelta(hours=1)).order_by(Service.ended_at.desc()).first()
+        rows = db.session.query(Service.id, Service.state, Service.reason, Service.model, Service.adapters_json).filter(
+            Service.state.in_(State.TERMINAL), Service.ended_at >= utcnow() - timedelta(hours=1)).order_by(
+            Service.ended_at.desc()).all()
     finally:
         db.session.remove()
-    if row is None:
-        return ""
-    reason = without_log_lines(row.reason)
-    return f": its last service {row.id} {row.state}" + (f" ({reason})" if reason else "")
+    for row in rows:
+        if row.model == model or model in json.loads(row.adapters_json or "[]"):
+            reason = without_log_lines(row.reason)
+            of = "" if row.model == model else f", which served it beside {row.model},"
+            return f": its last service {row.id}{of} {row.state}" + (f" ({reason})" if reason else "")
+    base = adapter_base(model)
+    return f" (a LoRA adapter of {base}: launch {base} with adapters [{model}])" if base else ""
+
+
+def adapter_base(name: str) -> Optional[str]:
+    """The base model of `name` when the inventory has it as a LoRA adapter, else None."""
+    config = current_app.config["PILOTFISH"]
+    try:
+        adapter = find_revision(name, None, cache_dir=config.cache_dir, home_dir=config.home_dir).meta.get("adapter")
+    except PortalError:
+        return None
+    return (adapter or {}).get("base") or None

@@ -22,7 +22,7 @@ from ..json_facts import JsonFacts
 from ..models import State
 from ..scaling import request_wake
 from .answers import MODEL_REFUSED, json_answer, not_running, openai_error, rate_limited, running_models
-from .directory import ROUTABLE, last_ended, stored_state
+from .directory import ROUTABLE, not_served_detail, stored_state
 from .incoming import BodyTooLarge, Incoming, SpooledBody, raw_tail
 from .recording import GATEWAY_ENDPOINT, SERVICE_ENDPOINT
 from .relay import Relay
@@ -149,7 +149,7 @@ class Proxy(Relay):
                                       "service_unavailable", "model_not_ready", param="model", retry_after=5)
             else:
                 available = sorted(entry["id"] for entry in running_models(routes))
-                ended = await self.in_thread(last_ended, model)
+                ended = await self.in_thread(not_served_detail, model)
                 answer = openai_error(404, f"model {model!r} is not served here{ended}; available: "
                                            f"{', '.join(available) if available else 'none (launch a service first)'}",
                                       "not_found_error", "model_not_found", param="model")

@@ -200,3 +200,13 @@ def test_a_batch_on_an_adapter_runs_its_base_serving_it(adapters, tmp_path):
     assert {line["response"]["body"]["model"] for line in lines} == {FIRST}
     script = (adapters.portal.home / "batches" / batch.id / "batch.sh").read_text()
     assert "--lora-modules" in script and FIRST in script
+
+
+def test_once_its_service_ends_a_request_for_an_adapter_names_the_service_that_served_it(adapters):
+    """Last in this module: the job serving the adapters is stopped; a request for one of them is a 404 that names
+    the service that served it beside its base."""
+    service = adapters.services["four"]["id"]
+    stop(adapters.portal, service)
+    with pytest.raises(openai.NotFoundError) as missing:
+        adapters.api().chat.completions.create(model=SECOND, messages=QUESTION, **GREEDY)
+    assert f"its last service {service}, which served it beside {TINY_LLAMA}, STOPPED" in str(missing.value)
