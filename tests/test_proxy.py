@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from portal.client import PortalNotRunning, connect
+from portal.proxy.directory import START_WAIT_FIRST
 from tests.conftest import REPO, wait_for
 
 UPSTREAM = f"{sys.executable} {REPO / 'tests' / 'support' / 'openai_upstream.py'}"
@@ -233,7 +234,7 @@ def test_starting_model_is_503_with_retry_after(portal, client):
     portal.wait_state(slow["id"], ("STARTING", "PENDING", "SUBMITTED"), timeout=10)
     response = portal.request("POST", "/v1/chat/completions", json={"model": "test/slow", "messages": []})
     assert response.status_code == 503
-    assert response.headers["Retry-After"] == "5"
+    assert response.headers["Retry-After"] == str(START_WAIT_FIRST)  # its first start: nothing measured yet
     assert response.json()["error"]["code"] == "model_not_ready"
     direct = portal.request("GET", f"/services/{slow['id']}/v1/models")
     assert direct.status_code == 503 and direct.json()["error"]["state"] in ("STARTING", "PENDING", "SUBMITTED")

@@ -82,15 +82,18 @@ def rate_limited(grant, wait: float) -> Answer:
                         "rate_limit_error", "rate_limit_exceeded", retry_after=seconds)
 
 
-def not_running(service_id: str, state: Optional[str], reason: Optional[str] = None) -> Answer:
+def not_running(service_id: str, state: Optional[str], reason: Optional[str] = None,
+                wait: Optional[int] = None) -> Answer:
+    """The answer for a service that is not serving (`wait`: the Retry-After of one coming up, directory.start_wait)."""
     if state is None:
         return openai_error(404, f"no service {service_id!r}", "not_found_error", "service_not_found")
     if state in STARTING:
         return openai_error(503, f"service {service_id} is {state}: it is not answering yet, retry shortly",
-                            "service_unavailable", "service_not_running", state=state, retry_after=5)
+                            "service_unavailable", "service_not_running", state=state, retry_after=wait or 5)
     if state == State.SCALED_TO_ZERO:
         return openai_error(503, f"service {service_id} has no job while unused: one is starting now, retry shortly",
-                            "service_unavailable", "service_starting", state=state, retry_after=SCALED_RETRY_AFTER)
+                            "service_unavailable", "service_starting", state=state,
+                            retry_after=wait or SCALED_RETRY_AFTER)
     if state == State.UNHEALTHY:
         return openai_error(503, f"service {service_id} is UNHEALTHY", "service_unavailable", "service_not_running",
                             state=state, retry_after=5)

@@ -9,7 +9,7 @@ most every ACTIVITY_FLUSH_SECONDS per service, by one timer on the event loop th
 flight or an activity is not written yet. It notes a request in flight as activity at each of its turns (a 40-minute stream is not idle) and writes what ended since the last write
 once its time comes, so the database holds each service's last request to the second; with nothing in flight and
 nothing to write, no timer is set. The same timer reports the busy time so far of services with a request in flight
-(on_busy: the usage ledger), as their last request ending does. stored_state and not_served_detail read what the database says of a service or model
+(on_busy: the usage ledger), as their last request ending does. stored_state, start_wait and not_served_detail read what the database says of a service or model
 that is not routable, for the answers. Database work needs an app context and runs off the event loop (the relay's
 in_thread, or the loop's executor with the directory's app).
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -295,6 +296,34 @@ def stored_state(service_id: str) -> Tuple[Optional[str], Optional[str]]:
         return (row.state, row.reason) if row else (None, None)
     finally:
         db.session.remove()
+
+
+START_WAIT_FIRST = 10  # seconds: the Retry-After of a service that never answered yet
+START_WAIT_OVERDUE = 5  # seconds: the Retry-After of one that takes longer than its last start did
+START_WAIT_MAX = 60  # the longest Retry-After clients honour (the openai client backs off on its own beyond it)
+
+
+def start_wait(service_id: str) -> int:
+    """The Retry-After, in seconds, of a request to a service that is starting or scaled to zero (needs an app
+    context): how long its last start took, from submission to its first answer (an earlier job of its own: the one
+    before a scale to zero, a renewal's or a replica's), less how long the current one has been starting; between 1
+    and START_WAIT_MAX. START_WAIT_FIRST when none of its jobs answered yet, START_WAIT_OVERDUE once the time is past."""
+    try:
+        service = db.session.query(Service.state, Service.submitted_at).filter_by(id=service_id).first() \
+            if len(service_id) <= 16 else None
+        last = db.session.query(ServiceJob.submitted_at, ServiceJob.ready_at).filter(
+            ServiceJob.service_id == service_id, ServiceJob.submitted_at.isnot(None),
+            ServiceJob.ready_at.isnot(None)).order_by(ServiceJob.generation.desc()).first()
+    finally:
+        db.session.remove()
+    if service is None or last is None:
+        return START_WAIT_FIRST
+    expected = (last.ready_at - last.submitted_at).total_seconds()
+    elapsed = 0.0
+    if service.state != State.SCALED_TO_ZERO and service.submitted_at is not None:
+        elapsed = (utcnow() - service.submitted_at).total_seconds()
+    left = math.ceil(expected - elapsed)
+    return START_WAIT_OVERDUE if left < 1 else min(START_WAIT_MAX, left)
 
 
 def not_served_detail(model: str) -> str:

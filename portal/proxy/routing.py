@@ -22,11 +22,13 @@ from ..json_facts import JsonFacts
 from ..models import State
 from ..scaling import request_wake
 from .answers import MODEL_REFUSED, json_answer, not_running, openai_error, rate_limited, running_models
-from .directory import ROUTABLE, not_served_detail, stored_state
+from .directory import ROUTABLE, not_served_detail, start_wait, stored_state
 from .incoming import BodyTooLarge, Incoming, SpooledBody, raw_tail
 from .recording import GATEWAY_ENDPOINT, SERVICE_ENDPOINT
 from .relay import Relay
 from .usage import USAGE_BODY_LIMIT, wants_json_body
+
+WAKING = State.COMING_UP + (State.SCALED_TO_ZERO,)  # not answering yet, on its way: Retry-After from start_wait
 
 SERVICE_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 GATEWAY_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
@@ -94,7 +96,8 @@ class Proxy(Relay):
             state, reason = (route.state, None) if route is not None else await self.in_thread(stored_state, service_id)
             if state == State.SCALED_TO_ZERO:
                 request_wake(self.home, service_id)
-            return await self.reply(incoming, not_running(service_id, state, reason), SERVICE_ENDPOINT)
+            wait = await self.in_thread(start_wait, service_id) if state in WAKING else None
+            return await self.reply(incoming, not_running(service_id, state, reason, wait), SERVICE_ENDPOINT)
         body = None
         if path.endswith("completions") and wants_json_body(incoming.method, incoming.mimetype, incoming.length):
             body = await incoming.read(USAGE_BODY_LIMIT)  # so a stream can ask for usage (usage.UsageReader.ask)
@@ -145,8 +148,11 @@ class Proxy(Relay):
                 request_wake(self.home, asleep[0].id)
             if candidates:
                 states = sorted({route.state for route in candidates})
-                answer = openai_error(503, f"model {model!r} is not ready yet ({', '.join(states)}): retry shortly",
-                                      "service_unavailable", "model_not_ready", param="model", retry_after=5)
+                coming = [route.id for route in candidates if route.state in WAKING][:4]
+                wait = min([await self.in_thread(start_wait, service_id) for service_id in coming] or [5])
+                answer = openai_error(503, f"model {model!r} is not ready yet ({', '.join(states)}): retry in about "
+                                           f"{wait} s", "service_unavailable", "model_not_ready", param="model",
+                                      retry_after=wait)
             else:
                 available = sorted(entry["id"] for entry in running_models(routes))
                 ended = await self.in_thread(not_served_detail, model)
