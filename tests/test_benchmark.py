@@ -18,6 +18,7 @@ from tests.support.prometheus_scrape import delta, scrape
 UPSTREAM = f"{sys.executable} {REPO / 'tests' / 'support' / 'openai_upstream.py'}"
 MODEL = "test/tiny"
 TOKEN_DELAY = 0.02
+STREAM_SECONDS = 1.0  # the synthetic upstream's stream length: the load it offers is set by its pace, not the CPU
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +47,11 @@ def pilotfish(portal, *args):
 
 @pytest.fixture(scope="module")
 def fast_upstream():
-    """benchmarks/proxy.py's asyncio SSE server: a stream of max_tokens events spread over 0.2 s."""
+    """benchmarks/proxy.py's asyncio SSE server: a stream of max_tokens events spread over STREAM_SECONDS."""
     port = free_port()
     env = dict(os.environ, PILOTFISH_PORT=str(port), PILOTFISH_API_KEY="fast-key", PILOTFISH_MODEL=MODEL)
     process = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "proxy.py"), "--serve-upstream",
-                                "--stream-seconds", "0.2"], env=env, stdout=subprocess.DEVNULL,
+                                "--stream-seconds", str(STREAM_SECONDS)], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
 
     def listening():
@@ -67,22 +68,30 @@ def fast_upstream():
 
 
 def test_the_client_is_not_the_bottleneck(fast_upstream):
-    """64 streams at once against an upstream whose streams last 0.2 s: the ideal is 320 requests/s. A CPU vLLM
-    serves a few requests a second; the client must carry far more, with the concurrency asked for."""
-    spec = LoadSpec(base_url=fast_upstream, model=MODEL, clients=64, requests=640, prompt_len=16, max_tokens=16,
-                    api="chat")
+    """64 streams at once against an upstream whose streams last 1 s: the ideal is 64 requests/s, an offered load
+    well below what the client and the upstream can carry together on any machine (this 2-core one did ~315
+    requests/s with 0.2 s streams), so the rate reached shows whether the client keeps pace, not how fast the
+    machine is. A CPU vLLM serves a few requests a second; the client must carry far more, with the concurrency
+    asked for, and stay far from saturating its core."""
+    clients, requests, max_tokens = 64, 256, 16
+    spec = LoadSpec(base_url=fast_upstream, model=MODEL, clients=clients, requests=requests, prompt_len=16,
+                    max_tokens=max_tokens, api="chat")
+    ideal = clients / STREAM_SECONDS
     figures = run_load(spec, "fast-key")
-    print(f"synthetic upstream: {figures['requests_per_second']:.0f} requests/s (ideal 320), "
+    print(f"synthetic upstream: {figures['requests_per_second']:.1f} requests/s (ideal {ideal:g}), "
           f"{figures['output_tokens_per_second']:.0f} tokens/s, TTFT p50 {figures['ttft_seconds']['p50'] * 1000:.1f} ms, "
           f"client CPU {figures['client_cpu_seconds']:.2f} s over {figures['wall_seconds']:.2f} s")
-    check_load_figures(figures, clients=64, requests=640)
+    check_load_figures(figures, clients=clients, requests=requests)
     assert figures["token_source"] == "usage"  # the client asks for usage; this upstream reports it as vLLM does
-    assert figures["output_tokens"] == 640 * 16
-    # Measured on the shared 2-core machine: ~300 requests/s, client CPU ~25 % of the wall time, TTFT p50 ~2 ms.
-    # The bounds leave room for other work on the machine; a tiny vLLM on a CPU did 12 requests/s at 4 clients.
-    assert figures["requests_per_second"] >= 0.5 * 320
-    assert figures["client_cpu_seconds"] < 0.75 * figures["wall_seconds"]  # headroom: the client is not saturated
-    assert figures["ttft_seconds"]["p50"] < 0.1
+    assert figures["output_tokens"] == requests * max_tokens
+    # The upstream paces every stream, so a client that keeps up reaches the ideal rate whatever the machine's
+    # speed (measured here: ~99 % of it, the client's CPU ~2 % of the wall time). A client that fell behind its
+    # streams (blocking its loop, or serializing the requests) shows as a lower rate and a longer first token.
+    assert figures["requests_per_second"] >= 0.8 * ideal
+    assert figures["client_cpu_seconds"] < 0.25 * figures["wall_seconds"]  # headroom: the client is not saturated
+    # The first event leaves the upstream at once and the second one interval later: the first token is read
+    # before the upstream sends the next one.
+    assert figures["ttft_seconds"]["p50"] < STREAM_SECONDS / max_tokens
 
 
 def test_errors_are_counted_by_kind(fast_upstream):

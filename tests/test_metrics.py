@@ -179,7 +179,7 @@ from portal import metrics
 from portal.proxy import recording
 from portal.proxy.usage import usage_reader
 
-ROUNDS = 3000
+ROUNDS = 1000
 answer = json.dumps({"id": "x", "choices": [{"message": {"content": "tok " * 50}}],
                      "usage": {"prompt_tokens": 12, "completion_tokens": 50, "total_tokens": 62}}).encode()
 events = [b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"tok%d "},"finish_reason":null}]}\n\n' % i
@@ -216,25 +216,23 @@ def plain():
 def streamed():
     relay(stream_body, sse_headers, events + [usage_event, done])
 
-def passthrough(chunks):
-    for _ in chunks:
-        pass
+def parse_stream(chunks):  # the reference: decoding every event of the stream once, as the proxy does not
+    for chunk in chunks:
+        if chunk.startswith(b"data: {"):
+            json.loads(chunk[6:])
 
-def per_call(function, *args):
-    function(*args)
-    best = None
-    for _ in range(3):
+stream_chunks = events + [usage_event, done]
+timed = {"plain_us": (plain,), "stream_us": (streamed,), "parse_stream_us": (parse_stream, stream_chunks)}
+best = {}
+for _ in range(5):  # interleaved, so a busy moment of the machine weighs on the hooks and the reference alike
+    for name, (function, *args) in timed.items():
+        function(*args)
         started = time.perf_counter()
         for _ in range(ROUNDS):
             function(*args)
-        elapsed = (time.perf_counter() - started) / ROUNDS
-        best = elapsed if best is None else min(best, elapsed)
-    return best
-
-stream_chunks = events + [usage_event, done]
-print(json.dumps({"plain_us": per_call(plain) * 1e6, "stream_us": per_call(streamed) * 1e6,
-                  "stream_without_hooks_us": per_call(passthrough, stream_chunks) * 1e6,
-                  "multiprocess": metrics.os.environ.get(metrics.MULTIPROCESS_ENV) is not None}))
+        elapsed = (time.perf_counter() - started) / ROUNDS * 1e6
+        best[name] = min(best.get(name, elapsed), elapsed)
+print(json.dumps(dict(best, multiprocess=metrics.os.environ.get(metrics.MULTIPROCESS_ENV) is not None)))
 """
 
 
@@ -248,9 +246,12 @@ def test_proxy_bookkeeping_costs_microseconds(tmp_path):
     assert out.returncode == 0, out.stderr
     costs = json.loads(out.stdout)
     print(f"proxy bookkeeping per request: JSON answer {costs['plain_us']:.1f} us, "
-          f"stream of 20 events + usage {costs['stream_us']:.1f} us "
-          f"(relaying those chunks alone: {costs['stream_without_hooks_us']:.1f} us)")
+          f"stream of 20 events + usage {costs['stream_us']:.1f} us; "
+          f"json.loads of that stream's events: {costs['parse_stream_us']:.1f} us")
     assert costs["multiprocess"]
-    # Generous bounds for a shared 2-core machine; the proxy itself adds about 0.3 ms per request.
-    assert costs["plain_us"] < 100
-    assert costs["stream_us"] < 250
+    # Against a reference timed in the same process, so the bounds hold on a slower or faster machine: measured
+    # on the shared 2-core machine, the JSON answer's hooks cost ~0.25 and the stream's ~0.65 of decoding the
+    # stream's events once (10 and 26 us against 40 us). The bounds allow 2.5 times that for other CPUs and
+    # Python builds; hooks 5 times costlier fail. The proxy itself adds about 0.3 ms per request.
+    assert costs["plain_us"] < 0.6 * costs["parse_stream_us"]
+    assert costs["stream_us"] < 1.6 * costs["parse_stream_us"]

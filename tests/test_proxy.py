@@ -92,8 +92,12 @@ def test_streaming_chunks_arrive_while_the_upstream_is_still_sending(client):
     # The upstream pauses 0.2 s between tokens: the first arrives long before the last is sent.
     first, last = arrivals[0][0] - started, arrivals[-1][0] - started
     assert last - first >= 0.9, (first, last)
-    lags = [arrived - chunk.model_extra["sent_at"] for arrived, chunk in arrivals if chunk.choices]
-    assert max(lags) < 0.15, lags
+    # Each token reaches the client before the upstream sends the next one (0.2 s later, however fast the machine):
+    # nothing is held back for the tokens after it.
+    tokens = [(arrived, chunk.model_extra["sent_at"]) for arrived, chunk in arrivals if chunk.choices]
+    assert all(arrived < next_sent for (arrived, _), (_, next_sent) in zip(tokens, tokens[1:])), \
+        [(round(arrived - sent, 3), round(next_sent - sent, 3)) for (arrived, sent), (_, next_sent) in
+         zip(tokens, tokens[1:])]
 
 
 def test_per_service_base_url(portal, chat_service):

@@ -68,9 +68,11 @@ def test_slurmctld_outage_is_reported_and_recovered(slurm_cluster, start_portal,
         condition = wait_for(reported, timeout=90, interval=1, what="the scheduler condition to turn unreachable")
         assert "unreachable" in condition["message"].lower()
         assert requests.get(portal.url + "/health", timeout=10).json()["scheduler"] == "unreachable"
+        # The listing does not wait on the scheduler: with slurmctld down, squeue gives up only after about
+        # MessageTimeout-1 s (9 s with the test cluster's 10), and a listing on a slow, busy machine takes far less.
         started = time.monotonic()
         listing = portal.request("GET", "/api/services", timeout=10)
-        assert listing.status_code == 200 and time.monotonic() - started < 2
+        assert listing.status_code == 200 and time.monotonic() - started < 5
         assert portal.service(service["id"])["state"] == "RUNNING"
         # Launching now fails with a clear 503, and records why.
         refused = portal.launch(name="while-down")

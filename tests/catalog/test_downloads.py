@@ -177,6 +177,7 @@ def test_progress_is_read_from_disk_and_cancel_stops_the_transfer(dirs):
     files = sharded_big(shards=3, shard_bytes=256 * 1024)
     total = disk(files)
     with FakeHub(throttle=800_000) as hub:
+        hub.hold_weights_after = 1  # the second shard stops after its first chunk until the cancel: on any machine
         hub.add_repo("org/big", files)
         mgr = models.DownloadManager(home_dir=home, endpoint=hub.url, max_workers=1)
         task = mgr.start("org/big")
@@ -185,6 +186,7 @@ def test_progress_is_read_from_disk_and_cancel_stops_the_transfer(dirs):
         # Files land one by one (max_workers=1): progress is a sum of whole files so far, until the transfer is cut.
         shard = len(files["model-00001-of-00003.safetensors"])
         wait_for(lambda: task.bytes_done >= shard, timeout=20, what="a first shard on disk")
+        wait_for(lambda: hub.weights_asked == 2, timeout=20, what="the second shard asked for")
         assert task.state == "running" and task.bytes_done < total
         with pytest.raises(ConflictError, match=r"^model: org/big is already downloading to "):
             mgr.start("org/big")
@@ -192,7 +194,9 @@ def test_progress_is_read_from_disk_and_cancel_stops_the_transfer(dirs):
         assert (task.state, task.error_code) == ("cancelled", "cancelled")
         sent = hub.bytes_sent
         assert sent < total
-        # The server may still push a chunk or two into the socket before it notices the peer is gone; then nothing.
+        # The held body goes on now: the server may still push a chunk or two into the socket before it notices the
+        # peer is gone; then nothing. Had the transfer not been cut, the rest would flow (0.3 s a shard).
+        hub.release.set()
         time.sleep(1.0)
         settled = hub.bytes_sent
         time.sleep(0.6)

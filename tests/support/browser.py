@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
 
 from playwright.sync_api import Page, sync_playwright
@@ -106,3 +107,65 @@ def watch_streamed_answer(page: Page, timeout: float = 60, interval: float = 0.0
             break
         time.sleep(interval)
     return seen, answer.text_content(), bubble.get_attribute("data-state")
+
+
+# In the page: every text the playground's next answer shows while it streams, from the DOM changes themselves (the
+# playground sets the answer's textContent per token: a childList change holding the whole text so far). `moment`
+# counts the observer's callbacks: changes made in one task (one read of the stream) share a moment.
+RECORD_ANSWER_JS = """() => {
+    const log = document.getElementById("chat-log");
+    const recorded = window.pilotfishStreamedAnswer = {changes: [], started: null, ended: null, state: null};
+    let moment = 0;
+    const isAnswer = (node) => node.nodeType === 1 && node.matches(".chat-message.from-assistant");
+    new MutationObserver((records) => {
+        const now = performance.now();
+        moment += 1;
+        for (const record of records) {
+            if (record.type === "attributes" && isAnswer(record.target)) {
+                if (record.oldValue === null && recorded.started === null) recorded.started = now;
+                if (record.oldValue === "streaming") {
+                    recorded.ended = now;
+                    recorded.state = record.target.getAttribute("data-state");
+                }
+            } else if (record.type === "childList" && record.target.matches(".chat-text")
+                       && isAnswer(record.target.parentElement) && recorded.started !== null
+                       && recorded.ended === null) {
+                const text = Array.from(record.addedNodes, (node) => node.textContent).join("");
+                if (text) recorded.changes.push({moment, at: now, text});
+            }
+        }
+    }).observe(log, {subtree: true, childList: true, attributes: true, attributeFilter: ["data-state"],
+                     attributeOldValue: true});
+}"""
+
+
+@dataclass
+class StreamedAnswer:
+    """What the playground's answer showed while it streamed: `texts` in order, `moments` (the page task each was
+    made in), `times` (ms) and `started`/`ended` (ms, the answer set streaming and then ended); its final text and
+    state."""
+    texts: List[str]
+    moments: List[int]
+    times: List[float]
+    started: float
+    ended: float
+    final: str
+    state: str
+
+
+def record_streamed_answer(page: Page) -> None:
+    """Record, in the page, every text change of the playground's next answer while it streams. Call it before
+    sending the message; read the record with `recorded_streamed_answer`. Nothing is sampled, so a fast engine
+    (fewer, quicker tokens) loses no text."""
+    page.evaluate(RECORD_ANSWER_JS)
+
+
+def recorded_streamed_answer(page: Page, timeout: float = 60) -> StreamedAnswer:
+    """Wait until the answer recorded by `record_streamed_answer` ends, and return what it showed."""
+    page.wait_for_function("() => window.pilotfishStreamedAnswer.ended !== null", timeout=timeout * 1000)
+    recorded = page.evaluate("() => window.pilotfishStreamedAnswer")
+    changes = recorded["changes"]
+    return StreamedAnswer(texts=[change["text"] for change in changes], moments=[change["moment"] for change in changes],
+                          times=[change["at"] for change in changes], started=recorded["started"],
+                          ended=recorded["ended"], final=page.locator(".chat-message.from-assistant .chat-text").last
+                          .text_content(), state=recorded["state"])

@@ -39,13 +39,18 @@ def read_folder(folder: Path) -> Dict[str, bytes]:
 
 
 class FakeHub:
-    """A threaded HTTP server holding repos in memory. `throttle` (bytes/s) slows file bodies down."""
+    """A threaded HTTP server holding repos in memory. `throttle` (bytes/s) slows file bodies down. With
+    `hold_weights_after` = N, the bodies of weight files (LFS suffixes) after the first N asked for stop after their
+    first chunk until `release` is set: a transfer stays in flight for as long as a test needs, on any machine."""
 
     def __init__(self, throttle: Optional[int] = None, hide_sizes: bool = False):
         self.repos: Dict[str, dict] = {}
         self.granted_tokens = {"hf_granted"}  # tokens allowed into gated repos
         self.throttle = throttle
         self.hide_sizes = hide_sizes  # model info without sizes (so the client cannot plan disk space)
+        self.hold_weights_after: Optional[int] = None
+        self.release = threading.Event()
+        self.weights_asked = 0
         self.requests = []  # (method, path, Authorization header)
         self.bytes_sent = 0
         self._lock = threading.Lock()
@@ -79,7 +84,8 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
-        """Stop listening (idempotent)."""
+        """Stop listening (idempotent); held bodies go on."""
+        self.release.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -216,11 +222,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if method == "HEAD":
             return
-        self._stream(data[start:])
+        held = False
+        if name.endswith(LFS_SUFFIXES):
+            with self.hub._lock:
+                self.hub.weights_asked += 1
+                held = self.hub.hold_weights_after is not None and self.hub.weights_asked > self.hub.hold_weights_after
+        self._stream(data[start:], held)
 
-    def _stream(self, body: bytes) -> None:
+    def _stream(self, body: bytes, held: bool = False) -> None:
         hub, chunk = self.hub, 16384
         for offset in range(0, len(body), chunk):
+            if held and offset:
+                hub.release.wait(120)
+                held = False
             piece = body[offset:offset + chunk]
             try:
                 self.wfile.write(piece)

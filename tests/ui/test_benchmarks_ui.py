@@ -71,6 +71,26 @@ def figure_text(page: Page, name: str) -> str:
     return page.locator(f'#figures-table tr[data-figure="{name}"] td').text_content()
 
 
+# In every document of a page, from its start: each time one of a run page's parts is shown or hidden, with the
+# state its badge said then. Nothing is sampled, so a run that ends before the test looks is still seen running.
+RECORD_SHOWN_JS = """(() => {
+    const changes = window.pilotfishShown = [];
+    new MutationObserver((records) => {
+        for (const record of records) {
+            const wasHidden = record.oldValue !== null, hidden = record.target.hidden;
+            if (!record.target.id || wasHidden === hidden) continue;
+            const badge = document.getElementById("state-badge");
+            changes.push([record.target.id, hidden ? "hidden" : "shown", badge ? badge.textContent.trim() : null]);
+        }
+    }).observe(document, {subtree: true, attributes: true, attributeFilter: ["hidden"], attributeOldValue: true});
+})()"""
+
+
+def shown_and_hidden(page: Page, element_id: str) -> list:
+    """The times `element_id` was shown or hidden in this document, each with the run's state then."""
+    return [[change, state] for element, change, state in page.evaluate("window.pilotfishShown") if element == element_id]
+
+
 def test_a_load_from_the_form_runs_to_its_figures_and_histograms(ui_portal, bench_service, browser):
     portal, service = ui_portal, bench_service
     base = prefix(portal)
@@ -102,7 +122,8 @@ def test_a_load_from_the_form_runs_to_its_figures_and_histograms(ui_portal, benc
     expect(problem_of(page, "max_tokens")).to_have_text("expected a whole number from 1 to 32768, got 'lots'")
     assert portal.request("GET", "/api/benchmarks").json()["benchmarks"] == []
 
-    # A load of 4 clients: the page follows it to the end by itself.
+    # A load of 4 clients (about 3 s): the page follows it to the end by itself.
+    page.add_init_script(RECORD_SHOWN_JS)
     page.get_by_label("Max tokens").fill("8")
     page.get_by_label("Prompt length").fill("8")
     page.get_by_role("button", name="Start the benchmark").click()
@@ -112,12 +133,16 @@ def test_a_load_from_the_form_runs_to_its_figures_and_histograms(ui_portal, benc
     page.evaluate("window.stillTheSamePage = true")
     check_page(page, base, f"Benchmark {run_id}", f"Benchmark {run_id}")
     assert page.evaluate("JSON.parse(document.getElementById('initial-run').textContent).state") == "RUNNING"
-    expect(page.locator("#progress-section")).to_be_visible()
-    expect(page.get_by_role("button", name="Cancel")).to_be_visible()
     expect(page.locator("#state-badge")).to_have_text("DONE", timeout=60_000)
     assert navigations == [] and page.evaluate("window.stillTheSamePage") is True
     expect(page.locator("#progress-section")).to_be_hidden()
+    expect(page.get_by_role("button", name="Cancel")).to_be_hidden()
     expect(page.get_by_role("button", name="Delete")).to_be_visible()
+    # As recorded by the page itself, however soon the run ended: progress and Cancel were shown while it ran, and
+    # hidden when it was done, when Delete came.
+    assert shown_and_hidden(page, "progress-section") == [["shown", "RUNNING"], ["hidden", "DONE"]]
+    assert shown_and_hidden(page, "cancel-button") == [["shown", "RUNNING"], ["hidden", "DONE"]]
+    assert shown_and_hidden(page, "delete-button") == [["shown", "DONE"]]
 
     run = portal.request("GET", f"/api/benchmarks/{run_id}").json()
     result = run["result"]
