@@ -259,15 +259,21 @@ def test_a_requeued_job_on_a_preemptible_partition_comes_back_without_losing_the
         "kind": "text-generation", "model": "test/tiny", "resources": {"partition": "remote"}}).json()
     assert "--requeue" in plan["sbatch"] and "--no-requeue" not in plan["sbatch"], plan["sbatch"]
 
-    def requeue(job_id):
+    def requeue(job_id, seen):
+        """Requeue the job as preemption does, held in the queue until the portal has seen it back there (`seen`
+        waits for that and returns what it saw), then let it run again."""
         def run(*command):
             result = subprocess.run(command, capture_output=True, text=True, timeout=30)
             assert result.returncode == 0, result.stderr
             return result.stdout.strip()
-        run("scontrol", "requeue", job_id)
-        wait_for(lambda: run("squeue", "--noheader", f"--jobs={job_id}", "--format=%T") == "PENDING", timeout=30,
-                 what=f"job {job_id} back in the queue")
-        run("scontrol", "update", f"jobid={job_id}", "StartTime=now")  # not waiting out Slurm's requeue delay
+        run("scontrol", "requeuehold", job_id)
+        try:
+            wait_for(lambda: run("squeue", "--noheader", f"--jobs={job_id}", "--format=%T") == "PENDING",
+                     timeout=30, what=f"job {job_id} back in the queue")
+            return seen()
+        finally:
+            run("scontrol", "release", job_id)
+            run("scontrol", "update", f"jobid={job_id}", "StartTime=now")  # not waiting out Slurm's requeue delay
 
     def chat():
         return portal.request("POST", "/v1/chat/completions", json={
@@ -276,8 +282,7 @@ def test_a_requeued_job_on_a_preemptible_partition_comes_back_without_losing_the
     # One job: PENDING while requeued, then RUNNING again, same service.
     single = portal.launch(name="preempted", resources={"partition": "remote"}).json()
     job_id = portal.wait_state(single["id"], "RUNNING", timeout=90)["job_id"]
-    requeue(job_id)
-    pending = portal.wait_state(single["id"], "PENDING", timeout=30)
+    pending = requeue(job_id, lambda: portal.wait_state(single["id"], "PENDING", timeout=30))
     assert pending["reason"].startswith(f"job {job_id} was requeued (preempted): waiting in the queue again")
     assert pending["endpoint"] is None
     back = portal.wait_state(single["id"], "RUNNING", timeout=120)
@@ -290,9 +295,9 @@ def test_a_requeued_job_on_a_preemptible_partition_comes_back_without_losing_the
     service = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 2 else None)(portal.service(pair["id"])),
                        timeout=120, what="both jobs to serve")
     first, second = serving_jobs(service)
-    requeue(first)
-    taken = wait_for(lambda: (lambda s: s if s["job_id"] == second else None)(portal.service(pair["id"])),
-                     timeout=30, what="the replica to take over")
+    taken = requeue(first, lambda: wait_for(
+        lambda: (lambda s: s if s["job_id"] == second else None)(portal.service(pair["id"])), timeout=30,
+        what="the replica to take over"))
     assert taken["state"] == "RUNNING" and events(taken, f"job {first} was requeued (preempted): replica generation")
     assert all(chat().status_code == 200 for _ in range(5))
     again = wait_for(lambda: (lambda s: s if sorted(serving_jobs(s)) == sorted([first, second]) else None)(
