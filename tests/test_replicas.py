@@ -4,6 +4,7 @@ server is killed, requests not yet sent go to the other, and the dead one is rep
 one job to two, and back to one when the load stops."""
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ from tests.support.streaming_load import StreamingLoad
 
 pytestmark = pytest.mark.slurm
 
+HOST = socket.gethostname().split(".")[0]  # the test cluster's first node (tests/cluster/start.sh: hostname -s)
 UPSTREAM = f"{sys.executable} {REPO / 'tests' / 'support' / 'openai_upstream.py'} --token-delay 0.05"
 
 
@@ -202,7 +204,7 @@ def test_when_a_replicas_node_goes_down_requests_go_to_the_other_and_it_is_repla
     service = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 2 else None)(portal.service(service_id)),
                        timeout=120, what="both jobs to serve")
     nodes = {service["node"]} | {job["node"] for job in service["jobs"] if job["phase"] == "replica"}
-    assert nodes == {"vm", NODE2}, service  # one job on each node
+    assert nodes == {HOST, NODE2}, service  # one job on each node
     on_node2 = service["job_id"] if service["node"] == NODE2 else next(
         job["job_id"] for job in service["jobs"] if job["node"] == NODE2)
     try:
@@ -221,7 +223,7 @@ def test_when_a_replicas_node_goes_down_requests_go_to_the_other_and_it_is_repla
         assert all(s.started <= killed_at for s in cut) and len(cut) <= 8, cut
         given_up = wait_for(lambda: (lambda s: s if len(events(s, "(below the minimum of 2)")) == 2 else None)(
             portal.service(service_id)), timeout=60, what="a replacement to be submitted")
-        assert given_up["state"] == "RUNNING" and given_up["node"] == "vm"
+        assert given_up["state"] == "RUNNING" and given_up["node"] == HOST
         assert events(given_up, f"(job {on_node2}) stopped answering") or events(
             given_up, f"took over from job {on_node2}"), [e["reason"] for e in given_up["events"]]
         print(f"node2 down: {len(cut)} streams cut, {len(after)} whole after", file=sys.stderr)
@@ -231,7 +233,7 @@ def test_when_a_replicas_node_goes_down_requests_go_to_the_other_and_it_is_repla
     back = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 2 else None)(portal.service(service_id)),
                     timeout=180, what="the replacement to serve on node2")
     replica_nodes = [job["node"] for job in back["jobs"] if job["phase"] == "replica" and job["ready_at"]]
-    assert back["node"] == "vm" and replica_nodes == [NODE2], back
+    assert back["node"] == HOST and replica_nodes == [NODE2], back
     portal.request("POST", f"/api/services/{service_id}/stop")
     portal.wait_state(service_id, "STOPPED", timeout=60)
 
