@@ -211,21 +211,30 @@ def test_the_directory_notes_requests_in_flight_and_sets_no_timer_when_quiet(app
                 db.session.remove()
 
     directory = ServiceDirectory(tmp_path, app)
+    slack = timedelta(milliseconds=1)
+
+    async def until(predicate, what: str, timeout: float = 10):
+        """Poll `predicate` without holding up the event loop (the timer runs on it) until it returns a truthy
+        value."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not (value := predicate()):
+            if asyncio.get_running_loop().time() > deadline:
+                pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+            await asyncio.sleep(0.05)
+        return value
 
     async def traffic():
         directory.begin("0000000000d1")  # a long stream
         assert directory._timer is not None
-        await asyncio.sleep(0.5)
-        seen_in_flight = last_activity()
-        await asyncio.sleep(0.5)
-        assert last_activity() > seen_in_flight  # kept fresh while in flight
+        seen_in_flight = await until(last_activity, "the activity of a request in flight to be written")
+        await until(lambda: last_activity() > seen_in_flight, "it to be written again while the request lasts")
         directory.end("0000000000d1")
+        before = utcnow()
         directory.begin("0000000000d1")  # a short request right after: its end is written by the timer, later
         directory.end("0000000000d1")
         assert "0000000000d1" in directory._pending  # not written by the request: the timer writes it
         ended = utcnow()
-        await asyncio.sleep(0.5)
-        assert abs((last_activity() - ended).total_seconds()) < 0.1
+        await until(lambda: before - slack <= last_activity() <= ended + slack, "the timer to write the request's end")
         assert directory._timer is None  # nothing in flight, nothing to write: no timer
         return seen_in_flight
 

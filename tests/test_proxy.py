@@ -574,25 +574,27 @@ def test_routes_are_never_older_than_the_bound_after_a_quiet_spell(portal):
 def test_each_request_is_counted_for_whoever_made_it(portal, chat_service):
     """Two named keys and the owner: /api/usage counts each one's requests, errors and tokens exactly, and the service's
     busy seconds grow (the stand-in answers 5 prompt tokens and one completion token per max_token)."""
-    from portal.usage_ledger import FLUSH_SECONDS
     keys = {}
-    for name in ("counted-a", "counted-b"):
+    for name in ("counted-a", "counted-b", "counted-mark"):
         created = portal.request("POST", "/api/keys", json={"name": name})
         assert created.status_code == 201, created.text
         keys[name] = created.json()["key"]
-    time.sleep(FLUSH_SECONDS + 1)  # what earlier tests sent is written by now
 
     def usage_of(principal):
         rows = {row["principal"]: row for row in portal.request("GET", "/api/usage").json()["rows"]}
         return rows.get(principal, {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0})
 
-    owner_before = usage_of("owner")
-    busy_before = portal.request("GET", f"/api/services/{chat_service['id']}/cost").json()
-
     def api(token):
         return openai.OpenAI(base_url=f"{portal.url}/v1", api_key=token, max_retries=0)
 
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    # What earlier tests sent is written before the baselines are read: the portal's one worker writes everything it
+    # counted in one go, so once a request made after them is counted, they are too.
+    assert portal.workers == 1
+    api(keys["counted-mark"]).chat.completions.create(**chat, max_tokens=1)
+    wait_for(lambda: usage_of("key:counted-mark")["requests"] == 1, timeout=15, what="the marking request's count")
+    owner_before = usage_of("owner")
+    busy_before = portal.request("GET", f"/api/services/{chat_service['id']}/cost").json()
     owner = api(portal.token)
     for _ in range(3):
         owner.chat.completions.create(**chat, max_tokens=3)

@@ -5,6 +5,7 @@ one job to two, and back to one when the load stops."""
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from tests.support.streaming_load import StreamingLoad
 
 pytestmark = pytest.mark.slurm
 
+HOST = socket.gethostname().split(".")[0]  # the test cluster's first node (tests/cluster/start.sh: hostname -s)
 UPSTREAM = f"{sys.executable} {REPO / 'tests' / 'support' / 'openai_upstream.py'} --token-delay 0.05"
 
 
@@ -206,7 +208,7 @@ def test_when_a_replicas_node_goes_down_requests_go_to_the_other_and_it_is_repla
     service = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 2 else None)(portal.service(service_id)),
                        timeout=120, what="both jobs to serve")
     nodes = {service["node"]} | {job["node"] for job in service["jobs"] if job["phase"] == "replica"}
-    assert nodes == {"vm", NODE2}, service  # one job on each node
+    assert nodes == {HOST, NODE2}, service  # one job on each node
     on_node2 = service["job_id"] if service["node"] == NODE2 else next(
         job["job_id"] for job in service["jobs"] if job["node"] == NODE2)
     try:
@@ -225,7 +227,7 @@ def test_when_a_replicas_node_goes_down_requests_go_to_the_other_and_it_is_repla
         assert all(s.started <= killed_at for s in cut) and len(cut) <= 8, cut
         given_up = wait_for(lambda: (lambda s: s if len(events(s, "(below the minimum of 2)")) == 2 else None)(
             portal.service(service_id)), timeout=60, what="a replacement to be submitted")
-        assert given_up["state"] == "RUNNING" and given_up["node"] == "vm"
+        assert given_up["state"] == "RUNNING" and given_up["node"] == HOST
         assert events(given_up, f"(job {on_node2}) stopped answering") or events(
             given_up, f"took over from job {on_node2}"), [e["reason"] for e in given_up["events"]]
         print(f"node2 down: {len(cut)} streams cut, {len(after)} whole after", file=sys.stderr)
@@ -235,7 +237,7 @@ def test_when_a_replicas_node_goes_down_requests_go_to_the_other_and_it_is_repla
     back = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 2 else None)(portal.service(service_id)),
                     timeout=180, what="the replacement to serve on node2")
     replica_nodes = [job["node"] for job in back["jobs"] if job["phase"] == "replica" and job["ready_at"]]
-    assert back["node"] == "vm" and replica_nodes == [NODE2], back
+    assert back["node"] == HOST and replica_nodes == [NODE2], back
     portal.request("POST", f"/api/services/{service_id}/stop")
     portal.wait_state(service_id, "STOPPED", timeout=60)
 
@@ -263,15 +265,21 @@ def test_a_requeued_job_on_a_preemptible_partition_comes_back_without_losing_the
         "kind": "text-generation", "model": "test/tiny", "resources": {"partition": "remote"}}).json()
     assert "--requeue" in plan["sbatch"] and "--no-requeue" not in plan["sbatch"], plan["sbatch"]
 
-    def requeue(job_id):
+    def requeue(job_id, seen):
+        """Requeue the job as preemption does, held in the queue until the portal has seen it back there (`seen`
+        waits for that and returns what it saw), then let it run again."""
         def run(*command):
             result = subprocess.run(command, capture_output=True, text=True, timeout=30)
             assert result.returncode == 0, result.stderr
             return result.stdout.strip()
-        run("scontrol", "requeue", job_id)
-        wait_for(lambda: run("squeue", "--noheader", f"--jobs={job_id}", "--format=%T") == "PENDING", timeout=30,
-                 what=f"job {job_id} back in the queue")
-        run("scontrol", "update", f"jobid={job_id}", "StartTime=now")  # not waiting out Slurm's requeue delay
+        run("scontrol", "requeuehold", job_id)
+        try:
+            wait_for(lambda: run("squeue", "--noheader", f"--jobs={job_id}", "--format=%T") == "PENDING",
+                     timeout=30, what=f"job {job_id} back in the queue")
+            return seen()
+        finally:
+            run("scontrol", "release", job_id)
+            run("scontrol", "update", f"jobid={job_id}", "StartTime=now")  # not waiting out Slurm's requeue delay
 
     def chat():
         return portal.request("POST", "/v1/chat/completions", json={
@@ -280,8 +288,7 @@ def test_a_requeued_job_on_a_preemptible_partition_comes_back_without_losing_the
     # One job: PENDING while requeued, then RUNNING again, same service.
     single = portal.launch(name="preempted", resources={"partition": "remote"}).json()
     job_id = portal.wait_state(single["id"], "RUNNING", timeout=90)["job_id"]
-    requeue(job_id)
-    pending = portal.wait_state(single["id"], "PENDING", timeout=30)
+    pending = requeue(job_id, lambda: portal.wait_state(single["id"], "PENDING", timeout=30))
     assert pending["reason"].startswith(f"job {job_id} was requeued (preempted): waiting in the queue again")
     assert pending["endpoint"] is None
     back = portal.wait_state(single["id"], "RUNNING", timeout=120)
@@ -294,9 +301,9 @@ def test_a_requeued_job_on_a_preemptible_partition_comes_back_without_losing_the
     service = wait_for(lambda: (lambda s: s if len(serving_jobs(s)) == 2 else None)(portal.service(pair["id"])),
                        timeout=120, what="both jobs to serve")
     first, second = serving_jobs(service)
-    requeue(first)
-    taken = wait_for(lambda: (lambda s: s if s["job_id"] == second else None)(portal.service(pair["id"])),
-                     timeout=30, what="the replica to take over")
+    taken = requeue(first, lambda: wait_for(
+        lambda: (lambda s: s if s["job_id"] == second else None)(portal.service(pair["id"])), timeout=30,
+        what="the replica to take over"))
     assert taken["state"] == "RUNNING" and events(taken, f"job {first} was requeued (preempted): replica generation")
     assert all(chat().status_code == 200 for _ in range(5))
     again = wait_for(lambda: (lambda s: s if sorted(serving_jobs(s)) == sorted([first, second]) else None)(

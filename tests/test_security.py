@@ -207,12 +207,14 @@ def test_a_session_of_an_earlier_token_is_refused(start_portal):
 
 
 def test_a_session_ends_with_the_open_ondemand_job(start_portal, monkeypatch):
-    monkeypatch.setenv("PILOTFISH_SESSION_END", f"{time.time() + 6:.0f}")
+    end = round(time.time()) + 40  # 30 s a portal may take to start, then room for the login and the first call
+    monkeypatch.setenv("PILOTFISH_SESSION_END", str(end))
     portal = start_portal("local")
     cookie, _ = login(portal)
     assert with_cookie(portal, "/api/services", cookie).status_code == 200
-    wait_for(lambda: with_cookie(portal, "/api/services", cookie).status_code == 401, timeout=15, interval=0.5,
+    wait_for(lambda: with_cookie(portal, "/api/services", cookie).status_code == 401, timeout=55, interval=0.5,
              what="the session to end with the job")
+    assert time.time() >= end - 1, "the session ended before the job did"
 
 
 # --- 12: the shared origin --------------------------------------------------------------------------------------

@@ -137,11 +137,11 @@ def test_a_flush_fails_whole_or_not_at_all(app, tmp_path):
 
 @pytest.fixture
 def impatient_app(tmp_path, site_config, monkeypatch):
-    """An app whose SQLite connections give up on a lock after 0.3 s (the portal waits 10 s)."""
+    """An app whose SQLite connections give up on a lock after 3 s (the portal waits 10 s)."""
     def pragmas(dbapi_connection, _record):
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=300")
+        cursor.execute("PRAGMA busy_timeout=3000")
         cursor.close()
 
     monkeypatch.setattr(portal_db, "_sqlite_pragmas", pragmas)
@@ -159,10 +159,15 @@ def test_a_locked_database_keeps_the_counts_and_a_brief_lock_is_waited_out(impat
     holder.execute("COMMIT")
     assert rows(app) == {}
     ledger.count("owner", "s1", "m", False, 1, 2)
-    holder.execute("BEGIN IMMEDIATE")  # held for less than the busy timeout: the flush waits for it
-    threading.Timer(0.1, holder.execute, ["COMMIT"]).start()
+    holder.execute("BEGIN IMMEDIATE")  # held for 1 s, 2 s less than the busy timeout: the flush waits for it
+    released = []
+    release = threading.Timer(1.0, lambda: (released.append(time.monotonic()), holder.execute("COMMIT")))
+    release.start()
+    flushing = time.monotonic()
     ledger.flush()
+    release.join()
     holder.close()
+    assert released[0] > flushing  # the lock was still held when the flush began
     assert rows(app) == {("2026-12-01", "owner", "m", "s1"): (2, 0, 2, 4)}
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import openai
 import pytest
@@ -103,7 +102,7 @@ def test_one_job_serves_the_base_and_each_adapter_and_greedy_answers_differ(adap
 
 def test_usage_and_key_limits_treat_an_adapter_as_a_model_of_its_own(adapters):
     """A key limited to the base may not call its adapters, and one limited to an adapter may not call the base:
-    each name is a model of its own. An adapter's requests are counted under its name."""
+    each name is a model of its own. An adapter's requests are counted under its name, the base's under its own."""
     from portal.usage_ledger import FLUSH_SECONDS
     portal = adapters.portal
 
@@ -117,6 +116,8 @@ def test_usage_and_key_limits_treat_an_adapter_as_a_model_of_its_own(adapters):
         adapters.api(base_only).chat.completions.create(model=FIRST, messages=QUESTION, max_tokens=2)
     assert refused.value.code == "model_not_allowed"
     assert [model.id for model in adapters.api(base_only).models.list()] == [TINY_LLAMA]
+    assert adapters.api(base_only).chat.completions.create(model=TINY_LLAMA, messages=QUESTION, max_tokens=2,
+                                                           extra_body={"ignore_eos": True}).usage.completion_tokens == 2
     assert [model.id for model in adapters.api(adapter_only).models.list()] == [FIRST]
     with pytest.raises(openai.PermissionDeniedError):
         adapters.api(adapter_only).chat.completions.create(model=TINY_LLAMA, messages=QUESTION, max_tokens=2)
@@ -129,9 +130,22 @@ def test_usage_and_key_limits_treat_an_adapter_as_a_model_of_its_own(adapters):
                               headers={"Authorization": f"Bearer {launcher}"})
     assert launched.status_code == 403, launched.text
     assert launched.json()["field"] == "adapters" and FIRST in launched.json()["error"]
-    time.sleep(FLUSH_SECONDS + 1)
-    rows = portal.request("GET", "/api/usage", params={"by": "model"}).json()["rows"]
-    by_model = {row["model"]: row for row in rows}
+
+    def usage_by_model(**params):
+        rows = portal.request("GET", "/api/usage", params={"by": "model", **params}).json()["rows"]
+        return {row["model"]: row for row in rows}
+
+    def counted():
+        adapter_rows = usage_by_model(principal="key:adapter-only")
+        base_rows = usage_by_model(principal="key:base-only")
+        return (adapter_rows[FIRST], base_rows[TINY_LLAMA]) if FIRST in adapter_rows and TINY_LLAMA in base_rows \
+            else None
+
+    adapter_calls, base_calls = wait_for(counted, timeout=FLUSH_SECONDS + 30, interval=0.5,
+                                         what="the adapter's and the base's calls to be counted")
+    assert (adapter_calls["requests"], adapter_calls["completion_tokens"]) == (1, 3), adapter_calls
+    assert (base_calls["requests"], base_calls["completion_tokens"]) == (1, 2), base_calls
+    by_model = usage_by_model()
     assert by_model[FIRST]["requests"] >= 1 and by_model[FIRST]["completion_tokens"] >= 3
     assert TINY_LLAMA in by_model
 
