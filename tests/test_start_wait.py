@@ -1,6 +1,6 @@
 """The Retry-After of a request to a service on its way up (portal/proxy/directory.py's start_wait): how long its last
-start took, less how long the current one has been going; 10 s for one that never answered, 5 s once overdue, never
-above 60 s (what the openai client honours). The real wake of a service scaled to zero, with the official client's own
+start took, less how long the current one has been going; 10 s for one that never answered, half its last start
+(at least 5 s) once overdue, never above 60 s (what the openai client honours). The real wake of a service scaled to zero, with the official client's own
 retries carrying a chat across it: tests/test_replicas.py."""
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ def service(state: str, submitted_ago=None, earlier=None) -> str:
 
 
 @pytest.mark.parametrize("state, submitted_ago, earlier, wait", [
-    (State.SCALED_TO_ZERO, None, 42.2, 43),  # asleep: the whole of its last start
-    (State.SUBMITTED, 10, 42.2, 33),  # on its way for 10 s
-    (State.STARTING, 50, 42.2, START_WAIT_OVERDUE),  # slower than last time
+    (State.SCALED_TO_ZERO, None, 42.2, 46),  # asleep: its last start, the reconciler's second, the 2 s margin
+    (State.SUBMITTED, 10, 42.2, 35),  # on its way for 10 s
+    (State.STARTING, 50, 42.2, 22),  # slower than last time: half the last start more
+    (State.STARTING, 12, 8.0, START_WAIT_OVERDUE),  # ... at least this
     (State.PENDING, 5, 600, START_WAIT_MAX),  # a long start: clients would not wait longer than this at once
     (State.STARTING, 5, None, START_WAIT_FIRST),  # its first start
 ])

@@ -299,15 +299,18 @@ def stored_state(service_id: str) -> Tuple[Optional[str], Optional[str]]:
 
 
 START_WAIT_FIRST = 10  # seconds: the Retry-After of a service that never answered yet
-START_WAIT_OVERDUE = 5  # seconds: the Retry-After of one that takes longer than its last start did
+START_WAIT_OVERDUE = 5  # seconds: the least Retry-After of one that takes longer than its last start did
 START_WAIT_MAX = 60  # the longest Retry-After clients honour (the openai client backs off on its own beyond it)
+START_WAIT_MARGIN = 2  # seconds added to an estimate: a retry a little late costs less than one a little early
 
 
 def start_wait(service_id: str) -> int:
     """The Retry-After, in seconds, of a request to a service that is starting or scaled to zero (needs an app
     context): how long its last start took, from submission to its first answer (an earlier job of its own: the one
-    before a scale to zero, a renewal's or a replica's), less how long the current one has been starting; between 1
-    and START_WAIT_MAX. START_WAIT_FIRST when none of its jobs answered yet, START_WAIT_OVERDUE once the time is past."""
+    before a scale to zero, a renewal's or a replica's), less how long the current one has been starting (one scaled
+    to zero: plus the reconciler's wait before it submits the job), plus START_WAIT_MARGIN. START_WAIT_FIRST when none of its jobs answered
+    yet; once the time is past, half the last start (at least START_WAIT_OVERDUE): a client that retries twice, as
+    the openai client does, then waits for a start half as long again as the last. At most START_WAIT_MAX."""
     try:
         service = db.session.query(Service.state, Service.submitted_at).filter_by(id=service_id).first() \
             if len(service_id) <= 16 else None
@@ -319,11 +322,15 @@ def start_wait(service_id: str) -> int:
     if service is None or last is None:
         return START_WAIT_FIRST
     expected = (last.ready_at - last.submitted_at).total_seconds()
-    elapsed = 0.0
-    if service.state != State.SCALED_TO_ZERO and service.submitted_at is not None:
-        elapsed = (utcnow() - service.submitted_at).total_seconds()
-    left = math.ceil(expected - elapsed)
-    return START_WAIT_OVERDUE if left < 1 else min(START_WAIT_MAX, left)
+    if service.state == State.SCALED_TO_ZERO:
+        left = expected + current_app.config["PILOTFISH"].fast_poll_interval + START_WAIT_MARGIN
+    elif service.submitted_at is not None:
+        left = expected - (utcnow() - service.submitted_at).total_seconds() + START_WAIT_MARGIN
+    else:
+        left = expected + START_WAIT_MARGIN
+    if left < 1:
+        left = max(START_WAIT_OVERDUE, expected / 2)
+    return min(START_WAIT_MAX, math.ceil(left))
 
 
 def not_served_detail(model: str) -> str:
