@@ -48,7 +48,10 @@ class Service(db.Model):
     ended_at = db.Column(db.DateTime)
     last_activity = db.Column(db.DateTime)  # the last proxied request (kept fresh while one is in flight)
     busy_seconds = db.Column(db.Float, nullable=False, default=0.0, server_default="0")  # with a request in flight
-    # (each worker's, added by portal/usage_ledger.py; the idle share of portal/service_cost.py)
+    # in any worker (portal/usage_ledger.py; the idle share of portal/service_cost.py); busy_spells_json: the spells
+    # counted in the last BUSY_MEMORY seconds ([start, end], epoch seconds), so that another worker's overlapping ones
+    # add only what they add to them
+    busy_spells_json = db.Column(db.Text, nullable=False, default="[]", server_default="[]")
     # How long it lives unused (portal/lifetimes.py): stopped after idle_timeout minutes without a request, or once
     # its lease (seconds) was neither renewed nor used for that long. stop_reason: why the portal was asked to stop it.
     idle_timeout = db.Column(db.Integer)

@@ -3,6 +3,12 @@ principal, model, service) in memory, and a background thread of the worker writ
 every FLUSH_SECONDS as additions (rows are aggregates, never one per request), with each service's busy seconds and
 each named key's last use.
 
+Busy seconds are the time a service had a request in flight in any worker: each worker notes its busy spells (start
+and end, epoch seconds), and a flush adds to busy_seconds only what they add to the spells already counted for the
+service in the last BUSY_MEMORY seconds (kept in its row, busy_spells_json, read and written under the database's
+write lock, taken first): two workers busy at the same time count that time once, whichever flushes first. A spell
+older than that memory (a flush held back for minutes) is counted whole.
+
 The proxy calls `count` on its event loop for every request it relayed: a dictionary update under a lock held for
 a microsecond, nothing more (benchmarks/usage_storage.py measures it). A flush takes what was counted, writes it in
 one transaction and, if that fails (the database locked past its busy timeout, or away), puts it back to be added
@@ -13,6 +19,7 @@ thread starts with the first count, sleeps while nothing is counted, and the wor
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -31,6 +38,9 @@ EXTENSION = "pilotfish.usage"  # app.extensions[EXTENSION]: the worker's UsageLe
 KEY_PRINCIPAL = "key:"  # a named key's principal: "key:<name>"
 DAY_SECONDS = 86400
 COUNTED = ("requests", "errors", "prompt_tokens", "completion_tokens")
+TOUCH = 1e-3  # seconds: busy spells this close are one
+BUSY_MEMORY = 120.0  # seconds: how long a service's counted busy spells are kept to be matched against other workers'
+
 
 Key = Tuple[str, str, str, str]  # (day, principal, model, service id)
 
@@ -48,7 +58,7 @@ class UsageLedger:
         self.clock = clock
         self.flush_seconds = flush_seconds
         self._counts: Dict[Key, List[int]] = {}
-        self._busy: Dict[str, float] = {}
+        self._busy: Dict[str, List[List[float]]] = {}  # service id -> its busy spells here, [start, end]
         self._last_use: Dict[str, float] = {}  # key name -> epoch seconds
         self._lock = threading.Lock()  # the counts: held for a dictionary update or a swap
         self._flush_lock = threading.Lock()  # one flush at a time (the thread's, a test's, the worker's last)
@@ -100,10 +110,16 @@ class UsageLedger:
             if not self._pending:
                 self._mark_pending()
 
-    def busy(self, service_id: str, seconds: float) -> None:
-        """`seconds` more during which the service had a request in flight in this worker."""
+    def busy(self, service_id: str, start: float, end: float) -> None:
+        """A spell (epoch seconds) during which the service had a request in flight in this worker."""
+        if end <= start:
+            return
         with self._lock:
-            self._busy[service_id] = self._busy.get(service_id, 0.0) + seconds
+            spells = self._busy.setdefault(service_id, [])
+            if spells and spells[-1][0] <= start <= spells[-1][1] + TOUCH:
+                spells[-1][1] = max(spells[-1][1], end)  # it goes on from the last one
+            else:
+                spells.append([start, end])
         if not self._pending:
             self._mark_pending()
 
@@ -154,7 +170,8 @@ class UsageLedger:
             self._counts, self._busy, self._last_use = {}, {}, {}
         return taken
 
-    def put_back(self, counts: Dict[Key, List[int]], busy: Dict[str, float], last_use: Dict[str, float]) -> None:
+    def put_back(self, counts: Dict[Key, List[int]], busy: Dict[str, List[List[float]]],
+                 last_use: Dict[str, float]) -> None:
         """Counts that could not be written, added to those counted since."""
         with self._lock:
             for key, values in counts.items():
@@ -164,8 +181,8 @@ class UsageLedger:
                 else:
                     for index, value in enumerate(values):
                         entry[index] += value
-            for service_id, seconds in busy.items():
-                self._busy[service_id] = self._busy.get(service_id, 0.0) + seconds
+            for service_id, spells in busy.items():
+                self._busy[service_id] = spells + self._busy.get(service_id, [])
             for name, at in last_use.items():
                 self._last_use[name] = max(at, self._last_use.get(name, 0.0))
         self._pending = True
@@ -194,19 +211,23 @@ class UsageLedger:
                 self._mark_used(last_use)
             return len(counts)
 
-    @staticmethod
-    def _write(counts: Dict[Key, List[int]], busy: Dict[str, float]) -> None:
-        """One transaction: each count added to its row (created at zero), each busy time to its service."""
+    def _write(self, counts: Dict[Key, List[int]], busy: Dict[str, List[List[float]]]) -> None:
+        """One transaction: each count added to its row (created at zero), each service's busy spells to it."""
         try:
             if counts:
                 rows = [{"day": day, "principal": principal, "model": model, "service_id": service_id,
                          **dict(zip(COUNTED, values))}
                         for (day, principal, model, service_id), values in counts.items()]
                 db.session.execute(_upsert(), rows)
-            if busy:
-                for service_id, seconds in busy.items():
-                    db.session.execute(update(Service).where(Service.id == service_id).values(
-                        busy_seconds=Service.busy_seconds + seconds).execution_options(synchronize_session=False))
+            for service_id, spells in busy.items():
+                row = update(Service).where(Service.id == service_id).execution_options(synchronize_session=False)
+                db.session.execute(row.values(busy_seconds=Service.busy_seconds))  # the write lock, before reading
+                counted = db.session.query(Service.busy_spells_json).filter(Service.id == service_id).scalar()
+                if counted is None:
+                    continue  # deleted since
+                added, kept = spells_added(json.loads(counted or "[]"), spells, self.clock() - BUSY_MEMORY)
+                db.session.execute(row.values(busy_seconds=Service.busy_seconds + added,
+                                              busy_spells_json=json.dumps(kept)))
             db.session.commit()
         except Exception:
             db.session.rollback()
@@ -259,3 +280,23 @@ def usage_ledger(app=None) -> UsageLedger:
         from flask import current_app
         app = current_app
     return app.extensions[EXTENSION]
+
+
+def merged(spells: List[List[float]]) -> List[List[float]]:
+    """The union of spells ([start, end]), as spells in order, none touching another."""
+    union: List[List[float]] = []
+    for start, end in sorted(spells):
+        if union and start <= union[-1][1] + TOUCH:
+            union[-1][1] = max(union[-1][1], end)
+        else:
+            union.append([start, end])
+    return union
+
+
+def spells_added(counted: List[List[float]], spells: List[List[float]], forget_before: float) -> Tuple[float, list]:
+    """(the seconds `spells` add to the spells already `counted`, the union to keep: its spells that end after
+    `forget_before`)."""
+    before = merged(counted)
+    after = merged(before + spells)
+    added = sum(end - start for start, end in after) - sum(end - start for start, end in before)
+    return max(0.0, added), [[round(start, 3), round(end, 3)] for start, end in after if end > forget_before]

@@ -273,7 +273,7 @@ def test_a_service_on_slurm_costs_its_run_time_times_its_allocation(slurm_cluste
     app = create_app({"home": portal.home, "site_config_path": portal.site_config})
     ledger = UsageLedger(app)
     ledger.count("owner", gpu["id"], gpu["model"], False, 300, 700)
-    ledger.busy(gpu["id"], 2.0)
+    ledger.busy(gpu["id"], time.time() - 2.0, time.time())
     ledger.flush()
     time.sleep(4)
     for service in (cpu, gpu):

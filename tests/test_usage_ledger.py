@@ -62,7 +62,7 @@ def test_counts_become_exactly_their_rows_and_later_flushes_add_to_them(app, tmp
         ledger.count("owner", "0123456789ab", "test/tiny", False, 5, 7)
     ledger.count("key:alice", "0123456789ab", "test/tiny", True, 4, 0)
     ledger.count("key:alice", "0123456789ab", "test/other", False, 1, 2)
-    ledger.busy("0123456789ab", 1.25)
+    ledger.busy("0123456789ab", NOON - 10, NOON - 8.75)
     assert rows(app) == {}  # nothing is written before a flush
     assert ledger.flush() == 3
     assert rows(app) == {("2026-12-01", "owner", "test/tiny", "0123456789ab"): (3, 0, 15, 21),
@@ -71,7 +71,7 @@ def test_counts_become_exactly_their_rows_and_later_flushes_add_to_them(app, tmp
     assert busy_seconds(app) == 1.25
     assert ledger.flush() == 0  # nothing new: nothing written again
     ledger.count("owner", "0123456789ab", "test/tiny", True, 10, 20)
-    ledger.busy("0123456789ab", 0.75)
+    ledger.busy("0123456789ab", NOON - 5, NOON - 4.25)
     assert ledger.flush() == 1
     assert rows(app)[("2026-12-01", "owner", "test/tiny", "0123456789ab")] == (4, 1, 25, 41)
     assert busy_seconds(app) == 2.0
@@ -121,7 +121,7 @@ def test_a_flush_fails_whole_or_not_at_all(app, tmp_path):
     add_service(app, tmp_path)
     ledger = UsageLedger(app, clock=lambda: NOON)
     ledger.count("key:bob", "0123456789ab", "m", False, 2, 3)
-    ledger.busy("0123456789ab", 4.0)
+    ledger.busy("0123456789ab", NOON - 4.0, NOON)
     with sqlite3.connect(database_path(app)) as connection:
         connection.execute("CREATE TRIGGER refuse BEFORE UPDATE ON services BEGIN SELECT RAISE(ABORT, 'refused'); "
                            "END")
@@ -211,7 +211,7 @@ WRITER = """
 import sys, time
 from portal.app import create_app
 from portal.usage_ledger import UsageLedger
-home, site, start, rounds = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+home, site, start, rounds, writer = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 app = create_app({"home": home, "site_config_path": site, "testing": True})
 ledger = UsageLedger(app, clock=lambda: 1796126400.0, flush_seconds=3600)  # 2026-12-01 12:00 UTC
 time.sleep(max(0.0, start - time.time()))
@@ -220,7 +220,8 @@ for n in range(rounds):
     for key in range(10):
         for _ in range(5):
             ledger.count(f"key:k{key}", "0123456789ab", "m", key % 2 == 0, 3, 7)
-    ledger.busy("0123456789ab", 0.5)
+    begins = 1796126400.0 - 115 + 0.75 * n + 0.25 * writer  # within the ledger's BUSY_MEMORY of its clock
+    ledger.busy("0123456789ab", begins, begins + 0.5)
     while True:
         try:
             ledger.flush()
@@ -236,8 +237,8 @@ def test_two_processes_flushing_the_same_rows_add_up_exactly(app, tmp_path, site
     rounds = 150
     start = time.time() + 3  # both have built their app by then
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "home"), str(site_config), str(start),
-                                 str(rounds)], cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for _ in range(2)]
+                                 str(rounds), str(writer)], cwd=str(REPO), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for writer in range(2)]
     for writer in writers:
         out, err = writer.communicate(timeout=120)
         assert writer.returncode == 0, err
@@ -247,4 +248,31 @@ def test_two_processes_flushing_the_same_rows_add_up_exactly(app, tmp_path, site
         errors = 2 * rounds * 5 if key % 2 == 0 else 0
         assert found[("2026-12-01", f"key:k{key}", "m", "0123456789ab")] == (
             2 * rounds * 5, errors, 2 * rounds * 5 * 3, 2 * rounds * 5 * 7)
-    assert busy_seconds(app) == 2 * rounds * 0.5
+    # Each round, one process was busy 0.5 s and the other 0.5 s from a quarter second later: 0.75 s of busy time.
+    # Summed per process it would be 1 s.
+    assert busy_seconds(app) == pytest.approx(rounds * 0.75, abs=0.01)
+
+
+@pytest.mark.parametrize("order", ["long first", "short first"])
+def test_two_workers_busy_at_once_count_that_time_once_whichever_writes_first(app, tmp_path, order):
+    """One worker busy from 0 to 10 s, the other in three spells, two inside that and one beyond it, then both again
+    from 19 to 22 s: 12 + 3 s of busy time, in either order of their flushes (a worker's own spells that touch are
+    one)."""
+    add_service(app, tmp_path)
+    long, short = UsageLedger(app, clock=lambda: NOON), UsageLedger(app, clock=lambda: NOON)
+    base = NOON - 60
+    long.busy("0123456789ab", base, base + 10)
+    for start, end in ((2, 4), (6, 8), (9, 12)):
+        short.busy("0123456789ab", base + start, base + end)
+    for ledger in ((long, short) if order == "long first" else (short, long)):
+        ledger.flush()
+    assert busy_seconds(app) == pytest.approx(12.0)
+    long.busy("0123456789ab", base + 20, base + 21)
+    long.busy("0123456789ab", base + 21, base + 22)  # goes on from its last spell
+    short.busy("0123456789ab", base + 19, base + 21)
+    for ledger in ((long, short) if order == "long first" else (short, long)):
+        ledger.flush()
+    assert busy_seconds(app) == pytest.approx(15.0)
+    long.busy("0123456789ab", base - 300, base - 299)  # older than what is remembered: counted whole
+    long.flush()
+    assert busy_seconds(app) == pytest.approx(16.0)

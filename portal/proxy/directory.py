@@ -111,10 +111,10 @@ class ServiceDirectory:
         self._flushed: Dict[str, float] = {}  # service id: when its activity was last written
         self._pending: set = set()  # services whose last activity is not written yet
         self._busy = 0  # requests in flight, all services together
-        # Busy time: since when each service has had a request in flight here, and who is told each busy spell's
-        # seconds when it ends (the usage ledger, portal/usage_ledger.py).
+        # Busy time: since when each service has had a request in flight here, and who is told each busy spell
+        # (service id, start and end in epoch seconds) when it ends (the usage ledger, portal/usage_ledger.py).
         self._busy_since: Dict[str, float] = {}
-        self.on_busy: Optional[Callable[[str, float], None]] = None
+        self.on_busy: Optional[Callable[[str, float, float], None]] = None
         self._timer: Optional[asyncio.TimerHandle] = None  # the activity timer, set only while it has work
         # Requests in flight per service, for the reconciler's replica scaling (portal/scaling.py): written about
         # every LOAD_WRITE_SECONDS while anything is in flight, and once more when nothing is.
@@ -198,7 +198,7 @@ class ServiceDirectory:
             self._pending.add(service_id)
             delay = max(0.0, self._flushed.get(service_id, 0) + ACTIVITY_FLUSH_SECONDS - now)
         if spell is not None and self.on_busy is not None:
-            self.on_busy(service_id, spell)
+            self.on_busy(service_id, now - spell, now)
         timer = self._timer
         if timer is not None and timer.when() - delay <= asyncio.get_running_loop().time():
             return  # the timer comes first anyway: it writes this too
@@ -260,7 +260,7 @@ class ServiceDirectory:
                 next_at = ready if next_at is None else min(next_at, ready)
         if spells and self.on_busy is not None:
             for service_id, seconds in spells:
-                self.on_busy(service_id, seconds)
+                self.on_busy(service_id, now - seconds, now)
         if due:
             asyncio.get_running_loop().run_in_executor(None, self._write_in_app, due)
         if next_at is not None:
