@@ -10,7 +10,9 @@ killed at its time limit loses only the lines in flight.
 Resume: on start it reads the custom_ids both files already hold (a last line cut short by a kill is cut off) and
 skips them, so a task submitted again for the same shard carries on where the last one stopped, and no custom_id is
 ever written twice (the shard's lock file keeps a second runner of the same shard out). When the server goes away
-mid-run, or the task is told to stop, lines in flight are not written at all: they are sent again next time.
+mid-run, or the task is told to stop, lines in flight are not written at all: they are sent again next time. Told to
+stop (SIGTERM: a cancel, the time limit), it cuts its connections at once, so the engine's server, stopping too, is
+not held by them until the scheduler's SIGKILL.
 
 Audio lines (portal/batches/audio.py) go to the Whisper server as multipart, their file read as it is sent; a file
 that cannot be read when its line runs is an error line with the reason. A folder's transcription (FolderRunner)
@@ -33,6 +35,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -81,6 +84,20 @@ class Runner:
         self._write_lock = threading.Lock()
         self.answered = self.failed = 0
         self._output_fd = self._errors_fd = -1
+        self._boxes: list = []  # each sender's connection to the server (a one-item list), for stop()
+
+    def stop(self) -> None:
+        """Told to stop (SIGTERM: a cancel, the time limit): nothing more is sent, and the requests in flight are cut
+        off at once (their lines are sent again next time). Waiting for their answers would keep the engine's server,
+        which is stopping too, waiting on these connections until the scheduler's SIGKILL."""
+        self.stopping.set()
+        for box in list(self._boxes):
+            connection = box[0]
+            if connection is not None and connection.sock is not None:
+                try:
+                    connection.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     # --- the server -----------------------------------------------------------------------------------
 
@@ -210,6 +227,7 @@ class Runner:
 
     def worker(self, lines: Iterator[Tuple[str, dict]]) -> None:
         box = [None]
+        self._boxes.append(box)
         try:
             while not self.stopping.is_set() and not self.server_gone.is_set() and not self.broken.is_set():
                 with self._lines_lock:
@@ -390,7 +408,7 @@ def main(argv=None) -> int:
 
     def stop(signum, frame):
         say(f"signal {signum}: stopping (lines in flight are sent again next time)")
-        runner.stopping.set()
+        runner.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

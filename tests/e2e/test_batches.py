@@ -180,6 +180,11 @@ def test_a_batch_cancelled_mid_run_ends_its_jobs_and_keeps_its_partial_output(po
                            timeout=30).stdout
     assert not [line for line in queue.splitlines() if line.split("|")[0] == job and line.split("|")[1] in (
         "PENDING", "RUNNING", "COMPLETING")], queue
+    # The task ended on the cancel's SIGTERM, its runner cutting off the requests in flight and the engine's server
+    # stopping cleanly: the job script's trap wrote 143, well before Slurm's SIGKILL (KillWait, 30 s) would have come.
+    exit_code = portal.home / "batches" / batch.id / "tasks" / "0" / "exit_code"
+    wait_for(lambda: exit_code.exists() and exit_code.read_text().strip() == "143", timeout=20,
+             what="the task to end on SIGTERM")
     assert done.output_file_id is not None
     ids = custom_ids(client.files.content(done.output_file_id).text)
     assert 20 <= len(ids) < 6000 and len(ids) == len(set(ids)) == done.request_counts.completed
