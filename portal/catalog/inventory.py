@@ -60,6 +60,13 @@ def adapters_of(repo_id: str) -> list:
     return next((entry["adapters"] for entry in list_models() if entry["repo_id"] == repo_id), [])
 
 
+def adapter_base(repo_id: str) -> Optional[str]:
+    """The base model the inventory names for `repo_id` when it is a LoRA adapter, else None."""
+    record = db.session.get(ModelRecord, repo_id)
+    revisions = (record.to_dict().get("revisions") or [{}]) if record is not None else [{}]
+    return (revisions[0].get("adapter") or {}).get("base") or None
+
+
 def model_modalities(repo_id: str, revision: Optional[str] = None) -> List[str]:
     """What the inventory says a model's revision (default: the one used without a revision) takes as input: text,
     image, audio; [] when the inventory does not have it."""

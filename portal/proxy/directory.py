@@ -3,15 +3,16 @@
 ServiceDirectory caches the live services (id, state, model, kind, host, port, key) for DIRECTORY_TTL so the hot
 path does not query the database; the reconciler calls routes_changed after committing a state change, which
 touches ROUTES_CHANGED_FILE in the portal's home, and every worker's next request then reloads before it routes.
-The directory also counts requests in flight per service (the gateway picks the least busy) and notes each
-service's last activity (what idle stops and leases count from, portal/lifetimes.py), written to the database at
-most every ACTIVITY_FLUSH_SECONDS per service, by one timer on the event loop that runs only while a request is in
-flight or an activity is not written yet. It notes a request in flight as activity at each of its turns (a 40-minute stream is not idle) and writes what ended since the last write
-once its time comes, so the database holds each service's last request to the second; with nothing in flight and
-nothing to write, no timer is set. The same timer reports the busy time so far of services with a request in flight
-(on_busy: the usage ledger), as their last request ending does. stored_state, start_wait and not_served_detail read what the database says of a service or model
-that is not routable, for the answers. Database work needs an app context and runs off the event loop (the relay's
-in_thread, or the loop's executor with the directory's app).
+The directory also counts requests in flight per service (the gateway picks the least busy) and notes each service's
+last activity (what idle stops and leases count from, portal/lifetimes.py), written to the database at most every
+ACTIVITY_FLUSH_SECONDS per service, by one timer on the event loop that runs only while a request is in flight or an
+activity is not written yet. It notes a request in flight as activity at each of its turns (a 40-minute stream is not
+idle) and writes what ended since the last write once its time comes, so the database holds each service's last
+request to the second; with nothing in flight and nothing to write, no timer is set. The same timer reports the busy
+time so far of services with a request in flight (on_busy: the usage ledger), as their last request ending does.
+stored_state, start_wait and not_served_detail read what the database says of a service or model that is not routable,
+for the answers. Database work needs an app context and runs off the event loop (the relay's in_thread, or the loop's
+executor with the directory's app).
 """
 from __future__ import annotations
 
@@ -29,9 +30,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 from flask import current_app
 
 from .. import change_marks
-from ..catalog.models import find_revision
+from ..catalog.inventory import adapter_base
 from ..db import db
-from ..errors import PortalError
 from ..models import Service, ServiceJob, State, utcnow
 from ..scaling import LoadFile
 from ..states import without_log_lines
@@ -308,9 +308,10 @@ def start_wait(service_id: str) -> int:
     """The Retry-After, in seconds, of a request to a service that is starting or scaled to zero (needs an app
     context): how long its last start took, from submission to its first answer (an earlier job of its own: the one
     before a scale to zero, a renewal's or a replica's), less how long the current one has been starting (one scaled
-    to zero: plus the reconciler's wait before it submits the job), plus START_WAIT_MARGIN. START_WAIT_FIRST when none of its jobs answered
-    yet; once the time is past, half the last start (at least START_WAIT_OVERDUE): a client that retries twice, as
-    the openai client does, then waits for a start half as long again as the last. At most START_WAIT_MAX."""
+    to zero: plus the reconciler's wait before it submits the job), plus START_WAIT_MARGIN. START_WAIT_FIRST when none
+    of its jobs answered yet; once the time is past, half the last start (at least START_WAIT_OVERDUE): a client that
+    retries twice, as the openai client does, then waits for a start half as long again as the last. At most
+    START_WAIT_MAX."""
     try:
         service = db.session.query(Service.state, Service.submitted_at).filter_by(id=service_id).first() \
             if len(service_id) <= 16 else None
@@ -341,22 +342,13 @@ def not_served_detail(model: str) -> str:
         rows = db.session.query(Service.id, Service.state, Service.reason, Service.model, Service.adapters_json).filter(
             Service.state.in_(State.TERMINAL), Service.ended_at >= utcnow() - timedelta(hours=1)).order_by(
             Service.ended_at.desc()).all()
+        for row in rows:
+            if row.model == model or model in json.loads(row.adapters_json or "[]"):
+                reason = without_log_lines(row.reason)
+                of = "" if row.model == model else f", which served it beside {row.model},"
+                return f": its last service {row.id}{of} {row.state}" + (f" ({reason})" if reason else "")
+        base = adapter_base(model)
     finally:
         db.session.remove()
-    for row in rows:
-        if row.model == model or model in json.loads(row.adapters_json or "[]"):
-            reason = without_log_lines(row.reason)
-            of = "" if row.model == model else f", which served it beside {row.model},"
-            return f": its last service {row.id}{of} {row.state}" + (f" ({reason})" if reason else "")
-    base = adapter_base(model)
     return f" (a LoRA adapter of {base}: launch {base} with adapters [{model}])" if base else ""
 
-
-def adapter_base(name: str) -> Optional[str]:
-    """The base model of `name` when the inventory has it as a LoRA adapter, else None."""
-    config = current_app.config["PILOTFISH"]
-    try:
-        adapter = find_revision(name, None, cache_dir=config.cache_dir, home_dir=config.home_dir).meta.get("adapter")
-    except PortalError:
-        return None
-    return (adapter or {}).get("base") or None
